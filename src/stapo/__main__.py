@@ -1,0 +1,5 @@
+import sys
+
+from stapo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,52 @@
+"""The `stapo` command line: `stapo train | eval | analyze | demo`.
+
+Each command lives in `stapo.commands.<name>` with `register(subparsers)`; heavy imports (torch,
+transformers, TRL) happen inside the command's handler so `stapo --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from stapo import __version__
+
+COMMANDS = ("train", "eval", "analyze", "demo")
+
+
+class UserError(Exception):
+    """An error caused by user input: printed as one line, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stapo",
+        description="Spurious-Token-Aware Policy Optimization: train, evaluate and analyze "
+        "RL fine-tuning of LLMs on verifiable math rewards.",
+    )
+    parser.add_argument("--version", action="version", version=f"stapo {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"stapo.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"stapo {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"stapo {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

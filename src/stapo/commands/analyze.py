@@ -1,0 +1,14 @@
+"""`stapo analyze` (not implemented yet)."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("analyze", help="(coming soon)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from stapo.cli import UserError
+
+    raise UserError("'stapo analyze' is not implemented yet")

@@ -1,0 +1,14 @@
+"""`stapo train` (not implemented yet)."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="(coming soon)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from stapo.cli import UserError
+
+    raise UserError("'stapo train' is not implemented yet")

@@ -1,0 +1,46 @@
+"""The STAPO math, once, in pure PyTorch (no engine imports).
+
+    group_advantages   GRPO / Dr.GRPO / batch-scaled outcome advantages
+    s2t_mask           STAPO's spurious-token mask (A > 0, p < tau_p, H < tau_h)
+    high_entropy_mask  20-Entropy's top-rho entropy mask
+    policy_loss        PPO-clip loss with verl's aggregation modes and global denominators
+    stapo_loss         policy_loss over the valid tokens S2T does not silence
+    method_loss        one entry point for every preset (grpo, dapo, dr_grpo, 20-entropy, justrl, stapo)
+"""
+
+from stapo.core.advantages import ADVANTAGE_SCALES, group_advantages, zero_variance_group_fraction
+from stapo.core.head import token_logprobs_entropy
+from stapo.core.losses import (
+    AGGREGATIONS,
+    aggregate,
+    global_token_count,
+    high_entropy_loss,
+    policy_loss,
+    stapo_loss,
+)
+from stapo.core.masks import entropy_quantile, high_entropy_mask, quantile_linear, s2t_mask
+from stapo.core.presets import PRESETS, MethodPreset, get_preset
+from stapo.core.stats import grad_norm_proxy, masked_summary, token_fractions
+
+__all__ = [
+    "ADVANTAGE_SCALES",
+    "AGGREGATIONS",
+    "PRESETS",
+    "MethodPreset",
+    "aggregate",
+    "entropy_quantile",
+    "get_preset",
+    "global_token_count",
+    "grad_norm_proxy",
+    "group_advantages",
+    "high_entropy_loss",
+    "high_entropy_mask",
+    "masked_summary",
+    "policy_loss",
+    "quantile_linear",
+    "s2t_mask",
+    "stapo_loss",
+    "token_fractions",
+    "token_logprobs_entropy",
+    "zero_variance_group_fraction",
+]

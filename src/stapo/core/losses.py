@@ -1,0 +1,238 @@
+"""Clipped policy-gradient losses, their aggregations, and the STAPO loss.
+
+Pure functions with one shape of signature, like verl's `core_algos`: per-token tensors [B, T] in,
+`(loss, metrics)` out. `loss` is the quantity to *minimize* (= -J). `metrics` are detached 0-d
+float32 tensors (engines call `.item()` or all-reduce them).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from stapo.core._checks import (
+    broadcast_advantages,
+    check_finite,
+    check_float,
+    check_mask,
+    check_same_shape,
+)
+from stapo.core._checks import check_prob
+from stapo.core.masks import _entropy_threshold, _spurious, high_entropy_mask
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+LOG_RATIO_CLAMP = 20.0
+
+
+def aggregate(
+    loss_mat: torch.Tensor,
+    loss_mask: torch.Tensor,
+    agg: str = "token-mean",
+    num_tokens: float | torch.Tensor | None = None,
+    num_seqs: float | torch.Tensor | None = None,
+    horizon: float | None = None,
+) -> torch.Tensor:
+    """Reduce a [B, T] per-token loss to a scalar (verl's `agg_loss` meanings).
+
+        token-mean:               Σ_{i,t} m ℓ / N_tok                      (DAPO; N_tok = Σ m)
+        seq-mean-token-mean:      Σ_i [ Σ_t m ℓ / Σ_t m ] / N_seq          (original GRPO)
+        seq-mean-token-sum:       Σ_i Σ_t m ℓ / N_seq
+        seq-mean-token-sum-norm:  Σ_i Σ_t m ℓ / (N_seq · horizon)          (Dr.GRPO; horizon = T)
+
+    N_seq counts the sequences with at least one unmasked token. `num_tokens` / `num_seqs` replace
+    the local counts with global ones, so micro-batch losses *sum* to the mini-batch loss. A zero
+    denominator gives a loss of exactly 0 (finite, zero gradient).
+    """
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+    m = loss_mask.to(loss_mat.dtype)
+    # where(), not multiplication: a masked token's gradient is exactly 0 even if its term is inf.
+    masked = torch.where(loss_mask, loss_mat, torch.zeros_like(loss_mat))
+    if agg == "token-mean":
+        denom = m.sum() if num_tokens is None else _as_denominator("num_tokens", num_tokens, m)
+        return masked.sum() / denom.clamp(min=1e-12) if bool(denom > 0) else masked.sum() * 0.0
+    token_count = m.sum(dim=-1)
+    seq_has_tokens = token_count > 0
+    denom = seq_has_tokens.to(m.dtype).sum() if num_seqs is None else _as_denominator("num_seqs", num_seqs, m)
+    if agg == "seq-mean-token-mean":
+        per_seq = masked.sum(dim=-1) / token_count.clamp(min=1.0)
+    else:
+        per_seq = masked.sum(dim=-1)
+    if not bool(denom > 0):
+        return per_seq.sum() * 0.0
+    loss = per_seq.sum() / denom
+    if agg == "seq-mean-token-sum-norm":
+        h = loss_mat.shape[-1] if horizon is None else float(horizon)
+        if h <= 0:
+            raise ValueError(f"horizon must be > 0, got {horizon}")
+        loss = loss / h
+    return loss
+
+
+def _as_denominator(name: str, value, like: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if t.numel() != 1 or not bool(torch.isfinite(t)) or bool(t < 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return t.reshape(())
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    clip_ratio_c: float | None = None,
+    agg: str = "token-mean",
+    num_tokens: float | torch.Tensor | None = None,
+    num_seqs: float | torch.Tensor | None = None,
+    horizon: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO-clip policy loss of the GRPO family.
+
+    Per token, with r = exp(clamp(logprobs - old_logprobs, ±20)):
+
+        term = max( -A·r, -A·clip(r, 1 - clip_low, 1 + clip_high) )
+        term = min( term, -A·clip_ratio_c )   where A < 0, when clip_ratio_c (> 1) is given (dual clip)
+
+    then `aggregate(term, loss_mask, agg, ...)`. Everything is computed in float32.
+    Metrics: clip_frac_low (r < 1-clip_low with A < 0), clip_frac_high (r > 1+clip_high with A > 0),
+    clip_frac (either), ratio_mean/min/max, approx_kl (mean of old - new log-prob), num_tokens.
+    """
+    lp = check_float("logprobs", logprobs, ndim=2)
+    old = check_float("old_logprobs", old_logprobs, ndim=2)
+    check_same_shape("old_logprobs", old, "logprobs", lp)
+    mask = check_mask("loss_mask", loss_mask, lp.shape)
+    adv = broadcast_advantages(advantages, lp.shape)
+    if not (clip_low >= 0 and clip_high >= 0):
+        raise ValueError(f"clip_low and clip_high must be >= 0, got {clip_low}, {clip_high}")
+    if clip_ratio_c is not None and not clip_ratio_c > 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1 (dual-clip bound), got {clip_ratio_c}")
+    check_finite("logprobs", lp.detach(), mask)
+    check_finite("old_logprobs", old, mask)
+    check_finite("advantages", adv, mask)
+
+    log_ratio = torch.clamp(lp.float() - old.float(), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    term = torch.maximum(unclipped, clipped)
+    if clip_ratio_c is not None:
+        term = torch.where(adv < 0, torch.minimum(term, -adv * clip_ratio_c), term)
+    loss = aggregate(term, mask, agg, num_tokens, num_seqs, horizon)
+
+    with torch.no_grad():
+        r = ratio.detach()
+        low = (r < 1.0 - clip_low) & (adv < 0) & mask
+        high = (r > 1.0 + clip_high) & (adv > 0) & mask
+        metrics = {
+            "clip_frac_low": _masked_mean(low.float(), mask),
+            "clip_frac_high": _masked_mean(high.float(), mask),
+            "clip_frac": _masked_mean((low | high).float(), mask),
+            "ratio_mean": _masked_mean(r, mask),
+            "ratio_min": r[mask].min() if bool(mask.any()) else torch.tensor(1.0),
+            "ratio_max": r[mask].max() if bool(mask.any()) else torch.tensor(1.0),
+            "approx_kl": _masked_mean(-log_ratio.detach(), mask),
+            "num_tokens": mask.sum().float(),
+        }
+    return loss, metrics
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    n = mask.sum()
+    if not bool(n > 0):
+        return torch.zeros((), device=x.device)
+    return (x * mask).sum() / n
+
+
+def stapo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask,
+    entropy: torch.Tensor,
+    tau_p: float = 0.01,
+    tau_h: float | torch.Tensor | None = None,
+    tau_h_quantile: float = 0.05,
+    **policy_loss_kwargs,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """STAPO: the policy loss over the valid tokens that the S2T mask does not silence.
+
+        M   = s2t_mask(logprobs, entropy, A, response_mask, tau_p, tau_h, tau_h_quantile)
+        J   = 1/Σ(valid ∧ ¬M) · Σ_{valid ∧ ¬M} min(r·A, clip(r)·A)          (token-mean)
+
+    Silenced tokens get exactly zero gradient and are not counted in the denominators. With a global
+    `num_tokens` (micro-batching, several ranks) it must be the global count of *unmasked* valid
+    tokens: `global_token_count(response_mask & ~mask)`. Pass an absolute `tau_h` (e.g. from
+    `entropy_quantile` over the whole batch) so every micro-batch uses the same threshold.
+    Metrics add s2t_masked_count, s2t_masked_frac, frac_low_prob (p < tau_p), frac_low_entropy
+    (H < threshold) and entropy_threshold, all over the valid tokens.
+    """
+    lp = check_float("logprobs", logprobs, ndim=2)
+    ent = check_float("entropy", entropy, ndim=2)
+    check_same_shape("entropy", ent, "logprobs", lp)
+    valid = check_mask("response_mask", response_mask, lp.shape)
+    adv = broadcast_advantages(advantages, lp.shape)
+    check_prob("tau_p", tau_p)
+    with torch.no_grad():
+        lp_d = lp.detach().float()
+        e = ent.detach().float()
+        check_finite("entropy", e, valid)
+        threshold = _entropy_threshold(e, valid, tau_h, tau_h_quantile)
+        spurious = _spurious(lp_d, e, adv, valid, tau_p, threshold)
+    loss, metrics = policy_loss(lp, old_logprobs, advantages, valid & ~spurious, **policy_loss_kwargs)
+    with torch.no_grad():
+        metrics.update(
+            s2t_masked_count=spurious.sum().float(),
+            s2t_masked_frac=_masked_mean(spurious.float(), valid),
+            frac_low_prob=_masked_mean((lp_d.exp() < tau_p).float(), valid),
+            frac_low_entropy=_masked_mean((e < threshold).float(), valid),
+            entropy_threshold=threshold.float(),
+        )
+    return loss, metrics
+
+
+def global_token_count(mask, group=None) -> torch.Tensor:
+    """Σ mask over this process, all-reduced over `group` when torch.distributed is initialized.
+
+    The `num_tokens` to pass to `policy_loss` / `stapo_loss` for micro-batch and data-parallel
+    invariance: call it on the whole mini-batch's `response_mask & ~s2t` before splitting.
+    """
+    m = mask if isinstance(mask, torch.Tensor) else torch.as_tensor(mask)
+    total = m.to(torch.float32).sum()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total, group=group)
+    return total
+
+
+def high_entropy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask,
+    entropy: torch.Tensor,
+    top_entropy_quantile: float = 0.2,
+    entropy_threshold: float | torch.Tensor | None = None,
+    num_tokens: float | torch.Tensor | None = None,
+    **policy_loss_kwargs,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """20-Entropy: J = 1/Σ|o_i| · Σ 1[H ≥ τ_ρ] ℓ — only the top-ρ entropy tokens get gradient, but
+    the token-mean denominator keeps *all* valid tokens (unlike STAPO's renormalisation).
+
+    `entropy_threshold` overrides the local (1 - ρ) quantile (engines pass a global one);
+    `num_tokens` defaults to the number of valid tokens passed in.
+    """
+    lp = check_float("logprobs", logprobs, ndim=2)
+    valid = check_mask("response_mask", response_mask, lp.shape)
+    keep = high_entropy_mask(entropy, valid, top_entropy_quantile, threshold=entropy_threshold)
+    if num_tokens is None:
+        num_tokens = valid.sum()
+    loss, metrics = policy_loss(lp, old_logprobs, advantages, keep, num_tokens=num_tokens, **policy_loss_kwargs)
+    with torch.no_grad():
+        metrics.update(
+            entropy_kept_count=keep.sum().float(),
+            entropy_kept_frac=_masked_mean(keep.float(), valid),
+        )
+    return loss, metrics
