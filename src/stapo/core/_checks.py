@@ -51,7 +51,7 @@ def check_same_shape(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tenso
 
 
 def broadcast_advantages(advantages, shape: torch.Size) -> torch.Tensor:
-    """Advantages given per sequence [B] or per token [B, T], returned as float32 [B, T]."""
+    """Advantages given per sequence [B] or per token [B, T], returned as [B, T] (float32, or float64)."""
     adv = check_float("advantages", advantages, ndim=(1, 2))
     if adv.dim() == 1:
         if adv.shape[0] != shape[0]:
@@ -59,7 +59,7 @@ def broadcast_advantages(advantages, shape: torch.Size) -> torch.Tensor:
         adv = adv[:, None].expand(shape)
     elif tuple(adv.shape) != tuple(shape):
         raise ValueError(f"advantages [B, T] must have shape {tuple(shape)}, got {tuple(adv.shape)}")
-    return adv.float()
+    return adv if adv.dtype == torch.float64 else adv.float()
 
 
 def check_prob(name: str, value: float, low_open: bool = False, high_open: bool = False) -> float:

@@ -28,16 +28,22 @@ def _chunk_rows(n_rows: int, vocab: int, chunk_size: int | None) -> int:
     return max(1, min(n_rows, (1 << 26) // max(vocab, 1), DEFAULT_CHUNK_ROWS * 8))
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # float32 for half/float inputs; float64 stays float64 (references and finite differences).
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 class _LogitsLogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, temperature, chunk, want_collision):
         n, _ = logits.shape
-        logprobs = torch.empty(n, dtype=torch.float32, device=logits.device)
+        dt = _compute_dtype(logits)
+        logprobs = torch.empty(n, dtype=dt, device=logits.device)
         entropy = torch.empty_like(logprobs)
         collision = torch.empty_like(logprobs) if want_collision else None
         lse_all = torch.empty_like(logprobs)
         for s in range(0, n, chunk):
-            z = logits[s : s + chunk].float()
+            z = logits[s : s + chunk].to(dt)
             if temperature != 1.0:
                 z = z / temperature
             lse = torch.logsumexp(z, dim=-1)
@@ -60,9 +66,9 @@ class _LogitsLogprobEntropy(torch.autograd.Function):
         logits, targets, lse_all = ctx.saved_tensors
         t, chunk = ctx.temperature, ctx.chunk
         grad = torch.empty_like(logits)
-        g_all = grad_logprobs.float() if grad_logprobs is not None else torch.zeros_like(lse_all)
+        g_all = grad_logprobs.to(lse_all.dtype) if grad_logprobs is not None else torch.zeros_like(lse_all)
         for s in range(0, logits.shape[0], chunk):
-            z = logits[s : s + chunk].float()
+            z = logits[s : s + chunk].to(lse_all.dtype)
             if t != 1.0:
                 z = z / t
             # d logprob / dz = (onehot(a) - softmax(z/T)) / T
@@ -80,7 +86,8 @@ def token_logprobs_entropy(
     chunk_size: int | None = None,
     return_collision: bool = False,
 ):
-    """Per-token (logprobs, entropy[, collision]) in float32 from logits [..., V] and targets [...].
+    """Per-token (logprobs, entropy[, collision]) in float32 (float64 for float64 input) from logits
+    [..., V] and targets [...].
 
     Log-probs carry gradient to `logits`; entropy and collision are detached. Rows are processed in
     chunks of `chunk_size` (default: ~256 MB of float32 per block).

@@ -114,7 +114,10 @@ def policy_loss(
     check_finite("old_logprobs", old, mask)
     check_finite("advantages", adv, mask)
 
-    log_ratio = torch.clamp(lp.float() - old.float(), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    # float32 compute for half inputs; float64 stays float64 (finite-difference checks, references).
+    dt = torch.float64 if lp.dtype == torch.float64 else torch.float32
+    adv = adv.to(dt)
+    log_ratio = torch.clamp(lp.to(dt) - old.to(dt), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
@@ -144,7 +147,7 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     n = mask.sum()
     if not bool(n > 0):
         return torch.zeros((), device=x.device)
-    return (x * mask).sum() / n
+    return (x.float() * mask).sum() / n
 
 
 def stapo_loss(
@@ -189,7 +192,8 @@ def stapo_loss(
             s2t_masked_frac=_masked_mean(spurious.float(), valid),
             frac_low_prob=_masked_mean((lp_d.exp() < tau_p).float(), valid),
             frac_low_entropy=_masked_mean((e < threshold).float(), valid),
-            entropy_threshold=threshold.float(),
+            # no valid token -> no threshold; report 0 rather than -inf so logs stay finite
+            entropy_threshold=torch.nan_to_num(threshold.float(), neginf=0.0),
         )
     return loss, metrics
 
