@@ -124,7 +124,7 @@ def test_max_bytes_drops_whole_step(tmp_path):
         ({"logprobs": [0.0, -1.0]}, "'logprob' has 2 values but token_id has 3"),
         ({"entropy": [0.1, float("nan"), 0.2]}, "'entropy' contains non-finite"),
         ({"reward": "high"}, "'reward' must be a number"),
-        ({"prompt": None}, "'prompt' must be a string"),
+        ({"prompt": 3}, "'prompt' must be a string"),
         ({"logprobs": [0.5, -1.0, -2.0]}, "positive values"),
         ({"step": 4}, "'step' is 4 but the capture step is 3"),
     ],
@@ -157,3 +157,31 @@ def test_read_errors(tmp_path):
     pq.write_table(pa.table({"a": [1]}), bad)
     with pytest.raises(RolloutError, match="not a stapo rollout file"):
         read_rollouts(bad)
+
+
+def test_append_across_calls_and_cap_per_step(tmp_path):
+    # one call per micro-batch: samples accumulate in the step's file, the cap counts all calls
+    write_rollouts(tmp_path, 5, [_record(2, i, sample=i) for i in range(3)], max_samples=5)
+    with pytest.warns(RolloutCapWarning, match="dropped 1 of 3 samples"):
+        res = write_rollouts(tmp_path, 5, [_record(2, i, sample=i) for i in range(3, 6)], max_samples=5)
+    assert (res.samples_written, res.samples_dropped) == (2, 1)
+    ro = read_rollouts(tmp_path)
+    assert ro.sample.tolist() == [0, 1, 2, 3, 4]
+    # re-capturing sample 1 (a resumed run) replaces it instead of duplicating it
+    write_rollouts(tmp_path, 5, [_record(4, 99, sample=1)], max_samples=5)
+    ro = read_rollouts(tmp_path)
+    assert sorted(ro.sample.tolist()) == [0, 1, 2, 3, 4]
+    i = ro.sample.tolist().index(1)
+    assert ro.completion[i] == "completion 99" and ro.lengths()[i] == 4
+    # append=False replaces the whole step
+    write_rollouts(tmp_path, 5, [_record(1, 7)], append=False)
+    assert read_rollouts(tmp_path).num_samples == 1
+
+
+def test_optional_reward_and_aliases(tmp_path):
+    rec = _record(3, 0)
+    rec.pop("reward")
+    rec["tokens"] = rec.pop("token_texts")
+    write_rollouts(tmp_path, 0, [rec])
+    ro = read_rollouts(tmp_path)
+    assert np.isnan(ro.reward[0]) and ro.token_text == ["t0", "t1", "t2"]

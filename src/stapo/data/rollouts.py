@@ -12,7 +12,7 @@ the per-token values as list columns (prompt and completion text are stored once
     sample       int32           index of the sample in the step's batch
     prompt       string          prompt text (as given to the model, chat template included)
     completion   string          completion text
-    reward       float32         the sample's scalar reward
+    reward       float32         the sample's scalar reward (NaN when the trainer passed none)
     advantage    float32         the sample's advantage Â (broadcast to its tokens)
     token_id     list<int32>     sampled token ids of the completion
     token_text   list<string>    decoded text piece of each token
@@ -26,6 +26,9 @@ trainer passes as `metadata` (e.g. `tau_p`, `tau_h` — the thresholds that prod
 
 The gradient-norm² proxy ‖∇_z log π(a)‖² = 1 − 2p + Σπ² is *not stored*: `read_rollouts` computes it
 from `logprob` and `collision` with `stapo.core.grad_norm_proxy` (both are float32, so nothing is lost).
+
+Several calls for one step (one per micro-batch, say) append to the step's file; a sample index
+that is already there is replaced, so re-capturing a step after a resume never duplicates it.
 
 Size bounds: at most `max_samples` samples per step (the first ones, in the given order, so the kept
 set is an unbiased slice of the batch) and at most `max_bytes` bytes of rollout files per run. Samples
@@ -65,6 +68,7 @@ _ALIASES = {
     "spurious": "s2t",
     "s2t_mask": "s2t",
     "sample_index": "sample",
+    "tokens": "token_text",
 }
 
 
@@ -112,7 +116,9 @@ def _normalise(record: Mapping[str, Any], index: int, step: int) -> dict[str, An
     if not isinstance(record, Mapping):
         raise RolloutError(f"{where}: must be a mapping of field -> value, got {type(record).__name__}")
     rec = {_ALIASES.get(k, k): v for k, v in record.items()}
-    missing = [k for k in SAMPLE_FIELDS + TOKEN_FIELDS if k not in rec]
+    if rec.get("reward") is None:  # optional: stored as NaN when the trainer has none
+        rec["reward"] = float("nan")
+    missing = [k for k in SAMPLE_FIELDS + TOKEN_FIELDS if k not in rec or rec[k] is None]
     if missing:
         raise RolloutError(f"{where}: missing field(s) {', '.join(missing)}")
     if "step" in rec and rec["step"] is not None and int(rec["step"]) != int(step):
@@ -127,7 +133,7 @@ def _normalise(record: Mapping[str, Any], index: int, step: int) -> dict[str, An
             value = float(rec[name])
         except (TypeError, ValueError):
             raise RolloutError(f"{where}: field '{name}' must be a number, got {rec[name]!r}") from None
-        if not np.isfinite(value):
+        if not np.isfinite(value) and not (name == "reward" and np.isnan(value)):
             raise RolloutError(f"{where}: field '{name}' is not finite ({value})")
         out[name] = value
     out["token_id"] = _to_numpy(rec["token_id"], "token_id", where, np.int64).astype(np.int32)
@@ -195,14 +201,20 @@ def write_rollouts(
     max_samples: int | None = DEFAULT_MAX_SAMPLES,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
     metadata: Mapping[str, Any] | None = None,
+    append: bool = True,
 ) -> RolloutWriteResult:
     """Write one capture step's samples (schema in the module docstring) and return what was kept.
 
-    `records`: one mapping per sample with `prompt`, `completion`, `reward`, `advantage` and the
-    per-token sequences `token_id`, `token_text`, `logprob`, `entropy`, `collision`, `s2t`
-    (lists, numpy arrays or torch tensors; optional `sample` index, default the position).
-    `max_samples` caps the samples of this step; `max_bytes` caps the rollout files of the run
-    (this file included; the whole step is dropped if it does not fit). None disables a cap.
+    `records`: one mapping per sample with `prompt`, `completion`, `advantage`, optional `reward`
+    (NaN when absent), optional `sample` index (default: position) and the per-token sequences
+    `token_id`, `token_text`, `logprob`, `entropy`, `collision`, `s2t` (lists, numpy arrays or
+    torch tensors; plural aliases such as `token_ids`, `logprobs` are accepted).
+
+    A trainer may call this several times for one step (e.g. once per micro-batch): with `append`
+    the new samples join the step's file, and a sample index already in it is replaced (so a
+    resumed run that re-captures a step does not duplicate it). `max_samples` caps the samples of
+    the step (all calls together); `max_bytes` caps the rollout files of the whole run (the step's
+    file is not updated if it would not fit). None disables a cap. The file is replaced atomically.
     """
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
         raise RolloutError(f"step must be a non-negative int, got {step!r}")
@@ -211,17 +223,19 @@ def write_rollouts(
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
             raise RolloutError(f"{name} must be a non-negative int or None, got {cap!r}")
     records = list(records)
-    rows = [_normalise(r, i, step) for i, r in enumerate(records)]
-    dropped = 0
-    if max_samples is not None and len(rows) > max_samples:
-        dropped = len(rows) - max_samples
-        rows = rows[:max_samples]
+    new_rows = [_normalise(r, i, step) for i, r in enumerate(records)]
     path = rollout_path(run_dir_or_path, step)
+    old_rows, old_meta = (_read_rows(path) if append and path.is_file() else ([], {}))
+    new_ids = {r["sample"] for r in new_rows}
+    kept_old = [r for r in old_rows if r["sample"] not in new_ids]
+    room = len(kept_old) + len(new_rows) if max_samples is None else max(max_samples - len(kept_old), 0)
+    dropped = max(len(new_rows) - room, 0)
+    rows = kept_old + new_rows[:room]
     path.parent.mkdir(parents=True, exist_ok=True)
 
     import pyarrow.parquet as pq
 
-    table = _table(step, rows, metadata)
+    table = _table(step, rows, {**old_meta, **(metadata or {})})
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -229,16 +243,42 @@ def write_rollouts(
         pq.write_table(table, tmp, compression="zstd", use_dictionary=True)
         size = tmp.stat().st_size
         if max_bytes is not None and _run_bytes(path.parent, path) + size > max_bytes:
-            dropped += len(rows)
+            dropped = len(new_rows)
             _warn(step, dropped, len(records), f"the run's rollout files would exceed max_bytes={max_bytes}")
-            return RolloutWriteResult(None, 0, dropped, 0)
+            return RolloutWriteResult(path if old_rows else None, 0, dropped, 0)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     if dropped:
-        _warn(step, dropped, len(records), f"max_samples={max_samples}")
-    return RolloutWriteResult(path, len(rows), dropped, size)
+        _warn(step, dropped, len(records), f"max_samples={max_samples} per step")
+    return RolloutWriteResult(path, len(rows) - len(kept_old), dropped, size)
+
+
+def _read_rows(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rows of an existing step file, in the writer's normalised form (for appending)."""
+    ro = read_rollouts(path)
+    rows = []
+    for i in range(ro.num_samples):
+        sl = ro.token_slice(i)
+        rows.append(
+            {
+                "sample": int(ro.sample[i]),
+                "prompt": ro.prompt[i],
+                "completion": ro.completion[i],
+                "reward": float(ro.reward[i]),
+                "advantage": float(ro.advantage[i]),
+                "token_id": ro.token_id[sl],
+                "token_text": ro.token_text[sl],
+                "logprob": ro.logprob[sl],
+                "entropy": ro.entropy[sl],
+                "collision": ro.collision[sl],
+                "s2t": ro.s2t[sl],
+            }
+        )
+    meta = next(iter(ro.metadata.values()), {})
+    meta = {k: v for k, v in meta.items() if k != "rollouts.version"}
+    return rows, meta
 
 
 def _warn(step: int, dropped: int, total: int, why: str) -> None:
