@@ -1,0 +1,490 @@
+"""The single-node / multi-GPU engine: TRL's GRPO trainer with the STAPO loss from `stapo.core`.
+
+    STAPOConfig(GRPOConfig)    adds `method` (a `stapo.core` preset), the S2T thresholds, metrics and
+                               rollout-capture switches; the preset fills TRL's loss options.
+    STAPOTrainer(GRPOTrainer)  replaces only `_compute_loss`: per-token log-probs and entropies come
+                               from TRL, the mask and the clipped loss from `stapo.core`.
+
+Generation, rewards, advantages, batching, logging and checkpointing are TRL's.
+
+Preset -> TRL options (`STAPOConfig.__post_init__`). These TRL fields default to None here, meaning
+"take the preset's value"; any value the user passes (even one equal to TRL's default) is kept:
+
+    advantage_scale group | none | batch    -> scale_rewards
+    clip_low / clip_high                    -> epsilon / epsilon_high
+    agg token-mean                          -> loss_type "dapo" (global token count)
+    agg seq-mean-token-sum-norm             -> loss_type "dr_grpo"
+    (all presets)                           -> beta = 0 (no KL, no reference model)
+    20-entropy's rho                        -> top_entropy_quantile
+
+Loss types and their core aggregation (micro-batch loss; B = micro-batch rows, GA = accumulation steps):
+
+    dapo     token-mean, num_tokens = TRL's normaliser (num_items_in_batch / processes, rescaled
+             to one accumulation window)
+    bnpo     token-mean over the micro-batch's own tokens, / GA
+    grpo     seq-mean-token-mean with num_seqs = B, / GA
+    dr_grpo  seq-mean-token-sum-norm with num_seqs = B, horizon = max_completion_length, / GA
+
+STAPO's denominator. The S2T mask needs the current policy's probabilities and entropies, which
+exist only inside the loss, one micro-batch at a time; silenced tokens must leave the denominator
+(`loss_type="dapo"`: the number of *unmasked* valid tokens over the whole step and all processes).
+
+  * A step made of one micro-batch (gradient_accumulation_steps = steps_per_generation = 1, TRL's
+    default, and evaluation): the silenced count is all-reduced inside the loss and the exact
+    denominator  num_items_in_batch - masked_global  is used directly.
+  * A step made of several micro-batches: each micro-batch uses TRL's normaliser (all valid
+    tokens); at the optimizer-step boundary, before gradient clipping, the gradients (and the logged
+    loss) are multiplied by N_valid / (N_valid - N_masked), counted over the step on every process.
+    Since every micro-batch loss is Σ_unmasked ℓ / D, this gives exactly Σ_unmasked ℓ / D' with
+    D' = D (N_valid - N_masked) / N_valid — the single-micro-batch result (tested).
+    The multiplication needs the gradients in `param.grad`: DeepSpeed is refused in this case.
+
+`bnpo`, `grpo` need no correction (their denominators are local); `dr_grpo`'s is a constant.
+
+Entropy thresholds (S2T's tau_h quantile, 20-Entropy's top-rho) are quantiles over the valid
+tokens of the micro-batch on *every* process (`stapo.core.entropy_quantile` gathers across ranks
+when torch.distributed is initialised), the same scope as TRL's own `top_entropy_quantile`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from stapo.core import (
+    entropy_quantile,
+    get_preset,
+    high_entropy_mask,
+    policy_loss,
+    s2t_mask,
+    token_logprobs_entropy,
+    zero_variance_group_fraction,
+)
+from stapo.engines.trl_metrics import MetricsJsonlCallback, TokenStats, reduce_window, window_metrics
+
+# TRL fields a preset sets unless the user set them explicitly.
+PRESET_OPTIONS = ("loss_type", "epsilon", "epsilon_high", "scale_rewards", "beta", "top_entropy_quantile")
+AGG_TO_LOSS_TYPE = {"token-mean": "dapo", "seq-mean-token-mean": "grpo", "seq-mean-token-sum-norm": "dr_grpo"}
+SUPPORTED_LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")
+# Thresholds used to *measure* what S2T would silence in runs of the other methods.
+DIAGNOSTIC_S2T = get_preset("stapo")
+
+
+def _number(name: str, value, *, allow_none: bool = True) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+@dataclass
+class STAPOConfig(GRPOConfig):
+    """`GRPOConfig` plus the STAPO method switch. See the module docstring for the preset mapping."""
+
+    method: str = field(
+        default="stapo",
+        metadata={"help": "Method preset: grpo, dapo, dr_grpo, 20-entropy, justrl or stapo (stapo.core.PRESETS)."},
+    )
+    tau_p: float | None = field(
+        default=None, metadata={"help": "S2T probability threshold (stapo only; None: preset's 0.01). 0 = mask off."}
+    )
+    tau_h: float | None = field(
+        default=None,
+        metadata={"help": "S2T absolute entropy threshold in nats (stapo only); None: use tau_h_quantile."},
+    )
+    tau_h_quantile: float | None = field(
+        default=None,
+        metadata={"help": "S2T entropy threshold as a quantile of the valid tokens' entropies (None: preset's 0.05)."},
+    )
+    # TRL options the preset fills (None = the preset's value).
+    loss_type: str | None = field(default=None, metadata={"help": "dapo | bnpo | grpo | dr_grpo (None: preset)."})
+    epsilon: float | None = field(default=None, metadata={"help": "Lower clip epsilon (None: preset)."})
+    epsilon_high: float | None = field(default=None, metadata={"help": "Upper clip epsilon (None: preset)."})
+    scale_rewards: str | None = field(default=None, metadata={"help": "group | batch | none (None: preset)."})
+    beta: float | None = field(default=None, metadata={"help": "KL coefficient; must be 0 (None: 0)."})
+    top_entropy_quantile: float | None = field(
+        default=None, metadata={"help": "20-Entropy's rho (20-entropy only; None: preset's 0.2)."}
+    )
+    metrics_jsonl: bool = field(
+        default=True, metadata={"help": "Append every logged step to <output_dir>/metrics.jsonl."}
+    )
+    capture_rollouts_every: int = field(
+        default=0, metadata={"help": "Capture token-level rollouts every N optimizer steps (0: off)."}
+    )
+    capture_max_samples: int = field(default=16, metadata={"help": "Completions captured per capture step."})
+    fused_lm_head: bool | None = field(
+        default=None, metadata={"help": "Memory-lean LM head (None: auto). Reserved; not wired yet."}
+    )
+
+    def __post_init__(self):
+        preset = get_preset(self.method)  # ValueError listing the known methods
+        self.explicit_options = tuple(name for name in PRESET_OPTIONS if getattr(self, name) is not None)
+        defaults = {
+            "loss_type": AGG_TO_LOSS_TYPE[preset.agg],
+            "epsilon": preset.clip_low,
+            "epsilon_high": preset.clip_high,
+            "scale_rewards": preset.advantage_scale,
+            "beta": 0.0,
+            "top_entropy_quantile": preset.top_entropy_quantile if preset.token_filter == "high_entropy" else 1.0,
+        }
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        self._check_s2t_fields(preset)
+        super().__post_init__()
+        self._check_supported(preset)
+
+    def _check_s2t_fields(self, preset) -> None:
+        for name in ("tau_p", "tau_h", "tau_h_quantile"):
+            _number(name, getattr(self, name))
+        if preset.token_filter != "s2t":
+            given = [n for n in ("tau_p", "tau_h", "tau_h_quantile") if getattr(self, n) is not None]
+            if given:
+                raise ValueError(f"{given[0]} applies only to method='stapo' (method is {self.method!r})")
+            return
+        if self.tau_p is None:
+            self.tau_p = preset.tau_p
+        if self.tau_h is None:
+            self.tau_h = preset.tau_h
+        if self.tau_h_quantile is None:
+            self.tau_h_quantile = preset.tau_h_quantile
+        if not 0.0 <= self.tau_p < 1.0:
+            raise ValueError(f"tau_p must be in [0, 1), got {self.tau_p}")
+        if self.tau_h is not None and self.tau_h < 0:
+            raise ValueError(f"tau_h must be >= 0 (nats) or None, got {self.tau_h}")
+        if not 0.0 <= self.tau_h_quantile <= 1.0:
+            raise ValueError(f"tau_h_quantile must be in [0, 1], got {self.tau_h_quantile}")
+
+    def _check_supported(self, preset) -> None:
+        if self.loss_type not in SUPPORTED_LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {SUPPORTED_LOSS_TYPES} for STAPOTrainer, got {self.loss_type!r}")
+        _number("epsilon", self.epsilon, allow_none=False)
+        _number("epsilon_high", self.epsilon_high, allow_none=False)
+        if self.epsilon < 0 or self.epsilon_high < 0:
+            raise ValueError(f"epsilon and epsilon_high must be >= 0, got {self.epsilon}, {self.epsilon_high}")
+        if _number("beta", self.beta, allow_none=False) != 0.0:
+            raise ValueError(f"beta must be 0 (the GRPO-family methods here use no KL term), got {self.beta}")
+        rho = _number("top_entropy_quantile", self.top_entropy_quantile, allow_none=False)
+        if preset.token_filter == "high_entropy":
+            if not 0.0 < rho <= 1.0:
+                raise ValueError(f"top_entropy_quantile must be in (0, 1], got {rho}")
+            if self.loss_type == "grpo":
+                raise ValueError(
+                    "loss_type='grpo' cannot keep 20-Entropy's denominator (all valid tokens); "
+                    "use dapo, bnpo or dr_grpo with method='20-entropy'"
+                )
+        elif rho != 1.0:
+            raise ValueError(f"top_entropy_quantile applies only to method='20-entropy' (method is {self.method!r})")
+        unsupported = {
+            "importance_sampling_level": (self.importance_sampling_level, "token"),
+            "delta": (self.delta, None),
+            "off_policy_mask_threshold": (self.off_policy_mask_threshold, None),
+            "entropy_coef": (self.entropy_coef, 0.0),
+            "use_adaptive_entropy": (self.use_adaptive_entropy, False),
+        }
+        for name, (value, supported) in unsupported.items():
+            if value != supported:
+                raise ValueError(f"{name}={value!r} is not supported by STAPOTrainer (use {supported!r})")
+        for name in ("capture_rollouts_every", "capture_max_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.capture_max_samples < 1:
+            raise ValueError(f"capture_max_samples must be >= 1, got {self.capture_max_samples}")
+
+
+class STAPOTrainer(GRPOTrainer):
+    """`GRPOTrainer` whose loss is `stapo.core`'s, with the method's token filter (S2T / 20-Entropy)."""
+
+    def __init__(self, model, reward_funcs=None, args: STAPOConfig | None = None, *more, **kwargs):
+        if args is None:
+            args = STAPOConfig()
+        if not isinstance(args, STAPOConfig):
+            raise ValueError(f"STAPOTrainer needs args=STAPOConfig(...), got {type(args).__name__}")
+        super().__init__(model, reward_funcs, args, *more, **kwargs)
+        self.preset = get_preset(args.method)
+        self.token_filter = self.preset.token_filter
+        self._window: TokenStats | None = None
+        self._captured: list[dict] = []
+        if self._deferred_denominator() and self.is_deepspeed_enabled:
+            raise ValueError(
+                "method='stapo' with loss_type='dapo' and several micro-batches per step rescales gradients at the "
+                "optimizer step, which DeepSpeed does not expose; set gradient_accumulation_steps=1 and "
+                "steps_per_generation=1, or use DDP/FSDP"
+            )
+        if args.metrics_jsonl:
+            self.add_callback(MetricsJsonlCallback())
+
+    # ---- denominators -------------------------------------------------------------------------
+
+    def _single_micro_batch_steps(self) -> bool:
+        return self.args.gradient_accumulation_steps == 1 and self.args.steps_per_generation == 1
+
+    def _deferred_denominator(self) -> bool:
+        return self.token_filter == "s2t" and self.loss_type == "dapo" and not self._single_micro_batch_steps()
+
+    def _aggregation(self, inputs, valid, loss_mask, mode) -> tuple[dict, float]:
+        """core aggregation kwargs for this micro-batch, and the divisor applied afterwards (GA)."""
+        ga = float(self.current_gradient_accumulation_steps) if mode == "train" else 1.0
+        rows = valid.shape[0]
+        if self.loss_type == "dapo":
+            normaliser = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                normaliser = normaliser * ga / self.args.steps_per_generation
+            if self.token_filter == "s2t" and (mode == "eval" or self._single_micro_batch_steps()):
+                # Exact: the step is this micro-batch (on every process); drop the silenced tokens.
+                masked = self.accelerator.reduce((valid & ~loss_mask).sum().float(), reduction="sum")
+                normaliser = (inputs["num_items_in_batch"].float() - masked) / self.accelerator.num_processes
+            return {"agg": "token-mean", "num_tokens": normaliser}, 1.0
+        if self.loss_type == "bnpo":
+            counted = loss_mask if self.token_filter == "s2t" else valid
+            return {"agg": "token-mean", "num_tokens": counted.sum().float()}, ga
+        if self.loss_type == "grpo":
+            return {"agg": "seq-mean-token-mean", "num_seqs": float(rows)}, ga
+        return {
+            "agg": "seq-mean-token-sum-norm",
+            "num_seqs": float(rows),
+            "horizon": float(self.max_completion_length),
+        }, ga
+
+    # ---- the loss -----------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        mode = "train" if self.model.training else "eval"
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        valid = mask.bool()
+
+        logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model,
+            input_ids,
+            attention_mask,
+            completion_ids.size(1),
+            compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
+            **{k: inputs.get(k) for k in _MULTIMODAL_KEYS},
+        )
+        old_logps = inputs.get("old_per_token_logps")
+        old_logps = logps.detach() if old_logps is None else old_logps
+        advantages = inputs["advantages"]
+        adv_bt = advantages if advantages.dim() == 2 else advantages.unsqueeze(1).expand_as(logps)
+        # TRL multiplies the per-token loss by the vLLM importance weight w >= 0; min(rA, clip(r)A)·w equals
+        # min(r·Aw, clip(r)·Aw), so the weight rides on the advantage.
+        loss_adv = adv_bt
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            loss_adv = adv_bt * inputs["importance_sampling_ratio"].expand_as(adv_bt)
+
+        # Token filter. The S2T statistics are measured for every method (what STAPO would silence).
+        s2t = self.args if self.token_filter == "s2t" else DIAGNOSTIC_S2T
+        if s2t.tau_h is not None:
+            tau_h = torch.tensor(float(s2t.tau_h), device=logps.device)
+        else:
+            tau_h = entropy_quantile(entropies, valid, s2t.tau_h_quantile)
+        spurious = s2t_mask(logps, entropies, adv_bt, valid, tau_p=s2t.tau_p, tau_h=tau_h)
+        if self.token_filter == "s2t":
+            loss_mask = valid & ~spurious
+        elif self.token_filter == "high_entropy":
+            rho = self.top_entropy_quantile
+            threshold = entropy_quantile(entropies, valid, 1.0 - rho)
+            loss_mask = high_entropy_mask(entropies, valid, rho, threshold=threshold)
+        else:
+            loss_mask = valid
+
+        agg_kwargs, divisor = self._aggregation(inputs, valid, loss_mask, mode)
+        loss, _ = policy_loss(
+            logps,
+            old_logps,
+            loss_adv,
+            loss_mask,
+            clip_low=self.epsilon_low,
+            clip_high=self.epsilon_high,
+            **agg_kwargs,
+        )
+        loss = loss / divisor
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / divisor
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+
+        self._record_tokens(mode, logps, old_logps, entropies, adv_bt, valid, loss_mask, spurious, s2t, tau_h, loss)
+        if mode == "train" and self._capture_due():
+            self._capture_rollouts(inputs, logps, entropies, adv_bt, valid, spurious, model=model, tau_h=tau_h)
+        return loss
+
+    # ---- metrics ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _record_tokens(self, mode, logps, old_logps, entropies, adv, valid, loss_mask, spurious, s2t, tau_h, loss):
+        if self._window is None:
+            self._window = TokenStats(logps.device, deferred=mode == "train" and self._deferred_denominator())
+        w = self._window
+        v = valid.float()
+        ratio = torch.exp(torch.clamp(logps.detach().float() - old_logps.float(), -20.0, 20.0))
+        ent = entropies.detach().float()
+        w.add(
+            valid=v.sum(),
+            masked=spurious.sum(),
+            loss_tokens=loss_mask.sum(),
+            low_prob=((logps.detach().float().exp() < s2t.tau_p) & valid).sum(),
+            low_entropy=((ent < tau_h) & valid).sum(),
+            entropy=(ent * v).sum(),
+            clip_low=((ratio < 1 - self.epsilon_low) & (adv < 0) & valid).sum(),
+            clip_high=((ratio > 1 + self.epsilon_high) & (adv > 0) & valid).sum(),
+            ratio=(ratio * v).sum(),
+            threshold=tau_h.double(),
+            micro_batches=1,
+            loss=loss.detach(),
+        )
+        if bool(valid.any()):
+            w.add_ratio_extremes(ratio[valid].min(), ratio[valid].max())
+        if mode == "eval":
+            self._finish_window(None, mode="eval")
+
+    def _finish_window(self, model, mode: str = "train") -> None:
+        """End of an optimizer step: global statistics, the deferred S2T denominator, step metrics."""
+        w, self._window = self._window, None
+        if w is None:
+            return
+        g = reduce_window(w, self.accelerator)
+        scale = 1.0
+        if w.deferred and g["masked"] > 0 and g["valid"] > g["masked"]:
+            scale = g["valid"] / (g["valid"] - g["masked"])
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+            if getattr(self, "_tr_loss", None) is not None:
+                self._tr_loss += (scale - 1.0) * w.get("loss")
+        metrics = window_metrics(g, s2t_applied=self.token_filter == "s2t")
+        metrics["stapo/denominator_scale"] = scale
+        if self.token_filter == "high_entropy":
+            metrics["stapo/entropy_kept_frac"] = g["loss_tokens"] / max(g["valid"], 1.0)
+        step_times = self._metrics[mode].get("step_time") if mode == "train" else None
+        if step_times:
+            metrics["stapo/tokens_per_s"] = g["valid"] / max(step_times[-1], 1e-9)
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(value)
+
+    def _clip_grad_norm(self, model):
+        self._finish_window(model)
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        self._finish_window(model)  # no-op when _clip_grad_norm already ended the window
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        mode = "train" if self.model.training else "eval"
+        group = self.num_generations if mode == "train" else self.num_generations_eval
+        weights = self.reward_weights.to(rewards_per_func.device).unsqueeze(0)
+        rewards = (rewards_per_func * weights).nansum(dim=1)
+        # accuracy: the fraction of completions with a positive total reward (for a 0/1 correctness
+        # reward, the accuracy).
+        self._metrics[mode]["stapo/accuracy"].append(float((rewards > 0).float().mean()))
+        if group and group > 1 and rewards.numel() % group == 0:
+            self._metrics[mode]["stapo/zero_variance_group_frac"].append(
+                zero_variance_group_fraction(rewards.float(), group)
+            )
+        self._last_rewards = rewards  # every process's rows; sliced to this process's below
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        rows = out["completion_ids"].shape[0]
+        start = self.accelerator.process_index * rows
+        # The scalar reward of each row travels with the batch (shuffled and split with it) for captures.
+        out["stapo_rewards"] = self._last_rewards[start : start + rows].to(out["completion_ids"].device)
+        return out
+
+    # ---- rollout capture (for `stapo analyze`) ------------------------------------------------
+
+    def _capture_due(self) -> bool:
+        every = self.args.capture_rollouts_every
+        # Steps are numbered like the logs (1, 2, ...): capture steps 1, 1 + every, 1 + 2·every, ...
+        return bool(every) and self.state.global_step % every == 0 and self.accelerator.is_main_process
+
+    @torch.no_grad()
+    def _capture_rollouts(self, inputs, logps, entropies, advantages, mask, spurious, model=None, tau_h=None):
+        """Write token-level records of up to `capture_max_samples` completions of this process
+        (main process only) with `stapo.data.rollouts.write_rollouts`.
+
+        Collision probability Σπ² is recomputed from the logits with `stapo.core.token_logprobs_entropy`
+        (one extra no-grad forward of the captured rows, on capture steps only).
+        """
+        step = self.state.global_step + 1
+        if getattr(self, "_captured_step", None) != step:
+            self._captured_step, self._captured_count = step, 0
+        room = self.args.capture_max_samples - self._captured_count
+        if room <= 0:
+            return
+        try:
+            from stapo.data.rollouts import write_rollouts
+        except ImportError:  # the writer ships with stapo.data; without it the hook is a no-op
+            return
+        rows = list(range(min(room, mask.shape[0])))
+        collision = self._collision(model, inputs, rows)
+        tok = self.processing_class
+        records = []
+        for j, i in enumerate(rows):
+            n = int(mask[i].sum())
+            ids = inputs["completion_ids"][i, :n].tolist()
+            prompt = inputs["prompt_ids"][i][inputs["prompt_mask"][i].bool()].tolist()
+            records.append(
+                {
+                    "step": step,
+                    "sample": self._captured_count + j,
+                    "prompt": tok.decode(prompt, skip_special_tokens=False),
+                    "completion": tok.decode(ids, skip_special_tokens=False),
+                    "reward": float(inputs["stapo_rewards"][i]) if "stapo_rewards" in inputs else None,
+                    "advantage": float(advantages[i, 0]),
+                    "token_id": ids,
+                    "token_text": [tok.decode([t], skip_special_tokens=False) for t in ids],
+                    "logprob": logps[i, :n].float().clamp(max=0.0),
+                    "entropy": entropies[i, :n].float(),
+                    "collision": collision[j, :n],
+                    "s2t": spurious[i, :n],
+                }
+            )
+        self._captured_count += len(rows)
+        s2t = self.args if self.token_filter == "s2t" else DIAGNOSTIC_S2T
+        metadata = {
+            "method": self.args.method,
+            "s2t_applied": self.token_filter == "s2t",
+            "tau_p": s2t.tau_p,
+            "tau_h": float(tau_h) if tau_h is not None else s2t.tau_h,
+            "tau_h_quantile": s2t.tau_h_quantile,
+        }
+        write_rollouts(self.args.output_dir, step, records, max_samples=self.args.capture_max_samples, metadata=metadata)
+
+    def _collision(self, model, inputs, rows):
+        if model is None or not rows:
+            return None
+        ids = torch.cat([inputs["prompt_ids"][rows], inputs["completion_ids"][rows]], dim=1)
+        attn = torch.cat([inputs["prompt_mask"][rows], inputs["completion_mask"][rows]], dim=1)
+        t = inputs["completion_ids"].size(1)
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, -t - 1 : -1, :]
+        _, _, collision = token_logprobs_entropy(
+            logits, inputs["completion_ids"][rows], temperature=self.temperature, return_collision=True
+        )
+        return collision.float()
+
+
+_MULTIMODAL_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)

