@@ -1,0 +1,79 @@
+"""The evaluation protocol as plain data: benchmarks, sampling settings, default k, per-sample seeds.
+
+The paper reports avg@k on six benchmarks under two sampling settings; k follows JustRL's protocol
+(32 samples for the small AIME/AMC sets, 4 for the larger ones).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+__all__ = [
+    "BENCHMARKS",
+    "BENCHMARK_TITLES",
+    "DEFAULT_SAMPLES",
+    "SETTINGS",
+    "SamplingSetting",
+    "parse_benchmarks",
+    "parse_settings",
+    "sample_seed",
+]
+
+# Display order = the paper's table order.
+BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench")
+BENCHMARK_TITLES = {
+    "aime24": "AIME24",
+    "aime25": "AIME25",
+    "amc23": "AMC23",
+    "math500": "MATH500",
+    "minerva": "Minerva",
+    "olympiadbench": "OlympiadBench",
+}
+DEFAULT_SAMPLES = {"aime24": 32, "aime25": 32, "amc23": 32, "math500": 4, "minerva": 4, "olympiadbench": 4}
+
+
+@dataclass(frozen=True)
+class SamplingSetting:
+    name: str
+    temperature: float
+    top_p: float
+
+
+SETTINGS = {
+    # the training-aligned setting: sample from the policy exactly as RL rollouts do
+    "train": SamplingSetting("train", temperature=1.0, top_p=1.0),
+    "nucleus": SamplingSetting("nucleus", temperature=0.7, top_p=0.9),
+}
+
+
+def parse_benchmarks(spec: str) -> list[str]:
+    """'all' or a comma-separated list of names (case-insensitive) -> names in table order."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError("--benchmarks: give 'all' or a comma-separated list of " + ", ".join(BENCHMARKS))
+    if spec.strip().lower() == "all":
+        return list(BENCHMARKS)
+    names = [s.strip().lower() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"--benchmarks: unknown benchmark {unknown[0]!r}; known: all, " + ", ".join(BENCHMARKS))
+    return [b for b in BENCHMARKS if b in names]
+
+
+def parse_settings(spec: str) -> list[str]:
+    """'train' | 'nucleus' | 'both'."""
+    if spec == "both":
+        return list(SETTINGS)
+    if spec not in SETTINGS:
+        raise ValueError(f"--setting: unknown setting {spec!r}; choose train, nucleus or both")
+    return [spec]
+
+
+def sample_seed(seed: int, benchmark: str, setting: str, problem_id: str, sample_idx: int) -> int:
+    """A 63-bit seed per (run seed, benchmark, setting, problem, sample index).
+
+    Derived by hashing, not by position, so a resumed run, a --limit change or another batch size
+    draws the same random numbers for the same sample.
+    """
+    h = hashlib.sha256(f"{seed}\x1f{benchmark}\x1f{setting}\x1f{problem_id}\x1f{sample_idx}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
