@@ -18,7 +18,7 @@ from stapo.core._checks import (
     check_same_shape,
 )
 from stapo.core._checks import check_prob
-from stapo.core.masks import _entropy_threshold, _spurious, high_entropy_mask
+from stapo.core.masks import _entropy_threshold, high_entropy_mask, log_threshold
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
@@ -101,19 +101,28 @@ def policy_loss(
     Metrics: clip_frac_low (r < 1-clip_low with A < 0), clip_frac_high (r > 1+clip_high with A > 0),
     clip_frac (either), ratio_mean/min/max, approx_kl (mean of old - new log-prob), num_tokens.
     """
+    lp, old, adv, mask = _check_policy_inputs(logprobs, old_logprobs, advantages, loss_mask, "loss_mask")
+    return _clipped_loss(lp, old, adv, mask, clip_low, clip_high, clip_ratio_c, agg, num_tokens, num_seqs, horizon)
+
+
+def _check_policy_inputs(logprobs, old_logprobs, advantages, mask, mask_name):
     lp = check_float("logprobs", logprobs, ndim=2)
     old = check_float("old_logprobs", old_logprobs, ndim=2)
     check_same_shape("old_logprobs", old, "logprobs", lp)
-    mask = check_mask("loss_mask", loss_mask, lp.shape)
+    mask = check_mask(mask_name, mask, lp.shape)
     adv = broadcast_advantages(advantages, lp.shape)
+    check_finite("logprobs", lp.detach(), mask)
+    check_finite("old_logprobs", old, mask)
+    check_finite("advantages", adv, mask)
+    return lp, old, adv, mask
+
+
+def _clipped_loss(lp, old, adv, mask, clip_low, clip_high, clip_ratio_c, agg, num_tokens, num_seqs, horizon):
+    """The PPO-clip terms and their aggregation on already-checked inputs."""
     if not (clip_low >= 0 and clip_high >= 0):
         raise ValueError(f"clip_low and clip_high must be >= 0, got {clip_low}, {clip_high}")
     if clip_ratio_c is not None and not clip_ratio_c > 1.0:
         raise ValueError(f"clip_ratio_c must be > 1 (dual-clip bound), got {clip_ratio_c}")
-    check_finite("logprobs", lp.detach(), mask)
-    check_finite("old_logprobs", old, mask)
-    check_finite("advantages", adv, mask)
-
     # float32 compute for half inputs; float64 stays float64 (finite-difference checks, references).
     dt = torch.float64 if lp.dtype == torch.float64 else torch.float32
     adv = adv.to(dt)
@@ -128,19 +137,32 @@ def policy_loss(
 
     with torch.no_grad():
         r = ratio.detach()
+        n = mask.sum()
         low = (r < 1.0 - clip_low) & (adv < 0) & mask
         high = (r > 1.0 + clip_high) & (adv > 0) & mask
+        n_low, n_high = low.sum(), high.sum()
         metrics = {
-            "clip_frac_low": _masked_mean(low.float(), mask),
-            "clip_frac_high": _masked_mean(high.float(), mask),
-            "clip_frac": _masked_mean((low | high).float(), mask),
-            "ratio_mean": _masked_mean(r, mask),
-            "ratio_min": r[mask].min() if bool(mask.any()) else torch.tensor(1.0),
-            "ratio_max": r[mask].max() if bool(mask.any()) else torch.tensor(1.0),
-            "approx_kl": _masked_mean(-log_ratio.detach(), mask),
-            "num_tokens": mask.sum().float(),
+            "clip_frac_low": _ratio(n_low, n),
+            "clip_frac_high": _ratio(n_high, n),
+            "clip_frac": _ratio(n_low + n_high, n),  # disjoint: A < 0 vs A > 0
+            "ratio_mean": _ratio(torch.where(mask, r, 0.0).sum(), n),
+            "ratio_min": _masked_extreme(r, mask, torch.amin),
+            "ratio_max": _masked_extreme(r, mask, torch.amax),
+            "approx_kl": _ratio(-torch.where(mask, log_ratio.detach(), 0.0).sum(), n),
+            "num_tokens": n.float(),
         }
     return loss, metrics
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return (num.float() / den.clamp(min=1).float()).float()
+
+
+def _masked_extreme(x: torch.Tensor, mask: torch.Tensor, reduce) -> torch.Tensor:
+    if not bool(mask.any()):
+        return torch.ones((), device=x.device)
+    fill = float("inf") if reduce is torch.amin else float("-inf")
+    return reduce(x.masked_fill(~mask, fill)).float()
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -173,25 +195,33 @@ def stapo_loss(
     Metrics add s2t_masked_count, s2t_masked_frac, frac_low_prob (p < tau_p), frac_low_entropy
     (H < threshold) and entropy_threshold, all over the valid tokens.
     """
-    lp = check_float("logprobs", logprobs, ndim=2)
+    lp, old, adv, valid = _check_policy_inputs(logprobs, old_logprobs, advantages, response_mask, "response_mask")
     ent = check_float("entropy", entropy, ndim=2)
     check_same_shape("entropy", ent, "logprobs", lp)
-    valid = check_mask("response_mask", response_mask, lp.shape)
-    adv = broadcast_advantages(advantages, lp.shape)
     check_prob("tau_p", tau_p)
+    kw = dict(clip_low=0.2, clip_high=0.2, clip_ratio_c=None, agg="token-mean", num_tokens=None, num_seqs=None,
+              horizon=None)
+    unknown = set(policy_loss_kwargs) - set(kw)
+    if unknown:
+        raise TypeError(f"stapo_loss got unexpected keyword arguments {sorted(unknown)}")
+    kw.update(policy_loss_kwargs)
     with torch.no_grad():
         lp_d = lp.detach().float()
         e = ent.detach().float()
         check_finite("entropy", e, valid)
         threshold = _entropy_threshold(e, valid, tau_h, tau_h_quantile)
-        spurious = _spurious(lp_d, e, adv, valid, tau_p, threshold)
-    loss, metrics = policy_loss(lp, old_logprobs, advantages, valid & ~spurious, **policy_loss_kwargs)
+        low_prob = lp_d < log_threshold(tau_p)  # p < tau_p without an exp over [B, T]
+        low_entropy = e < threshold
+        spurious = low_prob & low_entropy & (adv > 0) & valid
+    loss, metrics = _clipped_loss(lp, old, adv, valid & ~spurious, **kw)
     with torch.no_grad():
+        n_valid = valid.sum()
+        n_spurious = spurious.sum()
         metrics.update(
-            s2t_masked_count=spurious.sum().float(),
-            s2t_masked_frac=_masked_mean(spurious.float(), valid),
-            frac_low_prob=_masked_mean((lp_d.exp() < tau_p).float(), valid),
-            frac_low_entropy=_masked_mean((e < threshold).float(), valid),
+            s2t_masked_count=n_spurious.float(),
+            s2t_masked_frac=_ratio(n_spurious, n_valid),
+            frac_low_prob=_ratio((low_prob & valid).sum(), n_valid),
+            frac_low_entropy=_ratio((low_entropy & valid).sum(), n_valid),
             # no valid token -> no threshold; report 0 rather than -inf so logs stay finite
             entropy_threshold=torch.nan_to_num(threshold.float(), neginf=0.0),
         )

@@ -5,6 +5,8 @@ Nothing here carries gradient: the masks are decided on detached current-policy 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -24,16 +26,10 @@ def quantile_linear(values: torch.Tensor, q: float) -> torch.Tensor:
     Sort-based, so it has no input-size limit (torch.quantile refuses > 2**24 elements, which a
     gathered multi-rank batch can exceed). Returns a float32 0-d tensor; NaN for an empty input.
     """
-    v = values.reshape(-1).float()
-    n = v.numel()
-    if n == 0:
+    v = values.reshape(-1)
+    if v.numel() == 0:
         return torch.tensor(float("nan"), device=v.device)
-    s = torch.sort(v).values
-    pos = q * (n - 1)
-    lo = int(pos // 1)
-    hi = min(lo + 1, n - 1)
-    frac = pos - lo
-    return s[lo] + (s[hi] - s[lo]) * frac
+    return masked_quantile(v, torch.ones_like(v, dtype=torch.bool), q)
 
 
 def gather_valid(values: torch.Tensor, group=None) -> torch.Tensor:
@@ -100,11 +96,12 @@ def s2t_mask(
         check_finite("entropy", ent, valid)
         check_finite("advantages", adv, valid)
         threshold = _entropy_threshold(ent, valid, tau_h, tau_h_quantile)
-        return _spurious(lp, ent, adv, valid, tau_p, threshold)
+        return (lp < log_threshold(tau_p)) & (ent < threshold) & (adv > 0) & valid
 
 
-def _spurious(lp, ent, adv, valid, tau_p, threshold) -> torch.Tensor:
-    return valid & (adv > 0) & (lp.exp() < tau_p) & (ent < threshold)
+def log_threshold(tau_p: float) -> float:
+    """log(tau_p) in float64: p = exp(logprob) < tau_p  <=>  logprob < log(tau_p)."""
+    return math.log(tau_p) if tau_p > 0 else float("-inf")
 
 
 def _entropy_threshold(ent, valid, tau_h, tau_h_quantile) -> torch.Tensor:
@@ -114,9 +111,30 @@ def _entropy_threshold(ent, valid, tau_h, tau_h_quantile) -> torch.Tensor:
             raise ValueError(f"tau_h must be a finite number (nats), got {tau_h!r}")
         return t.reshape(())
     check_prob("tau_h_quantile", tau_h_quantile)
-    if not bool(valid.any()):
-        return torch.tensor(float("-inf"), device=ent.device)
-    return quantile_linear(ent[valid], tau_h_quantile)
+    return masked_quantile(ent, valid, tau_h_quantile)
+
+
+def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
+    """`quantile_linear(values[mask], q)` without materialising values[mask]; -inf if mask is empty."""
+    n = int(mask.sum())
+    if n == 0:
+        return torch.tensor(float("-inf"), device=values.device)
+    v = values.reshape(-1).float()
+    m = mask.reshape(-1)
+    pos = q * (n - 1)
+    lo = int(pos // 1)
+    hi = min(lo + 1, n - 1)
+    if hi + 1 <= n - lo:  # near the bottom: the hi+1 smallest valid values (invalid pushed to +inf)
+        if n < v.numel():
+            v = v.masked_fill(~m, float("inf"))
+        sel = torch.topk(v, hi + 1, largest=False, sorted=True).values
+        v_lo, v_hi = sel[lo], sel[hi]
+    else:  # near the top: the n-lo largest valid values (invalid pushed to -inf)
+        if n < v.numel():
+            v = v.masked_fill(~m, float("-inf"))
+        sel = torch.topk(v, n - lo, largest=True, sorted=True).values
+        v_lo, v_hi = sel[-1], sel[n - 1 - hi]
+    return v_lo + (v_hi - v_lo) * (pos - lo)
 
 
 def high_entropy_mask(
@@ -138,5 +156,5 @@ def high_entropy_mask(
         if not bool(valid.any()):
             return torch.zeros_like(valid)
         if threshold is None:
-            threshold = quantile_linear(ent[valid], 1.0 - top_quantile)
+            threshold = masked_quantile(ent, valid, 1.0 - top_quantile)
         return valid & (ent >= torch.as_tensor(threshold, dtype=torch.float32, device=ent.device))

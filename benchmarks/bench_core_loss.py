@@ -1,0 +1,73 @@
+"""stapo_loss vs policy_loss: the cost of the S2T mask, measured side by side.
+
+    python benchmarks/bench_core_loss.py [--B 64] [--T 2048] [--reps 30]
+
+Both losses get the same inputs (entropy precomputed, as engines have it); each repetition times
+forward + backward of each, interleaved so drift affects both equally. Prints median times and the
+ratio stapo/policy (goal on CPU: <= 1.05).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from stapo.core import policy_loss, stapo_loss
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--B", type=int, default=64)
+    ap.add_argument("--T", type=int, default=2048)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    B, T = args.B, args.T
+    old = -torch.rand(B, T, generator=g) * 3
+    lp0 = old + 0.05 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, generator=g)
+    ent = torch.rand(B, T, generator=g) * 2
+    mask = torch.ones(B, T, dtype=torch.bool)
+    lengths = torch.randint(T // 4, T + 1, (B,), generator=g)
+    mask &= torch.arange(T)[None, :] < lengths[:, None]
+
+    def run_policy():
+        lp = lp0.clone().requires_grad_()
+        loss, _ = policy_loss(lp, old, adv, mask, clip_high=0.28)
+        loss.backward()
+
+    def run_stapo(**kw):
+        lp = lp0.clone().requires_grad_()
+        loss, _ = stapo_loss(lp, old, adv, mask, ent, clip_high=0.28, **kw)
+        loss.backward()
+
+    cases = {
+        "policy_loss": run_policy,
+        "stapo_loss (tau_h quantile 0.05)": lambda: run_stapo(tau_p=0.01, tau_h_quantile=0.05),
+        "stapo_loss (absolute tau_h)": lambda: run_stapo(tau_p=0.01, tau_h=0.5),
+    }
+    for fn in cases.values():  # warm-up
+        fn()
+    times = {k: [] for k in cases}
+    for _ in range(args.reps):
+        for k, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    base = statistics.median(times["policy_loss"])
+    print(f"B={B} T={T} valid tokens={int(mask.sum())} threads={torch.get_num_threads()} reps={args.reps}")
+    print("| path | median fwd+bwd (ms) | ratio to policy_loss |")
+    print("|---|---|---|")
+    for k, ts in times.items():
+        m = statistics.median(ts)
+        print(f"| {k} | {m * 1e3:.2f} | {m / base:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
