@@ -1,0 +1,337 @@
+"""Prompt rows from anywhere: local JSONL / Parquet files, ``datasets`` directories, hub ids,
+the benchmark files, and the built-in synthetic tasks.
+
+    load_prompts(source, problem_key="problem", answer_key="answer", ...) -> list[dict]
+    load_benchmark(name, data_dir=None) -> list[dict]
+
+Every row comes back as ``{"id", "problem", "answer", "meta"}`` (strings, ``meta`` a dict of
+the other fields). A row with a missing or empty problem/answer is a :class:`DataError` naming
+the file and row, or, with ``on_invalid="skip"``, is skipped and counted in ``.skipped``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "BENCHMARKS",
+    "BENCHMARK_HUB_IDS",
+    "DataError",
+    "PromptRows",
+    "find_benchmark_dir",
+    "load_benchmark",
+    "load_prompts",
+    "ungradable_reason",
+]
+
+
+class DataError(ValueError):
+    """A prompt source that cannot be read: names the file, the row and the field."""
+
+
+class PromptRows(list):
+    """A list of prompt rows; ``.skipped`` lists ``(row_number, reason)`` for skipped rows and
+    ``.source`` names where the rows came from."""
+
+    def __init__(self, rows=(), source: str = "", skipped: list[tuple[int, str]] | None = None):
+        super().__init__(rows)
+        self.source = source
+        self.skipped: list[tuple[int, str]] = skipped or []
+
+
+BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench")
+
+# For users who want the benchmarks from the hub instead of the local files. These are the
+# usual public copies; check each card, the column names are the ones load_prompts needs.
+BENCHMARK_HUB_IDS = {
+    "aime24": {"source": "HuggingFaceH4/aime_2024", "split": "train", "problem_key": "problem", "answer_key": "answer"},
+    "aime25": {"source": "MathArena/aime_2025", "split": "train", "problem_key": "problem", "answer_key": "answer"},
+    "amc23": {"source": "math-ai/amc23", "split": "test", "problem_key": "question", "answer_key": "answer"},
+    "math500": {"source": "HuggingFaceH4/MATH-500", "split": "test", "problem_key": "problem", "answer_key": "answer", "id_key": "unique_id"},
+    "minerva": {"source": "math-ai/minervamath", "split": "test", "problem_key": "question", "answer_key": "answer"},
+    "olympiadbench": {"source": "math-ai/olympiadbench", "split": "test", "problem_key": "question", "answer_key": "final_answer"},
+}
+
+_ON_INVALID = ("error", "skip")
+_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".pq", ".csv", ".txt")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _text(value: Any) -> str | None:
+    """A field as text: strings stripped, integral floats as integers, one-element lists unwrapped."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        parts = [_text(v) for v in value]
+        if any(p is None for p in parts):
+            return None
+        return ", ".join(p for p in parts if p)
+    return str(value).strip()
+
+
+def _make_row(
+    raw: Any,
+    where: str,
+    problem_key: str,
+    answer_key: str | None,
+    id_key: str | None,
+    default_id: str,
+) -> dict:
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected an object with fields, got {type(raw).__name__}")
+    row: dict[str, Any] = {}
+    problem = _text(raw.get(problem_key))
+    if problem_key not in raw:
+        raise DataError(f"{where}: field {problem_key!r} is missing (fields: {sorted(raw)[:12]}); pass problem_key=")
+    if not problem:
+        raise DataError(f"{where}: field {problem_key!r} is empty")
+    row["problem"] = problem
+    if answer_key is not None:
+        if answer_key not in raw:
+            raise DataError(f"{where}: field {answer_key!r} is missing (fields: {sorted(raw)[:12]}); pass answer_key=")
+        answer = _text(raw.get(answer_key))
+        if not answer:
+            raise DataError(f"{where}: field {answer_key!r} is empty")
+        row["answer"] = answer
+    rid = _text(raw.get(id_key)) if id_key and id_key in raw else None
+    row["id"] = rid or default_id
+    used = {problem_key, answer_key, id_key, "meta"}
+    meta = dict(raw["meta"]) if isinstance(raw.get("meta"), dict) else {}
+    meta.update({k: v for k, v in raw.items() if k not in used})
+    row["meta"] = meta
+    return row
+
+
+def _collect(records, where_fmt, name, keys, on_invalid, limit) -> PromptRows:
+    rows = PromptRows(source=name)
+    problem_key, answer_key, id_key = keys
+    for number, raw in records:
+        where = where_fmt.format(n=number)
+        try:
+            rows.append(_make_row(raw, where, problem_key, answer_key, id_key, f"{Path(name).stem}-{number}"))
+        except DataError as e:
+            if on_invalid == "error":
+                raise
+            rows.skipped.append((number, str(e)))
+        if limit is not None and len(rows) >= limit:
+            break
+    return rows
+
+
+def _jsonl_records(path: Path):
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {number}: not valid JSON ({e.msg})") from None
+
+
+def _json_records(path: Path):
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(data, dict):
+        # {"data": [...]} / {"rows": [...]} wrappers
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a JSON list of rows (or JSONL)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of rows (or JSONL)")
+    return ((i, r) for i, r in enumerate(data, start=1))
+
+
+def _parquet_records(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises many types for a bad file
+        raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+    return ((i, r) for i, r in enumerate(table.to_pylist(), start=1))
+
+
+def _dataset_records(ds):
+    return ((i, r) for i, r in enumerate(ds, start=1))
+
+
+def _pick_split(ds, split: str | None, name: str):
+    from datasets import DatasetDict
+
+    if isinstance(ds, DatasetDict):
+        splits = list(ds.keys())
+        if split is None:
+            if len(splits) == 1:
+                return ds[splits[0]]
+            split = "train" if "train" in splits else None
+        if split not in ds:
+            raise DataError(f"{name}: no split {split!r} (splits: {splits}); pass split=")
+        return ds[split]
+    return ds
+
+
+def load_prompts(
+    source: str | os.PathLike,
+    problem_key: str = "problem",
+    answer_key: str | None = "answer",
+    id_key: str | None = "id",
+    split: str | None = None,
+    on_invalid: str = "error",
+    limit: int | None = None,
+    data_dir: str | os.PathLike | None = None,
+    **hub_kwargs: Any,
+) -> PromptRows:
+    """Prompt rows ``{"id", "problem", "answer", "meta"}`` from ``source``.
+
+    ``source`` is one of:
+      - a local ``.jsonl`` / ``.json`` / ``.parquet`` file;
+      - a local ``datasets`` directory (``save_to_disk``; ``split`` picks from a DatasetDict);
+      - ``benchmark:<name>`` (see :func:`load_benchmark`; ``data_dir`` as there);
+      - ``synthetic:<task>?n=256&seed=0&split=train`` (see :func:`stapo.data.synthetic_task`);
+      - otherwise a hub dataset id (``owner/name``, network; ``split`` defaults to ``train``;
+        extra keyword arguments go to ``datasets.load_dataset``, e.g. ``name=`` for a config).
+
+    ``problem_key`` / ``answer_key`` / ``id_key`` name the source's columns (``answer_key=None``
+    for prompts without a gold answer). ``on_invalid="skip"`` skips rows with a missing/empty
+    field and records them in ``.skipped`` instead of raising. ``limit`` keeps the first rows.
+    """
+    if on_invalid not in _ON_INVALID:
+        raise ValueError(f"on_invalid must be one of {_ON_INVALID}, got {on_invalid!r}")
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
+    keys = (problem_key, answer_key, id_key)
+    text = os.fspath(source)
+    if text.startswith("benchmark:"):
+        rows = load_benchmark(text.split(":", 1)[1], data_dir=data_dir)
+        return PromptRows(rows[:limit] if limit is not None else rows, source=text)
+    if text.startswith("synthetic:"):
+        from stapo.data.synthetic import synthetic_from_spec
+
+        rows = synthetic_from_spec(text)
+        return PromptRows(rows[:limit] if limit is not None else rows, source=text)
+    path = Path(text).expanduser()
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            records, fmt = _jsonl_records(path), f"{path}: line {{n}}"
+        elif suffix == ".json":
+            records, fmt = _json_records(path), f"{path}: row {{n}}"
+        elif suffix in (".parquet", ".pq"):
+            records, fmt = _parquet_records(path), f"{path}: row {{n}}"
+        else:
+            raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json or .parquet")
+        return _collect(records, fmt, str(path), keys, on_invalid, limit)
+    if path.is_dir():
+        try:
+            from datasets import load_from_disk
+        except ImportError:
+            raise DataError(f"{path}: reading a datasets directory needs the 'datasets' package") from None
+        try:
+            ds = load_from_disk(str(path))
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"{path}: not a datasets directory saved with save_to_disk ({e})") from None
+        ds = _pick_split(ds, split, str(path))
+        return _collect(_dataset_records(ds), f"{path}: row {{n}}", str(path), keys, on_invalid, limit)
+    if not _HUB_ID.match(text) or Path(text).suffix.lower() in _FILE_SUFFIXES:
+        raise DataError(
+            f"{text}: no such file or directory (a hub dataset id looks like 'owner/name'; "
+            "synthetic tasks are 'synthetic:<task>', benchmarks 'benchmark:<name>')"
+        )
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise DataError(f"{text}: loading a hub dataset needs the 'datasets' package") from None
+    try:
+        ds = load_dataset(text, split=split or "train", **hub_kwargs)
+    except Exception as e:  # noqa: BLE001 - network / auth / unknown id
+        raise DataError(
+            f"{text}: not a local file or directory, and could not load it as a hub dataset "
+            f"({type(e).__name__}: {e})"
+        ) from None
+    return _collect(_dataset_records(ds), f"{text}: row {{n}}", text, keys, on_invalid, limit)
+
+
+def find_benchmark_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """The benchmark directory: ``data_dir``, else ``$STAPO_DATA_DIR``, else
+    ``../shared/data/benchmarks`` relative to the working directory, then to the repository."""
+    tried: list[str] = []
+    candidates: list[Path] = []
+    if data_dir is not None:
+        candidates.append(Path(data_dir).expanduser())
+    else:
+        env = os.environ.get("STAPO_DATA_DIR")
+        if env:
+            candidates.append(Path(env).expanduser())
+        repo = Path(__file__).resolve().parents[3]  # src/stapo/data/loaders.py -> repo root
+        for base in (Path.cwd(), repo):
+            candidates.append(base.parent / "shared" / "data" / "benchmarks")
+    for c in candidates:
+        for d in (c, c / "benchmarks"):
+            if (d / "math500.jsonl").is_file() or any(d.glob("*.jsonl")):
+                return d
+        tried.append(str(c))
+    raise DataError(
+        "benchmark files not found (looked in: " + ", ".join(tried) + "). Pass --data-dir / "
+        "data_dir= pointing at the folder with <name>.jsonl files, set STAPO_DATA_DIR, or load a "
+        "hub copy with load_prompts(<hub id>, problem_key=..., answer_key=...) "
+        "(see stapo.data.BENCHMARK_HUB_IDS)."
+    )
+
+
+_RELAY_MARKERS = ("TNYWR", "T N Y W R", "number you will receive", "the answer to the previous problem")
+
+
+def ungradable_reason(row: dict) -> str | None:
+    """Why a benchmark row cannot be graded fairly from its own text, or None.
+
+    OlympiadBench's ARML relay items ("Let $T = TNYWR$", "the number you will receive") depend on
+    another problem's answer that the text does not give.
+    """
+    problem = row.get("problem", "")
+    compact = problem.replace(" ", "")
+    if "TNYWR" in compact or any(m in problem for m in _RELAY_MARKERS):
+        return "relay problem: depends on another problem's answer (TNYWR)"
+    return None
+
+
+def load_benchmark(name: str, data_dir: str | os.PathLike | None = None) -> PromptRows:
+    """The rows of one benchmark file ``<data_dir>/<name>.jsonl``.
+
+    Each row keeps ``id``, ``problem``, ``answer`` (verbatim), ``source`` and ``meta``, and gets
+    ``benchmark`` (the name) and ``ungradable`` (a reason string, or None; see
+    :func:`ungradable_reason`). The grader normalises the gold itself (``$..$``, ``\\$``, ``\\!``...).
+    """
+    if name not in BENCHMARKS:
+        raise DataError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    folder = find_benchmark_dir(data_dir)
+    path = folder / f"{name}.jsonl"
+    if not path.is_file():
+        raise DataError(f"{path}: benchmark file not found in {folder}")
+    rows = PromptRows(source=str(path))
+    for number, raw in _jsonl_records(path):
+        row = _make_row(raw, f"{path}: line {number}", "problem", "answer", "id", f"{name}-{number}")
+        if "source" in row["meta"]:
+            row["source"] = row["meta"].pop("source")
+        row["benchmark"] = name
+        row["ungradable"] = ungradable_reason(row)
+        rows.append(row)
+    return rows
