@@ -1,0 +1,106 @@
+"""The `stapo` block of verl's actor config: `actor_rollout_ref.actor.policy_loss.stapo.*`.
+
+verl builds `actor.policy_loss` from its Hydra node with `_target_`, so the extra block needs a
+`PolicyLossConfig` that knows it: `StapoPolicyLossConfig`. `python -m stapo.verl.main` selects it
+(and switches entropy on) whenever `loss_mode` is `stapo` or `20-entropy`; a plain
+`verl.trainer.main_ppo` launch needs `actor_rollout_ref.actor.policy_loss._target_=
+stapo.verl.config.StapoPolicyLossConfig` when it sets any `stapo.*` key.
+
+Defaults come from `stapo.core.get_preset`, the single source of the method's numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from verl.base_config import BaseConfig
+from verl.workers.config import PolicyLossConfig
+
+from stapo.core import get_preset
+
+LOSS_MODES = ("stapo", "20-entropy")
+POLICY_LOSS_TARGET = "stapo.verl.config.StapoPolicyLossConfig"
+
+_STAPO = get_preset("stapo")
+_HIGH_ENTROPY = get_preset("20-entropy")
+
+
+@dataclass
+class StapoConfig(BaseConfig):
+    """Thresholds of the two token filters.
+
+    tau_p                 STAPO: a token is spurious only if its probability is below this (0, 1].
+    tau_h                 STAPO: absolute entropy threshold in nats; None: use tau_h_quantile.
+    tau_h_quantile        STAPO: the entropy threshold is this quantile of the valid tokens'
+                          entropies, over every data-parallel rank ([0, 1]).
+    top_entropy_quantile  20-Entropy: the fraction rho of highest-entropy tokens that keep a
+                          gradient ((0, 1]).
+    """
+
+    tau_p: float = _STAPO.tau_p
+    tau_h: Optional[float] = _STAPO.tau_h
+    tau_h_quantile: float = _STAPO.tau_h_quantile
+    top_entropy_quantile: float = _HIGH_ENTROPY.top_entropy_quantile
+
+    def __post_init__(self):
+        _check_range("stapo.tau_p", self.tau_p, 0.0, 1.0, low_open=True)
+        if self.tau_h is not None:
+            if isinstance(self.tau_h, bool) or not isinstance(self.tau_h, (int, float)) or not math.isfinite(self.tau_h):
+                raise ValueError(f"stapo.tau_h must be a finite number of nats or null, got {self.tau_h!r}")
+        _check_range("stapo.tau_h_quantile", self.tau_h_quantile, 0.0, 1.0)
+        _check_range("stapo.top_entropy_quantile", self.top_entropy_quantile, 0.0, 1.0, low_open=True)
+
+
+@dataclass
+class StapoPolicyLossConfig(PolicyLossConfig):
+    """verl's `PolicyLossConfig` plus the `stapo` block."""
+
+    stapo: StapoConfig = field(default_factory=StapoConfig)
+
+    def __post_init__(self):
+        # Hydra passes a nested block without its own `_target_` as a DictConfig.
+        if not isinstance(self.stapo, StapoConfig):
+            object.__setattr__(self, "stapo", _to_stapo_config(self.stapo))
+
+
+def _check_range(name: str, value: Any, lo: float, hi: float, low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > lo if low_open else value >= lo) and value <= hi
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {bracket}{lo}, {hi}], got {value!r}")
+
+
+def stapo_settings(actor_config) -> StapoConfig:
+    """The validated `StapoConfig` of an actor config (dataclass, DictConfig or dict).
+
+    A `policy_loss` without a `stapo` block gets the defaults."""
+    policy_loss = _get(actor_config, "policy_loss")
+    block = _get(policy_loss, "stapo") if policy_loss is not None else None
+    if block is None:
+        return StapoConfig()
+    return _to_stapo_config(block)
+
+
+def _to_stapo_config(block) -> StapoConfig:
+    if block is None:
+        return StapoConfig()
+    if isinstance(block, StapoConfig):
+        return block
+    known = {"tau_p", "tau_h", "tau_h_quantile", "top_entropy_quantile"}
+    items = {k: block[k] for k in block.keys() if k != "_target_"}
+    unknown = sorted(set(items) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) in actor.policy_loss.stapo: {unknown}; known: {sorted(known)}")
+    return StapoConfig(**items)
+
+
+def _get(obj, key: str):
+    if obj is None:
+        return None
+    getter = getattr(obj, "get", None)
+    if callable(getter):
+        return getter(key, None)
+    return getattr(obj, key, None)
