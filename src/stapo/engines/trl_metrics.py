@@ -90,7 +90,9 @@ def window_metrics(g: dict[str, float], s2t_applied: bool) -> dict[str, float]:
 class MetricsJsonlCallback(TrainerCallback):
     """Appends one JSON line per logging step to `<output_dir>/metrics.jsonl` (main process only).
 
-    Each line is `{"step": global_step, **logs}`; lines are flushed as they are written. On resume
+    Each line is `{"step": global_step, "kind": kind, **logs}` with kind "train" (one line per logged
+    training step), "eval" (evaluation logs) or "summary" (the Trainer's end-of-training totals);
+    lines are flushed as they are written. On resume
     from a checkpoint at step k, lines with step > k (written after that checkpoint by the run that
     is being resumed) are dropped first, so the file never holds a step twice.
     """
@@ -114,7 +116,13 @@ class MetricsJsonlCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._file is None or not logs:
             return
-        record = {"step": state.global_step}
+        if "train_runtime" in logs:
+            kind = "summary"
+        elif any(key.startswith("eval_") for key in logs):
+            kind = "eval"
+        else:
+            kind = "train"
+        record = {"step": state.global_step, "kind": kind}
         for key, value in logs.items():
             if isinstance(value, torch.Tensor):
                 value = value.item()

@@ -1,0 +1,193 @@
+"""STAPOTrainer's loss against real TRL and against stapo.core, on hand-built batches.
+
+* tau_p = 0 (S2T can silence nothing): loss and gradients equal GRPOTrainer's for every mapped
+  loss_type, with ratios away from 1 so clipping is exercised.
+* 20-Entropy equals GRPOTrainer with top_entropy_quantile = 0.2.
+* STAPO equals `stapo.core.stapo_loss` on the same tensors, and its denominator is the same whether
+  the step is one micro-batch (exact in-loss count) or two (gradients rescaled at the step end).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("trl")
+
+from datasets import Dataset  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from stapo.core import stapo_loss  # noqa: E402
+from stapo.engines.trl import STAPOConfig, STAPOTrainer  # noqa: E402
+
+MAX_LEN = 6
+ROWS = 4
+
+
+def _reward(completions, **kwargs):
+    return [0.0 for _ in completions]
+
+
+def _common(tmp_path, **kw):
+    return dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=kw.pop("per_device_train_batch_size", ROWS),
+        num_generations=2,
+        max_completion_length=MAX_LEN,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        bf16=False,  # float32 end to end: the 1e-6 comparisons are about the math, not bf16 rounding
+        **kw,
+    )
+
+
+def _trainer(cls, cfg_cls, model_dir, tmp_path, **kw):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    args = cfg_cls(**_common(tmp_path, **kw))
+    ds = Dataset.from_dict({"prompt": ["a", "b"]})
+    trainer = cls(model=model, reward_funcs=_reward, args=args, train_dataset=ds, processing_class=tok)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps
+    return trainer
+
+
+def _batch(vocab: int, seed: int = 0, rows: int = ROWS, with_old: bool = True) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    prompt_len = 3
+    lengths = torch.tensor([MAX_LEN, 2, 4, 1, 5, 3, 6, 2][:rows])
+    completion_mask = (torch.arange(MAX_LEN)[None, :] < lengths[:, None]).long()
+    batch = {
+        "prompt_ids": torch.randint(0, vocab, (rows, prompt_len), generator=g),
+        "prompt_mask": torch.ones(rows, prompt_len, dtype=torch.long),
+        "completion_ids": torch.randint(0, vocab, (rows, MAX_LEN), generator=g),
+        "completion_mask": completion_mask,
+        "advantages": torch.tensor([1.0, -0.5, 0.8, -1.2, 0.3, -0.7, 1.1, -0.2][:rows]),
+        "num_items_in_batch": completion_mask.sum(),
+    }
+    if with_old:
+        # old log-probs far enough from the current ones that ratios leave [1 - 0.2, 1 + 0.28]
+        batch["old_per_token_logps"] = None  # filled per model in _with_old
+        batch["_noise"] = 0.5 * torch.randn(rows, MAX_LEN, generator=g)
+    return batch
+
+
+def _with_old(trainer, batch):
+    b = dict(batch)
+    noise = b.pop("_noise", None)
+    if noise is not None:
+        with torch.no_grad():
+            ids = torch.cat([b["prompt_ids"], b["completion_ids"]], 1)
+            attn = torch.cat([b["prompt_mask"], b["completion_mask"]], 1)
+            lp, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attn, MAX_LEN)
+        b["old_per_token_logps"] = lp + noise
+    else:
+        b.pop("old_per_token_logps", None)
+    return b
+
+
+def _loss_and_grads(trainer, batch):
+    trainer.model.zero_grad()
+    loss = trainer._compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def _assert_same(a, b, atol=1e-6):
+    (loss_a, grads_a), (loss_b, grads_b) = a, b
+    assert torch.allclose(loss_a, loss_b, atol=atol, rtol=0), (float(loss_a), float(loss_b))
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=atol, rtol=1e-5), name
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "bnpo", "grpo", "dr_grpo"])
+def test_mask_off_matches_trl_loss_and_gradients(tiny_qwen3_dir, tmp_path, loss_type):
+    clip = dict(epsilon=0.2, epsilon_high=0.28, loss_type=loss_type)
+    ours = _trainer(STAPOTrainer, STAPOConfig, tiny_qwen3_dir, tmp_path / "a", method="stapo", tau_p=0.0, **clip)
+    ref = _trainer(GRPOTrainer, GRPOConfig, tiny_qwen3_dir, tmp_path / "b", **clip)
+    batch = _batch(ours.model.config.vocab_size)
+    b_ours, b_ref = _with_old(ours, batch), _with_old(ref, batch)
+    assert torch.equal(b_ours["old_per_token_logps"], b_ref["old_per_token_logps"])
+    result = _loss_and_grads(ours, b_ours)
+    _assert_same(result, _loss_and_grads(ref, b_ref))
+    assert float(result[0]) != 0.0
+    # clipping really happened in this batch (otherwise the test would not cover it)
+    ours._finish_window(ours.model)
+    clipped = ours._metrics["train"]["clip_ratio/region_mean"][-1]
+    assert clipped > 0
+
+
+def test_twenty_entropy_matches_trl_top_entropy_quantile(tiny_qwen3_dir, tmp_path):
+    ours = _trainer(STAPOTrainer, STAPOConfig, tiny_qwen3_dir, tmp_path / "a", method="20-entropy")
+    ref = _trainer(
+        GRPOTrainer, GRPOConfig, tiny_qwen3_dir, tmp_path / "b",
+        epsilon=0.2, epsilon_high=0.28, loss_type="dapo", top_entropy_quantile=0.2,
+    )
+    batch = _batch(ours.model.config.vocab_size, seed=1)
+    result = _loss_and_grads(ours, _with_old(ours, batch))
+    _assert_same(result, _loss_and_grads(ref, _with_old(ref, batch)))
+    ours._finish_window(ours.model)
+    kept = ours._metrics["train"]["stapo/entropy_kept_frac"][-1]
+    assert 0.0 < kept < 0.5
+
+
+def _tensors(trainer, batch):
+    with torch.no_grad():
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+        attn = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+        return trainer._get_per_token_logps_and_entropies(trainer.model, ids, attn, MAX_LEN, compute_entropy=True)[:2]
+
+
+def test_stapo_equals_core_stapo_loss(tiny_qwen3_dir, tmp_path):
+    trainer = _trainer(STAPOTrainer, STAPOConfig, tiny_qwen3_dir, tmp_path, method="stapo", tau_h_quantile=0.3)
+    batch = _with_old(trainer, _batch(trainer.model.config.vocab_size, seed=2, with_old=False))
+    loss = trainer._compute_loss(trainer.model, batch).detach()
+    logps, ent = _tensors(trainer, batch)
+    valid = batch["completion_mask"].bool()
+    ref, m = stapo_loss(logps.double(), logps.double(), batch["advantages"].double(), valid, ent.double(),
+                        tau_p=0.01, tau_h=None, tau_h_quantile=0.3)
+    assert m["s2t_masked_count"] > 0  # the random model puts every token at p < 0.01: H decides
+    assert torch.allclose(loss.double(), ref, atol=1e-6), (float(loss), float(ref))
+    trainer._finish_window(trainer.model)
+    assert trainer._metrics["train"]["stapo/s2t_masked_count"][-1] == float(m["s2t_masked_count"])
+
+
+def test_denominator_same_for_one_or_two_micro_batches(tiny_qwen3_dir, tmp_path):
+    """GA=2 (deferred rescale at the step end) == GA=1 (exact in-loss count), gradients and logged loss."""
+    probe = _trainer(STAPOTrainer, STAPOConfig, tiny_qwen3_dir, tmp_path / "p")
+    batch = _batch(probe.model.config.vocab_size, seed=3, with_old=False)
+    _, ent = _tensors(probe, batch)
+    # an absolute threshold: the mask must not depend on how the step is split
+    tau_h = float(torch.quantile(ent[batch["completion_mask"].bool()], 0.4))
+
+    one = _trainer(STAPOTrainer, STAPOConfig, tiny_qwen3_dir, tmp_path / "a", tau_h=tau_h, max_grad_norm=1e9)
+    one._tr_loss = torch.zeros(())
+    loss_one = one._compute_loss(one.model, batch)
+    loss_one.backward()
+    one._tr_loss += loss_one.detach()
+    one._get_grad_norm(one.model)
+
+    two = _trainer(
+        STAPOTrainer, STAPOConfig, tiny_qwen3_dir, tmp_path / "b",
+        tau_h=tau_h, per_device_train_batch_size=ROWS // 2, gradient_accumulation_steps=2, max_grad_norm=1e9,
+    )
+    assert two._deferred_denominator() and not one._deferred_denominator()
+    two._tr_loss = torch.zeros(())
+    for half in (slice(0, ROWS // 2), slice(ROWS // 2, ROWS)):
+        micro = {k: (v[half] if k != "num_items_in_batch" else v) for k, v in batch.items()}
+        loss = two._compute_loss(two.model, micro)
+        loss.backward()
+        two._tr_loss += loss.detach()
+    two._clip_grad_norm(two.model)
+
+    masked = one._metrics["train"]["stapo/s2t_masked_count"][-1]
+    assert masked > 0 and two._metrics["train"]["stapo/s2t_masked_count"][-1] == masked
+    assert two._metrics["train"]["stapo/denominator_scale"][-1] > 1.0
+    assert torch.allclose(one._tr_loss, two._tr_loss, atol=1e-6)
+    for (name, p1), (_, p2) in zip(one.model.named_parameters(), two.model.named_parameters()):
+        assert torch.allclose(p1.grad, p2.grad, atol=1e-6, rtol=1e-5), name
