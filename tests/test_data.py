@@ -1,0 +1,390 @@
+"""stapo.data: loaders (JSONL, JSON, Parquet, datasets directory), error paths, benchmarks,
+prompt formats and synthetic tasks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stapo.data import (
+    BENCHMARK_HUB_IDS,
+    BENCHMARKS,
+    SYNTHETIC_TASKS,
+    DataError,
+    build_messages,
+    find_benchmark_dir,
+    format_prompt,
+    load_benchmark,
+    load_prompts,
+    synthetic_task,
+    task_for_difficulty,
+    ungradable_reason,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_BENCHMARKS = REPO.parent / "shared" / "data" / "benchmarks"
+needs_benchmarks = pytest.mark.skipif(
+    not (SHARED_BENCHMARKS / "math500.jsonl").is_file(),
+    reason=f"benchmark files not found at {SHARED_BENCHMARKS}",
+)
+
+ROWS = [
+    {"id": "a", "problem": "What is 1+1?", "answer": "2", "level": 1},
+    {"id": "b", "problem": "What is 2+3?", "answer": 5, "level": 2},  # int answer -> "5"
+    {"id": "c", "problem": "Half of 3?", "answer": 1.5, "level": 3},
+]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _check_rows(rows):
+    assert [r["id"] for r in rows] == ["a", "b", "c"]
+    assert [r["problem"] for r in rows] == ["What is 1+1?", "What is 2+3?", "Half of 3?"]
+    assert [r["answer"] for r in rows] == ["2", "5", "1.5"]
+    assert [r["meta"]["level"] for r in rows] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def test_jsonl(tmp_path):
+    _check_rows(load_prompts(_write_jsonl(tmp_path / "p.jsonl", ROWS)))
+
+
+def test_json_list(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(ROWS))
+    _check_rows(load_prompts(path))
+
+
+def test_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    table = pa.table(
+        {
+            "id": [r["id"] for r in ROWS],
+            "problem": [r["problem"] for r in ROWS],
+            "answer": ["2", "5", "1.5"],
+            "level": [1, 2, 3],
+        }
+    )
+    pq.write_table(table, path)
+    _check_rows(load_prompts(path))
+
+
+def test_datasets_directory(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    data = {
+        "id": [r["id"] for r in ROWS],
+        "problem": [r["problem"] for r in ROWS],
+        "answer": ["2", "5", "1.5"],
+        "level": [1, 2, 3],
+    }
+    single = tmp_path / "single"
+    datasets.Dataset.from_dict(data).save_to_disk(str(single))
+    _check_rows(load_prompts(single))
+    both = tmp_path / "dict"
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict(data), "test": datasets.Dataset.from_dict({k: v[:1] for k, v in data.items()})}
+    ).save_to_disk(str(both))
+    _check_rows(load_prompts(both))  # train by default
+    assert len(load_prompts(both, split="test")) == 1
+    with pytest.raises(DataError, match="no split 'validation'"):
+        load_prompts(both, split="validation")
+
+
+def test_column_mapping(tmp_path):
+    rows = [{"question": "Q1", "final": ["$3$"], "uid": 7}, {"question": "Q2", "final": "4", "uid": 8}]
+    out = load_prompts(_write_jsonl(tmp_path / "m.jsonl", rows), problem_key="question", answer_key="final", id_key="uid")
+    assert [(r["id"], r["problem"], r["answer"]) for r in out] == [("7", "Q1", "$3$"), ("8", "Q2", "4")]
+    # without an id column the id is <file stem>-<row>
+    out = load_prompts(_write_jsonl(tmp_path / "m.jsonl", rows), problem_key="question", answer_key="final")
+    assert [r["id"] for r in out] == ["m-1", "m-2"]
+    # prompts without gold answers
+    out = load_prompts(_write_jsonl(tmp_path / "m.jsonl", rows), problem_key="question", answer_key=None)
+    assert "answer" not in out[0]
+
+
+def test_limit(tmp_path):
+    assert len(load_prompts(_write_jsonl(tmp_path / "p.jsonl", ROWS), limit=2)) == 2
+
+
+# ---------------------------------------------------------------- error paths
+
+
+@pytest.mark.parametrize(
+    "bad_row, message",
+    [
+        ({"id": "x", "problem": "", "answer": "1"}, "line 2: field 'problem' is empty"),
+        ({"id": "x", "problem": "   ", "answer": "1"}, "line 2: field 'problem' is empty"),
+        ({"id": "x", "answer": "1"}, "line 2: field 'problem' is missing"),
+        ({"id": "x", "problem": "Q", "answer": ""}, "line 2: field 'answer' is empty"),
+        ({"id": "x", "problem": "Q", "answer": None}, "line 2: field 'answer' is empty"),
+        ({"id": "x", "problem": "Q"}, "line 2: field 'answer' is missing"),
+        ([1, 2], "line 2: expected an object"),
+    ],
+)
+def test_invalid_row_names_file_and_line(tmp_path, bad_row, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps(bad_row) + "\n" + json.dumps(ROWS[1]) + "\n")
+    with pytest.raises(DataError) as e:
+        load_prompts(path)
+    assert str(path) in str(e.value) and message in str(e.value)
+    skipped = load_prompts(path, on_invalid="skip")
+    assert [r["id"] for r in skipped] == ["a", "b"]
+    assert len(skipped.skipped) == 1 and skipped.skipped[0][0] == 2 and message.split(": ", 1)[1] in skipped.skipped[0][1]
+
+
+def test_invalid_parquet_row_names_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"problem": ["Q1", "Q2", None], "answer": ["1", "", "3"]}), path)
+    with pytest.raises(DataError, match=r"bad\.parquet: row 2: field 'answer' is empty"):
+        load_prompts(path)
+    rows = load_prompts(path, on_invalid="skip")
+    assert [r["problem"] for r in rows] == ["Q1"] and [n for n, _ in rows.skipped] == [2, 3]
+
+
+def test_bad_json_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"broken\.jsonl: line 2: not valid JSON"):
+        load_prompts(path)
+
+
+def test_bad_parquet_file(tmp_path):
+    path = tmp_path / "junk.parquet"
+    path.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=r"junk\.parquet: not a readable Parquet file"):
+        load_prompts(path)
+
+
+def test_bad_json_file(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text('{"a": 1}')
+    with pytest.raises(DataError, match="expected a JSON list"):
+        load_prompts(path)
+
+
+def test_unknown_suffix_missing_file_and_bad_options(tmp_path):
+    (tmp_path / "p.csv").write_text("problem,answer\n")
+    with pytest.raises(DataError, match="unknown file type '.csv'"):
+        load_prompts(tmp_path / "p.csv")
+    with pytest.raises(DataError, match="no such file or directory"):
+        load_prompts(tmp_path / "missing.jsonl")
+    with pytest.raises(DataError, match="no such file or directory"):
+        load_prompts("./nope/data.parquet")
+    with pytest.raises(ValueError, match="on_invalid"):
+        load_prompts(tmp_path / "p.csv", on_invalid="ignore")
+    with pytest.raises(ValueError, match="limit"):
+        load_prompts(tmp_path / "p.csv", limit=-1)
+
+
+def test_not_a_datasets_directory(tmp_path):
+    pytest.importorskip("datasets")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="not a datasets directory"):
+        load_prompts(tmp_path / "empty")
+
+
+def test_hub_id_goes_to_load_dataset_and_failures_are_clear(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load_dataset(path, split=None, **kwargs):
+        calls.append((path, split, kwargs))
+        if path == "owner/ok":
+            return datasets.Dataset.from_dict({"question": ["Q"], "final_answer": [["$7$"]]})
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    rows = load_prompts("owner/ok", problem_key="question", answer_key="final_answer", name="cfg")
+    assert rows[0]["problem"] == "Q" and rows[0]["answer"] == "$7$"
+    assert calls[0] == ("owner/ok", "train", {"name": "cfg"})
+    with pytest.raises(DataError, match="owner/missing: not a local file or directory, and could not load"):
+        load_prompts("owner/missing", split="test")
+    assert calls[1][1] == "test"
+
+
+# ---------------------------------------------------------------- benchmarks
+
+
+@needs_benchmarks
+def test_load_every_benchmark():
+    counts = {"aime24": 30, "aime25": 30, "amc23": 40, "math500": 500, "minerva": 272, "olympiadbench": 675}
+    for name in BENCHMARKS:
+        rows = load_benchmark(name, data_dir=SHARED_BENCHMARKS)
+        assert len(rows) == counts[name]
+        ids = [r["id"] for r in rows]
+        assert len(set(ids)) == len(ids)
+        for r in rows:
+            assert r["problem"] and r["answer"] and isinstance(r["meta"], dict)
+            assert r["benchmark"] == name and r["source"].startswith("github:")
+    ob = load_benchmark("olympiadbench", data_dir=SHARED_BENCHMARKS)
+    # answers are kept verbatim ($-wrapped); the grader normalises them
+    assert sum(r["answer"].startswith("$") for r in ob) == 266
+    assert sum(r["ungradable"] is not None for r in ob) == 19  # the ARML relay (TNYWR) items
+    assert all(r["ungradable"] is None for r in load_benchmark("math500", data_dir=SHARED_BENCHMARKS))
+    aime = {r["id"]: r for r in load_benchmark("aime24", data_dir=SHARED_BENCHMARKS)}
+    assert sum(r["answer"].startswith("0") for r in aime.values()) == 7
+
+
+@needs_benchmarks
+def test_benchmark_dir_discovery(monkeypatch, tmp_path):
+    monkeypatch.delenv("STAPO_DATA_DIR", raising=False)
+    monkeypatch.chdir(REPO)  # ../shared/data/benchmarks relative to the working directory
+    assert find_benchmark_dir().resolve() == SHARED_BENCHMARKS.resolve()
+    monkeypatch.chdir(tmp_path)  # not from cwd: found relative to the repository
+    assert find_benchmark_dir().resolve() == SHARED_BENCHMARKS.resolve()
+    monkeypatch.setenv("STAPO_DATA_DIR", str(SHARED_BENCHMARKS))
+    assert len(load_benchmark("aime25")) == 30
+    assert len(load_prompts("benchmark:amc23")) == 40
+
+
+def test_benchmark_errors(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="unknown benchmark 'gsm8k'"):
+        load_benchmark("gsm8k")
+    with pytest.raises(DataError, match="--data-dir") as e:
+        load_benchmark("aime24", data_dir=tmp_path / "nowhere")
+    assert "hub" in str(e.value)
+    (tmp_path / "other.jsonl").write_text("")
+    with pytest.raises(DataError, match="aime24.jsonl: benchmark file not found"):
+        load_benchmark("aime24", data_dir=tmp_path)
+
+
+def test_ungradable_reason():
+    assert ungradable_reason({"problem": "Let $T=T N Y W R$. Find T+1."}) is not None
+    assert ungradable_reason({"problem": "Let $T$ be the number you will receive. Find T."}) is not None
+    assert ungradable_reason({"problem": "Find 1+1."}) is None
+
+
+def test_hub_ids_documented_for_every_benchmark():
+    assert set(BENCHMARK_HUB_IDS) == set(BENCHMARKS)
+    for spec in BENCHMARK_HUB_IDS.values():
+        assert "/" in spec["source"] and spec["problem_key"] and spec["answer_key"]
+
+
+# ---------------------------------------------------------------- prompts
+
+
+class _ChatTokenizer:
+    chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        assert tokenize is False and add_generation_prompt is True
+        return "".join(f"<|{m['role']}|>{m['content']}" for m in messages) + "<|assistant|>"
+
+
+class _BaseTokenizer:
+    chat_template = None
+
+
+def test_format_prompt_messages_and_strings():
+    msgs = format_prompt("What is {x}?")
+    assert msgs == [
+        {"role": "user", "content": "What is {x}?\nPlease reason step by step, and put your final answer within \\boxed{}."}
+    ]
+    with_system = build_messages("Q", system_prompt="You are careful.")
+    assert with_system[0] == {"role": "system", "content": "You are careful."}
+    chat = format_prompt("Q", tokenizer=_ChatTokenizer(), system_prompt="S")
+    assert chat == "<|system|>S<|user|>Q\nPlease reason step by step, and put your final answer within \\boxed{}.<|assistant|>"
+    raw = format_prompt("Q", tokenizer=_BaseTokenizer(), system_prompt="S")
+    assert raw == "S\n\nQ\nPlease reason step by step, and put your final answer within \\boxed{}.\n"
+    custom = format_prompt("Q", template="Problem: {problem}\nAnswer in \\boxed{{}}.")
+    assert custom[0]["content"] == "Problem: Q\nAnswer in \\boxed{}."
+    assert format_prompt("Q", template="plain")[0]["content"] == "Q"
+
+
+def test_format_prompt_with_a_real_chat_template():
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models
+
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")))
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    text = format_prompt("What is 2+2?", tokenizer=tok)
+    assert text == (
+        "<|im_start|>user\nWhat is 2+2?\nPlease reason step by step, and put your final answer "
+        "within \\boxed{}.<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_format_prompt_errors():
+    with pytest.raises(ValueError, match="neither a known name"):
+        format_prompt("Q", template="no placeholder here")
+    with pytest.raises(ValueError, match="non-empty"):
+        format_prompt("  ")
+
+
+# ---------------------------------------------------------------- synthetic tasks
+
+
+def test_synthetic_answers_are_correct():
+    import re
+
+    for task in SYNTHETIC_TASKS:
+        for row in synthetic_task(task, 50, seed=3):
+            p, a = row["problem"], int(row["answer"])
+            m = re.fullmatch(r"What is (\d+) ([-+*]) (\d+)(?: \+ (\d+))?\?", p)
+            if m:
+                x, op, y, z = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
+                expect = {"+": x + y, "-": x - y, "*": x * y}[op] + (int(z) if z else 0)
+                assert a == expect, p
+            else:
+                m = re.fullmatch(r"Solve for x: (\d+)x ([-+]) (\d+) = (-?\d+)\.", p)
+                assert m, p
+                k, sign, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+                assert k * a + (b if sign == "+" else -b) == c, p
+
+
+def test_synthetic_deterministic_and_splits_disjoint():
+    assert synthetic_task("add2", 20, seed=1) == synthetic_task("add2", 20, seed=1)
+    assert synthetic_task("add2", 20, seed=1) != synthetic_task("add2", 20, seed=2)
+    for task in SYNTHETIC_TASKS:
+        train = {r["problem"] for s in (0, 1) for r in synthetic_task(task, 300, seed=s, split="train")}
+        held = {r["problem"] for s in (0, 1) for r in synthetic_task(task, 300, seed=s, split="heldout")}
+        assert train and held and not (train & held), task
+
+
+def test_synthetic_small_space_repeats_and_levels():
+    rows = synthetic_task("add1", 200, seed=0, split="heldout")
+    assert len(rows) == 200
+    distinct = {r["problem"] for r in rows}
+    assert 10 < len(distinct) < 40  # ~20% of the 100 single-digit sums, each repeated
+    assert [task_for_difficulty(i) for i in range(1, 7)] == list(SYNTHETIC_TASKS)
+    assert synthetic_task(1, 3) == synthetic_task("add1", 3)
+    assert rows[0]["meta"] == {"task": "add1", "difficulty": 1, "split": "heldout", "seed": 0}
+
+
+def test_synthetic_via_load_prompts_and_errors():
+    rows = load_prompts("synthetic:mul1?n=7&seed=4&split=heldout")
+    assert rows == synthetic_task("mul1", 7, seed=4, split="heldout")
+    assert len(load_prompts("synthetic:3?n=5")) == 5
+    with pytest.raises(ValueError, match="unknown synthetic task"):
+        synthetic_task("calculus", 3)
+    with pytest.raises(ValueError, match="split"):
+        synthetic_task("add1", 3, split="test")
+    with pytest.raises(ValueError, match="unknown parameter"):
+        load_prompts("synthetic:add1?count=3")
+    with pytest.raises(ValueError, match="integers"):
+        load_prompts("synthetic:add1?n=many")
+
+
+def test_synthetic_answers_grade_as_correct():
+    from stapo.rewards import grade_batch
+
+    rows = synthetic_task("linear", 30, seed=0)
+    golds = [r["answer"] for r in rows]
+    assert grade_batch([f"x = \\boxed{{{g}}}" for g in golds], golds) == [1.0] * 30
+    assert grade_batch([f"x = \\boxed{{{int(g) + 1}}}" for g in golds], golds) == [0.0] * 30
