@@ -9,7 +9,8 @@ Head (bf16, N tokens, hidden H, vocabulary V; forward + backward of sum(g · log
   trl-fused     trl.kernels.ChunkedLogProbFunction (TRL >= 1.16's own head), when trl is importable
 Times are CUDA-event medians; peak is torch.cuda.max_memory_allocated over the timed repetitions and
 includes the inputs (hidden, weight) and the gradients. Δ columns: max |error| of the per-token
-log-prob / entropy on the first rows against float64 computed from the same bf16 inputs.
+log-prob / entropy on the first rows against float64 computed from the same bf16 inputs, and the
+max error of their hidden-state gradient relative to its largest entry.
 
 Model: a random-init Qwen3-1.7B (from Qwen3Config, nothing downloaded), bf16, activation checkpointing,
 one STAPO loss step (forward + backward) on B × T tokens, with the fused head (backbone hidden states +
@@ -100,8 +101,9 @@ def path_stapo(h, w, t, g, temperature, backend="auto", vocab_chunk=None, **_):
     def run():
         lp, ent = lm_head_logprobs_entropy(hl, wl, t, temperature=temperature, vocab_chunk=vocab_chunk, backend=backend)
         (lp * g).sum().backward()
+        gh = hl.grad[:CHECK_ROWS].clone()
         hl.grad = wl.grad = None
-        return lp.detach(), ent
+        return lp.detach(), ent, gh
 
     return run
 
@@ -123,8 +125,9 @@ def path_trl_style(h, w, t, g, temperature, chunk=1024, **_):
                 ents.append(-(logp.exp() * logp).sum(-1))
             ent = torch.cat(ents)
         (lp * g).sum().backward()
+        gh = hl.grad[:CHECK_ROWS].clone()
         hl.grad = wl.grad = None
-        return lp.detach(), ent
+        return lp.detach(), ent, gh
 
     return run
 
@@ -138,8 +141,9 @@ def path_fp32_full(h, w, t, g, temperature, **_):
         with torch.no_grad():
             ent = -(logp.exp() * logp).sum(-1)
         (lp * g).sum().backward()
+        gh = hl.grad[:CHECK_ROWS].clone()
         hl.grad = wl.grad = None
-        return lp.detach(), ent
+        return lp.detach(), ent, gh
 
     return run
 
@@ -152,16 +156,22 @@ def path_trl_fused(h, w, t, g, temperature, **_):
     def run():
         lp, ent, *_rest = ChunkedLogProbFunction.apply(hl, wl, None, t, temperature, 32768, None, 1.0, ("entropy",))
         (lp * g).sum().backward()
+        gh = hl.grad[:CHECK_ROWS].clone()
         hl.grad = wl.grad = None
-        return lp.detach(), ent
+        return lp.detach(), ent, gh
 
     return run
 
 
-def reference_rows(h, w, t, temperature, rows):
-    z = (h[:rows].double() @ w.double().T) / temperature
+def reference_rows(h, w, t, g, temperature, rows):
+    """float64 log-probs, entropies and d(sum g·logprob)/dh on the first rows (same bf16 inputs)."""
+    wd = w.double()
+    z = (h[:rows].double() @ wd.T) / temperature
     logp = z.log_softmax(-1)
-    return logp.gather(1, t[:rows, None]).squeeze(1), -(logp.exp() * logp).sum(-1)
+    dz = -logp.exp()
+    dz[torch.arange(rows, device=z.device), t[:rows]] += 1.0
+    grad_h = (dz * (g[:rows, None].double() / temperature)) @ wd
+    return logp.gather(1, t[:rows, None]).squeeze(1), -(logp.exp() * logp).sum(-1), grad_h
 
 
 def bench_head(args, dev, dtype, hidden_size, rows_out):
@@ -172,7 +182,7 @@ def bench_head(args, dev, dtype, hidden_size, rows_out):
     w = (torch.randn(v, hidden_size, device=dev, generator=gen) * (3.0 / hidden_size**0.5)).to(dtype)
     t = torch.randint(0, v, (n,), device=dev, generator=gen)
     g = torch.randn(n, device=dev, generator=gen)
-    ref_lp, ref_ent = reference_rows(h, w, t, args.temperature, min(CHECK_ROWS, n))
+    ref_lp, ref_ent, ref_gh = reference_rows(h, w, t, g, args.temperature, min(CHECK_ROWS, n))
     paths = [("matmul-3", path_matmul3, {})]
     for vc in args.vocab_chunks:
         paths.append((f"stapo ({resolve_backend('auto', dev)}, vocab_chunk={vc})", path_stapo, {"vocab_chunk": vc}))
@@ -193,20 +203,21 @@ def bench_head(args, dev, dtype, hidden_size, rows_out):
             run = make(h, w, t, g, args.temperature, **kw)
             ms, peak = measure(run, args.reps, dev)
             out = run()
-            err = (None, None)
+            err = (None, None, None)
             if out is not None:
-                lp, ent = out
+                lp, ent, gh = out
                 k = ref_lp.shape[0]
-                err = ((lp[:k].double() - ref_lp).abs().max().item(), (ent[:k].double() - ref_ent).abs().max().item())
+                err = ((lp[:k].double() - ref_lp).abs().max().item(), (ent[:k].double() - ref_ent).abs().max().item(),
+                       ((gh.double() - ref_gh).abs().max() / ref_gh.abs().max()).item())
             results[name] = (ms, peak, err)
         except torch.cuda.OutOfMemoryError:
-            results[name] = (None, None, (None, None))
+            results[name] = (None, None, (None, None, None))
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     floor = results["matmul-3"][0]
     trl_ms = results["trl-style"][0]
-    for name, (ms, peak, (elp, eent)) in results.items():
+    for name, (ms, peak, (elp, eent, egh)) in results.items():
         rows_out.append([
             name, str(hidden_size),
             "OOM" if ms is None else f"{ms:.1f}",
@@ -215,6 +226,7 @@ def bench_head(args, dev, dtype, hidden_size, rows_out):
             "-" if ms is None or not trl_ms else f"{ms / trl_ms:.2f}",
             "-" if elp is None else f"{elp:.1e}",
             "-" if eent is None else f"{eent:.1e}",
+            "-" if egh is None else f"{egh:.1e}",
         ])
 
 
@@ -337,7 +349,8 @@ def main(argv=None):
     for hs in args.hidden:
         bench_head(args, dev, dtype, hs, rows)
     print(table(["path", "H", "median ms", "peak GiB", "x matmul-3", "x trl-style", "max|Δlogprob|",
-                 "max|Δentropy|"], rows))
+                 "max|Δentropy|",
+                 "rel Δgrad_h"], rows))
     sys.stdout.flush()
     if not args.skip_model:
         mrows = []
