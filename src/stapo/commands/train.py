@@ -1,14 +1,53 @@
-"""`stapo train` (not implemented yet)."""
+"""`stapo train CONFIG.yaml [key=value ...] [--resume]`."""
 
 from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="(coming soon)")
+    p = subparsers.add_parser(
+        "train",
+        help="train a policy with STAPO (or a baseline) through TRL",
+        description="Train with a YAML config (a path, or a bundled name such as 'demo' or "
+        "'paper/qwen3-1.7b-stapo'). Overrides use the config's field names: "
+        "stapo train demo max_steps=2 method=grpo tau_p=0.02 output_dir=runs/x",
+    )
+    p.add_argument("config", help="YAML config path or bundled config name")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config fields")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from stapo.cli import UserError
+    import yaml
 
-    raise UserError("'stapo train' is not implemented yet")
+    from stapo.cli import UserError
+    from stapo.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+    if args.dry_run:
+        print(yaml.safe_dump(cfg.to_flat_dict(), sort_keys=False), end="")
+        return 0
+    return train_from_config(cfg, resume=args.resume)
+
+
+def train_from_config(cfg, resume: bool = False) -> int:
+    from stapo.cli import UserError
+    from stapo.config import ConfigError
+    from stapo.data import DataError
+    from stapo.models import ModelLoadError
+    from stapo.train import run_training
+
+    try:
+        summary = run_training(cfg, resume=resume)
+    except (ConfigError, DataError, ModelLoadError) as err:
+        raise UserError(str(err)) from None
+    ev = summary.get("eval", {})
+    if "before" in ev and "after" in ev:
+        b, a = ev["before"], ev["after"]
+        print(f"held-out accuracy: {b['accuracy']:.3f} ± {b['stderr']:.3f} -> {a['accuracy']:.3f} ± {a['stderr']:.3f}")
+    print(f"run directory: {summary['output_dir']}")
+    return 0

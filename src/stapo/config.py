@@ -1,0 +1,312 @@
+"""The run config of `stapo train`: one flat YAML mapping, validated before anything heavy loads.
+
+A config names what to train and how:
+
+    model: embedded                 # 'embedded', a local directory or a hub id
+    train_data: synthetic:add1?n=512&seed=0
+    eval_data: synthetic:add1?n=64&split=heldout
+    method: stapo                   # grpo | dapo | dr_grpo | 20-entropy | justrl | stapo
+    tau_p: 0.01                     # S2T thresholds (stapo only; null = the preset's)
+    output_dir: runs/demo
+    max_steps: 40                   # ... and any other field of TRL's GRPOConfig
+
+Keys are either the run fields below (`RunConfig`) or fields of `STAPOConfig` (TRL's `GRPOConfig`
+plus `method`, `tau_p`, `tau_h`, `tau_h_quantile`, rollout capture, ...). Command-line overrides
+use the same names: `stapo train demo.yaml max_steps=2 method=grpo tau_p=0.02`.
+
+`load_config` reports every bad field at once (type, range, unknown key with a "did you mean"),
+and imports TRL only to read its field list: no model, tokenizer or dataset is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stapo.core import PRESETS
+
+BUNDLED_CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; `errors` holds one message per bad field."""
+
+    def __init__(self, errors: list[str], source: str = "config"):
+        self.errors = list(errors)
+        self.source = source
+        lines = "\n".join(f"  - {e}" for e in self.errors)
+        super().__init__(f"{source}: {len(self.errors)} problem(s):\n{lines}")
+
+
+@dataclass
+class RunConfig:
+    """What `stapo train` needs besides TRL's own options. Plain data; see the module docstring."""
+
+    model: str = "embedded"
+    train_data: str = ""
+    train_data_kwargs: dict = field(default_factory=dict)  # extra load_prompts / datasets.load_dataset args
+    eval_data: str | None = None
+    problem_key: str = "problem"
+    answer_key: str = "answer"
+    skip_invalid_rows: bool = False
+    prompt_template: str = "boxed"
+    system_prompt: str | None = None
+    reward_timeout: float = 5.0
+    reward_mode: str = "auto"  # answer extraction: "auto" (box, then fallbacks) or "boxed" (box required)
+    eval_samples: int = 4
+    eval_max_new_tokens: int | None = None  # default: max_completion_length
+    eval_temperature: float = 1.0
+    eval_top_p: float = 1.0
+    eval_before: bool = True
+    eval_after: bool = True
+    eval_limit: int | None = None
+    plots: bool = True
+    trl: dict[str, Any] = field(default_factory=dict)  # STAPOConfig fields (incl. method, tau_*, output_dir)
+
+    @property
+    def output_dir(self) -> str:
+        return self.trl["output_dir"]
+
+    @property
+    def method(self) -> str:
+        return self.trl.get("method", "stapo")
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """The resolved config as one flat mapping (what `config.yaml` in the run directory holds)."""
+        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "trl"}
+        flat.update(self.trl)
+        return flat
+
+
+RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - {"trl"}
+
+# Range rules: name -> (predicate, description). Applied to run fields and TRL fields alike.
+_RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "tau_p": (lambda v: v is None or 0 < v < 1, "must be in (0, 1)"),
+    "tau_h": (lambda v: v is None or v >= 0, "must be >= 0 (nats) or null"),
+    "tau_h_quantile": (lambda v: v is None or 0 <= v <= 1, "must be in [0, 1]"),
+    "top_entropy_quantile": (lambda v: v is None or 0 < v <= 1, "must be in (0, 1]"),
+    "epsilon": (lambda v: v is None or v > 0, "(the lower clip range) must be > 0"),
+    "epsilon_high": (lambda v: v is None or v > 0, "(the upper clip range) must be > 0"),
+    "beta": (lambda v: v is None or v == 0, "must be 0: the GRPO-family methods here use no KL term"),
+    "learning_rate": (lambda v: v > 0, "must be > 0"),
+    "num_generations": (lambda v: v is None or v >= 2, "(the group size) must be >= 2"),
+    "per_device_train_batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, "must be >= 1"),
+    "max_steps": (lambda v: v == -1 or v >= 1, "must be >= 1 (or -1 to use num_train_epochs)"),
+    "max_completion_length": (lambda v: v is None or v >= 1, "must be >= 1"),
+    "max_prompt_length": (lambda v: v is None or v >= 1, "must be >= 1"),
+    "temperature": (lambda v: v > 0, "must be > 0"),
+    "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "logging_steps": (lambda v: v > 0, "must be > 0"),
+    "save_steps": (lambda v: v > 0, "must be > 0"),
+    "num_iterations": (lambda v: v >= 1, "must be >= 1"),
+    "capture_rollouts_every": (lambda v: v >= 0, "must be >= 0 (0 = off)"),
+    "capture_max_samples": (lambda v: v >= 1, "must be >= 1"),
+    "reward_timeout": (lambda v: v > 0, "must be > 0 seconds"),
+    "reward_mode": (lambda v: v in ("auto", "boxed"), "must be 'auto' or 'boxed'"),
+    "eval_samples": (lambda v: v >= 1, "must be >= 1"),
+    "eval_max_new_tokens": (lambda v: v is None or v >= 1, "must be >= 1"),
+    "eval_temperature": (lambda v: v > 0, "must be > 0"),
+    "eval_top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "eval_limit": (lambda v: v is None or v >= 1, "must be >= 1"),
+    "method": (lambda v: v in PRESETS, f"must be one of {', '.join(PRESETS)}"),
+    "model": (lambda v: bool(v.strip()), "must be 'embedded', a local directory or a hub id"),
+    "train_data": (lambda v: bool(v.strip()), "is required: a JSONL/Parquet path, a hub id, benchmark:<name> or synthetic:<task>"),
+    "output_dir": (lambda v: bool(str(v).strip()), "must be a directory path"),
+}
+
+# Defaults of the TRL fields that matter for a first run on a CPU; everything else is TRL's default.
+TRL_DEFAULTS: dict[str, Any] = {
+    "output_dir": "runs/stapo",
+    "method": "stapo",
+    "logging_steps": 1,
+    "save_strategy": "steps",
+    "save_steps": 50,
+    "report_to": [],
+    "log_completions": False,
+}
+
+
+def stapo_config_fields() -> dict[str, dataclasses.Field]:
+    """Fields of `STAPOConfig` (imports TRL, loads nothing)."""
+    from stapo.engines.trl import STAPOConfig
+
+    return {f.name: f for f in dataclasses.fields(STAPOConfig) if f.init}
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    """A shallow check of a YAML value against a dataclass annotation (strings of unions included)."""
+    if annotation is Any or annotation is None:
+        return True
+    if isinstance(annotation, str):
+        try:
+            annotation = eval(annotation, {**vars(typing), "Any": Any}, {})  # noqa: S307 - our own annotations
+        except Exception:  # noqa: BLE001 - an annotation we cannot read: accept the value
+            return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if origin in (list, tuple, set):
+        return isinstance(value, (list, tuple))
+    if origin is dict:
+        return isinstance(value, dict)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation is str:
+        return isinstance(value, str)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation) or issubclass(annotation, str) and isinstance(value, str)
+    return True
+
+
+def _describe(annotation: Any) -> str:
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    return str(text).replace("typing.", "").replace("NoneType", "null").replace("None", "null")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["max_steps=2", "tau_p=0.02", "tau_h=null"]` -> typed values (YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError([f"override {item!r} must look like key=value"], "command line")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def find_config(path: str | os.PathLike) -> Path:
+    """A config path, or the name of a bundled config (`demo`, `paper/qwen3-1.7b-stapo`)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for candidate in (BUNDLED_CONFIG_DIR / p, BUNDLED_CONFIG_DIR / f"{p}.yaml"):
+        if candidate.is_file():
+            return candidate
+    bundled = sorted(
+        str(c.relative_to(BUNDLED_CONFIG_DIR).with_suffix(""))
+        for c in BUNDLED_CONFIG_DIR.rglob("*.yaml")
+        if c.parent.name != "accelerate"
+    )
+    raise ConfigError([f"no such file {path!s} (bundled configs: {', '.join(bundled)})"], str(path))
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError([f"cannot read: {err}"], str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([f"invalid YAML{where}: {getattr(err, 'problem', err)}"], str(path)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"the top level must be a mapping of field: value, got {type(data).__name__}"], str(path))
+    return data
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """Check every field of a flat config mapping; raise one `ConfigError` listing all problems."""
+    trl_fields = stapo_config_fields()
+    run_types = typing.get_type_hints(RunConfig)
+    known = sorted(RUN_FIELDS | set(trl_fields))
+    errors: list[str] = []
+    values = {**TRL_DEFAULTS, **raw}
+    for key, value in values.items():
+        if not isinstance(key, str):
+            errors.append(f"{key!r}: field names must be strings")
+            continue
+        if key in RUN_FIELDS:
+            annotation = run_types[key]
+        elif key in trl_fields:
+            annotation = trl_fields[key].type
+        else:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            errors.append(f"{key}: unknown field{hint}")
+            continue
+        if isinstance(value, str) and not _type_ok(value, annotation) and _type_ok(1.5, annotation):
+            # PyYAML reads `1e-6` (no dot) as a string; accept numeric strings for float fields.
+            try:
+                value = values[key] = float(value)
+            except ValueError:
+                pass
+        if not _type_ok(value, annotation):
+            errors.append(f"{key}: expected {_describe(annotation)}, got {type(value).__name__} {value!r}")
+            continue
+        rule = _RULES.get(key)
+        if rule is not None and value is not None:
+            try:
+                ok = rule[0](value)
+            except TypeError:
+                ok = False
+            if not ok:
+                errors.append(f"{key}: {rule[1]}, got {value!r}")
+    if not errors:
+        errors.extend(_cross_checks(values))
+    if errors:
+        raise ConfigError(errors, source)
+    run = RunConfig(**{k: v for k, v in values.items() if k in RUN_FIELDS})
+    run.trl = {k: v for k, v in values.items() if k in trl_fields}
+    return run
+
+
+def _cross_checks(values: dict[str, Any]) -> list[str]:
+    errors = []
+    preset = PRESETS[values.get("method", "stapo")]
+    if preset.token_filter != "s2t":
+        for name in ("tau_p", "tau_h", "tau_h_quantile"):
+            if values.get(name) is not None:
+                errors.append(f"{name}: applies only to method 'stapo' (method is {values.get('method')!r}); remove it or set it to null")
+    if preset.token_filter != "high_entropy" and values.get("top_entropy_quantile") not in (None, 1.0):
+        errors.append(f"top_entropy_quantile: applies only to method '20-entropy' (method is {values.get('method')!r})")
+    # TRL: generation_batch_size defaults to per_device_train_batch_size x steps_per_generation
+    # (= gradient_accumulation_steps) per process, and must hold whole groups.
+    g = values.get("num_generations") or 8
+    spg = values.get("steps_per_generation") or values.get("gradient_accumulation_steps", 1)
+    gen_batch = values.get("generation_batch_size") or values.get("per_device_train_batch_size", 8) * spg
+    if gen_batch % g != 0:
+        errors.append(
+            f"num_generations: the generation batch ({gen_batch} completions = per_device_train_batch_size x "
+            f"gradient_accumulation_steps) must be a multiple of num_generations ({g})"
+        )
+    return errors
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
+    """Read, override and validate a run config. Raises `ConfigError` (all problems at once)."""
+    cfg_path = find_config(path)
+    raw = read_yaml(cfg_path)
+    extra = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    raw.update(extra)
+    return validate(raw, source=str(cfg_path))
+
+
+def dump_config(run: RunConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config (round-trips through `load_config`)."""
+    Path(path).write_text(yaml.safe_dump(run.to_flat_dict(), sort_keys=False), encoding="utf-8")
