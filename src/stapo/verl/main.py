@@ -1,0 +1,67 @@
+"""`python -m stapo.verl.main <verl Hydra overrides>`: verl's PPO trainer with STAPO's settings.
+
+The same command line as `python -m verl.trainer.main_ppo` (same config, same overrides). When
+`actor_rollout_ref.actor.policy_loss.loss_mode` is `stapo` or `20-entropy`, `apply_stapo_defaults`
+  - switches `actor.calculate_entropy` on (the losses need the current policy's entropies),
+  - selects `StapoPolicyLossConfig` as the policy-loss config (`policy_loss.stapo.*` keys) and
+    validates that block (defaults from `stapo.core.get_preset`),
+  - asks the workers to import `stapo.verl` (`model.external_lib`) if no plugin entry point does,
+and changes nothing for other loss modes.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from stapo.verl.config import LOSS_MODES, POLICY_LOSS_TARGET, StapoConfig
+
+
+def apply_stapo_defaults(cfg: DictConfig) -> DictConfig:
+    """Edit a composed verl PPO config in place for the stapo loss modes (see the module doc)."""
+    actor = cfg.actor_rollout_ref.actor
+    loss_mode = actor.policy_loss.get("loss_mode", "vanilla")
+    block = actor.policy_loss.get("stapo", None)
+    if loss_mode not in LOSS_MODES:
+        if block is not None:
+            raise ValueError(
+                f"actor_rollout_ref.actor.policy_loss.stapo is set but loss_mode={loss_mode!r}; "
+                f"it only applies to {', '.join(LOSS_MODES)}"
+            )
+        return cfg
+    items = {} if block is None else OmegaConf.to_container(block, resolve=True)
+    items.pop("_target_", None)
+    try:
+        settings = StapoConfig(**items)
+    except TypeError as exc:
+        raise ValueError(f"actor_rollout_ref.actor.policy_loss.stapo: {exc}") from None
+    with open_dict(cfg):
+        actor.calculate_entropy = True
+        actor.policy_loss._target_ = POLICY_LOSS_TARGET
+        actor.policy_loss.stapo = {
+            "tau_p": settings.tau_p,
+            "tau_h": settings.tau_h,
+            "tau_h_quantile": settings.tau_h_quantile,
+            "top_entropy_quantile": settings.top_entropy_quantile,
+        }
+        model = cfg.actor_rollout_ref.model
+        libs = model.get("external_lib", None)
+        if libs is None:
+            model.external_lib = "stapo.verl"
+        elif "stapo.verl" not in (list(libs) if not isinstance(libs, str) else [libs]):
+            model.external_lib = (list(libs) if not isinstance(libs, str) else [libs]) + ["stapo.verl"]
+    return cfg
+
+
+@hydra.main(config_path="pkg://verl.trainer.config", config_name="ppo_trainer", version_base=None)
+def main(cfg: DictConfig) -> None:
+    from verl.trainer import main_ppo
+
+    import stapo.verl  # noqa: F401 - registers the losses in the driver too
+
+    apply_stapo_defaults(cfg)
+    main_ppo.main.__wrapped__(cfg)
+
+
+if __name__ == "__main__":
+    main()
