@@ -135,6 +135,10 @@ FORMAT_TABLE = [
     (r"\boxed{4.6 \times 10^{33}}", "4.5e33", 0.0),
     (r"\boxed{1.325 \times 10^{-27}}", "2.88e-19", 0.0),  # math-verify alone rounds both to 0
     (r"\boxed{0.0000000177}", "1.77e-8", 1.0),
+    (r"\boxed{4.5000001 \times 10^{33}}", "4.5e33", 1.0),  # a measured gold: relative 1e-6
+    (r"\boxed{3986730}", "3986729", 0.0),  # an integer gold is exact, however large
+    (r"\boxed{11111111101}", r"11,\! 111,\! 111,\! 100", 0.0),
+    (r"\boxed{11111111100}", r"11,\! 111,\! 111,\! 100", 1.0),
     # text answers: words, letters; sympy would read a word as a product of letters
     (r"\boxed{\text{Evelyn}}", r"\text{Evelyn}", 1.0),
     (r"\boxed{Evelyn}", r"\text{Evelyn}", 1.0),

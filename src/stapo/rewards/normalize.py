@@ -108,6 +108,7 @@ _FRAC_TEX_SHORT = re.compile(r"^([+-]?)\\frac\s*(\d)\s*(\d)$")  # \frac12
 _SCI_TEX = re.compile(
     r"^([+-]?\d+(?:\.\d+)?)\s*(?:\\times|\\cdot|\*|x)\s*10\s*\^\s*\{?\s*([+-]?\d+)\s*\}?$"
 )
+_APPROXIMATE = re.compile(r"\d\.\d|\.\d|\\times|\\cdot|[eE][+-]?\d")
 _POW10 = re.compile(r"^10\s*\^\s*\{?\s*([+-]?\d+)\s*\}?$")
 
 
@@ -168,7 +169,8 @@ def fast_verdict(pred: str, gold: str) -> float | None:
     """1.0 or 0.0 when certain without sympy; None when math-verify must decide.
 
     Certain means: identical after cosmetic normalisation (1.0); two plain numbers (integers,
-    decimals, fractions, scientific notation), equal within a relative 1e-6 (1.0) or not (0.0); an integer gold and an answer without a digit (0.0); a text
+    decimals, fractions, scientific notation): exactly equal for an integer or fraction gold,
+    within a relative 1e-6 for a decimal or scientific gold (1.0), or not (0.0); an integer gold and an answer without a digit (0.0); a text
     gold such as ``\\text{Evelyn}`` compared as words (either verdict; sympy would read the word
     as a product of symbols and accept anagrams).
     """
@@ -190,8 +192,12 @@ def fast_verdict(pred: str, gold: str) -> float | None:
         return None  # a list against a number: math-verify decides
     np_ = as_number(cp)
     if np_ is not None:
-        # Two plain numbers: decided here, with a relative tolerance. math-verify rounds to 6
-        # decimal places, which calls 2.88e-19 and 1.325e-27 equal (Minerva has such answers).
+        # Two plain numbers: decided here. An integer or fraction gold is exact; a decimal or
+        # scientific-notation gold (a measured value, e.g. Minerva's 4.5e33) allows a relative
+        # NUMERIC_REL_TOL. (math-verify rounds to 6 decimal places, which calls 2.88e-19 and
+        # 1.325e-27 equal, and 3986729 and 3986730 nothing worse than close.)
+        if not _APPROXIMATE.search(cg):
+            return 1.0 if np_ == ng else 0.0
         scale = max(abs(ng), abs(np_))
         return 1.0 if abs(ng - np_) <= NUMERIC_REL_TOL * scale else 0.0
     if ng.denominator == 1 and _INT.match(cg) and not any(ch.isdigit() for ch in cp):
