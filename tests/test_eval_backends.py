@@ -68,15 +68,18 @@ def test_choose_backend():
 torch = pytest.importorskip("torch")
 
 
-def _reference_sample(logits_row, temperature, top_p, u):
-    """float64 reference: sort descending, keep the smallest prefix with mass >= top_p, inverse CDF."""
+def _reference_sample(logits_row, temperature, top_p, u, sort=True):
+    """float64 reference: sort descending, keep the smallest prefix with mass >= top_p, inverse CDF
+    (vocabulary order, no sort, for a row with top_p = 1)."""
     import math
 
     z = [float(x) / temperature for x in logits_row]
     m = max(z)
     e = [math.exp(x - m) for x in z]
     s = sum(e)
-    probs = sorted(((p / s, i) for i, p in enumerate(e)), key=lambda t: (-t[0], t[1]))
+    probs = [(p / s, i) for i, p in enumerate(e)]
+    if sort:
+        probs = sorted(probs, key=lambda t: (-t[0], t[1]))
     kept, mass = [], 0.0
     for p, i in probs:
         if mass >= top_p:
@@ -109,8 +112,12 @@ def test_seeded_sampler_matches_float64_reference():
             for _ in range(step + 1):
                 u = torch.rand(1, generator=gen, dtype=torch.float64).item()
             us.append(u)
-        want = [_reference_sample(logits[i].tolist(), temps[i], tops[i], us[i]) for i in range(6)]
+        want = [_reference_sample(logits[i].tolist(), temps[i], tops[i], us[i], sort=tops[i] < 1) for i in range(6)]
         assert got == want
+    # top_p = 1 rows use the vocabulary-order CDF whatever the other rows do
+    got = SeededSampler(seeds, temps, [1.0] * 6).sample(logits).tolist()
+    us = [torch.rand(1, generator=torch.Generator().manual_seed(s), dtype=torch.float64).item() for s in seeds]
+    assert got == [_reference_sample(logits[i].tolist(), temps[i], 1.0, us[i], sort=False) for i in range(6)]
 
 
 def test_seeded_sampler_rows_are_batch_independent_and_nucleus_respected():

@@ -19,6 +19,7 @@ from stapo.eval.metrics import (
 )
 from stapo.eval.protocol import BENCHMARKS, DEFAULT_SAMPLES, SETTINGS, sample_seed
 from stapo.eval.report import compare_table, load_results, run_table
+from stapo.eval.runner import EvalConfig, EvalError, evaluate
 from stapo.eval.store import SampleLog, atomic_write_text
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "DEFAULT_SAMPLES",
     "SETTINGS",
     "Completion",
+    "EvalConfig",
+    "EvalError",
     "HFBackend",
     "SampleLog",
     "SampleRequest",
@@ -36,6 +39,7 @@ __all__ = [
     "average_over_benchmarks",
     "avg_at_k",
     "compare_table",
+    "evaluate",
     "load_results",
     "maj_at_k",
     "mean_and_se",

@@ -165,6 +165,10 @@ class SeededSampler:
     only on its own seed. Inverse-CDF sampling: one uniform draw per row per step,
 
         p = softmax(z / T);  keep the smallest top set whose mass >= top_p;  token = F^{-1}(u * mass)
+
+    The CDF runs over tokens sorted by probability (ties by index) for a row with top_p < 1, and
+    in vocabulary order for a row with top_p = 1 (no sort needed). Either is an exact
+    sampler of the same distribution; the order only fixes which u maps to which token.
     """
 
     def __init__(self, seeds: list[int], temperatures: list[float], top_ps: list[float]):
@@ -183,18 +187,25 @@ class SeededSampler:
         u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
         z = logits.detach().float().cpu() / self.temperatures[:, None]
         probs = torch.softmax(z.double(), dim=-1)
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        cum = sorted_p.cumsum(dim=-1)
-        # keep token j if the mass before it is < top_p (so the first token is always kept)
-        keep = (cum - sorted_p) < self.top_ps[:, None]
-        kept = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
-        kept_cum = kept.cumsum(dim=-1)
-        target = u * kept_cum[:, -1]
-        j = torch.searchsorted(kept_cum, target[:, None], right=True).clamp_(max=sorted_p.shape[-1] - 1)
-        # guard against landing on a dropped (zero-mass) tail entry through rounding
-        n_kept = keep.sum(dim=-1, keepdim=True)
-        j = torch.minimum(j, n_kept - 1)
-        return order.gather(-1, j).squeeze(-1)
+        tokens = torch.empty(probs.shape[0], dtype=torch.long)
+        full = self.top_ps >= 1.0
+        if bool(full.any()):
+            # no nucleus: invert the CDF in vocabulary order (no sort, the common T=1 case)
+            cum = probs[full].cumsum(dim=-1)
+            j = torch.searchsorted(cum, (u[full] * cum[:, -1])[:, None], right=True)
+            tokens[full] = j.clamp_(max=probs.shape[-1] - 1).squeeze(-1)
+        if not bool(full.all()):
+            nucleus = ~full
+            sorted_p, order = probs[nucleus].sort(dim=-1, descending=True, stable=True)
+            cum = sorted_p.cumsum(dim=-1)
+            # keep token j if the mass before it is < top_p (so the first token is always kept)
+            keep = (cum - sorted_p) < self.top_ps[nucleus][:, None]
+            kept_cum = torch.where(keep, sorted_p, torch.zeros_like(sorted_p)).cumsum(dim=-1)
+            j = torch.searchsorted(kept_cum, (u[nucleus] * kept_cum[:, -1])[:, None], right=True)
+            # guard against landing on a dropped (zero-mass) tail entry through rounding
+            j = torch.minimum(j, keep.sum(dim=-1, keepdim=True) - 1)
+            tokens[nucleus] = order.gather(-1, j).squeeze(-1)
+        return tokens
 
     def __call__(self, input_ids, scores):
         import torch
