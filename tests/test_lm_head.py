@@ -344,3 +344,56 @@ def test_head_params_logit_scaling_and_softcap():
         causal_lm_head_params(_fake_lm(final_logit_softcapping=30.0))
     with pytest.raises(ValueError, match="config"):
         causal_lm_head_params(SimpleNamespace())
+
+
+# ------------------------------------------------------------------------------------------------
+# TRL 1.16's own fused head, as a peer reference and as the slot the adapter fills
+# ------------------------------------------------------------------------------------------------
+
+
+def test_adapter_matches_trl_chunked_logprob_function():
+    trl_kernels = pytest.importorskip("trl.kernels")
+    from stapo.core.lm_head import TRLChunkedLogProbAdapter
+
+    h, w, t = make(40, 16, 500, seed=12)
+    bias = torch.randn(500, generator=torch.Generator().manual_seed(13))
+    g = torch.randn(40, generator=torch.Generator().manual_seed(14))
+    outs, grads = [], []
+    for fn in (trl_kernels.ChunkedLogProbFunction, TRLChunkedLogProbAdapter):
+        leaves = [x.clone().requires_grad_() for x in (h, w, bias)]
+        res = fn.apply(*leaves, t, 0.8, 128, None, 1.5, ("log_probs", "entropy", "log_sum_sq_probs"))
+        assert res[3] is None and res[4] is None
+        (res[0] * g).sum().backward()
+        outs.append([x.detach() for x in res[:3]])
+        grads.append([x.grad for x in leaves])
+    for a, b in zip(outs[1] + grads[1], outs[0] + grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    rl, re, rc = reference(h, w, t, bias, temperature=0.8, logit_scale=1.5)
+    close(outs[1][0], rl, 1e-5)
+    close(outs[1][2], rc.log(), 1e-5)
+    with pytest.raises(ValueError, match="softcap"):
+        TRLChunkedLogProbAdapter.apply(h, w, None, t, 1.0, 128, 30.0, 1.0, ("log_probs",))
+    with pytest.raises(ValueError, match="is_top1"):
+        TRLChunkedLogProbAdapter.apply(h, w, None, t, 1.0, 128, None, 1.0, ("log_probs", "is_top1"))
+
+
+def test_adapter_in_trl_patched_forward(monkeypatch):
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    from stapo.core.lm_head import TRLChunkedLogProbAdapter
+
+    model = _tiny_qwen3(tie=True)
+    trl_utils.add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(15))
+    labels = ids.clone()
+    labels[:, :4] = -100  # prompt positions are not scored
+    with torch.no_grad():
+        theirs = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", TRLChunkedLogProbAdapter)
+        ours = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        logp = (model(input_ids=ids).logits[:, :-1].double() / 0.7).log_softmax(-1)
+    mask = labels[:, 1:] != -100
+    ref_lp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1) * mask
+    ref_ent = -(logp.exp() * logp).sum(-1) * mask
+    close(ours.log_probs, ref_lp, 1e-5)
+    close(ours.entropy, ref_ent, 1e-5)
+    torch.testing.assert_close(ours.log_probs, theirs.log_probs, rtol=1e-4, atol=1e-5)
