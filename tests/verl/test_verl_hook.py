@@ -3,12 +3,16 @@ as the engine worker calls it, with stapo.verl installed."""
 
 from __future__ import annotations
 
+import pytest
+from verl_fakes import VERL_MODULE, VERL_SKIP_REASON
+
+pytest.importorskip(VERL_MODULE, reason=VERL_SKIP_REASON)
+
 import math
 import sys
 
-import pytest
 import torch
-from conftest import make_actor_config, make_micro_batch
+from verl_fakes import make_actor_config, make_micro_batch
 
 import stapo.verl  # noqa: F401 - installs the hook
 import verl.workers.utils.losses as verl_losses

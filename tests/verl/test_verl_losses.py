@@ -4,8 +4,12 @@ loss and against stapo.core / hand-computed masks."""
 from __future__ import annotations
 
 import pytest
+from verl_fakes import VERL_MODULE, VERL_SKIP_REASON
+
+pytest.importorskip(VERL_MODULE, reason=VERL_SKIP_REASON)
+
 import torch
-from conftest import make_actor_config
+from verl_fakes import make_actor_config
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
 import stapo.core as core
