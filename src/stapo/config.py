@@ -69,6 +69,7 @@ class RunConfig:
     eval_before: bool = True
     eval_after: bool = True
     eval_limit: int | None = None
+    eval_every: int = 0  # also evaluate every N optimizer steps (0: only before/after; single process only)
     plots: bool = True
     trl: dict[str, Any] = field(default_factory=dict)  # STAPOConfig fields (incl. method, tau_*, output_dir)
 
@@ -119,6 +120,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "eval_temperature": (lambda v: v > 0, "must be > 0"),
     "eval_top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "eval_limit": (lambda v: v is None or v >= 1, "must be >= 1"),
+    "eval_every": (lambda v: v >= 0, "must be >= 0 (0 = off)"),
     "method": (lambda v: v in PRESETS, f"must be one of {', '.join(PRESETS)}"),
     "model": (lambda v: bool(v.strip()), "must be 'embedded', a local directory or a hub id"),
     "train_data": (lambda v: bool(v.strip()), "is required: a JSONL/Parquet path, a hub id, benchmark:<name> or synthetic:<task>"),

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from transformers import TrainerCallback
+
 from stapo.config import ConfigError, RunConfig, dump_config
 
 Log = Callable[[str], None]
@@ -129,6 +131,20 @@ def evaluate_accuracy(model, tokenizer, rows: list[dict], run: RunConfig, max_ne
     }
 
 
+class HeldoutAccuracyCallback(TrainerCallback):
+    """Held-out accuracy every `every` optimizer steps, logged through the trainer (so it lands in
+    metrics.jsonl as `eval_heldout_accuracy` with kind "eval", and in report_to)."""
+
+    def __init__(self, trainer, every: int, evaluate: Callable[[Any], dict]):
+        self.trainer, self.every, self.evaluate = trainer, every, evaluate
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 and state.global_step < state.max_steps:
+            res = self.evaluate(self.trainer.model)
+            self.trainer.log({"eval_heldout_accuracy": res["accuracy"], "eval_heldout_stderr": res["stderr"]})
+        return control
+
+
 def run_training(run: RunConfig, resume: bool = False, log: Log = _print) -> dict:
     """Train as configured; returns a summary (also written to <output_dir>/summary.json)."""
     import datasets
@@ -161,6 +177,14 @@ def run_training(run: RunConfig, resume: bool = False, log: Log = _print) -> dic
     )
     summary: dict[str, Any] = {"method": args.method, "model": run.model, "output_dir": str(out)}
     eval_tokens = run.eval_max_new_tokens or args.max_completion_length
+    if eval_rows and run.eval_every:
+        if trainer.accelerator.num_processes > 1:
+            log("stapo: eval_every is single-process only; evaluate checkpoints with `stapo eval` instead")
+        else:
+            trainer.add_callback(HeldoutAccuracyCallback(
+                trainer, run.eval_every,
+                lambda model: evaluate_accuracy(model, tokenizer, eval_rows, run, eval_tokens, args.seed, "eval"),
+            ))
     last_checkpoint = _last_checkpoint(out) if resume else None
     if resume and last_checkpoint is None:
         log(f"stapo: --resume: no checkpoint in {out}; starting from scratch")
