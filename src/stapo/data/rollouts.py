@@ -357,6 +357,15 @@ class Rollouts:
         }
 
 
+def rollouts_from_records(
+    records: Iterable[Mapping[str, Any]], step: int = 0, metadata: Mapping[str, Any] | None = None
+) -> Rollouts:
+    """In-memory `Rollouts` from writer-style records (same checks as `write_rollouts`, no file)."""
+    rows = [_normalise(r, i, int(step)) for i, r in enumerate(records)]
+    meta = {"rollouts.version": SCHEMA_VERSION, **(metadata or {})}
+    return _from_table(_table(int(step), rows, None), {int(step): meta}, [])
+
+
 def rollout_files(path_or_dir: str | os.PathLike) -> list[Path]:
     """The capture files under a `.parquet` file, a `rollouts/` directory or a run directory, by step."""
     p = Path(path_or_dir)

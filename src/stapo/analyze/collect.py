@@ -1,0 +1,162 @@
+"""Per-token statistics of a model on prompts: sample G completions per prompt, grade them, score them.
+
+    generate (HF, temperature T, full vocabulary)  ->  grade (stapo.rewards.grade_batch)
+      ->  advantages (core.group_advantages)  ->  one forward pass over prompt + completion
+      ->  log-prob, entropy, collision Σπ² (core.token_logprobs_entropy)  ->  S2T flags (core.s2t_mask)
+
+The result is an in-memory `Rollouts` — the same shape as a trainer's capture — so `stapo analyze`
+treats a model and a training run alike. Statistics are those of the sampling distribution
+(same temperature), i.e. of the policy that would be trained on these samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from stapo.core import group_advantages, s2t_mask, token_logprobs_entropy
+from stapo.data.rollouts import Rollouts, rollouts_from_records
+
+
+def completion_lengths(ids: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
+    """Length of each completion [B, T]: up to and including the first EOS (the EOS is a sampled
+    token with its own probability), everything after it is padding."""
+    if not eos_ids:
+        return torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long)
+    is_eos = torch.zeros_like(ids, dtype=torch.bool)
+    for e in eos_ids:
+        is_eos |= ids == e
+    t = ids.shape[1]
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(ids[:, 0], t))
+    return torch.clamp(first + 1, max=t)
+
+
+@torch.no_grad()
+def score_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                      completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                      temperature: float = 1.0):
+    """(logprob, entropy, collision) [B, Tc] of the completion tokens under `model`, float32.
+
+    Prompts are left-padded; position ids follow the attention mask, as in generation, so the
+    distributions are those the tokens were sampled from.
+    """
+    ids = torch.cat([prompt_ids, completion_ids], 1)
+    attn = torch.cat([prompt_mask, completion_mask], 1).long()
+    pos = (attn.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+    tc = completion_ids.shape[1]
+    logits = logits[:, -tc - 1 : -1, :]
+    return token_logprobs_entropy(logits, completion_ids, temperature=temperature, return_collision=True)
+
+
+def collect_rollouts(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    golds: Sequence[str],
+    group_size: int = 8,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    batch_prompts: int = 4,
+    tau_p: float = 0.01,
+    tau_h: float | None = None,
+    tau_h_quantile: float = 0.05,
+    advantage_scale: str = "group",
+    seed: int = 0,
+    grade: Callable[[list[str], list[str]], list[float]] | None = None,
+    progress: bool = True,
+) -> Rollouts:
+    """Sample `group_size` completions of each (already formatted) prompt and score every token.
+
+    `grade(completions, golds) -> rewards` defaults to `stapo.rewards.grade_batch`. The S2T flags
+    are `core.s2t_mask` over all collected tokens at the given thresholds.
+    """
+    if len(prompts) != len(golds):
+        raise ValueError(f"prompts and golds differ in length ({len(prompts)} vs {len(golds)})")
+    if not prompts:
+        raise ValueError("no prompts to analyze")
+    if grade is None:
+        from stapo.rewards import grade_batch
+
+        def grade(c, g):
+            return list(grade_batch(c, g))
+
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for e in [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or []):
+        if e not in eos_ids:
+            eos_ids.append(e)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    tokenizer.padding_side = "left"
+    torch.manual_seed(seed)
+
+    bar = _progress(len(prompts), progress)
+    per_sample = []  # (prompt_text, completion_ids list, logprob, entropy, collision)
+    for start in range(0, len(prompts), batch_prompts):
+        chunk = list(prompts[start : start + batch_prompts])
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        out = model.generate(
+            **enc, do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
+            max_new_tokens=max_new_tokens, num_return_sequences=group_size,
+            pad_token_id=pad, eos_token_id=eos_ids,
+        )
+        comp = out[:, enc["input_ids"].shape[1]:]
+        lens = completion_lengths(comp, eos_ids).to(comp.device)
+        cmask = torch.arange(comp.shape[1], device=comp.device)[None, :] < lens[:, None]
+        comp = torch.where(cmask, comp, torch.full_like(comp, pad))
+        pids = enc["input_ids"].repeat_interleave(group_size, 0)
+        pmask = enc["attention_mask"].repeat_interleave(group_size, 0)
+        lp, ent, col = score_completions(model, pids, pmask, comp, cmask, temperature)
+        for i in range(comp.shape[0]):
+            n = int(lens[i])
+            per_sample.append((chunk[i // group_size], comp[i, :n].tolist(), lp[i, :n].cpu(),
+                               ent[i, :n].cpu(), col[i, :n].cpu()))
+        bar.update(len(chunk))
+    bar.close()
+
+    completions = [tokenizer.decode(s[1], skip_special_tokens=True) for s in per_sample]
+    gold_rep = [g for g in golds for _ in range(group_size)]
+    rewards = torch.tensor(grade(completions, gold_rep), dtype=torch.float32)
+    adv = group_advantages(rewards, group_size, scale=advantage_scale)
+
+    t = max(len(s[1]) for s in per_sample)
+    b = len(per_sample)
+    lp = torch.zeros(b, max(t, 1))
+    ent = torch.zeros_like(lp)
+    valid = torch.zeros_like(lp, dtype=torch.bool)
+    for i, s in enumerate(per_sample):
+        n = len(s[1])
+        lp[i, :n], ent[i, :n], valid[i, :n] = s[2], s[3], True
+    flags = s2t_mask(lp, ent, adv, valid, tau_p=tau_p, tau_h=tau_h, tau_h_quantile=tau_h_quantile)
+
+    records = []
+    for i, (prompt, ids, l, e, c) in enumerate(per_sample):
+        n = len(ids)
+        records.append({
+            "sample": i, "prompt": prompt, "completion": completions[i],
+            "reward": float(rewards[i]), "advantage": float(adv[i]),
+            "token_id": ids, "token_text": [tokenizer.decode([t]) for t in ids],
+            "logprob": l, "entropy": e, "collision": c, "s2t": flags[i, :n],
+        })
+    meta = {"source": "model", "group_size": group_size, "temperature": temperature,
+            "tau_p": tau_p, "tau_h": tau_h, "tau_h_quantile": tau_h_quantile}
+    return rollouts_from_records(records, step=0, metadata=meta)
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="prompts", unit="prompt")

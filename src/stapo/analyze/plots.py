@@ -1,0 +1,103 @@
+"""The figures of `stapo analyze`, rendered to PNG bytes with matplotlib's Agg backend (no display).
+
+    p_vs_entropy_png    token probability vs entropy (log axes), coloured by advantage sign,
+                        the S2T region shaded and the S2T tokens highlighted
+    grad_proxy_hist_png histogram of the gradient-norm² proxy 1 − 2p + Σπ², S2T vs other tokens
+    curves_png          training curves of several runs overlaid, one panel per curve
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+MAX_SCATTER_POINTS = 20_000
+ENTROPY_FLOOR = 1e-6  # entropies (and probabilities) below this are drawn at the floor of the log axis
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def p_vs_entropy_png(prob, entropy, advantage, s2t, tau_p: float, tau_h: float, seed: int = 0) -> bytes:
+    """Scatter of p (x) vs H (y); every S2T token is drawn, other tokens are subsampled if many."""
+    plt = _pyplot()
+    prob = np.clip(np.asarray(prob, dtype=np.float64), ENTROPY_FLOOR, 1.0)
+    ent = np.clip(np.asarray(entropy, dtype=np.float64), ENTROPY_FLOOR, None)
+    adv = np.asarray(advantage, dtype=np.float64)
+    s2t = np.asarray(s2t, dtype=bool)
+    others = np.nonzero(~s2t)[0]
+    if others.size > MAX_SCATTER_POINTS:
+        others = np.sort(np.random.default_rng(seed).choice(others, MAX_SCATTER_POINTS, replace=False))
+    fig, ax = plt.subplots(figsize=(7, 5))
+    xmax = max(1.0, float(prob.max()))
+    ymin, ymax = ENTROPY_FLOOR, max(float(ent.max()) * 1.5, tau_h * 2, 1.0)
+    ax.add_patch(plt.Rectangle((ENTROPY_FLOOR, ymin), max(tau_p - ENTROPY_FLOOR, 0), max(tau_h - ymin, 0),
+                               color="#f4a6a6", alpha=0.35, lw=0, label=f"S2T region (p<{tau_p:g}, H<{tau_h:.3g})"))
+    for sign, color, name in ((1, "#2a9d4b", "A > 0"), (-1, "#d1495b", "A < 0"), (0, "#9a9a9a", "A = 0")):
+        idx = others[np.sign(adv[others]) == sign]
+        if idx.size:
+            ax.scatter(prob[idx], ent[idx], s=6, alpha=0.45, color=color, lw=0, label=f"{name} ({idx.size})")
+    if s2t.any():
+        ax.scatter(prob[s2t], ent[s2t], s=60, marker="*", color="black", label=f"S2T tokens ({int(s2t.sum())})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(ENTROPY_FLOOR * 0.8, xmax * 1.2)
+    ax.set_ylim(ymin * 0.8, ymax)
+    ax.set_xlabel("token probability p = π(a)")
+    ax.set_ylabel("entropy H (nats)")
+    ax.set_title("Sampled tokens: probability vs entropy")
+    ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
+    ax.grid(True, which="major", alpha=0.3)
+    return _png(fig)
+
+
+def grad_proxy_hist_png(grad_proxy, s2t) -> bytes:
+    """Density histograms of 1 − 2p + Σπ² ∈ [0, 2] for the S2T set and for the other tokens."""
+    plt = _pyplot()
+    g = np.asarray(grad_proxy, dtype=np.float64)
+    s2t = np.asarray(s2t, dtype=bool)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.linspace(0.0, 2.0, 41)
+    ax.hist(g[~s2t], bins=bins, color="#4c78a8", alpha=0.7, label=f"other tokens ({int((~s2t).sum())})")
+    if s2t.any():
+        ax.hist(g[s2t], bins=bins, color="#e45756", alpha=0.8, label=f"S2T tokens ({int(s2t.sum())})")
+    ax.set_yscale("log")
+    ax.set_xlabel("gradient-norm² proxy ‖∇_z log π(a)‖² = 1 − 2p + Σπ²")
+    ax.set_ylabel("tokens")
+    ax.set_title("Per-token gradient-norm² (max 2: p → 0 with the mass on another token)")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def curves_png(panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], titles: dict[str, str] | None = None) -> bytes:
+    """`panels[curve][run] = (steps, values)`: one panel per curve, one line per run, a legend each."""
+    plt = _pyplot()
+    names = list(panels)
+    cols = min(3, max(1, len(names)))
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        for run, (steps, values) in panels[name].items():
+            ax.plot(steps, values, marker="." if len(steps) < 30 else None, lw=1.4, label=run)
+        ax.set_title((titles or {}).get(name, name), fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _png(fig)

@@ -1,0 +1,326 @@
+"""Token-level diagnostics: which tokens S2T silences, how many, and how large their gradients are.
+
+Everything is computed from a `stapo.data.rollouts.Rollouts` (captured by a trainer, or produced
+by `stapo.analyze.collect` from a model) with the functions of `stapo.core`:
+
+    S2T set        M_t = A > 0 ∧ p_t < τ_p ∧ H_t < τ_h              (core.s2t_mask)
+    τ_h            absolute (nats) or a quantile of the valid tokens' entropies (core.entropy_quantile)
+    grad proxy     g_t = ‖∇_z log π(a_t)‖² = 1 − 2p_t + Σπ²          (core.grad_norm_proxy)
+    grad share     Σ_{t∈M} g_t / Σ_t g_t                           (share of the summed grad-norm²)
+    weighted share Σ_{t∈M} A_t² g_t / Σ_t A_t² g_t                  (‖∇_z (A_t log π)‖², what the loss sees)
+
+The threshold sweep evaluates the same quantities on a grid of τ_p × τ_h, so a user can pick
+thresholds that silence the paper's ~0.01% of tokens on their own model and data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from stapo.core import entropy_quantile, s2t_mask, token_fractions
+from stapo.data.rollouts import Rollouts
+
+DEFAULT_TAU_P = 0.01
+DEFAULT_TAU_H_QUANTILE = 0.05
+SWEEP_TAU_P = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1)
+SWEEP_TAU_H_QUANTILES = (0.01, 0.05, 0.1, 0.2, 0.5)
+SWEEP_TAU_H_ABSOLUTE = (0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0)
+PAPER_MASKED_FRACTION = 1e-4  # "≈ 0.01% of tokens"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """S2T thresholds: `tau_h` absolute (nats) when set, else the `tau_h_quantile` of the entropies."""
+
+    tau_p: float = DEFAULT_TAU_P
+    tau_h: float | None = None
+    tau_h_quantile: float = DEFAULT_TAU_H_QUANTILE
+
+    def __post_init__(self):
+        if not 0.0 <= self.tau_p <= 1.0:
+            raise ValueError(f"tau_p must be in [0, 1], got {self.tau_p}")
+        if self.tau_h is not None and not math.isfinite(self.tau_h):
+            raise ValueError(f"tau_h must be a finite number of nats, got {self.tau_h}")
+        if not 0.0 <= self.tau_h_quantile <= 1.0:
+            raise ValueError(f"tau_h_quantile must be in [0, 1], got {self.tau_h_quantile}")
+
+    def label(self) -> str:
+        if self.tau_h is not None:
+            return f"tau_p={self.tau_p:g}, tau_h={self.tau_h:g} nats"
+        return f"tau_p={self.tau_p:g}, tau_h=q{self.tau_h_quantile:g}"
+
+
+class TokenBatch:
+    """A Rollouts as padded torch tensors [S, T], built once and shared by the analyses."""
+
+    def __init__(self, rollouts: Rollouts):
+        if rollouts.num_tokens == 0:
+            raise ValueError("the rollouts hold no completion tokens: nothing to analyze")
+        self.rollouts = rollouts
+        pad = rollouts.padded()
+        self.logprobs = pad["logprobs"]
+        self.entropy = pad["entropy"]
+        self.advantages = pad["advantages"]
+        self.valid = pad["response_mask"]
+        self.captured_s2t = pad["s2t"]
+        lens = rollouts.lengths()
+        rows = np.repeat(np.arange(rollouts.num_samples), lens)
+        cols = np.arange(rollouts.num_tokens) - np.repeat(rollouts.offsets[:-1], lens)
+        self._index = (torch.as_tensor(rows), torch.as_tensor(cols))
+        self.grad_proxy = torch.as_tensor(rollouts.grad_proxy, dtype=torch.float64)  # flat [N]
+        self.adv_flat = torch.as_tensor(np.repeat(rollouts.advantage, lens), dtype=torch.float64)
+
+    def flat(self, padded: torch.Tensor) -> torch.Tensor:
+        """[S, T] -> the [N] values of the valid tokens in the Rollouts' flat order."""
+        return padded[self._index]
+
+    def tau_h_value(self, th: Thresholds) -> float:
+        if th.tau_h is not None:
+            return float(th.tau_h)
+        return float(entropy_quantile(self.entropy, self.valid, th.tau_h_quantile))
+
+    def mask(self, th: Thresholds) -> torch.Tensor:
+        """The S2T set, flat [N] bool — `core.s2t_mask` on the padded batch, nothing re-implemented."""
+        m = s2t_mask(
+            self.logprobs, self.entropy, self.advantages, self.valid,
+            tau_p=th.tau_p, tau_h=th.tau_h, tau_h_quantile=th.tau_h_quantile,
+        )
+        return self.flat(m)
+
+    def grad_shares(self, mask_flat: torch.Tensor) -> tuple[float, float]:
+        g = self.grad_proxy
+        gw = g * self.adv_flat.square()
+        share = float(g[mask_flat].sum() / g.sum()) if float(g.sum()) > 0 else 0.0
+        wshare = float(gw[mask_flat].sum() / gw.sum()) if float(gw.sum()) > 0 else 0.0
+        return share, wshare
+
+
+@dataclass
+class TokenSummary:
+    thresholds: str
+    tau_p: float
+    tau_h: float
+    tau_h_quantile: float | None
+    samples: int
+    tokens: int
+    mean_length: float
+    tokens_pos_adv: int
+    tokens_neg_adv: int
+    tokens_zero_adv: int
+    reward_mean: float
+    entropy_mean: float
+    entropy_q01: float
+    entropy_q05: float
+    entropy_median: float
+    prob_min: float
+    count_low_prob: int
+    frac_low_prob: float
+    count_low_entropy: int
+    frac_low_entropy: float
+    count_low_prob_low_entropy: int  # any advantage sign
+    count_s2t: int
+    frac_s2t: float
+    grad_share_s2t: float
+    grad_share_s2t_adv_weighted: float
+    grad_proxy_mean: float
+    grad_proxy_mean_s2t: float
+    grad_proxy_mean_other: float
+    captured_s2t_count: int | None = None  # flags recorded by the trainer (captured rollouts only)
+    tau_h_for_paper_fraction: float | None = None  # absolute τ_h giving ≥ 0.01 % at this τ_p
+    paper_fraction_reachable: bool = False
+    max_frac_at_tau_p: float = 0.0  # masked fraction with τ_h = ∞ (A > 0 ∧ p < τ_p)
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def summarize(rollouts: Rollouts | TokenBatch, thresholds: Thresholds = Thresholds(),
+              captured: bool = False) -> TokenSummary:
+    """Summary statistics of the tokens and of the S2T set at `thresholds`."""
+    tb = rollouts if isinstance(rollouts, TokenBatch) else TokenBatch(rollouts)
+    ro = tb.rollouts
+    tau_h = tb.tau_h_value(thresholds)
+    mask = tb.mask(thresholds)
+    padded_mask = torch.zeros_like(tb.valid)
+    padded_mask[tb._index] = mask
+    fr = token_fractions(tb.logprobs, tb.entropy, tb.valid, thresholds.tau_p, tau_h, spurious=padded_mask)
+    lp = torch.as_tensor(ro.logprob, dtype=torch.float64)
+    ent = torch.as_tensor(ro.entropy, dtype=torch.float64)
+    adv = tb.adv_flat
+    g = tb.grad_proxy
+    low_p, low_h = lp.exp() < thresholds.tau_p, ent < tau_h
+    share, wshare = tb.grad_shares(mask)
+    q = torch.quantile(ent.float(), torch.tensor([0.01, 0.05, 0.5])).tolist()
+    target_tau_h, reachable, max_frac = tau_h_for_fraction(tb, PAPER_MASKED_FRACTION, thresholds.tau_p)
+    rewards = ro.reward[np.isfinite(ro.reward)]
+    return TokenSummary(
+        thresholds=thresholds.label(),
+        tau_p=thresholds.tau_p,
+        tau_h=tau_h,
+        tau_h_quantile=None if thresholds.tau_h is not None else thresholds.tau_h_quantile,
+        samples=ro.num_samples,
+        tokens=ro.num_tokens,
+        mean_length=ro.num_tokens / max(ro.num_samples, 1),
+        tokens_pos_adv=int((adv > 0).sum()),
+        tokens_neg_adv=int((adv < 0).sum()),
+        tokens_zero_adv=int((adv == 0).sum()),
+        reward_mean=float(rewards.mean()) if rewards.size else float("nan"),
+        entropy_mean=float(ent.mean()),
+        entropy_q01=q[0],
+        entropy_q05=q[1],
+        entropy_median=q[2],
+        prob_min=float(lp.min().exp()),
+        count_low_prob=int(low_p.sum()),
+        frac_low_prob=fr["frac_low_prob"],
+        count_low_entropy=int(low_h.sum()),
+        frac_low_entropy=fr["frac_low_entropy"],
+        count_low_prob_low_entropy=int((low_p & low_h).sum()),
+        count_s2t=int(mask.sum()),
+        frac_s2t=fr["s2t_frac"],
+        grad_share_s2t=share,
+        grad_share_s2t_adv_weighted=wshare,
+        grad_proxy_mean=float(g.mean()),
+        grad_proxy_mean_s2t=float(g[mask].mean()) if bool(mask.any()) else float("nan"),
+        grad_proxy_mean_other=float(g[~mask].mean()) if bool((~mask).any()) else float("nan"),
+        captured_s2t_count=int(ro.s2t.sum()) if captured else None,
+        tau_h_for_paper_fraction=target_tau_h,
+        paper_fraction_reachable=reachable,
+        max_frac_at_tau_p=max_frac,
+    )
+
+
+def tau_h_for_fraction(batch: TokenBatch, target: float, tau_p: float) -> tuple[float | None, bool, float]:
+    """The smallest absolute τ_h (nats) whose S2T set at `tau_p` holds ≥ `target` of the valid tokens.
+
+    Returns (τ_h or None, reachable, the largest fraction any τ_h reaches at this τ_p). The
+    candidates are the tokens with A > 0 and p < τ_p; τ_h is placed just above the k-th smallest
+    candidate entropy (k = ⌈target·N⌉), since the mask uses a strict H < τ_h.
+    """
+    ro = batch.rollouts
+    n = ro.num_tokens
+    lp = torch.as_tensor(ro.logprob, dtype=torch.float32)
+    cand = (batch.adv_flat > 0) & (lp.exp() < tau_p)
+    ent = torch.as_tensor(ro.entropy, dtype=torch.float32)[cand]
+    max_frac = float(cand.sum()) / n
+    k = max(1, math.ceil(target * n - 1e-9))
+    if ent.numel() < k:
+        return None, False, max_frac
+    kth = float(torch.sort(ent).values[k - 1])
+    return float(np.nextafter(np.float32(kth), np.float32(np.inf))), True, max_frac
+
+
+@dataclass
+class SweepCell:
+    tau_p: float
+    tau_h_label: str  # "q0.05" or "0.1"
+    tau_h: float  # the value in nats
+    count: int
+    frac: float
+    grad_share: float
+    grad_share_adv_weighted: float
+
+
+@dataclass
+class Sweep:
+    tau_p: tuple[float, ...]
+    tau_h_labels: list[str]
+    cells: list[SweepCell]  # row-major: tau_h rows x tau_p columns
+    tokens: int
+
+    def cell(self, tau_h_label: str, tau_p: float) -> SweepCell:
+        for c in self.cells:
+            if c.tau_h_label == tau_h_label and c.tau_p == tau_p:
+                return c
+        raise KeyError((tau_h_label, tau_p))
+
+    def as_dict(self) -> dict:
+        return {"tau_p": list(self.tau_p), "tau_h_labels": self.tau_h_labels, "tokens": self.tokens,
+                "cells": [asdict(c) for c in self.cells]}
+
+
+def threshold_sweep(
+    rollouts: Rollouts | TokenBatch,
+    tau_p: tuple[float, ...] = SWEEP_TAU_P,
+    tau_h_quantiles: tuple[float, ...] = SWEEP_TAU_H_QUANTILES,
+    tau_h_absolute: tuple[float, ...] = SWEEP_TAU_H_ABSOLUTE,
+) -> Sweep:
+    """Masked fraction and gradient share of the S2T set on a grid of thresholds."""
+    tb = rollouts if isinstance(rollouts, TokenBatch) else TokenBatch(rollouts)
+    rows = [(f"q{q:g}", Thresholds(tau_h=None, tau_h_quantile=q)) for q in tau_h_quantiles]
+    rows += [(f"{h:g}", Thresholds(tau_h=h)) for h in tau_h_absolute]
+    n = tb.rollouts.num_tokens
+    cells = []
+    for label, base in rows:
+        tau_h = tb.tau_h_value(base)
+        for p in tau_p:
+            # The quantile is resolved once per row, so every τ_p column uses the same τ_h.
+            m = tb.mask(Thresholds(tau_p=p, tau_h=tau_h))
+            share, wshare = tb.grad_shares(m)
+            cnt = int(m.sum())
+            cells.append(SweepCell(p, label, tau_h, cnt, cnt / n, share, wshare))
+    return Sweep(tuple(tau_p), [r[0] for r in rows], cells, n)
+
+
+# ------------------------------------------------------------------------------------ text output
+
+
+def _pct(x: float) -> str:
+    if x != x:
+        return "n/a"
+    if x == 0:
+        return "0"
+    return f"{100 * x:.4f}%" if x < 1e-3 else f"{100 * x:.3f}%" if x < 0.1 else f"{100 * x:.1f}%"
+
+
+def format_summary(s: TokenSummary) -> str:
+    lines = [
+        f"samples {s.samples}, completion tokens {s.tokens} (mean length {s.mean_length:.1f}), "
+        f"reward mean {s.reward_mean:.3f}",
+        f"tokens with A>0: {s.tokens_pos_adv}   A<0: {s.tokens_neg_adv}   A=0: {s.tokens_zero_adv}",
+        f"entropy mean {s.entropy_mean:.4f} nats; quantiles 1% {s.entropy_q01:.3g}, 5% {s.entropy_q05:.3g}, "
+        f"50% {s.entropy_median:.3g}; smallest p {s.prob_min:.3g}",
+        f"thresholds: tau_p = {s.tau_p:g}, tau_h = {s.tau_h:.4g} nats"
+        + (f" (the {s.tau_h_quantile:g} quantile)" if s.tau_h_quantile is not None else " (absolute)"),
+        f"  p < tau_p:           {s.count_low_prob:>8}  ({_pct(s.frac_low_prob)})",
+        f"  H < tau_h:           {s.count_low_entropy:>8}  ({_pct(s.frac_low_entropy)})",
+        f"  p < tau_p & H < tau_h: {s.count_low_prob_low_entropy:>6}  (any advantage sign)",
+        f"  S2T set (A>0 too):   {s.count_s2t:>8}  ({_pct(s.frac_s2t)} of tokens)",
+        f"grad-norm^2 proxy 1-2p+sum(pi^2): mean {s.grad_proxy_mean:.4f}; S2T mean {s.grad_proxy_mean_s2t:.4f}, "
+        f"others {s.grad_proxy_mean_other:.4f}",
+        f"share of total grad-norm^2 carried by the S2T set: {_pct(s.grad_share_s2t)} "
+        f"(advantage-weighted A^2*proxy: {_pct(s.grad_share_s2t_adv_weighted)})",
+    ]
+    if s.captured_s2t_count is not None:
+        lines.append(f"S2T flags recorded by the trainer: {s.captured_s2t_count}")
+    if s.paper_fraction_reachable:
+        lines.append(
+            f"calibration: at tau_p = {s.tau_p:g}, an absolute tau_h = {s.tau_h_for_paper_fraction:.4g} nats "
+            f"masks >= 0.01% of tokens (the paper's fraction)"
+        )
+    else:
+        lines.append(
+            f"calibration: at tau_p = {s.tau_p:g} no tau_h reaches 0.01% of tokens "
+            f"(at most {_pct(s.max_frac_at_tau_p)} have A>0 and p<tau_p); raise tau_p or analyze more tokens"
+        )
+    return "\n".join(lines)
+
+
+def format_sweep(sw: Sweep, value: str = "frac") -> str:
+    """A text table: rows τ_h (quantiles 'qX' and absolute nats), columns τ_p."""
+    head = ["tau_h \\ tau_p"] + [f"{p:g}" for p in sw.tau_p]
+    body = []
+    for label in sw.tau_h_labels:
+        cells = [sw.cell(label, p) for p in sw.tau_p]
+        name = f"{label} ({cells[0].tau_h:.3g})" if label.startswith("q") else f"{label} nats"
+        if value == "frac":
+            body.append([name] + [f"{_pct(c.frac)} ({c.count})" for c in cells])
+        else:
+            body.append([name] + [_pct(getattr(c, value)) for c in cells])
+    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+    fmt = lambda r: "  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in body])
