@@ -5,11 +5,19 @@
     high_entropy_mask  20-Entropy's top-rho entropy mask
     policy_loss        PPO-clip loss with verl's aggregation modes and global denominators
     stapo_loss         policy_loss over the valid tokens S2T does not silence
-    method_loss        one entry point for every preset (grpo, dapo, dr_grpo, 20-entropy, justrl, stapo)
+    high_entropy_loss  20-Entropy: gradient for the top-rho entropy tokens, full denominator
+    token_logprobs_entropy    per-token log-prob / entropy / collision from logits, chunked, float32
+    lm_head_logprobs_entropy  the same from hidden states + LM-head weight, never holding [N, V] logits
 """
 
 from stapo.core.advantages import ADVANTAGE_SCALES, group_advantages, zero_variance_group_fraction
 from stapo.core.head import token_logprobs_entropy
+from stapo.core.lm_head import (
+    TRLChunkedLogProbAdapter,
+    causal_lm_head_params,
+    causal_lm_hidden_states,
+    lm_head_logprobs_entropy,
+)
 from stapo.core.losses import (
     AGGREGATIONS,
     aggregate,
@@ -25,6 +33,10 @@ from stapo.core.stats import grad_norm_proxy, masked_summary, token_fractions
 __all__ = [
     "ADVANTAGE_SCALES",
     "AGGREGATIONS",
+    "TRLChunkedLogProbAdapter",
+    "causal_lm_head_params",
+    "causal_lm_hidden_states",
+    "lm_head_logprobs_entropy",
     "PRESETS",
     "MethodPreset",
     "aggregate",
