@@ -111,8 +111,7 @@ def test_rewards_advantages_and_flags(scored):
     np.testing.assert_array_equal(ro.s2t, expected_flags)
 
 
-def test_completion_ends_at_first_eos(tiny, scored):
-    model, tok = tiny
+def test_completion_ends_at_first_eos():
     from stapo.analyze.collect import completion_lengths
 
     ids = torch.tensor([[5, 7, 2, 9, 2], [5, 7, 8, 9, 4], [2, 0, 0, 0, 0]])

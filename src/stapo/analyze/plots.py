@@ -13,7 +13,7 @@ import io
 import numpy as np
 
 MAX_SCATTER_POINTS = 20_000
-ENTROPY_FLOOR = 1e-6  # entropies (and probabilities) below this are drawn at the floor of the log axis
+ENTROPY_FLOOR = 1e-6  # the log axes reach at least this low (lower when the data does)
 
 
 def _pyplot():
@@ -35,17 +35,22 @@ def _png(fig) -> bytes:
 def p_vs_entropy_png(prob, entropy, advantage, s2t, tau_p: float, tau_h: float, seed: int = 0) -> bytes:
     """Scatter of p (x) vs H (y); every S2T token is drawn, other tokens are subsampled if many."""
     plt = _pyplot()
-    prob = np.clip(np.asarray(prob, dtype=np.float64), ENTROPY_FLOOR, 1.0)
-    ent = np.clip(np.asarray(entropy, dtype=np.float64), ENTROPY_FLOOR, None)
+    prob = np.asarray(prob, dtype=np.float64)
+    ent = np.asarray(entropy, dtype=np.float64)
+    # log axes: the floors follow the data, zero entropies are drawn on the floor
+    xfloor = max(float(prob[prob > 0].min()) * 0.5 if (prob > 0).any() else ENTROPY_FLOOR, 1e-12)
+    yfloor = max(float(ent[ent > 0].min()) * 0.5 if (ent > 0).any() else ENTROPY_FLOOR, 1e-12)
+    xfloor, yfloor = min(xfloor, tau_p * 0.1, ENTROPY_FLOOR), min(yfloor, max(tau_h, 1e-12) * 0.1, ENTROPY_FLOOR)
+    prob = np.clip(prob, xfloor, 1.0)
+    ent = np.clip(ent, yfloor, None)
     adv = np.asarray(advantage, dtype=np.float64)
     s2t = np.asarray(s2t, dtype=bool)
     others = np.nonzero(~s2t)[0]
     if others.size > MAX_SCATTER_POINTS:
         others = np.sort(np.random.default_rng(seed).choice(others, MAX_SCATTER_POINTS, replace=False))
     fig, ax = plt.subplots(figsize=(7, 5))
-    xmax = max(1.0, float(prob.max()))
-    ymin, ymax = ENTROPY_FLOOR, max(float(ent.max()) * 1.5, tau_h * 2, 1.0)
-    ax.add_patch(plt.Rectangle((ENTROPY_FLOOR, ymin), max(tau_p - ENTROPY_FLOOR, 0), max(tau_h - ymin, 0),
+    ymax = max(float(ent.max()) * 1.5, tau_h * 2, 1.0)
+    ax.add_patch(plt.Rectangle((xfloor, yfloor), max(tau_p - xfloor, 0), max(tau_h - yfloor, 0),
                                color="#f4a6a6", alpha=0.35, lw=0, label=f"S2T region (p<{tau_p:g}, H<{tau_h:.3g})"))
     for sign, color, name in ((1, "#2a9d4b", "A > 0"), (-1, "#d1495b", "A < 0"), (0, "#9a9a9a", "A = 0")):
         idx = others[np.sign(adv[others]) == sign]
@@ -55,8 +60,8 @@ def p_vs_entropy_png(prob, entropy, advantage, s2t, tau_p: float, tau_h: float, 
         ax.scatter(prob[s2t], ent[s2t], s=60, marker="*", color="black", label=f"S2T tokens ({int(s2t.sum())})")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlim(ENTROPY_FLOOR * 0.8, xmax * 1.2)
-    ax.set_ylim(ymin * 0.8, ymax)
+    ax.set_xlim(xfloor * 0.8, 1.2)
+    ax.set_ylim(yfloor * 0.8, ymax)
     ax.set_xlabel("token probability p = π(a)")
     ax.set_ylabel("entropy H (nats)")
     ax.set_title("Sampled tokens: probability vs entropy")

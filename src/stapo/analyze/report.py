@@ -31,10 +31,10 @@ img.fig{max-width:100%;border:1px solid #eee;margin:6px 0}
 .figs{display:flex;flex-wrap:wrap;gap:12px}
 .sample{border:1px solid #e3e3e3;border-radius:6px;padding:8px 10px;margin:10px 0}
 .meta{font-size:12px;color:#555;margin-bottom:6px}
-.prompt{font-size:12px;color:#666;white-space:pre-wrap;max-height:4.5em;overflow:hidden;margin-bottom:4px}
+.prompt{font-size:12px;color:#666;white-space:pre-wrap;margin-bottom:4px}
 .tokens{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;white-space:pre-wrap;line-height:1.7}
 .tok{border-radius:2px;cursor:default}
-.tok.s2t{outline:2px solid #000;font-weight:bold;background:#ff2d2d !important;color:#fff}
+.tok.s2t,.s2t-key{outline:2px solid #000;font-weight:bold;background:#ff2d2d !important;color:#fff}
 .legend span{display:inline-block;padding:1px 6px;margin-right:4px;font-size:12px;font-family:monospace}
 #tip{position:fixed;display:none;background:#222;color:#fff;font:12px monospace;padding:4px 6px;border-radius:4px;
      pointer-events:none;z-index:10;white-space:pre}
@@ -113,6 +113,11 @@ def _token_text(t: str) -> str:
     return html.escape(t.replace("\n", "↵\n"))
 
 
+def _tail(prompt: str, chars: int = 160) -> str:
+    """The end of the prompt (after a chat template's system header, the question is at the end)."""
+    return prompt if len(prompt) <= chars else "…" + prompt[-chars:]
+
+
 def samples_html(rollouts, s2t_flat: np.ndarray, max_samples: int = DEFAULT_MAX_SAMPLES) -> str:
     """Completions with coloured tokens; samples holding S2T tokens first (largest proxy first)."""
     ro = rollouts
@@ -148,14 +153,14 @@ def samples_html(rollouts, s2t_flat: np.ndarray, max_samples: int = DEFAULT_MAX_
             f'<div class="sample" id="sample-{i}"><div class="meta">step {int(ro.step[i])}, sample {int(ro.sample[i])} · '
             f"reward {reward} · advantage {float(ro.advantage[i]):.3g} · {n} tokens · "
             f"{int(s2t_flat[sl].sum())} S2T</div>"
-            f'<div class="prompt">{html.escape(ro.prompt[i][-400:])}</div>'
+            f'<div class="prompt">{html.escape(_tail(ro.prompt[i]))}</div>'
             f'<div class="tokens">{"".join(spans)}{more}</div></div>'
         )
     shown = f"{len(chosen)} of {ro.num_samples} samples"
     legend = "".join(f'<span style="background:{proxy_color(g)}">{g:g}</span>' for g in (0, 0.5, 1.0, 1.5, 2.0))
     return (
         f'<p class="legend">Token colour = gradient-norm² proxy 1 − 2p + Σπ²: {legend}'
-        f'<span class="tok s2t">S2T</span> = silenced by S2T. Hover a token for p, H, A. ({shown}; '
+        f'<span class="s2t-key">S2T</span> = silenced by S2T. Hover a token for p, H, A. ({shown}; '
         f"samples with S2T tokens first.)</p>" + "".join(out)
     )
 
