@@ -277,13 +277,10 @@ def test_timeout_in_worker_thread():
 
 def test_hard_kill_of_an_unresponsive_worker():
     """A worker that never answers (stopped) is killed at the deadline and replaced."""
-    w = sandbox._POOL.acquire()
+    sandbox.warmup(2)
+    w = sandbox._POOL.acquire(time.monotonic() + 60)
     os.kill(w.proc.pid, signal.SIGSTOP)
-    sandbox._POOL.release(w, healthy=True)
-    # force the next call to use the stopped worker
-    with sandbox._POOL._lock:
-        sandbox._POOL._idle.remove(w)
-        sandbox._POOL._idle.append(w)
+    sandbox._POOL.release(w, healthy=True)  # the most recently released worker is used next
     reset_grading_stats()
     killed_before = grading_stats()["workers_killed"]
     verdict, elapsed = _timed(lambda: math_reward(r"\boxed{\sqrt{4}}", "2", timeout=1.0))
@@ -366,7 +363,7 @@ def test_injection_is_not_executed(tmp_path, template):
 def test_worker_refuses_to_compile_source_text(tmp_path):
     """Defence in depth: even a direct sympy parse_expr inside the worker is refused."""
     path = tmp_path / "PWNED2"
-    w = sandbox._POOL.acquire()
+    w = sandbox._POOL.acquire(time.monotonic() + 60)
     try:
         # the worker parses "\boxed{<pred>}" with latex2sympy; send text that reaches sympify
         # paths and check the audit hook did not let a string be compiled into a file write

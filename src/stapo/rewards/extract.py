@@ -30,27 +30,32 @@ _ANSWER_PHRASE = re.compile(
     r"(?:final\s+answer\s*(?:is|:|=)|answer\s*(?:is|:|=)|answer\s*\*\*\s*:?)\s*:?\s*",
     re.IGNORECASE,
 )
+_SENTENCE_END = re.compile(r"[.;!?]\s+(?=[A-Z(])")
 _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?(?:\s*/\s*\d+)?(?![\w])")
+
+
+_BRACE_EVENT = re.compile(r"[\\{}]")
 
 
 def _braced(text: str, open_at: int, limit: int) -> int:
     """Index just past the brace group opening at ``text[open_at] == '{'``; -1 if it does not
-    close before ``limit``."""
+    close before ``limit``. Jumps between braces and backslashes with a regex (C speed on long
+    runs of plain text)."""
     depth = 0
-    i = open_at
-    while i < limit:
+    pos = open_at
+    while True:
+        m = _BRACE_EVENT.search(text, pos, limit)
+        if m is None:
+            return -1
+        i = m.start()
         c = text[i]
         if c == "\\":
-            i += 2  # an escaped character (\{, \}, \\) never opens or closes a group
+            pos = i + 2  # an escaped character (\{, \}, \\) never opens or closes a group
             continue
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-        i += 1
-    return -1
+        depth += 1 if c == "{" else -1
+        if depth == 0:
+            return i + 1
+        pos = i + 1
 
 
 _BARE_TOKEN = re.compile(r"[^\s$.,;{}]{1,200}")
@@ -157,7 +162,9 @@ def _answer_after_phrase(tail: str) -> str | None:
         close = rest.find("\\]")
         if close > 0:
             return rest[2:close].strip() or None
-    line = rest.split("\n", 1)[0].strip().rstrip("*").strip()
+    line = rest.split("\n", 1)[0]
+    line = _SENTENCE_END.split(line, 1)[0]  # "42. I hope it is correct." -> "42"
+    line = line.strip().rstrip("*").strip()
     line = re.sub(r"[.;]+$", "", line).strip()
     return line or None
 

@@ -21,13 +21,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 from stapo.rewards.extract import all_boxed, extract_answer
 from stapo.rewards.normalize import (
+    MAX_ANSWER_CHARS,
     clean_answer,
     fast_verdict,
     normalize_gold,
     pathological_reason,
     split_top_level,
 )
-from stapo.rewards.sandbox import pool_counters, verify_in_worker
+from stapo.rewards.sandbox import ensure_workers, pool_counters, verify_in_worker
 
 __all__ = ["grade_batch", "grade_answer", "grading_stats", "math_reward", "reset_grading_stats"]
 
@@ -39,6 +40,7 @@ _COUNTER_NAMES = (
     "rejected",  # refused as pathological (scored 0)
     "worker_calls",  # sent to math-verify
     "timeouts",  # math-verify ran out of time (scored 0)
+    "busy",  # no grading worker came free in time (scored 0)
     "parse_failures",  # math-verify could not parse the answer (scored 0)
     "gold_parse_failures",  # ... or the gold (scored 0 unless the fast path matched)
     "errors",  # anything else that went wrong (scored 0)
@@ -86,7 +88,7 @@ _STATS = _Stats()
 
 def grading_stats() -> dict:
     """Counters since the last reset (this process): graded, correct, no_answer, fast_path,
-    rejected (+ rejected_reasons), worker_calls, timeouts, parse_failures, gold_parse_failures,
+    rejected (+ rejected_reasons), worker_calls, timeouts, busy, parse_failures, gold_parse_failures,
     errors, max_latency_s, workers_started, workers_killed."""
     return _STATS.snapshot()
 
@@ -114,6 +116,9 @@ def _prepare(completion: str, gold: str, mode: str) -> tuple[float | None, str, 
     if pred is None:
         _STATS.add(no_answer=1)
         return 0.0, "", ""
+    if len(pred) > MAX_ANSWER_CHARS:  # before any other string work on it
+        _STATS.reject("too_long")
+        return 0.0, "", ""
     g = normalize_gold(gold)
     p = clean_answer(pred)
     gold_parts = split_top_level(g)
@@ -138,6 +143,8 @@ def _finish(p: str, g: str, timeout: float) -> float:
     verdict, status = verify_in_worker(p, g, timeout)
     if status == "timeout":
         _STATS.add(timeouts=1)
+    elif status == "busy":
+        _STATS.add(busy=1)
     elif status == "no_parse":
         _STATS.add(parse_failures=1)
     elif status == "gold_no_parse":
@@ -226,6 +233,7 @@ def grade_batch(
 
     n = workers or max(1, min(8, os.cpu_count() or 1))
     n = min(n, len(slow))
+    ensure_workers(n)
     if n == 1:
         for item in slow:
             run(item)

@@ -33,6 +33,8 @@ MAX_EXPONENT = 100_000
 MAX_FACTORIAL_ARG = 1000
 MAX_NUMBER_DIGITS = 120  # fast-path numbers only; longer ones go to math-verify
 MAX_SCI_EXPONENT = 400
+MAX_POW_BASE = 1000
+MAX_POW_EXPONENT = 4000
 # Two plain numbers are equal when |a - b| <= NUMERIC_REL_TOL * max(|a|, |b|) (exact rationals).
 NUMERIC_REL_TOL = Fraction(1, 10**6)
 
@@ -109,6 +111,7 @@ _SCI_TEX = re.compile(
     r"^([+-]?\d+(?:\.\d+)?)\s*(?:\\times|\\cdot|\*|x)\s*10\s*\^\s*\{?\s*([+-]?\d+)\s*\}?$"
 )
 _APPROXIMATE = re.compile(r"\d\.\d|\.\d|\\times|\\cdot|[eE][+-]?\d")
+_INT_POW = re.compile(r"^(\d{1,4})\s*\^\s*\{?\s*(\d{1,5})\s*\}?$")  # 2^{1009}
 _POW10 = re.compile(r"^10\s*\^\s*\{?\s*([+-]?\d+)\s*\}?$")
 
 
@@ -138,6 +141,12 @@ def as_number(s: str) -> Fraction | None:
             return None
         value = _dec(num) / d
         return -value if sign == "-" else value
+    m = _INT_POW.match(s)
+    if m and m.group(1) != "10":
+        base, exp = int(m.group(1)), int(m.group(2))
+        if base > MAX_POW_BASE or exp > MAX_POW_EXPONENT:
+            return None
+        return Fraction(base) ** exp
     m = _SCI_TEX.match(s) or _POW10.match(s)
     if m:
         mant = _dec(m.group(1)) if m.re is _SCI_TEX else Fraction(1)
@@ -172,7 +181,8 @@ def fast_verdict(pred: str, gold: str) -> float | None:
     decimals, fractions, scientific notation): exactly equal for an integer or fraction gold,
     within a relative 1e-6 for a decimal or scientific gold (1.0), or not (0.0); an integer gold and an answer without a digit (0.0); a text
     gold such as ``\\text{Evelyn}`` compared as words (either verdict; sympy would read the word
-    as a product of symbols and accept anagrams).
+    as a product of symbols and accept anagrams); a plain number against a list, an interval or
+    an expression in a free variable (0.0).
     """
     if not pred:
         return 0.0
@@ -187,6 +197,8 @@ def fast_verdict(pred: str, gold: str) -> float | None:
         return 1.0 if words_pred == words_gold else 0.0
     ng = as_number(cg)
     if ng is None:
+        if as_number(cp) is not None and _cannot_be_a_number(gold):
+            return 0.0
         return None
     if "," in cp and "," not in cg and not _THOUSANDS.match(cp):
         return None  # a list against a number: math-verify decides
@@ -207,10 +219,31 @@ def fast_verdict(pred: str, gold: str) -> float | None:
 
 # numeric towers only: 9^9^9, 10^{10^{10}}, 2^{3^{4^5}} (symbolic ones such as e^{x^2} are real
 # answers; they go to the bounded worker)
+_RELATION = re.compile(r"=|<|>|\\le|\\ge|\\ne|\\in(?![a-z])|\\to|\\approx|\\sim|\\equiv")
+_COMMAND = re.compile(r"\\[A-Za-z]+")
+_TEXT_GROUP = re.compile(r"\\(?:text|mathrm|textbf|mbox|operatorname)\s*\{[^{}]*\}")
+# letters that may stand for constants in a gold (Euler's e, the imaginary unit)
+_FREE_LETTER = re.compile(r"[a-df-hj-zA-DF-HJ-Z]")
+
+
+def _cannot_be_a_number(gold: str) -> bool:
+    """True when no plain number can equal ``gold``: a list of several answers, an interval or
+    tuple, or an expression in a free variable (``x+1``, ``2n-2``) that is not a relation."""
+    if len(split_top_level(gold)) >= 2 and not _THOUSANDS.match(gold.replace(" ", "")):
+        return True
+    g = gold.strip()
+    if g[:1] in "([" and g[-1:] in ")]" and len(split_top_level(g[1:-1])) >= 2:
+        return True
+    if _RELATION.search(g) or "\\text" in g or "\\mathrm" in g or "\\operatorname" in g:
+        return False  # units, words and equations: math-verify decides
+    bare = _COMMAND.sub(" ", _TEXT_GROUP.sub(" ", g))
+    return bool(_FREE_LETTER.search(bare))
+
+
 _TOWER_BRACED = re.compile(r"\^\s*\{\s*\(?\s*[\d.]+\s*\)?\s*\^")
 _TOWER_BARE = re.compile(r"\^\s*[({]?\s*[\d.]+\s*[)}]?\s*\^")
 _TOWER_STARSTAR = re.compile(r"\*\*\s*\(?\s*[\d.]+\s*\)?\s*\*\*")
-_EXPONENT_NUM = re.compile(r"(?:\^|\*\*)\s*\{?\s*\(?\s*(\d{6,}|\d+(?:\s*\d)*)")
+_EXPONENT_NUM = re.compile(r"(?:\^|\*\*)\s*\{?\s*\(?\s*[+-]?\s*(\d{6,}|\d+(?:\s*\d)*)")
 _FACTORIAL = re.compile(r"(\d+)\s*\}?\s*!")
 _FACTORIAL_OF_GROUP = re.compile(r"[)\]]\s*!|\^\s*\{[^{}]*\}\s*\}\s*!")
 

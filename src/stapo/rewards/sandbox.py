@@ -4,9 +4,10 @@
 
 Works the same from a main thread, a worker thread, a daemonic multiprocessing worker or a Ray
 actor: workers are plain ``subprocess.Popen`` children spoken to over pipes, and the deadline is
-a ``select`` on the reply pipe, not a signal. A late worker is killed (SIGKILL) and replaced on
-the next call. Workers are reused across calls (start-up imports sympy, ~1 s; it is not charged
-to the item's timeout) and exit by themselves when their parent closes the pipes or dies.
+a ``select`` on the reply pipe, not a signal. A late worker is killed (SIGKILL) and a replacement
+starts in the background. Workers are reused across calls (start-up imports sympy, ~1-3 s; only
+the first start in a process is waited for outside the item's timeout) and exit by themselves
+when their parent closes the pipes or dies.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ import sys
 import threading
 import time
 
-__all__ = ["WORKER_START_TIMEOUT", "WorkerError", "shutdown_workers", "verify_in_worker", "warmup"]
+__all__ = [
+    "WORKER_START_TIMEOUT",
+    "WorkerError",
+    "ensure_workers",
+    "shutdown_workers",
+    "verify_in_worker",
+    "warmup",
+]
 
 WORKER_START_TIMEOUT = 120.0  # seconds; importing sympy on a loaded 2-core machine can be slow
 _WORKER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_worker.py")
@@ -106,43 +114,113 @@ class _Worker:
 
 
 class _WorkerPool:
-    """Idle workers for this process (a forked child starts its own: pipes are not shareable)."""
+    """This process's grading workers (a forked child starts its own: pipes are not shareable).
 
-    def __init__(self, max_idle: int | None = None) -> None:
-        self.max_idle = max_idle or max(2, min(8, os.cpu_count() or 1))
+    ``target`` workers are kept alive. A caller takes an idle one, or waits (within its deadline)
+    for one to be released or started; workers are started in background threads, so a killed
+    worker's replacement never blocks the next item. Only the very first start in a process is
+    waited for without a deadline (it imports sympy, ~1-3 s): otherwise the first items of a run
+    would score 0 for want of a worker.
+    """
+
+    def __init__(self, target: int | None = None) -> None:
+        env = os.environ.get("STAPO_GRADER_WORKERS")
+        self.target = target or (int(env) if env else max(2, min(8, os.cpu_count() or 1)))
+        # the pool grows up to this when callers have to wait for a worker
+        self.max_target = max(self.target, min(16, 2 * (os.cpu_count() or 1)))
+        self._reset()
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition()
         self._idle: list[_Worker] = []
-        self._lock = threading.Lock()
+        self._live = 0  # started and not killed (idle or busy)
+        self._spawning = 0
         self._pid = os.getpid()
+        self._last_error: str | None = None
         self.started = 0
         self.killed = 0
 
-    def acquire(self) -> _Worker:
-        with self._lock:
-            if self._pid != os.getpid():  # we are a fork: the parent's workers are not ours
-                self._idle, self._pid = [], os.getpid()
-            while self._idle:
-                w = self._idle.pop()
-                if w.proc.poll() is None:
-                    return w
-        w = _Worker()
-        with self._lock:
-            self.started += 1
-        return w
+    def _check_fork(self) -> None:
+        if self._pid != os.getpid():  # we are a fork: the parent's workers are not ours
+            self._reset()
+
+    def _top_up(self) -> None:
+        """Start workers in the background until ``target`` are alive or starting (lock held)."""
+        while self._live + self._spawning < self.target:
+            self._spawning += 1
+            threading.Thread(target=self._spawn, daemon=True, name="stapo-grader-start").start()
+
+    def _spawn(self) -> None:
+        try:
+            w, error = _Worker(), None
+        except (WorkerError, OSError) as e:
+            w, error = None, str(e)
+        with self._cond:
+            self._spawning -= 1
+            if w is not None and self._pid == os.getpid():
+                self.started += 1
+                self._live += 1
+                self._idle.append(w)
+            else:
+                self._last_error = error or self._last_error
+            self._cond.notify_all()
+        if w is not None and self._pid != os.getpid():
+            w.kill()
+
+    def ensure(self, n: int) -> None:
+        """Keep at least ``n`` workers alive from now on."""
+        with self._cond:
+            self._check_fork()
+            self.target = max(self.target, n)
+            self.max_target = max(self.max_target, n)
+            self._top_up()
+
+    def acquire(self, deadline: float) -> _Worker | None:
+        """An idle worker, or None if none is free before ``deadline`` (time.monotonic())."""
+        with self._cond:
+            self._check_fork()
+            self._top_up()
+            while True:
+                while self._idle:
+                    w = self._idle.pop()
+                    if w.proc.poll() is None:
+                        return w
+                    self._live -= 1  # died while idle
+                    self._top_up()
+                if self.started == 0:
+                    # cold start: wait for the first worker however long sympy takes to import
+                    if self._spawning == 0:
+                        raise WorkerError(self._last_error or "no grading worker could be started")
+                    self._cond.wait(WORKER_START_TIMEOUT)
+                    continue
+                if self.target < self.max_target:
+                    # callers are queueing: grow the pool (in the background) for the next ones
+                    self.target += 1
+                    self._top_up()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
 
     def release(self, w: _Worker, healthy: bool) -> None:
-        if healthy and w.proc.poll() is None:
-            with self._lock:
-                if self._pid == os.getpid() and len(self._idle) < self.max_idle:
-                    self._idle.append(w)
-                    return
+        with self._cond:
+            mine = self._pid == os.getpid()
+            if healthy and mine and w.proc.poll() is None:
+                self._idle.append(w)
+                self._cond.notify()
+                return
+            if mine:
+                self._live -= 1
+                self.killed += 1
+                self._top_up()  # the replacement starts in the background
         w.kill()
-        with self._lock:
-            self.killed += 1
 
     def shutdown(self) -> None:
-        with self._lock:
+        with self._cond:
             idle, self._idle = self._idle, []
             mine = self._pid == os.getpid()
+            if mine:
+                self._live -= len(idle)
         if mine:
             for w in idle:
                 w.kill()
@@ -153,10 +231,18 @@ atexit.register(_POOL.shutdown)
 
 
 def warmup(n: int = 1) -> None:
-    """Start ``n`` workers now (a trainer calls this once so the first batch is not slower)."""
-    workers = [_POOL.acquire() for _ in range(n)]
-    for w in workers:
-        _POOL.release(w, healthy=True)
+    """Start ``n`` workers now and wait until they are ready (a trainer calls this once so
+    that the first batch is not slower, and with ``n`` = the number of grading threads)."""
+    _POOL.ensure(n)
+    taken = [_POOL.acquire(time.monotonic() + WORKER_START_TIMEOUT) for _ in range(n)]
+    for w in taken:
+        if w is not None:
+            _POOL.release(w, healthy=True)
+
+
+def ensure_workers(n: int) -> None:
+    """Keep at least ``n`` grading workers alive in this process (started in the background)."""
+    _POOL.ensure(n)
 
 
 def shutdown_workers() -> None:
@@ -169,18 +255,24 @@ def pool_counters() -> dict[str, int]:
 
 
 def verify_in_worker(pred: str, gold: str, timeout: float) -> tuple[float, str]:
-    """math-verify's verdict on (pred, gold) within ``timeout`` seconds: (1.0 | 0.0, status).
+    """math-verify's verdict on (pred, gold) within about ``timeout`` seconds: (1.0 | 0.0, status).
 
     status: ``ok``, ``no_parse``, ``gold_no_parse``, ``timeout`` (the worker gave up or was
-    killed), ``error`` (the worker failed; the verdict is 0.0).
+    killed), ``busy`` (no worker came free in time), ``error`` (the worker failed; 0.0).
+    When the caller had to wait for a worker, the request still gets half of ``timeout``, so
+    the worst case under contention is about 1.5 x ``timeout``.
     """
+    start = time.monotonic()
     try:
-        w = _POOL.acquire()
+        w = _POOL.acquire(start + timeout / 2)
     except (WorkerError, OSError) as e:
         return 0.0, f"error:{e}"
-    reply = w.request(pred, gold, timeout)
+    if w is None:
+        return 0.0, "busy"
+    left = max(timeout - (time.monotonic() - start), timeout / 2)
+    reply = w.request(pred, gold, left)
     if reply is None:
-        _POOL.release(w, healthy=False)  # late or dead: kill it, the next call starts another
+        _POOL.release(w, healthy=False)  # late or dead: kill it; a replacement starts now
         return 0.0, "timeout"
     _POOL.release(w, healthy=True)
     status = reply.get("status", "error")
