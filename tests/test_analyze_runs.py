@@ -35,16 +35,21 @@ def _trl_rows(n=8, spike_at=None):
         ent = 0.5 if s != spike_at else 2.0
         rows.append({"step": s, "reward": 0.1 * s, "entropy": ent, "stapo/s2t_masked_frac": 1e-4,
                      "clip_ratio/low_mean": 0.01, "clip_ratio/high_mean": 0.02,
-                     "completions/mean_length": 30 + s, "learning_rate": 1e-5, "note": "text is ignored"})
+                     "completions/mean_length": 30 + s, "learning_rate": 1e-5, "kind": "train",
+                     "stapo/accuracy": 0.05 * s})
+    # the engine's end-of-training line: totals, not a step
+    rows.append({"step": n, "kind": "summary", "train_runtime": 9.0, "reward": 99.0})
     return rows
 
 
 def test_trl_names_and_curves(tmp_path):
     run = load_run(_write_run(tmp_path / "stapo", _trl_rows(spike_at=5)))
-    assert set(run.curves) == {"reward", "entropy", "s2t_masked_frac", "clip_low", "clip_high", "response_length"}
+    assert set(run.curves) == {"reward", "entropy", "s2t_masked_frac", "clip_low", "clip_high", "response_length",
+                               "accuracy"}
     key, steps, values = run.curves["reward"]
     assert key == "reward" and steps.tolist() == list(range(1, 9))
-    np.testing.assert_allclose(values, [0.1 * s for s in range(1, 9)])
+    np.testing.assert_allclose(values, [0.1 * s for s in range(1, 9)])  # the summary line is skipped
+    assert run.curves["accuracy"][0] == "stapo/accuracy"
     st = entropy_stability(run)
     assert (st.max, st.max_step) == (2.0, 5) and st.spike_ratio == pytest.approx(4.0)
     assert st.start == pytest.approx(0.5) and st.end == pytest.approx(0.5)

@@ -185,3 +185,16 @@ def test_optional_reward_and_aliases(tmp_path):
     write_rollouts(tmp_path, 0, [rec])
     ro = read_rollouts(tmp_path)
     assert np.isnan(ro.reward[0]) and ro.token_text == ["t0", "t1", "t2"]
+
+
+def test_torch_tensor_records(tmp_path):
+    torch = pytest.importorskip("torch")
+    lp = torch.tensor([-0.1, -3.0, -0.0], requires_grad=True) * 1.0  # a graph-attached tensor
+    rec = _record(3, 0, logprobs=lp, entropy=torch.tensor([0.5, 0.2, 0.0], dtype=torch.bfloat16),
+                  collision=torch.tensor([0.8, 0.9, 1.0], dtype=torch.float64), s2t=torch.tensor([False, True, False]),
+                  token_ids=torch.tensor([1, 2, 3]))
+    write_rollouts(tmp_path, 2, [rec])
+    ro = read_rollouts(tmp_path)
+    np.testing.assert_allclose(ro.logprob, [-0.1, -3.0, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(ro.entropy, [0.5, 0.2, 0.0], rtol=1e-2)
+    assert ro.s2t.tolist() == [False, True, False] and ro.token_id.tolist() == [1, 2, 3]

@@ -20,7 +20,9 @@ CONFIG_FILE = "config.yaml"
 
 # curve -> (title, candidate metric names in order of preference)
 CURVES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "reward": ("reward / accuracy", ("reward", "rewards/mean", "accuracy", "critic/score/mean", "reward_mean")),
+    "reward": ("reward", ("reward", "rewards/mean", "critic/score/mean", "reward_mean")),
+    "accuracy": ("training accuracy (reward > 0)", ("stapo/accuracy", "accuracy", "train_accuracy")),
+    "heldout_accuracy": ("held-out accuracy", ("eval_heldout_accuracy", "val/accuracy", "eval_accuracy")),
     "entropy": ("policy entropy (nats)", ("entropy", "stapo/entropy_mean", "actor/entropy", "policy/entropy")),
     "s2t_masked_frac": ("S2T masked fraction", ("stapo/s2t_masked_frac", "s2t_masked_frac", "actor/s2t_masked_frac")),
     "clip_low": ("clip fraction (low)", ("clip_ratio/low_mean", "actor/pg_clipfrac_lower", "clip_ratio/low")),
@@ -29,7 +31,7 @@ CURVES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 # config keys whose difference across compared runs is worth a note (not an error)
 CONFIG_NOTE_KEYS = ("model", "model_name_or_path", "data", "dataset", "num_generations", "group_size")
-_PREFIXES = ("train/", "train_")
+_PREFIXES = ("train/",)  # wandb-style prefixes some loggers add
 
 
 class RunError(ValueError):
@@ -58,6 +60,8 @@ def _read_metrics(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                 raise RunError(f"{path}: line {lineno} is not valid JSON ({err.msg})") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("step"), (int, float)) or isinstance(obj.get("step"), bool):
                 raise RunError(f"{path}: line {lineno} has no numeric 'step'")
+            if obj.get("kind") == "summary":  # end-of-training totals (train_runtime, ...), not a step
+                continue
             step = int(obj["step"])
             for key, value in obj.items():
                 if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -16,6 +16,9 @@ import sys
 from pathlib import Path
 
 
+DEFAULT_NUM_PROMPTS = 16
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "analyze",
@@ -35,8 +38,9 @@ def register(subparsers) -> None:
     src.add_argument("--data", metavar="SOURCE", help="prompts: a .jsonl/.json/.parquet file, synthetic:<task>?n=.., "
                      "benchmark:<name> (needs --model)")
     t.add_argument("--model", default=None, help="'embedded', a local directory or a hub id (with --data)")
-    t.add_argument("--num-prompts", "--limit", dest="num_prompts", type=int, default=16,
-                   help="prompts to use from --data (default 16)")
+    t.add_argument("--num-prompts", "--limit", dest="num_prompts", type=int, default=None,
+                   help=f"prompts to use from --data (default: all of a synthetic:<task>?n=N source, "
+                   f"else the first {DEFAULT_NUM_PROMPTS})")
     t.add_argument("--group-size", "-G", type=int, default=8, help="samples per prompt (default 8)")
     t.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
     t.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
@@ -89,7 +93,10 @@ def _load_model_rollouts(args):
 
     if not args.model:
         raise UserError("--data needs --model (e.g. --model embedded)")
-    for name in ("num_prompts", "max_new_tokens", "batch_prompts", "temperature"):
+    if args.num_prompts is None:
+        explicit_n = args.data.startswith("synthetic:") and "n=" in args.data
+        args.num_prompts = None if explicit_n else DEFAULT_NUM_PROMPTS
+    for name in ("max_new_tokens", "batch_prompts", "temperature") + (("num_prompts",) if args.num_prompts is not None else ()):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
     if args.group_size < 2:
         raise UserError(f"--group-size must be >= 2 (advantages need a group), got {args.group_size}")
