@@ -50,7 +50,7 @@ def scored(tiny):
     for seed in (2, 1, 0, 3, 4):  # a seed whose groups have reward variance (non-zero advantages)
         ro = collect_rollouts(model, tok, PROMPTS, ["2", "5"], group_size=GROUP, max_new_tokens=6,
                               tau_p=0.5, tau_h=None, tau_h_quantile=0.5, seed=seed,
-                              grade=_fake_grade, progress=False)
+                              grade=_fake_grade, progress=False, rows_per_pass=4)  # 2 scoring passes
         if (ro.advantage > 0).any() and ro.s2t.any():
             return ro
     pytest.fail("no seed gave positive advantages and S2T tokens")

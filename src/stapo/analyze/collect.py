@@ -35,19 +35,30 @@ def completion_lengths(ids: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tenso
 @torch.no_grad()
 def score_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                       completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                      temperature: float = 1.0):
+                      temperature: float = 1.0, rows_per_pass: int = 8):
     """(logprob, entropy, collision) [B, Tc] of the completion tokens under `model`, float32.
 
     Prompts are left-padded; position ids follow the attention mask, as in generation, so the
-    distributions are those the tokens were sampled from.
+    distributions are those the tokens were sampled from. Rows go through the model
+    `rows_per_pass` at a time and only the completion positions' logits are materialised,
+    which bounds the [rows, Tc, V] logits block.
     """
     ids = torch.cat([prompt_ids, completion_ids], 1)
     attn = torch.cat([prompt_mask, completion_mask], 1).long()
     pos = (attn.cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
     tc = completion_ids.shape[1]
-    logits = logits[:, -tc - 1 : -1, :]
-    return token_logprobs_entropy(logits, completion_ids, temperature=temperature, return_collision=True)
+    outs = []
+    for s in range(0, ids.shape[0], rows_per_pass):
+        sl = slice(s, s + rows_per_pass)
+        kwargs = dict(input_ids=ids[sl], attention_mask=attn[sl], position_ids=pos[sl])
+        try:
+            logits = model(**kwargs, logits_to_keep=tc + 1).logits
+        except TypeError:  # a model class without logits_to_keep
+            logits = model(**kwargs).logits
+        logits = logits[:, -tc - 1 : -1, :]
+        outs.append(token_logprobs_entropy(logits, completion_ids[sl], temperature=temperature,
+                                           return_collision=True))
+    return tuple(torch.cat([o[k] for o in outs]) for k in range(3))
 
 
 def collect_rollouts(
@@ -66,11 +77,13 @@ def collect_rollouts(
     seed: int = 0,
     grade: Callable[[list[str], list[str]], list[float]] | None = None,
     progress: bool = True,
+    rows_per_pass: int = 8,
 ) -> Rollouts:
     """Sample `group_size` completions of each (already formatted) prompt and score every token.
 
     `grade(completions, golds) -> rewards` defaults to `stapo.rewards.grade_batch`. The S2T flags
-    are `core.s2t_mask` over all collected tokens at the given thresholds.
+    are `core.s2t_mask` over all collected tokens at the given thresholds. `rows_per_pass`
+    sequences go through the scoring forward pass at a time.
     """
     if len(prompts) != len(golds):
         raise ValueError(f"prompts and golds differ in length ({len(prompts)} vs {len(golds)})")
@@ -109,7 +122,7 @@ def collect_rollouts(
         comp = torch.where(cmask, comp, torch.full_like(comp, pad))
         pids = enc["input_ids"].repeat_interleave(group_size, 0)
         pmask = enc["attention_mask"].repeat_interleave(group_size, 0)
-        lp, ent, col = score_completions(model, pids, pmask, comp, cmask, temperature)
+        lp, ent, col = score_completions(model, pids, pmask, comp, cmask, temperature, rows_per_pass)
         for i in range(comp.shape[0]):
             n = int(lens[i])
             per_sample.append((chunk[i // group_size], comp[i, :n].tolist(), lp[i, :n].cpu(),

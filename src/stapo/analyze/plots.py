@@ -100,6 +100,7 @@ def curves_png(panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], titl
             ax.plot(steps, values, marker="." if len(steps) < 30 else None, lw=1.4, label=run)
         ax.set_title((titles or {}).get(name, name), fontsize=10)
         ax.set_xlabel("step")
+        ax.ticklabel_format(axis="y", useOffset=False)  # absolute values, not "1e-6 + 11.92"
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(names):]:

@@ -316,7 +316,7 @@ def format_sweep(sw: Sweep, value: str = "frac") -> str:
     body = []
     for label in sw.tau_h_labels:
         cells = [sw.cell(label, p) for p in sw.tau_p]
-        name = f"{label} ({cells[0].tau_h:.3g})" if label.startswith("q") else f"{label} nats"
+        name = f"{label} ({cells[0].tau_h:.4g})" if label.startswith("q") else f"{label} nats"
         if value == "frac":
             body.append([name] + [f"{_pct(c.frac)} ({c.count})" for c in cells])
         else:
