@@ -222,6 +222,13 @@ def test_bad_arguments_raise():
         grade_batch(["a"], ["1", "2"])
     with pytest.raises(ValueError, match="workers"):
         grade_batch(["a"], ["1"], workers=0)
+    with pytest.raises(ValueError, match="mode"):
+        math_reward("x", "1", mode="box")
+    with pytest.raises(ValueError, match="gold must be a string"):
+        math_reward("x", None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"golds\[1\] must be a string"):
+        grade_batch(["a", "b"], ["1", None])  # type: ignore[list-item]
+    assert math_reward(r"\boxed{27}", 27) == 1.0  # numeric golds (AMC's 27.0) are fine
 
 
 def test_non_string_completion_scores_zero():

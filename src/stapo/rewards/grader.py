@@ -19,7 +19,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from stapo.rewards.extract import all_boxed, extract_answer
+from stapo.rewards.extract import EXTRACTION_MODES, all_boxed, extract_answer
 from stapo.rewards.normalize import (
     MAX_ANSWER_CHARS,
     clean_answer,
@@ -107,6 +107,18 @@ def _check_timeout(timeout: float) -> float:
     return t
 
 
+def _check_mode(mode: str | None, require_boxed: bool) -> str:
+    m = mode or ("boxed" if require_boxed else "auto")
+    if m not in EXTRACTION_MODES:
+        raise ValueError(f"mode must be one of {EXTRACTION_MODES}, got {mode!r}")
+    return m
+
+
+def _check_gold(gold, where: str = "gold") -> None:
+    if isinstance(gold, bool) or not isinstance(gold, (str, int, float)):
+        raise ValueError(f"{where} must be a string (or a number), got {type(gold).__name__}: {gold!r}")
+
+
 def _prepare(completion: str, gold: str, mode: str) -> tuple[float | None, str, str]:
     """(verdict if already decided, cleaned answer, cleaned gold). Runs in the caller, cheap."""
     if not isinstance(completion, str):
@@ -170,9 +182,11 @@ def math_reward(
     and, failing that, the last number (see :func:`stapo.rewards.extract_answer`).
     """
     t = _check_timeout(timeout)
+    m = _check_mode(mode, require_boxed)
+    _check_gold(gold)
     start = time.monotonic()
     try:
-        verdict, p, g = _prepare(completion, gold, mode or ("boxed" if require_boxed else "auto"))
+        verdict, p, g = _prepare(completion, str(gold), m)
         if verdict is None:
             verdict = _finish(p, g, t)
     except Exception:  # noqa: BLE001 - a grading bug must not kill a training run
@@ -201,13 +215,15 @@ def grade_batch(
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
     t = _check_timeout(timeout)
-    m = mode or ("boxed" if require_boxed else "auto")
+    m = _check_mode(mode, require_boxed)
+    for i, g in enumerate(golds):
+        _check_gold(g, f"golds[{i}]")
     out: list[float] = [0.0] * len(completions)
     slow: list[tuple[int, str, str, float]] = []
     for i, (c, g) in enumerate(zip(completions, golds)):
         start = time.monotonic()
         try:
-            verdict, p, gc = _prepare(c, g, m)
+            verdict, p, gc = _prepare(c, str(g), m)
         except Exception:  # noqa: BLE001
             _STATS.add(errors=1)
             verdict, p, gc = 0.0, "", ""
