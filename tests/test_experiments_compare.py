@@ -1,0 +1,241 @@
+"""experiments/compare/run.py: the small-scale STAPO vs baselines sweep and its report.
+
+Aggregation is checked on hand-written run directories with hand-worked expected numbers; the
+sweep itself runs end to end (`--quick`) on a tiny random Qwen3.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "compare" / "run.py"
+
+
+@pytest.fixture(scope="module")
+def compare():
+    spec = importlib.util.spec_from_file_location("experiments_compare_run", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run_script(*args, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+
+
+# ------------------------------------------------------------------------------ pure pieces
+
+
+def test_moving_average_hand_worked(compare):
+    got = compare.moving_average(np.array([1.0, 3.0, 5.0, 7.0]), 2)
+    np.testing.assert_allclose(got, [1.0, 2.0, 4.0, 6.0])
+    got = compare.moving_average(np.array([4.0, 0.0, 2.0, 6.0]), 3)
+    np.testing.assert_allclose(got, [4.0, 2.0, 2.0, 8.0 / 3.0])
+    np.testing.assert_allclose(compare.moving_average(np.array([1.0, 9.0]), 1), [1.0, 9.0])
+
+
+def test_aggregate_over_seeds_uses_common_steps(compare):
+    a = (np.array([1, 2, 3]), np.array([1.0, 2.0, 3.0]))
+    b = (np.array([1, 2, 3, 4]), np.array([3.0, 4.0, 5.0, 6.0]))  # step 4 only in one seed: dropped
+    band = compare.aggregate([a, b])
+    np.testing.assert_array_equal(band.steps, [1, 2, 3])
+    np.testing.assert_allclose(band.mean, [2.0, 3.0, 4.0])
+    np.testing.assert_allclose(band.lo, [1.0, 2.0, 3.0])
+    np.testing.assert_allclose(band.hi, [3.0, 4.0, 5.0])
+    assert band.seeds == 2
+    # smoothing happens per seed before aggregation: a -> [1, 1.5, 2.5], b -> [3, 3.5, 4.5, 5.5]
+    band = compare.aggregate([a, b], window=2)
+    np.testing.assert_allclose(band.mean, [2.0, 2.5, 3.5])
+    assert compare.aggregate([]) is None
+    assert compare.aggregate([(np.array([1]), np.array([1.0])), (np.array([2]), np.array([1.0]))]) is None
+
+
+def test_spread_hand_worked(compare):
+    s = compare.spread([0.2, 0.4, 0.9])
+    assert s["mean"] == pytest.approx(0.5) and s["min"] == 0.2 and s["max"] == 0.9 and s["n"] == 3
+    assert s["std"] == pytest.approx(((0.09 + 0.01 + 0.16) / 2) ** 0.5)
+    assert compare.spread([0.3])["std"] == 0.0
+    assert compare.fmt_spread(s) == "0.500 [0.200, 0.900]"
+    assert compare.fmt_spread(compare.spread([0.25])) == "0.250"
+
+
+# --------------------------------------------------------------- report from hand-written runs
+
+
+def _fake_run(root: Path, method: str, seed: int, entropy, masked, before, after, eval_points=()):
+    """A run directory as `stapo train` writes it (the files the report reads)."""
+    d = root / "runs" / f"{method}-seed{seed}"
+    d.mkdir(parents=True)
+    lines = []
+    for step, (h, f) in enumerate(zip(entropy, masked), 1):
+        lines.append({"step": step, "kind": "train", "entropy": h, "stapo/s2t_masked_frac": f,
+                      "stapo/s2t_masked_count": f * 100, "stapo/entropy_threshold": 0.5, "reward": 0.25 * seed,
+                      "clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.01, "completions/mean_length": 20.0})
+    for step, acc in eval_points:
+        lines.append({"step": step, "kind": "eval", "eval_heldout_accuracy": acc})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (d / "eval.json").write_text(json.dumps({
+        "before": {"accuracy": before, "stderr": 0.01, "problems": 20, "samples_per_problem": 8},
+        "after": {"accuracy": after, "stderr": 0.02, "problems": 20, "samples_per_problem": 8},
+    }))
+    cfg = {"model": "embedded", "method": method, "seed": seed, "max_steps": len(entropy)}
+    if method == "stapo":
+        cfg.update(tau_p=0.02, tau_h=None, tau_h_quantile=None)  # tau_h_quantile null: the preset's 0.05
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (d / "summary.json").write_text(json.dumps({"method": method}))
+    (d / "sweep_run.json").write_text(json.dumps({"method": method, "seed": seed, "wall_s": 10.0 + seed,
+                                                  "completed": True}))
+    return d
+
+
+def test_report_from_runs_hand_worked(compare, tmp_path):
+    _fake_run(tmp_path, "grpo", 0, [1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.1, 0.1], 0.2, 0.3, [(2, 0.25)])
+    _fake_run(tmp_path, "grpo", 1, [3.0, 4.0, 5.0, 6.0], [0.1, 0.1, 0.2, 0.2], 0.2, 0.5, [(2, 0.35)])
+    _fake_run(tmp_path, "stapo", 0, [1.0, 1.0, 1.0, 1.0], [0.02, 0.04, 0.06, 0.08], 0.2, 0.6)
+    _fake_run(tmp_path, "stapo", 1, [2.0, 2.0, 2.0, 2.0], [0.0, 0.0, 0.0, 0.0], 0.1, 0.4)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": "embedded", "max_steps": 4}))
+    report, results = compare.build_report(tmp_path, ["run.py"], ["grpo", "stapo"], [0, 1], window=1,
+                                           log=lambda s: None)
+    s = results["summary"]
+    assert s["grpo"]["heldout_after"]["mean"] == pytest.approx(0.4)
+    assert (s["grpo"]["heldout_after"]["min"], s["grpo"]["heldout_after"]["max"]) == (0.3, 0.5)
+    assert s["stapo"]["heldout_after"]["mean"] == pytest.approx(0.5)
+    assert s["stapo"]["heldout_before"]["mean"] == pytest.approx(0.15)
+    # masked fraction: per run mean over steps, then mean over seeds: stapo (0.05 + 0) / 2, grpo (0.05 + 0.15) / 2
+    assert s["stapo"]["s2t_masked_frac"]["all"]["mean"] == pytest.approx(0.025)
+    assert s["grpo"]["s2t_masked_frac"]["all"]["mean"] == pytest.approx(0.10)
+    # masked tokens in the run: sum of the per-step counts (100 x frac): stapo seed 0: 2+4+6+8 = 20, seed 1: 0
+    assert s["stapo"]["s2t_masked_total"]["values"] == pytest.approx([20.0, 0.0])
+    # entropy: first / last 10% of 4 steps = the first / last step; grpo seeds 1 and 3 -> mean 2, 4 and 6 -> 5
+    assert s["grpo"]["entropy"]["first10"]["mean"] == pytest.approx(2.0)
+    assert s["grpo"]["entropy"]["last10"]["mean"] == pytest.approx(5.0)
+    assert results["s2t_thresholds"] == {"tau_p": 0.02, "tau_h": None, "tau_h_quantile": 0.05}
+    assert results["total_run_wall_s"] == pytest.approx(4 * 10.0 + 2 * 1.0)
+    text = report.read_text()
+    table = text.split("## Held-out accuracy", 1)[1].split("##", 1)[0]
+    assert "| grpo | 2 | 0.200 [0.200, 0.200] | 0.400 [0.300, 0.500] | 0.200 [0.100, 0.300] |" in table
+    assert "| stapo | 2 | 0.150 [0.100, 0.200] | 0.500 [0.400, 0.600] |" in table
+    assert "tau_p = 0.02" in text and "0.05 quantile" in text
+    for name in ("heldout_accuracy", "entropy", "s2t_masked_frac", "clip_low", "clip_high", "response_length",
+                 "overview"):
+        png = tmp_path / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert (tmp_path / "analyze" / "runs.html").is_file()
+    # the held-out curve: step 0 = before, the eval_every point, the last step = after
+    grpo0 = compare.load_run_data(tmp_path / "runs" / "grpo-seed0", "grpo", 0)
+    steps, values = grpo0.curves[compare.HELDOUT]
+    assert steps.tolist() == [0, 2, 4] and values.tolist() == [0.2, 0.25, 0.3]
+
+
+def test_report_lists_missing_runs(compare, tmp_path):
+    _fake_run(tmp_path, "grpo", 0, [1.0, 2.0], [0.0, 0.0], 0.2, 0.3)
+    _, results = compare.build_report(tmp_path, ["run.py"], ["grpo", "stapo"], [0], window=1, log=lambda s: None,
+                                      html=False)
+    assert results["missing_runs"] == ["stapo-seed0"]
+    assert "**Missing or failed runs**" in (tmp_path / "report.md").read_text()
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--methods", "grpo,ppo"], "unknown method 'ppo'"),
+        (["--seeds", "0,x"], "--seeds: 'x'"),
+        (["--seeds", "1,1"], "duplicate"),
+        (["--set", "method=grpo"], "'method' is set per run"),
+        (["--set", "novalue"], "key=value"),
+        (["--steps", "0"], "--steps must be >= 1"),
+    ],
+)
+def test_bad_arguments_one_clear_error(compare, tmp_path, capsys, args, needle):
+    assert compare.main([*args, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and needle in err and "Traceback" not in err
+
+
+def test_report_only_without_runs(compare, tmp_path, capsys):
+    assert compare.main(["--report-only", "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_methods_differ_only_in_method(compare, tmp_path):
+    """The resolved run configs of the sweep (base.yaml as shipped) differ only in method and output_dir."""
+    from stapo.config import load_config
+
+    cfg = compare.shared_config(compare.build_parser().parse_args([]))
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    flats = {m: load_config(path, compare.run_overrides(tmp_path, m, 0)).to_flat_dict() for m in compare.METHODS}
+    for m, flat in flats.items():
+        diff = {k for k in set(flat) | set(flats["stapo"]) if flat.get(k) != flats["stapo"].get(k)}
+        assert diff <= {"method", "output_dir"}, (m, diff)
+        assert flat["seed"] == 0 and flat["method"] == m
+    # off-policy second step: without it the clip range never acts and grpo == justrl exactly
+    assert flats["stapo"]["steps_per_generation"] > flats["stapo"]["gradient_accumulation_steps"]
+
+
+def test_changed_shared_config_refuses_to_mix(compare, tmp_path, capsys):
+    _fake_run(tmp_path, "grpo", 0, [1.0], [0.0], 0.2, 0.3)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": "something-else"}))
+    assert compare.main(["--methods", "grpo", "--seeds", "0", "--out", str(tmp_path)]) == 2
+    assert "different shared config" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.slow
+def test_quick_sweep_end_to_end(tiny_qwen3_dir, tmp_path):
+    out = tmp_path / "quick"
+    proc = _run_script("--quick", "--model", tiny_qwen3_dir, "--out", out)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for name in ("report.md", "results.json", "config.yaml", "analyze/runs.html", "plots/overview.png",
+                 "plots/entropy.png", "plots/heldout_accuracy.png", "plots/s2t_masked_frac.png"):
+        assert (out / name).is_file(), name
+    text = (out / "report.md").read_text()
+    table = text.split("## Held-out accuracy", 1)[1].split("##", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert [r.split("|")[1].strip() for r in rows] == ["grpo", "20-entropy", "justrl", "stapo"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["missing_runs"] == []
+    # each run's resolved config differs from the others only in method / output_dir
+    flats = {m: yaml.safe_load((out / "runs" / f"{m}-seed0" / "config.yaml").read_text())
+             for m in ("grpo", "20-entropy", "justrl", "stapo")}
+    for m, flat in flats.items():
+        assert flat["max_steps"] == 2 and flat["method"] == m
+        assert {k for k in flat if flat[k] != flats["grpo"].get(k)} <= {"method", "output_dir"}
+        metrics = [json.loads(x) for x in (out / "runs" / f"{m}-seed0" / "metrics.jsonl").read_text().splitlines()]
+        assert {x["step"] for x in metrics if "entropy" in x} == {1, 2}
+    # resumable: a second invocation skips the completed runs and rewrites only the report
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
+    again = _run_script("--quick", "--model", tiny_qwen3_dir, "--out", out)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("already complete, skipped") == 4
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+@pytest.mark.slow
+def test_failed_run_is_recorded_and_reported(tmp_path):
+    out = tmp_path / "fail"
+    proc = _run_script("--quick", "--methods", "grpo", "--model", tmp_path / "no-such-model", "--out", out,
+                       timeout=300)
+    assert proc.returncode == 1
+    assert "every run failed: grpo-seed0" in proc.stderr
+    info = json.loads((out / "runs" / "grpo-seed0" / "sweep_run.json").read_text())
+    assert info["completed"] is False and info["returncode"] != 0
+    assert "no-such-model" in (out / "runs" / "grpo-seed0" / "train.log").read_text()
