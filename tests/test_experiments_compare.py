@@ -239,3 +239,50 @@ def test_failed_run_is_recorded_and_reported(tmp_path):
     info = json.loads((out / "runs" / "grpo-seed0" / "sweep_run.json").read_text())
     assert info["completed"] is False and info["returncode"] != 0
     assert "no-such-model" in (out / "runs" / "grpo-seed0" / "train.log").read_text()
+
+
+# ------------------------------------------------------------------------------ GPU launch scripts
+
+
+GPU_DIR = ROOT / "experiments" / "compare" / "gpu"
+
+
+def _bash(script, *args, **env):
+    full_env = dict(os.environ, PYTHON=sys.executable, **env)
+    return subprocess.run(["bash", str(GPU_DIR / script), *args], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env=full_env)
+
+
+def test_trl_8gpu_has_a_preset_per_method():
+    from stapo.config import find_config
+
+    for method in ("grpo", "20-entropy", "justrl", "stapo"):
+        assert find_config(f"paper/qwen3-1.7b-{method}").is_file()
+
+
+@pytest.mark.parametrize("method", ["grpo", "stapo"])  # the script is the same for every method
+def test_trl_8gpu_dry_run_command(method):
+    proc = _bash("run_trl_8gpu.sh", method, "max_steps=3", DRY_RUN="1", SEED="1")
+    assert proc.returncode == 0, proc.stderr
+    cmd = proc.stdout.split()
+    assert cmd[:2] == ["accelerate", "launch"]
+    assert cmd[cmd.index("--num_processes") + 1] == "8"
+    assert Path(cmd[cmd.index("--config_file") + 1]).is_file()
+    assert cmd[cmd.index("-m") + 1 : cmd.index("-m") + 4] == ["stapo", "train", f"paper/qwen3-1.7b-{method}"]
+    assert f"output_dir=runs/compare-gpu/{method}-seed1" in cmd and "seed=1" in cmd and "max_steps=3" in cmd
+
+
+def test_trl_8gpu_refuses_bad_method_and_bad_override():
+    proc = _bash("run_trl_8gpu.sh", "ppo", DRY_RUN="1")
+    assert proc.returncode == 2 and "unknown method 'ppo'" in proc.stderr
+    proc = _bash("run_trl_8gpu.sh", "grpo", "tau_p=0.05", DRY_RUN="1")  # S2T thresholds are stapo-only
+    assert proc.returncode != 0 and "tau_p" in proc.stderr and "accelerate" not in proc.stdout
+
+
+def test_verl_dry_run_uses_the_recipe():
+    pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
+    proc = _bash("run_verl.sh", "stapo", DRY_RUN="1")
+    assert proc.returncode == 0, proc.stderr
+    assert "stapo.verl.main" in proc.stdout.splitlines()[0]
+    assert "qwen3-1.7b" in proc.stdout.lower() or "Qwen3-1.7B" in proc.stdout
+    assert _bash("run_verl.sh", "ppo").returncode == 2
