@@ -113,6 +113,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "num_iterations": (lambda v: v >= 1, "must be >= 1"),
     "capture_rollouts_every": (lambda v: v >= 0, "must be >= 0 (0 = off)"),
     "capture_max_samples": (lambda v: v >= 1, "must be >= 1"),
+    "max_nonfinite_steps": (lambda v: v >= 1, "must be >= 1 (skipped non-finite steps in a row before stopping)"),
     "reward_timeout": (lambda v: v > 0, "must be > 0 seconds"),
     "reward_mode": (lambda v: v in ("auto", "boxed"), "must be 'auto' or 'boxed'"),
     "eval_samples": (lambda v: v >= 1, "must be >= 1"),

@@ -38,12 +38,13 @@ def train_from_config(cfg, resume: bool = False) -> int:
     from stapo.cli import UserError
     from stapo.config import ConfigError
     from stapo.data import DataError
+    from stapo.engines.trl_state import NonFiniteTrainingError
     from stapo.models import ModelLoadError
     from stapo.train import run_training
 
     try:
         summary = run_training(cfg, resume=resume)
-    except (ConfigError, DataError, ModelLoadError) as err:
+    except (ConfigError, DataError, ModelLoadError, NonFiniteTrainingError) as err:
         raise UserError(str(err)) from None
     ev = summary.get("eval", {})
     if "before" in ev and "after" in ev:

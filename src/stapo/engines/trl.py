@@ -5,7 +5,19 @@
     STAPOTrainer(GRPOTrainer)  replaces only `_compute_loss`: per-token log-probs and entropies come
                                from TRL, the mask and the clipped loss from `stapo.core`.
 
-Generation, rewards, advantages, batching, logging and checkpointing are TRL's.
+Generation, rewards, advantages, batching, logging and checkpointing are TRL's, with three changes
+for reliability (`stapo.engines.trl_state`): checkpoints are published atomically (staging directory
++ rename), a resumed run drops the metrics lines and rollout captures newer than its checkpoint, and
+optimizer steps with a non-finite loss or gradient norm are skipped, counted and, after
+`max_nonfinite_steps` in a row, stop the run (`NonFiniteTrainingError`).
+
+LM head (`fused_lm_head`). TRL 1.16 patches the model so that its training forward stops at the
+hidden states and a chunked head (`trl.trainer.utils._ChunkedLogProbFunction`) turns them into
+per-token log-probs and entropies. With `fused_lm_head` on, that slot is filled by
+`stapo.core.TRLChunkedLogProbAdapter` (float32 logits, O(rows x vocab chunk) extra memory) for the
+duration of each `_get_per_token_logps_and_entropies` call only, so other trainers in the same
+process keep TRL's head. None (auto) turns it on unless the model softcaps its logits or the run
+uses DeepSpeed ZeRO-3 (the adapter cannot serve those); True in those cases is an error.
 
 Preset -> TRL options (`STAPOConfig.__post_init__`). These TRL fields default to None here, meaning
 "take the preset's value"; any value the user passes (even one equal to TRL's default) is kept:
@@ -48,14 +60,21 @@ when torch.distributed is initialised), the same scope as TRL's own `top_entropy
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import rotate_checkpoints
 from trl import GRPOConfig, GRPOTrainer
 
 from stapo.core import (
+    TRLChunkedLogProbAdapter,
     entropy_quantile,
     get_preset,
     high_entropy_mask,
@@ -65,6 +84,17 @@ from stapo.core import (
     zero_variance_group_fraction,
 )
 from stapo.engines.trl_metrics import MetricsJsonlCallback, TokenStats, reduce_window, window_metrics
+from stapo.engines.trl_state import (
+    NonFiniteGuard,
+    NonFiniteTrainingError,
+    publish_checkpoint,
+    remove_stale_staging,
+    staging_dir,
+    truncate_rollouts_after_step,
+)
+
+logger = logging.getLogger(__name__)
+__all__ = ["STAPOConfig", "STAPOTrainer", "NonFiniteTrainingError", "stapo_lm_head_in_trl"]
 
 # TRL fields a preset sets unless the user set them explicitly.
 PRESET_OPTIONS = ("loss_type", "epsilon", "epsilon_high", "scale_rewards", "beta", "top_entropy_quantile")
@@ -118,7 +148,16 @@ class STAPOConfig(GRPOConfig):
     )
     capture_max_samples: int = field(default=16, metadata={"help": "Completions captured per capture step."})
     fused_lm_head: bool | None = field(
-        default=None, metadata={"help": "Memory-lean LM head (None: auto). Reserved; not wired yet."}
+        default=None,
+        metadata={
+            "help": "Compute log-probs/entropies with stapo's memory-lean LM head in TRL's fused-head slot "
+            "(None: auto = on unless the model softcaps logits or DeepSpeed ZeRO-3 is used)."
+        },
+    )
+    max_nonfinite_steps: int = field(
+        default=3,
+        metadata={"help": "Stop after this many optimizer steps in a row with a non-finite loss or gradient "
+                  "(each such step is skipped)."},
     )
 
     def __post_init__(self):
@@ -196,6 +235,11 @@ class STAPOConfig(GRPOConfig):
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if self.capture_max_samples < 1:
             raise ValueError(f"capture_max_samples must be >= 1, got {self.capture_max_samples}")
+        k = self.max_nonfinite_steps
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"max_nonfinite_steps must be an int >= 1, got {k!r}")
+        if self.fused_lm_head is not None and not isinstance(self.fused_lm_head, bool):
+            raise ValueError(f"fused_lm_head must be true, false or null (auto), got {self.fused_lm_head!r}")
 
 
 class STAPOTrainer(GRPOTrainer):
@@ -211,6 +255,11 @@ class STAPOTrainer(GRPOTrainer):
         self.token_filter = self.preset.token_filter
         self._window: TokenStats | None = None
         self._captured: list[dict] = []
+        self._window_loss = 0.0  # global loss sum of the last finished window (non-finite check)
+        self._nonfinite = NonFiniteGuard(limit=args.max_nonfinite_steps)
+        self._step_skipped = False
+        self._staging_run_dir: str | None = None
+        self.use_stapo_lm_head = self._resolve_fused_lm_head(args.fused_lm_head)
         if self._deferred_denominator() and self.is_deepspeed_enabled:
             raise ValueError(
                 "method='stapo' with loss_type='dapo' and several micro-batches per step rescales gradients at the "
@@ -219,6 +268,38 @@ class STAPOTrainer(GRPOTrainer):
             )
         if args.metrics_jsonl:
             self.add_callback(MetricsJsonlCallback())
+        self.add_callback(_RunDirectoryCallback())
+
+    # ---- LM head ----------------------------------------------------------------------------
+
+    def _resolve_fused_lm_head(self, requested: bool | None) -> bool:
+        """Whether stapo's LM head fills TRL's fused-head slot (see the module docstring)."""
+        import trl.trainer.utils as trl_utils
+
+        model = self.accelerator.unwrap_model(self.model)
+        config = getattr(model, "config", None)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        blockers = []
+        if not hasattr(trl_utils, "_ChunkedLogProbFunction"):
+            blockers.append("this TRL version has no fused-head slot (trl.trainer.utils._ChunkedLogProbFunction)")
+        if getattr(text_config, "final_logit_softcapping", None) is not None:
+            blockers.append("the model softcaps its logits (final_logit_softcapping)")
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None) if self.is_deepspeed_enabled else None
+        if plugin is not None and getattr(plugin, "zero_stage", None) == 3:
+            blockers.append("DeepSpeed ZeRO-3 gathers the head weight only inside TRL's own head")
+        if self.args.entropy_coef != 0 or self.args.use_adaptive_entropy:
+            blockers.append("an entropy bonus needs a differentiable entropy")
+        if requested and blockers:
+            raise ValueError(f"fused_lm_head=True is not possible here: {blockers[0]}; set fused_lm_head=false or null")
+        use = (not blockers) if requested is None else bool(requested)
+        logger.info("stapo: LM head for log-probs/entropies: %s", "stapo (fused_lm_head on)" if use else "TRL's")
+        return use
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        if not self.use_stapo_lm_head:
+            return super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        with stapo_lm_head_in_trl():
+            return super()._get_per_token_logps_and_entropies(*args, **kwargs)
 
     # ---- denominators -------------------------------------------------------------------------
 
@@ -353,13 +434,14 @@ class STAPOTrainer(GRPOTrainer):
         if w is None:
             return
         g = reduce_window(w, self.accelerator)
+        self._window_loss = g["loss"]
         scale = 1.0
         if w.deferred and g["masked"] > 0 and g["valid"] > g["masked"]:
             scale = g["valid"] / (g["valid"] - g["masked"])
             for p in model.parameters():
                 if p.grad is not None:
                     p.grad.mul_(scale)
-            if getattr(self, "_tr_loss", None) is not None:
+            if getattr(self, "_tr_loss", None) is not None and math.isfinite(w.get("loss")):
                 self._tr_loss += (scale - 1.0) * w.get("loss")
         metrics = window_metrics(g, s2t_applied=self.token_filter == "s2t")
         metrics["stapo/denominator_scale"] = scale
@@ -377,7 +459,91 @@ class STAPOTrainer(GRPOTrainer):
 
     def _get_grad_norm(self, model, grad_norm=None):
         self._finish_window(model)  # no-op when _clip_grad_norm already ended the window
-        return super()._get_grad_norm(model, grad_norm=grad_norm)
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self._guard_nonfinite(model, grad_norm)
+        return grad_norm
+
+    # ---- non-finite steps, checkpoints ---------------------------------------------------------
+
+    def _guard_nonfinite(self, model, grad_norm) -> None:
+        """Called once per optimizer step, right before `optimizer.step()` (all processes agree:
+        the loss is summed over processes and the gradient norm is global)."""
+        loss = self._window_loss
+        norm = float(grad_norm) if grad_norm is not None else 0.0
+        step = self.state.global_step + 1
+        self._window_loss = 0.0
+        if self._nonfinite.check(loss, norm, step):  # raises on the max_nonfinite_steps-th in a row
+            self._step_skipped = False
+            return
+        self._step_skipped = True
+        # Without gradients the optimizer skips every parameter: no update, no moment or weight-decay change.
+        for p in model.parameters():
+            p.grad = None
+        logger.warning(
+            "stapo: step %d skipped: non-finite loss (%s) or gradient norm (%s); %d skipped so far, %d in a row "
+            "(the run stops at %d in a row)", step, loss, norm, self._nonfinite.total, self._nonfinite.consecutive,
+            self._nonfinite.limit,
+        )
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        except NonFiniteTrainingError:
+            for callback in self.callback_handler.callbacks:  # end the progress bar before the message
+                bar = getattr(callback, "training_bar", None)
+                if bar is not None:
+                    bar.close()
+                    callback.training_bar = None
+            raise
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs and self.model.training:
+            logs = {**logs, "stapo/nonfinite_steps": float(self._nonfinite.total)}
+        return super().log(logs, *args, **kwargs)
+
+    def _get_output_dir(self, trial):
+        if self._staging_run_dir is not None:  # inside _save_checkpoint: the Trainer writes into staging
+            return self._staging_run_dir
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's checkpoint, written into a staging directory and published with one rename."""
+        if self._step_skipped:
+            logger.warning("stapo: no checkpoint at step %d (its update was skipped)", self.state.global_step)
+            return
+        run_dir = self._get_output_dir(trial)
+        name = f"checkpoint-{self.state.global_step}"
+        staging = staging_dir(run_dir, self.state.global_step)
+        if self.args.should_save:
+            remove_stale_staging(run_dir)
+        self.accelerator.wait_for_everyone()
+        self._staging_run_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_run_dir = None
+        if self.args.should_save:
+            self._nonfinite.save(staging / name)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = Path(run_dir) / name
+            publish_checkpoint(staging / name, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            best = self.state.best_model_checkpoint
+            if best and Path(best) == staging / name:
+                self.state.best_model_checkpoint = str(final)
+                self.state.save_to_json(str(final / "trainer_state.json"))
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        self._nonfinite.load(checkpoint)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -474,6 +640,30 @@ class STAPOTrainer(GRPOTrainer):
             logits, inputs["completion_ids"][rows], temperature=self.temperature, return_collision=True
         )
         return collision.float()
+
+
+class _RunDirectoryCallback(TrainerCallback):
+    """At the start of a run (fresh or resumed at step k): drop rollout captures of steps > k and staging
+    directories left by a crash while saving (metrics.jsonl lines are handled by MetricsJsonlCallback)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and os.path.isdir(args.output_dir):
+            truncate_rollouts_after_step(args.output_dir, state.global_step)
+            remove_stale_staging(args.output_dir)
+
+
+@contextlib.contextmanager
+def stapo_lm_head_in_trl():
+    """Within the block, TRL's fused-head slot (`trl.trainer.utils._ChunkedLogProbFunction`, looked up by
+    the patched forward at call time) is `stapo.core.TRLChunkedLogProbAdapter`; restored on exit."""
+    import trl.trainer.utils as trl_utils
+
+    original = trl_utils._ChunkedLogProbFunction
+    trl_utils._ChunkedLogProbFunction = TRLChunkedLogProbAdapter
+    try:
+        yield
+    finally:
+        trl_utils._ChunkedLogProbFunction = original
 
 
 _MULTIMODAL_KEYS = (
