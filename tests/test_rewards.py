@@ -299,6 +299,31 @@ def test_hard_kill_of_an_unresponsive_worker():
     assert math_reward(r"\boxed{\sqrt{4}}", "2", timeout=30.0) == 1.0
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_uses_its_own_workers():
+    """A fork (DataLoader workers, some reward servers) must not talk to the parent's workers."""
+    import warnings
+
+    sandbox.warmup(1)
+    read_fd, write_fd = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads alive
+        pid = os.fork()
+    if pid == 0:  # child
+        try:
+            v = math_reward(r"\boxed{\frac{\sqrt{2}}{2}}", r"\frac{1}{\sqrt2}", timeout=30.0)
+            os.write(write_fd, str(v).encode())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    _, status = os.waitpid(pid, 0)
+    got = os.read(read_fd, 100).decode()
+    os.close(read_fd)
+    assert status == 0 and got == "1.0"
+    # the parent's workers were not disturbed
+    assert math_reward(r"\boxed{\sqrt{9}}", "3", timeout=30.0) == 1.0
+
+
 _CHILD = r"""
 import json, sys, time
 from stapo.rewards import math_reward, grading_stats

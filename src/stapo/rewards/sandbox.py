@@ -141,7 +141,9 @@ class _WorkerPool:
         self.killed = 0
 
     def _check_fork(self) -> None:
-        if self._pid != os.getpid():  # we are a fork: the parent's workers are not ours
+        """Called before taking the lock: in a forked child the parent's lock may be held
+        forever (by a thread that does not exist here) and its workers are not ours."""
+        if self._pid != os.getpid():
             self._reset()
 
     def _top_up(self) -> None:
@@ -169,16 +171,16 @@ class _WorkerPool:
 
     def ensure(self, n: int) -> None:
         """Keep at least ``n`` workers alive from now on."""
+        self._check_fork()
         with self._cond:
-            self._check_fork()
             self.target = max(self.target, n)
             self.max_target = max(self.max_target, n)
             self._top_up()
 
     def acquire(self, deadline: float) -> _Worker | None:
         """An idle worker, or None if none is free before ``deadline`` (time.monotonic())."""
+        self._check_fork()
         with self._cond:
-            self._check_fork()
             self._top_up()
             while True:
                 while self._idle:
