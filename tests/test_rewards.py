@@ -441,3 +441,44 @@ def test_audit_hook_blocks_code_and_writes(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "5"
     assert not path.exists()
+
+
+# ---------------------------------------------------------------- TRL / verl shapes
+
+
+def test_trl_reward_fn_with_text_and_conversational_completions():
+    from stapo.rewards import trl_reward_fn
+
+    fn = trl_reward_fn()
+    assert fn.__name__ == "math_accuracy"
+    prompts = [[{"role": "user", "content": "1+1?"}]] * 3
+    completions = [
+        [{"role": "assistant", "content": "It is \\boxed{2}."}],
+        [{"role": "assistant", "content": "It is \\boxed{3}."}],
+        [{"role": "assistant", "content": "so 1 + 1 = 2"}],
+    ]
+    assert fn(prompts=prompts, completions=completions, answer=["2", "2", "2"]) == [1.0, 0.0, 1.0]
+    assert fn(prompts=["p"], completions=["\\boxed{5}"], answer=["5"], other=[1]) == [1.0]
+    strict = trl_reward_fn(answer_key="solution", require_boxed=True)
+    assert strict(prompts=["p", "p"], completions=["\\boxed{2}", "2"], solution=["2", "2"]) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="no 'answer' column"):
+        fn(prompts=["p"], completions=["x"], solution=["1"])
+    logged = {}
+    fn(
+        prompts=["p"] * 4,
+        completions=["\\boxed{2}", "nothing", "\\boxed{9^9^9^9}", "\\boxed{2}"],
+        completion_ids=[[1]] * 4,
+        answer=["2"] * 4,
+        trainer_state=None,
+        log_metric=lambda name, value: logged.__setitem__(name, value),
+    )
+    assert logged["grading/no_answer_frac"] == 0.25 and logged["grading/rejected_frac"] == 0.25
+    assert logged["grading/timeouts_frac"] == 0.0
+
+
+def test_verl_compute_score():
+    from stapo.rewards import compute_score
+
+    assert compute_score("math500", "so \\boxed{\\frac{1}{2}}", "0.5") == 1.0
+    assert compute_score("math500", "so \\boxed{3}", ["$3$"]) == 1.0
+    assert compute_score("math500", "so 3", "3", extra_info={"require_boxed": True}) == 0.0

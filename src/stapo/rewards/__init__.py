@@ -5,10 +5,12 @@
     grade_batch(completions, golds, timeout, workers)       many at once, in worker processes
     normalize_gold(gold)                                    the gold as the grader reads it
     grading_stats() / reset_grading_stats()                 timeouts, parse failures, ...
+    trl_reward_fn(answer_key="answer") / compute_score(...)  TRL / verl reward-function shapes
 
 See docs/rewards.md for the extraction order, the fast path and the safety design.
 """
 
+from stapo.rewards.adapters import completion_text, compute_score, trl_reward_fn
 from stapo.rewards.extract import EXTRACTION_MODES, all_boxed, extract_answer, last_boxed
 from stapo.rewards.grader import (
     grade_answer,
@@ -24,6 +26,8 @@ __all__ = [
     "EXTRACTION_MODES",
     "WorkerError",
     "all_boxed",
+    "completion_text",
+    "compute_score",
     "extract_answer",
     "fast_verdict",
     "grade_answer",
@@ -35,5 +39,6 @@ __all__ = [
     "pathological_reason",
     "reset_grading_stats",
     "shutdown_workers",
+    "trl_reward_fn",
     "warmup",
 ]
