@@ -38,6 +38,9 @@ MODELS = {
 }
 
 TRAIN_BATCH_PROMPTS = 256
+# JustRL: 256 prompts per rollout batch, 4 optimizer steps of 64 prompts. Several steps per batch make
+# the later steps off-policy, which is where the clip ranges (and so the methods) differ.
+MINI_BATCH_PROMPTS = 64
 GROUP_SIZE = 8
 MAX_PROMPT_LENGTH = 1024
 
@@ -107,7 +110,7 @@ def paper_overrides(
         "actor_rollout_ref.model.use_remove_padding=True",
         "actor_rollout_ref.model.enable_gradient_checkpointing=True",
         f"{a}.optim.lr=1e-6",
-        f"{a}.ppo_mini_batch_size={TRAIN_BATCH_PROMPTS}",  # one update per batch: pi_theta = pi_old
+        f"{a}.ppo_mini_batch_size={MINI_BATCH_PROMPTS}",
         f"{a}.ppo_epochs=1",
         f"{a}.use_dynamic_bsz=True",
         f"{a}.ppo_max_token_len_per_gpu={max(m.micro_batch_tokens, seq_len)}",
