@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -44,6 +45,9 @@ def test_round_trip_values_and_layout(tmp_path):
     assert res.bytes_written == res.path.stat().st_size
     # no temporary file is left next to the capture
     assert sorted(p.name for p in res.path.parent.iterdir()) == ["step_00000007.parquet"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert res.path.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not mkstemp's 0600
 
     ro = read_rollouts(tmp_path)  # a run directory
     assert ro.num_samples == 4 and ro.num_tokens == 17

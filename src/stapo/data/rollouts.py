@@ -246,6 +246,7 @@ def write_rollouts(
             dropped = len(new_rows)
             _warn(step, dropped, len(records), f"the run's rollout files would exceed max_bytes={max_bytes}")
             return RolloutWriteResult(path if old_rows else None, 0, dropped, 0)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a capture is an ordinary file
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -279,6 +280,12 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     meta = next(iter(ro.metadata.values()), {})
     meta = {k: v for k, v in meta.items() if k != "rollouts.version"}
     return rows, meta
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _warn(step: int, dropped: int, total: int, why: str) -> None:
