@@ -277,6 +277,10 @@ def _pct(x: float) -> str:
     return f"{100 * x:.4f}%" if x < 1e-3 else f"{100 * x:.3f}%" if x < 0.1 else f"{100 * x:.1f}%"
 
 
+def _num(x: float) -> str:
+    return "n/a (empty set)" if x != x else f"{x:.4f}"
+
+
 def format_summary(s: TokenSummary) -> str:
     lines = [
         f"samples {s.samples}, completion tokens {s.tokens} (mean length {s.mean_length:.1f}), "
@@ -290,8 +294,8 @@ def format_summary(s: TokenSummary) -> str:
         f"  H < tau_h:           {s.count_low_entropy:>8}  ({_pct(s.frac_low_entropy)})",
         f"  p < tau_p & H < tau_h: {s.count_low_prob_low_entropy:>6}  (any advantage sign)",
         f"  S2T set (A>0 too):   {s.count_s2t:>8}  ({_pct(s.frac_s2t)} of tokens)",
-        f"grad-norm^2 proxy 1-2p+sum(pi^2): mean {s.grad_proxy_mean:.4f}; S2T mean {s.grad_proxy_mean_s2t:.4f}, "
-        f"others {s.grad_proxy_mean_other:.4f}",
+        f"grad-norm^2 proxy 1-2p+sum(pi^2): mean {s.grad_proxy_mean:.4f}; S2T mean {_num(s.grad_proxy_mean_s2t)}, "
+        f"others {_num(s.grad_proxy_mean_other)}",
         f"share of total grad-norm^2 carried by the S2T set: {_pct(s.grad_share_s2t)} "
         f"(advantage-weighted A^2*proxy: {_pct(s.grad_share_s2t_adv_weighted)})",
     ]
