@@ -163,3 +163,21 @@ def test_one_step_run_is_the_same_with_and_without_the_switch(tiny_qwen3_dir, tm
     assert on["grad_norm"] > 0
     # (The updated weights are not compared: Adam's first step is lr * g / (|g| + eps), which turns
     # 1e-9 differences of near-zero gradients into differences of order lr.)
+
+
+def test_stapo_train_refuses_fused_head_on_a_softcapped_model_in_one_line(tiny_qwen3_dir, tmp_path, capsys):
+    import shutil
+
+    from stapo.cli import main
+
+    model_dir = tmp_path / "softcapped"
+    shutil.copytree(tiny_qwen3_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["final_logit_softcapping"] = 30.0
+    (model_dir / "config.json").write_text(json.dumps(config))
+    fields = dict(model=str(model_dir), output_dir=str(tmp_path / "run"), max_steps=1, eval_data="null",
+                  train_data="synthetic:add1?n=8&seed=0", fused_lm_head="true", plots="false")
+    rc = main(["train", "demo", *[f"{k}={v}" for k, v in fields.items()]])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "fused_lm_head=True is not possible here: the model softcaps its logits" in err

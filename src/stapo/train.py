@@ -168,13 +168,16 @@ def run_training(run: RunConfig, resume: bool = False, log: Log = _print) -> dic
     train_ds = datasets.Dataset.from_list(
         [{"prompt": prompt_for(r["problem"], tokenizer, run), "answer": r["answer"]} for r in train_rows]
     )
-    trainer = STAPOTrainer(
-        model=model_path,
-        reward_funcs=[make_reward_function(run)],
-        args=args,
-        train_dataset=train_ds,
-        processing_class=tokenizer,
-    )
+    try:
+        trainer = STAPOTrainer(
+            model=model_path,
+            reward_funcs=[make_reward_function(run)],
+            args=args,
+            train_dataset=train_ds,
+            processing_class=tokenizer,
+        )
+    except ValueError as err:  # options the model cannot serve (e.g. fused_lm_head=true with softcapped logits)
+        raise ConfigError([str(err).strip().splitlines()[0]], "config") from None
     summary: dict[str, Any] = {"method": args.method, "model": run.model, "output_dir": str(out)}
     eval_tokens = run.eval_max_new_tokens or args.max_completion_length
     if eval_rows and run.eval_every:
