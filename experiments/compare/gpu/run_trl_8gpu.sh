@@ -9,7 +9,7 @@
 #
 # Variables: SEED (0), OUT (runs/compare-gpu; the run goes to $OUT/METHOD-seedSEED, the layout
 # experiments/compare/run.py --report-only reads), NUM_PROCESSES (8 GPUs), ACCELERATE_CONFIG (the
-# bundled DeepSpeed ZeRO-2 config), PYTHON. Extra key=value arguments override config fields for this run.
+# bundled FSDP2 config), PYTHON. Extra key=value arguments override config fields for this run.
 # Needs: pip install "stapo[trl,vllm]" and network access to the hub (model and data).
 set -euo pipefail
 usage="usage: run_trl_8gpu.sh METHOD [key=value ...]   (METHOD: grpo | 20-entropy | justrl | stapo)"
@@ -23,7 +23,7 @@ PY="${PYTHON:-python3}"
 SEED="${SEED:-0}"
 OUT="${OUT:-runs/compare-gpu}"
 NUM_PROCESSES="${NUM_PROCESSES:-8}"
-ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-$("$PY" -c 'from stapo.config import BUNDLED_CONFIG_DIR as d; print(d / "accelerate" / "zero2.yaml")')}"
+ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-$("$PY" -c 'from stapo.config import BUNDLED_CONFIG_DIR as d; print(d / "accelerate" / "fsdp.yaml")')}"
 overrides=("seed=$SEED" "output_dir=$OUT/$METHOD-seed$SEED" "$@")
 
 # Validate the resolved config (field names, types, batch divisibility) before starting 8 processes.
