@@ -28,7 +28,7 @@ from stapo.rewards.normalize import (
     pathological_reason,
     split_top_level,
 )
-from stapo.rewards.sandbox import ensure_workers, pool_counters, verify_in_worker
+from stapo.rewards.sandbox import cpu_count, ensure_workers, pool_counters, verify_in_worker
 
 __all__ = ["grade_batch", "grade_answer", "grading_stats", "math_reward", "reset_grading_stats"]
 
@@ -245,9 +245,7 @@ def grade_batch(
 
     if not slow:
         return out
-    import os
-
-    n = workers or max(1, min(8, os.cpu_count() or 1))
+    n = workers or max(1, min(8, cpu_count()))
     n = min(n, len(slow))
     ensure_workers(n)
     if n == 1:

@@ -37,6 +37,14 @@ _WORKER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_worker
 _SOFT_FRACTION = 0.8
 
 
+def cpu_count() -> int:
+    """CPUs this process may run on (affinity-aware: taskset, some container runtimes)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 class WorkerError(RuntimeError):
     """A grading worker could not be started."""
 
@@ -125,9 +133,9 @@ class _WorkerPool:
 
     def __init__(self, target: int | None = None) -> None:
         env = os.environ.get("STAPO_GRADER_WORKERS")
-        self.target = target or (int(env) if env else max(2, min(8, os.cpu_count() or 1)))
+        self.target = target or (int(env) if env else max(2, min(8, cpu_count())))
         # the pool grows up to this when callers have to wait for a worker
-        self.max_target = max(self.target, min(16, 2 * (os.cpu_count() or 1)))
+        self.max_target = max(self.target, min(16, 2 * cpu_count()))
         self._reset()
 
     def _reset(self) -> None:
