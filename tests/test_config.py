@@ -80,8 +80,10 @@ def test_missing_file_lists_bundled_configs():
 
 
 def test_cross_field_checks(tmp_path):
-    with pytest.raises(ConfigError, match="tau_p: applies only to method 'stapo'"):
-        load_config(write(tmp_path, dict(BASE, method="grpo", tau_p=0.01)))
+    # thresholds are accepted for every method (diagnostic for the methods that do not mask)
+    assert load_config(write(tmp_path, dict(BASE, method="grpo", tau_p=0.02))).trl["tau_p"] == 0.02
+    with pytest.raises(ConfigError, match="top_entropy_quantile: applies only to method '20-entropy'"):
+        load_config(write(tmp_path, dict(BASE, method="grpo", top_entropy_quantile=0.3)))
     with pytest.raises(ConfigError, match="must be a multiple of num_generations"):
         load_config(write(tmp_path, dict(BASE, num_generations=3, per_device_train_batch_size=4)))
 

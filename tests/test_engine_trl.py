@@ -39,10 +39,8 @@ def test_presets_map_to_trl_options(tmp_path, method):
     got = (cfg.loss_type, cfg.epsilon, cfg.epsilon_high, cfg.scale_rewards, cfg.top_entropy_quantile)
     assert got == EXPECTED[method]
     assert cfg.beta == 0.0 and cfg.explicit_options == ()
-    if method == "stapo":
-        assert (cfg.tau_p, cfg.tau_h, cfg.tau_h_quantile) == (0.01, None, 0.05)
-    else:
-        assert (cfg.tau_p, cfg.tau_h, cfg.tau_h_quantile) == (None, None, None)
+    # every method carries STAPO's default thresholds: applied by stapo, diagnostic for the others
+    assert (cfg.tau_p, cfg.tau_h, cfg.tau_h_quantile) == (0.01, None, 0.05)
 
 
 def test_explicit_options_win_over_the_preset(tmp_path):
@@ -51,6 +49,8 @@ def test_explicit_options_win_over_the_preset(tmp_path):
     assert (cfg.epsilon_high, cfg.loss_type, cfg.scale_rewards) == (0.2, "bnpo", "none")
     assert set(cfg.explicit_options) == {"epsilon_high", "loss_type", "scale_rewards"}
     cfg = _cfg(tmp_path, method="stapo", tau_p=0.05, tau_h=0.3)
+    assert (cfg.tau_p, cfg.tau_h) == (0.05, 0.3)
+    cfg = _cfg(tmp_path, method="grpo", tau_p=0.05, tau_h=0.3)  # diagnostic thresholds for a baseline
     assert (cfg.tau_p, cfg.tau_h) == (0.05, 0.3)
 
 
@@ -64,7 +64,7 @@ def test_explicit_options_win_over_the_preset(tmp_path):
         ({"tau_h": -1.0}, "tau_h"),
         ({"tau_h_quantile": 1.5}, "tau_h_quantile"),
         ({"tau_h_quantile": float("nan")}, "tau_h_quantile"),
-        ({"method": "dapo", "tau_p": 0.01}, "tau_p"),
+        ({"method": "dapo", "tau_p": 1.0}, "tau_p"),
         ({"method": "dapo", "top_entropy_quantile": 0.2}, "top_entropy_quantile"),
         ({"method": "20-entropy", "loss_type": "grpo"}, "loss_type"),
         ({"loss_type": "cispo"}, "loss_type"),

@@ -282,10 +282,6 @@ def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
 def _cross_checks(values: dict[str, Any]) -> list[str]:
     errors = []
     preset = PRESETS[values.get("method", "stapo")]
-    if preset.token_filter != "s2t":
-        for name in ("tau_p", "tau_h", "tau_h_quantile"):
-            if values.get(name) is not None:
-                errors.append(f"{name}: applies only to method 'stapo' (method is {values.get('method')!r}); remove it or set it to null")
     if preset.token_filter != "high_entropy" and values.get("top_entropy_quantile") not in (None, 1.0):
         errors.append(f"top_entropy_quantile: applies only to method '20-entropy' (method is {values.get('method')!r})")
     # TRL: generation_batch_size defaults to per_device_train_batch_size x steps_per_generation

@@ -76,14 +76,11 @@ def prompt_for(problem: str, tokenizer, run: RunConfig):
 
 
 def make_reward_function(run: RunConfig):
-    """TRL reward function: 1.0 / 0.0 from the safe, bounded grader (`stapo.rewards.grade_batch`)."""
-    from stapo.rewards import grade_batch
+    """TRL reward function: 1.0 / 0.0 from the safe, bounded grader (`stapo.rewards`), logging the
+    batch's grading failure fractions (timeouts, parse failures, no answer) through TRL."""
+    from stapo.rewards import trl_reward_fn
 
-    def correctness(prompts, completions, answer, **_: Any) -> list[float]:
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return grade_batch(texts, list(answer), timeout=run.reward_timeout, mode=run.reward_mode)
-
-    return correctness
+    return trl_reward_fn(answer_key="answer", timeout=run.reward_timeout, require_boxed=run.reward_mode == "boxed")
 
 
 def evaluate_accuracy(model, tokenizer, rows: list[dict], run: RunConfig, max_new_tokens: int, seed: int,

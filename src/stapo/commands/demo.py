@@ -40,8 +40,7 @@ def run(args) -> int:
     dirs = []
     for method in ("grpo", "stapo"):
         try:
-            cfg = load_config("demo", overrides + [f"method={method}", f"output_dir={root / method}"]
-                              + ([] if method == "stapo" else ["tau_p=null", "tau_h=null", "tau_h_quantile=null"]))
+            cfg = load_config("demo", overrides + [f"method={method}", f"output_dir={root / method}"])
         except ConfigError as err:
             raise UserError(str(err)) from None
         print(f"=== {method} ===", flush=True)

@@ -121,11 +121,11 @@ class STAPOConfig(GRPOConfig):
         metadata={"help": "Method preset: grpo, dapo, dr_grpo, 20-entropy, justrl or stapo (stapo.core.PRESETS)."},
     )
     tau_p: float | None = field(
-        default=None, metadata={"help": "S2T probability threshold (stapo only; None: preset's 0.01). 0 = mask off."}
+        default=None, metadata={"help": "S2T probability threshold (None: 0.01; 0 = mask off). Other methods: measured only."}
     )
     tau_h: float | None = field(
         default=None,
-        metadata={"help": "S2T absolute entropy threshold in nats (stapo only); None: use tau_h_quantile."},
+        metadata={"help": "S2T absolute entropy threshold in nats; None: use tau_h_quantile. Other methods: measured only."},
     )
     tau_h_quantile: float | None = field(
         default=None,
@@ -182,10 +182,9 @@ class STAPOConfig(GRPOConfig):
         for name in ("tau_p", "tau_h", "tau_h_quantile"):
             _number(name, getattr(self, name))
         if preset.token_filter != "s2t":
-            given = [n for n in ("tau_p", "tau_h", "tau_h_quantile") if getattr(self, n) is not None]
-            if given:
-                raise ValueError(f"{given[0]} applies only to method='stapo' (method is {self.method!r})")
-            return
+            # Other methods do not apply the mask; their thresholds only measure what S2T would
+            # silence (logged as stapo/s2t_*), so a comparison's configs can differ only in `method`.
+            preset = DIAGNOSTIC_S2T
         if self.tau_p is None:
             self.tau_p = preset.tau_p
         if self.tau_h is None:
@@ -364,7 +363,7 @@ class STAPOTrainer(GRPOTrainer):
             loss_adv = adv_bt * inputs["importance_sampling_ratio"].expand_as(adv_bt)
 
         # Token filter. The S2T statistics are measured for every method (what STAPO would silence).
-        s2t = self.args if self.token_filter == "s2t" else DIAGNOSTIC_S2T
+        s2t = self.args  # for methods without the mask: the diagnostic thresholds
         if s2t.tau_h is not None:
             tau_h = torch.tensor(float(s2t.tau_h), device=logps.device)
         else:
@@ -619,7 +618,7 @@ class STAPOTrainer(GRPOTrainer):
                 }
             )
         self._captured_count += len(rows)
-        s2t = self.args if self.token_filter == "s2t" else DIAGNOSTIC_S2T
+        s2t = self.args
         metadata = {
             "method": self.args.method,
             "s2t_applied": self.token_filter == "s2t",
