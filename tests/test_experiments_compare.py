@@ -275,7 +275,7 @@ def test_trl_8gpu_dry_run_command(method):
 def test_trl_8gpu_refuses_bad_method_and_bad_override():
     proc = _bash("run_trl_8gpu.sh", "ppo", DRY_RUN="1")
     assert proc.returncode == 2 and "unknown method 'ppo'" in proc.stderr
-    proc = _bash("run_trl_8gpu.sh", "grpo", "tau_p=0.05", DRY_RUN="1")  # S2T thresholds are stapo-only
+    proc = _bash("run_trl_8gpu.sh", "grpo", "tau_p=5", DRY_RUN="1")  # out of range: refused before launch
     assert proc.returncode != 0 and "tau_p" in proc.stderr and "accelerate" not in proc.stdout
 
 
