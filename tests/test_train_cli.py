@@ -54,3 +54,16 @@ def test_train_bad_data_is_one_clear_error(tiny_qwen3_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert "bad.jsonl" in err and "2" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_demo_compare_trains_grpo_and_stapo_and_overlays_them(tiny_qwen3_dir, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = _args(tiny_qwen3_dir, out, eval_before="false", eval_after="false")
+    assert main(["demo", "--compare", *[a for a in args if not a.startswith("output_dir=")], "--out", str(out)]) == 0
+    assert "comparison plot:" in capsys.readouterr().out
+    for method in ("grpo", "stapo"):
+        cfg = yaml.safe_load((out / method / "config.yaml").read_text())
+        assert cfg["method"] == method and cfg["seed"] == 0
+        assert (out / method / "metrics.jsonl").stat().st_size > 0
+    assert (out / "compare.png").stat().st_size > 1000
