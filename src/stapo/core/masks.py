@@ -116,9 +116,19 @@ def _entropy_threshold(ent, valid, tau_h, tau_h_quantile) -> torch.Tensor:
 
 def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
     """`quantile_linear(values[mask], q)` without materialising values[mask]; -inf if mask is empty."""
+    return masked_quantile_and_count(values, mask, q)[0]
+
+
+def masked_quantile_and_count(values: torch.Tensor, mask: torch.Tensor, q: float):
+    """(the q-quantile of values[mask], the number of masked values strictly below it or None).
+
+    Partial selection (topk) instead of a full sort: the S2T threshold is an extreme quantile, so
+    only a few percent of the values need ordering. The count comes for free from the selection
+    when the quantile is in the lower half (None otherwise: count it with a comparison).
+    """
     n = int(mask.sum())
     if n == 0:
-        return torch.tensor(float("-inf"), device=values.device)
+        return torch.tensor(float("-inf"), device=values.device), 0
     v = values.reshape(-1).float()
     m = mask.reshape(-1)
     pos = q * (n - 1)
@@ -128,13 +138,14 @@ def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch
         if n < v.numel():
             v = v.masked_fill(~m, float("inf"))
         sel = torch.topk(v, hi + 1, largest=False, sorted=True).values
-        v_lo, v_hi = sel[lo], sel[hi]
-    else:  # near the top: the n-lo largest valid values (invalid pushed to -inf)
-        if n < v.numel():
-            v = v.masked_fill(~m, float("-inf"))
-        sel = torch.topk(v, n - lo, largest=True, sorted=True).values
-        v_lo, v_hi = sel[-1], sel[n - 1 - hi]
-    return v_lo + (v_hi - v_lo) * (pos - lo)
+        threshold = sel[lo] + (sel[hi] - sel[lo]) * (pos - lo)
+        # every valid value below the threshold (<= sel[hi]) is among the selected ones
+        return threshold, int(torch.searchsorted(sel, threshold.reshape(1)).item())
+    if n < v.numel():  # near the top: the n-lo largest valid values (invalid pushed to -inf)
+        v = v.masked_fill(~m, float("-inf"))
+    sel = torch.topk(v, n - lo, largest=True, sorted=True).values
+    v_lo, v_hi = sel[-1], sel[n - 1 - hi]
+    return v_lo + (v_hi - v_lo) * (pos - lo), None
 
 
 def high_entropy_mask(
