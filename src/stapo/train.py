@@ -153,7 +153,9 @@ def run_training(run: RunConfig, resume: bool = False, log: Log = _print) -> dic
     args = build_stapo_config(run)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dump_config(run, out / "config.yaml")
+    main_process = int(os.environ.get("RANK", "0")) == 0  # accelerate/torchrun set RANK per process
+    if main_process:
+        dump_config(run, out / "config.yaml")
 
     train_rows = load_rows(run.train_data, run, **run.train_data_kwargs)
     eval_rows = load_rows(run.eval_data, run, limit=run.eval_limit) if run.eval_data else None
@@ -177,14 +179,15 @@ def run_training(run: RunConfig, resume: bool = False, log: Log = _print) -> dic
         raise ConfigError([str(err).strip().splitlines()[0]], "config") from None
     summary: dict[str, Any] = {"method": args.method, "model": run.model, "output_dir": str(out)}
     eval_tokens = run.eval_max_new_tokens or args.max_completion_length
+    if eval_rows and trainer.accelerator.num_processes > 1:
+        # HF generation on a sharded model would need every process; evaluate checkpoints instead.
+        log("stapo: eval_data is evaluated in single-process runs only; use `stapo eval` on the checkpoints")
+        eval_rows = None
     if eval_rows and run.eval_every:
-        if trainer.accelerator.num_processes > 1:
-            log("stapo: eval_every is single-process only; evaluate checkpoints with `stapo eval` instead")
-        else:
-            trainer.add_callback(HeldoutAccuracyCallback(
-                trainer, run.eval_every,
-                lambda model: evaluate_accuracy(model, tokenizer, eval_rows, run, eval_tokens, args.seed, "eval"),
-            ))
+        trainer.add_callback(HeldoutAccuracyCallback(
+            trainer, run.eval_every,
+            lambda model: evaluate_accuracy(model, tokenizer, eval_rows, run, eval_tokens, args.seed, "eval"),
+        ))
     last_checkpoint = _last_checkpoint(out) if resume else None
     if resume and last_checkpoint is None:
         log(f"stapo: --resume: no checkpoint in {out}; starting from scratch")
@@ -202,7 +205,8 @@ def run_training(run: RunConfig, resume: bool = False, log: Log = _print) -> dic
     summary["global_step"] = trainer.state.global_step
     summary["train_loss"] = getattr(train_output, "training_loss", None)
     trainer.save_model(str(out / "final"))
-    tokenizer.save_pretrained(str(out / "final"))
+    if main_process:
+        tokenizer.save_pretrained(str(out / "final"))
 
     if eval_rows and run.eval_after:
         log("stapo: held-out accuracy after training ...")
@@ -210,9 +214,10 @@ def run_training(run: RunConfig, resume: bool = False, log: Log = _print) -> dic
         _write_json(out / "eval.json", results)
         log(f"stapo: after: accuracy {results['after']['accuracy']:.3f} ± {results['after']['stderr']:.3f}")
     summary["eval"] = results
-    if run.plots:
-        summary["plots"] = [str(p) for p in plot_run(out)]
-    _write_json(out / "summary.json", summary)
+    if main_process:
+        if run.plots:
+            summary["plots"] = [str(p) for p in plot_run(out)]
+        _write_json(out / "summary.json", summary)
     del trainer
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -87,7 +87,7 @@ def test_bad_stapo_values_are_rejected_naming_the_key():
 @pytest.mark.slow  # ~20 s: a fresh interpreter imports verl
 def test_run_script_overrides_match_the_recipe_module():
     """recipes/verl/run.sh takes its overrides from `python -m stapo.verl.recipe` (dry run)."""
-    env = dict(os.environ, DRY_RUN="1", METHOD="stapo", MODEL="1.7b", DATA_DIR="/data/verl")
+    env = dict(os.environ, DRY_RUN="1", METHOD="stapo", MODEL="1.7b", DATA_DIR="/data/verl", PYTHON=sys.executable)
     out = subprocess.run(["bash", str(RECIPES / "run.sh")], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
