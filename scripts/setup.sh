@@ -26,7 +26,7 @@ if [ "${STAPO_TORCH:-}" != "skip" ]; then
 fi
 if [ "$mode" = "dev" ]; then
   # verl (cluster engine) too, for the plugin's tests.
-  pipq -e ".[trl,dev,tasks,verl]"
+  pipq -e ".[trl,dev,verl]"
 else
   pipq -e ".[trl]"
 fi
