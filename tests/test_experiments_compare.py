@@ -160,6 +160,7 @@ def test_report_lists_missing_runs(compare, tmp_path):
         (["--set", "method=grpo"], "'method' is set per run"),
         (["--set", "novalue"], "key=value"),
         (["--steps", "0"], "--steps must be >= 1"),
+        (["--jobs", "0"], "--jobs must be >= 1"),
     ],
 )
 def test_bad_arguments_one_clear_error(compare, tmp_path, capsys, args, needle):
@@ -202,8 +203,12 @@ def test_changed_shared_config_refuses_to_mix(compare, tmp_path, capsys):
 @pytest.mark.slow
 def test_quick_sweep_end_to_end(tiny_qwen3_dir, tmp_path):
     out = tmp_path / "quick"
-    proc = _run_script("--quick", "--model", tiny_qwen3_dir, "--out", out)
+    # two runs at a time, each single-threaded (the way the full sweep is run on a 2-core machine)
+    proc = _run_script("--quick", "--model", tiny_qwen3_dir, "--out", out, "--jobs", "2")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for m in ("grpo", "20-entropy", "justrl", "stapo"):
+        info = json.loads((out / "runs" / f"{m}-seed0" / "sweep_run.json").read_text())
+        assert info["completed"] and info["threads"] == str(max(1, (os.cpu_count() or 1) // 2))
     for name in ("report.md", "results.json", "config.yaml", "analyze/runs.html", "plots/overview.png",
                  "plots/entropy.png", "plots/heldout_accuracy.png", "plots/s2t_masked_frac.png"):
         assert (out / name).is_file(), name
@@ -286,3 +291,25 @@ def test_verl_dry_run_uses_the_recipe():
     assert "stapo.verl.main" in proc.stdout.splitlines()[0]
     assert "qwen3-1.7b" in proc.stdout.lower() or "Qwen3-1.7B" in proc.stdout
     assert _bash("run_verl.sh", "ppo").returncode == 2
+
+
+def test_run_sweep_with_jobs_keeps_sweep_order(compare, tmp_path, monkeypatch):
+    """--jobs N: every run trained once, with cores // N threads, records returned in sweep order."""
+    import random
+    import threading
+    import time as _time
+
+    calls, lock = [], threading.Lock()
+
+    def fake_train_one(config_path, out, method, seed, log=print, threads=None):
+        _time.sleep(random.uniform(0, 0.02))  # finish out of order
+        with lock:
+            calls.append((method, seed, threads))
+        return {"method": method, "seed": seed, "completed": True, "wall_s": 0.0}
+
+    monkeypatch.setattr(compare, "train_one", fake_train_one)
+    records = compare.run_sweep(tmp_path / "c.yaml", tmp_path, ["grpo", "stapo"], [0, 1], log=lambda s: None, jobs=2)
+    assert [(r["method"], r["seed"]) for r in records] == [("grpo", 0), ("stapo", 0), ("grpo", 1), ("stapo", 1)]
+    assert sorted(c[:2] for c in calls) == sorted((m, s) for m in ("grpo", "stapo") for s in (0, 1))
+    assert {c[2] for c in calls} == {max(1, (os.cpu_count() or 1) // 2)}
+    assert compare.threads_per_job(1) is None

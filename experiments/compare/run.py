@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=str(BASE_CONFIG), help="the shared base config (default configs/base.yaml)")
     p.add_argument("--out", default=None, help="sweep directory (default runs/compare, --quick: runs/compare-quick)")
     p.add_argument("--report-only", action="store_true", help="only re-aggregate the runs already in --out")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at the same time (default 1); each gets cores // jobs torch threads. "
+                        "On a small CPU, 2 single-threaded runs finish sooner than 2 two-threaded runs in turn")
     p.add_argument("--smooth", type=int, default=None,
                    help="moving-average window (steps) for the per-step curves; default: steps // 10, at least 1")
     return p
@@ -178,7 +181,7 @@ def is_complete(d: Path) -> bool:
         return False
 
 
-def train_one(config_path: Path, out: Path, method: str, seed: int, log=print) -> dict:
+def train_one(config_path: Path, out: Path, method: str, seed: int, log=print, threads: int | None = None) -> dict:
     """One run in a child process; returns (and writes into the run directory) its sweep record."""
     d = run_dir(out, method, seed)
     cmd = [sys.executable, "-m", "stapo", "train", str(config_path), *run_overrides(out, method, seed)]
@@ -186,12 +189,15 @@ def train_one(config_path: Path, out: Path, method: str, seed: int, log=print) -
     for stale in ("metrics.jsonl", "eval.json"):  # a crashed earlier attempt: start clean
         (d / stale).unlink(missing_ok=True)
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+    if threads is not None:  # torch reads OMP_NUM_THREADS at start-up
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     t0 = time.time()
     load0 = _loadavg()
     with (d / "train.log").open("w", encoding="utf-8") as logf:
         rc = subprocess.call(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
     info = {
         "method": method, "seed": seed, "command": shlex.join(["python", *cmd[1:]]), "returncode": rc,
+        "threads": env.get("OMP_NUM_THREADS"),
         "wall_s": round(time.time() - t0, 1), "loadavg_1m_start": load0,
         "loadavg_1m_end": _loadavg(),
         "completed": rc == 0 and is_complete(d),
@@ -203,20 +209,41 @@ def train_one(config_path: Path, out: Path, method: str, seed: int, log=print) -
     return info
 
 
-def run_sweep(config_path: Path, out: Path, methods: list[str], seeds: list[int], log=print) -> list[dict]:
-    records = []
+def threads_per_job(jobs: int) -> int | None:
+    """Torch threads for each of `jobs` concurrent runs (None: leave the environment alone)."""
+    if jobs <= 1:
+        return None
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def run_sweep(config_path: Path, out: Path, methods: list[str], seeds: list[int], log=print,
+              jobs: int = 1) -> list[dict]:
+    """Train every (method, seed) run not yet complete, `jobs` at a time; records in sweep order."""
     todo = [(m, s) for s in seeds for m in methods]  # seed-major: a partial sweep covers every method
-    for i, (m, s) in enumerate(todo, 1):
+    threads = threads_per_job(jobs)
+    records: dict[int, dict] = {}
+
+    def one(i: int, m: str, s: int) -> None:
         d = run_dir(out, m, s)
         if is_complete(d):
             log(f"[{i}/{len(todo)}] {m} seed {s}: already complete, skipped ({d})")
-            records.append(read_json(d / RUN_INFO) or {"method": m, "seed": s, "completed": True})
-            continue
-        log(f"[{i}/{len(todo)}] {m} seed {s} -> {d}")
-        info = train_one(config_path, out, m, s, log)
-        log(f"  {'done' if info['completed'] else 'failed'} in {info['wall_s']:.0f} s")
-        records.append(info)
-    return records
+            records[i] = read_json(d / RUN_INFO) or {"method": m, "seed": s, "completed": True}
+            return
+        log(f"[{i}/{len(todo)}] {m} seed {s} -> {d}" + (f" ({threads} threads)" if threads else ""))
+        info = train_one(config_path, out, m, s, log, threads=threads)
+        log(f"[{i}/{len(todo)}] {m} seed {s}: {'done' if info['completed'] else 'failed'} in {info['wall_s']:.0f} s")
+        records[i] = info
+
+    if jobs <= 1:
+        for i, (m, s) in enumerate(todo, 1):
+            one(i, m, s)
+    else:  # each run is its own child process; the threads here only wait on them
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            for f in [pool.submit(one, i, m, s) for i, (m, s) in enumerate(todo, 1)]:
+                f.result()
+    return [records[i] for i in sorted(records)]
 
 
 # -------------------------------------------------------------------------------------- aggregation
@@ -576,13 +603,15 @@ def write_report(out: Path, argv: list[str], methods: list[str], seeds: list[int
           f"transformers {machine['transformers']}, trl {machine['trl']}, commit {machine['git_commit'] or '?'}",
           f"- total wall time of the runs: {sum(walls) / 60:.1f} min" +
           (f"; this invocation: {sweep_wall / 60:.1f} min" if sweep_wall is not None else ""), "",
-          "| run | wall (s) | load avg (1 min) at start → end |", "|---|---|---|"]
+          "| run | wall (s) | torch threads | load avg (1 min) at start → end |", "|---|---|---|---|"]
     for r in runs:
         i = r.info
         la = f"{i.get('loadavg_1m_start', '?')} → {i.get('loadavg_1m_end', '?')}" if i else "?"
-        L.append(f"| {r.method}-seed{r.seed} | {i.get('wall_s', '?')} | {la} |")
-    L += ["", "A load average above the core count means other processes shared the CPU: wall times are then "
-          "upper bounds, and the numbers (not the timings) are unaffected.", ""]
+        L.append(f"| {r.method}-seed{r.seed} | {i.get('wall_s', '?')} | "
+                 f"{i.get('threads') or machine['torch_threads']} | {la} |")
+    L += ["", "A load average above the core count means other processes shared the CPU (with `--jobs 2`, the "
+          "sweep's own two runs make a load of 2): wall times are then upper bounds, and the numbers (not the "
+          "timings) are unaffected.", ""]
 
     tau_h = (f"{th['tau_h']} nats" if th["tau_h"] is not None
              else f"the {th['tau_h_quantile']:g} quantile of the batch's token entropies")
@@ -684,6 +713,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         methods = parse_methods(args.methods)
         seeds = parse_seeds(args.seeds if args.seeds is not None else ("0" if args.quick else "0,1"))
+        if args.jobs < 1:
+            raise SweepError(f"--jobs must be >= 1, got {args.jobs}")
         if args.smooth is not None and args.smooth < 1:
             raise SweepError(f"--smooth must be >= 1, got {args.smooth}")
         out = Path(args.out or ("runs/compare-quick" if args.quick else "runs/compare"))
@@ -705,7 +736,8 @@ def main(argv: list[str] | None = None) -> int:
             validate_runs(config_path, out, methods, seeds)
             print(f"sweep: {len(methods)} methods x {len(seeds)} seeds, {cfg.get('max_steps')} steps each -> {out}",
                   flush=True)
-            records = run_sweep(config_path, out, methods, seeds, log=lambda s: print(s, flush=True))
+            records = run_sweep(config_path, out, methods, seeds, log=lambda s: print(s, flush=True),
+                                jobs=args.jobs)
             failed = [f"{r['method']}-seed{r['seed']}" for r in records if not r.get("completed")]
         elif not (out / "runs").is_dir():
             raise SweepError(f"--report-only: {out}/runs does not exist (run the sweep first)")
