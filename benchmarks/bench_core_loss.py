@@ -29,7 +29,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     B, T = args.B, args.T
+    # Rollout-like log-probs: most tokens confident, ~3% below p = 0.01 (so the S2T mask silences some)
     old = -torch.rand(B, T, generator=g) * 3
+    rare = torch.rand(B, T, generator=g) < 0.03
+    old = torch.where(rare, -4.7 - 4 * torch.rand(B, T, generator=g), old)
     lp0 = old + 0.05 * torch.randn(B, T, generator=g)
     adv = torch.randn(B, generator=g)
     ent = torch.rand(B, T, generator=g) * 2
@@ -62,6 +65,11 @@ def main() -> None:
             times[k].append(time.perf_counter() - t0)
     base = statistics.median(times["policy_loss"])
     print(f"B={B} T={T} valid tokens={int(mask.sum())} threads={torch.get_num_threads()} reps={args.reps}")
+    for k, kw in (("quantile", dict(tau_h_quantile=0.05)), ("absolute", dict(tau_h=0.5))):
+        _, m = stapo_loss(lp0, old, adv, mask, ent, tau_p=0.01, **kw)
+        print(f"S2T ({k} tau_h): masked {int(m['s2t_masked_count'])} tokens ({float(m['s2t_masked_frac']):.2%}),"
+              f" p < tau_p {float(m['frac_low_prob']):.2%}, H < {float(m['entropy_threshold']):.3f}: "
+              f"{float(m['frac_low_entropy']):.2%}")
     print("| path | median fwd+bwd (ms) | ratio to policy_loss |")
     print("|---|---|---|")
     for k, ts in times.items():

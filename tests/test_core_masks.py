@@ -176,3 +176,29 @@ def test_high_entropy_mask_reference(seed):
         thr = ref_quantile(ent[valid].tolist(), 1 - rho)
         expected = valid & (ent.double() >= thr)
         assert torch.equal(high_entropy_mask(ent, valid, rho), expected)
+
+
+@pytest.mark.parametrize("select", ["partition", "topk"])
+@pytest.mark.parametrize("q", [0.0, 0.05, 0.2, 0.5, 0.8, 0.95, 1.0])
+def test_masked_quantile_and_count_both_selections(select, q):
+    """Both selection paths (CPU introselect, topk) against torch.quantile and an explicit count,
+    with ties, non-finite padding and masks of every density."""
+    from stapo.core.masks import _masked_quantile_and_count
+
+    g = torch.Generator().manual_seed(int(q * 100))
+    for trial in range(40):
+        B, T = int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 300, (1,), generator=g))
+        x = torch.rand(B, T, generator=g) * 3
+        if trial % 3 == 0:  # ties
+            x = torch.round(x * 4) / 4
+        mask = torch.rand(B, T, generator=g) < [0.05, 0.5, 1.0][trial % 3]
+        x = x.masked_fill(~mask & (torch.rand(B, T, generator=g) < 0.3), float("nan"))  # garbage padding
+        x = x.masked_fill(~mask & (torch.rand(B, T, generator=g) < 0.3), float("-inf"))
+        threshold, count = _masked_quantile_and_count(x, mask, q, select=select)
+        vals = x[mask]
+        if vals.numel() == 0:
+            assert threshold == float("-inf") and count == 0
+            continue
+        assert float(threshold) == pytest.approx(float(torch.quantile(vals, q)), rel=1e-6, abs=1e-7)
+        if count is not None:
+            assert count == int((vals < threshold).sum())

@@ -18,7 +18,7 @@ from stapo.core._checks import (
     check_same_shape,
 )
 from stapo.core._checks import check_prob
-from stapo.core.masks import _entropy_threshold, high_entropy_mask, log_threshold, masked_quantile_and_count
+from stapo.core.masks import high_entropy_mask, s2t_parts
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
@@ -206,44 +206,22 @@ def stapo_loss(
         raise TypeError(f"stapo_loss got unexpected keyword arguments {sorted(unknown)}")
     kw.update(policy_loss_kwargs)
     with torch.no_grad():
-        # Few passes over [B, T]: the mask is silent in the common case (no candidate with A > 0 and
-        # p < tau_p), and then the loss is policy_loss's on the same tokens.
-        e = ent.detach().float()
-        _check_finite_fast("entropy", e, valid)
-        if tau_h is None:
-            check_prob("tau_h_quantile", tau_h_quantile)
-            threshold, n_low_entropy = masked_quantile_and_count(e, valid, tau_h_quantile)
-        else:
-            threshold, n_low_entropy = _entropy_threshold(e, valid, tau_h, tau_h_quantile), None
-        lp_d = lp.detach() if lp.dtype in (torch.float32, torch.float64) else lp.detach().float()
-        low_prob = (lp_d < log_threshold(tau_p)) & valid  # p < tau_p without an exp
-        candidates = low_prob & (adv > 0)
-        if bool(candidates.any()):
-            spurious = candidates & (e < threshold)
-            loss_mask = valid & ~spurious
-        else:
-            spurious, loss_mask = candidates, valid
-        if n_low_entropy is None:
-            n_low_entropy = ((e < threshold) & valid).sum()
+        s2t = s2t_parts(lp, ent, adv, valid, tau_p, tau_h, tau_h_quantile)
+        # valid ∧ ¬spurious; the common case (nothing silenced) keeps the response mask itself
+        loss_mask = s2t.valid.sub_(s2t.spurious).bool() if bool(s2t.n_spurious > 0) else valid
     loss, metrics = _clipped_loss(lp, old, adv, loss_mask, **kw)
     with torch.no_grad():
-        n_valid = metrics["num_tokens"] + (n_spurious := spurious.sum().float())
+        n_spurious = s2t.n_spurious.float()
+        n_valid = metrics["num_tokens"] + n_spurious
         metrics.update(
             s2t_masked_count=n_spurious,
             s2t_masked_frac=_ratio(n_spurious, n_valid),
-            frac_low_prob=_ratio(low_prob.sum(), n_valid),
-            frac_low_entropy=_ratio(torch.as_tensor(n_low_entropy), n_valid),
+            frac_low_prob=_ratio(s2t.n_low_prob, n_valid),
+            frac_low_entropy=_ratio(s2t.n_low_entropy, n_valid),
             # no valid token -> no threshold; report 0 rather than -inf so logs stay finite
-            entropy_threshold=torch.nan_to_num(threshold.float(), neginf=0.0),
+            entropy_threshold=torch.nan_to_num(s2t.threshold.float(), neginf=0.0),
         )
     return loss, metrics
-
-
-def _check_finite_fast(name: str, x: torch.Tensor, where: torch.Tensor) -> None:
-    # One masked sum instead of isfinite/or/all: NaN and inf propagate into the sum. An overflowing
-    # sum of finite values falls through to the exact check, which then passes.
-    if not bool(torch.isfinite(torch.where(where, x, 0.0).sum())):
-        check_finite(name, x, where)
 
 
 def global_token_count(mask, group=None) -> torch.Tensor:

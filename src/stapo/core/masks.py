@@ -6,7 +6,9 @@ Nothing here carries gradient: the masks are decided on detached current-policy 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -81,7 +83,7 @@ def s2t_mask(
     `logprobs`, `entropy`: the current policy's per-token values [B, T]; `advantages` [B] or [B, T];
     `response_mask` [B, T] (bool or 0/1). `tau_h` is an absolute entropy threshold in nats; when it
     is None the threshold is the `tau_h_quantile` quantile (linear) of the valid tokens' entropies
-    passed in. Returns a bool [B, T]; computed in float32 under no_grad.
+    passed in. Returns a bool [B, T]; computed under no_grad in float32 (float64 log-probs stay float64).
     """
     lp = check_float("logprobs", logprobs, ndim=2)
     ent = check_float("entropy", entropy, ndim=2)
@@ -90,13 +92,61 @@ def s2t_mask(
     adv = broadcast_advantages(advantages, lp.shape)
     check_prob("tau_p", tau_p)
     with torch.no_grad():
-        lp = lp.detach().float()
-        ent = ent.detach().float()
-        check_finite("logprobs", lp, valid)
-        check_finite("entropy", ent, valid)
+        check_finite("logprobs", lp.detach(), valid)
         check_finite("advantages", adv, valid)
-        threshold = _entropy_threshold(ent, valid, tau_h, tau_h_quantile)
-        return (lp < log_threshold(tau_p)) & (ent < threshold) & (adv > 0) & valid
+        return s2t_parts(lp, ent, adv, valid, tau_p, tau_h, tau_h_quantile).spurious.bool()
+
+
+class S2TParts(NamedTuple):
+    """The S2T decision on one batch. Masks are 0/1 float tensors [B, T]; counts are 0-d tensors."""
+
+    spurious: torch.Tensor      # valid ∧ A > 0 ∧ p < tau_p ∧ H < threshold
+    valid: torch.Tensor         # the response mask
+    n_low_prob: torch.Tensor    # Σ valid ∧ p < tau_p
+    n_low_entropy: torch.Tensor  # Σ valid ∧ H < threshold
+    n_spurious: torch.Tensor
+    threshold: torch.Tensor     # the entropy threshold in nats (-inf when no token is valid)
+
+
+def as_float_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A bool mask as 0/1 floats. Through uint8: a direct bool -> float cast is unvectorised on CPU."""
+    return mask.view(torch.uint8).to(dtype)
+
+
+def s2t_parts(lp, ent, adv, valid, tau_p, tau_h, tau_h_quantile) -> S2TParts:
+    """The S2T mask and its counts on shape-checked inputs (`s2t_mask`, `stapo_loss`), under no_grad.
+
+    Every step is one vectorised pass with a float 0/1 result (comparisons written into float
+    tensors, AND as a product, counts as sums): bool tensors cost several times more per element
+    on CPU. The entropies of the valid tokens are checked for NaN/inf here; log-probs and
+    advantages are the caller's to check.
+    """
+    f32 = torch.float32
+    lp = lp.detach() if lp.dtype in (torch.float32, torch.float64) else lp.detach().float()
+    e = ent.detach().float()
+    vf = as_float_mask(valid, f32)
+    ev = e * vf  # padding zeroed; its sum doubles as the finiteness check (NaN/inf propagate)
+    if not bool(torch.isfinite(ev.sum())):
+        check_finite("entropy", e, valid)  # exact check: raises, or the non-finite values were padding
+    if tau_h is None:
+        check_prob("tau_h_quantile", tau_h_quantile)
+        threshold, n_low_entropy = _masked_quantile_and_count(e, valid, tau_h_quantile, vf=vf, zeroed=ev)
+    else:
+        threshold, n_low_entropy = _entropy_threshold(e, valid, tau_h, tau_h_quantile), None
+    # p < tau_p as logprob < log(tau_p): no exp
+    low_prob = torch.lt(lp, log_threshold(tau_p), out=torch.empty(lp.shape, dtype=f32, device=lp.device))
+    low_prob.mul_(vf)
+    low_entropy = torch.lt(e, threshold, out=torch.empty_like(e)).mul_(vf)
+    n_low_prob = low_prob.sum()
+    if n_low_entropy is None:
+        n_low_entropy = low_entropy.sum()
+    if adv.dim() == 2 and adv.stride(-1) == 0:  # per-sequence advantages broadcast over T
+        positive = (adv[:, :1] > 0).to(f32)
+    else:
+        positive = torch.gt(adv, 0, out=torch.empty(adv.shape, dtype=f32, device=adv.device))
+    spurious = low_prob.mul_(low_entropy).mul_(positive)
+    return S2TParts(spurious, vf, n_low_prob, torch.as_tensor(n_low_entropy, dtype=f32, device=e.device),
+                    spurious.sum(), threshold)
 
 
 def log_threshold(tau_p: float) -> float:
@@ -120,20 +170,29 @@ def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch
 
 
 def masked_quantile_and_count(values: torch.Tensor, mask: torch.Tensor, q: float):
-    """(the q-quantile of values[mask], the number of masked values strictly below it or None).
+    """(the q-quantile of values[mask], the number of masked values strictly below it or None)."""
+    return _masked_quantile_and_count(values, mask, q)
 
-    Partial selection (topk) instead of a full sort: the S2T threshold is an extreme quantile, so
-    only a few percent of the values need ordering. The count comes for free from the selection
-    when the quantile is in the lower half (None otherwise: count it with a comparison).
+
+def _masked_quantile_and_count(values, mask, q, vf=None, zeroed=None, select=None):
+    """`masked_quantile_and_count`; `vf` (mask as 0/1 float32) and `zeroed` (values * vf, float32, then
+    used as scratch space) when the caller has them. `select`: "partition" or "topk" (default: by device).
+
+    CPU: one introselect (numpy.partition) over the values with the masked-out ones pushed to the
+    top, an order of magnitude faster than torch's topk/kthvalue there; exact, with the count from
+    the partition. Elsewhere: partial selection (topk) instead of a full sort: the S2T threshold is
+    an extreme quantile, so only a few percent of the values need ordering.
     """
-    n = int(mask.sum())
+    n = int(mask.sum()) if vf is None else int(vf.sum())
     if n == 0:
         return torch.tensor(float("-inf"), device=values.device), 0
-    v = values.reshape(-1).float()
-    m = mask.reshape(-1)
     pos = q * (n - 1)
     lo = int(pos // 1)
     hi = min(lo + 1, n - 1)
+    if (select or ("partition" if values.device.type == "cpu" else "topk")) == "partition":
+        return _quantile_and_count_cpu(values, mask, n, pos, lo, hi, vf, zeroed)
+    v = values.reshape(-1).float()
+    m = mask.reshape(-1)
     if hi + 1 <= n - lo:  # near the bottom: the hi+1 smallest valid values (invalid pushed to +inf)
         if n < v.numel():
             v = v.masked_fill(~m, float("inf"))
@@ -146,6 +205,27 @@ def masked_quantile_and_count(values: torch.Tensor, mask: torch.Tensor, q: float
     sel = torch.topk(v, n - lo, largest=True, sorted=True).values
     v_lo, v_hi = sel[-1], sel[n - 1 - hi]
     return v_lo + (v_hi - v_lo) * (pos - lo), None
+
+
+def _quantile_and_count_cpu(values, mask, n, pos, lo, hi, vf, zeroed):
+    # float32 like the topk path. `zeroed` (values * vf, float32) is a scratch buffer: overwritten.
+    if vf is None:
+        vf = as_float_mask(mask)
+    if zeroed is None:
+        zeroed = values.detach().float() * vf
+    a_t = zeroed.reshape(-1)
+    if n < a_t.numel():  # masked-out -> the largest float32 (or NaN, from non-finite padding): both sort last
+        a_t.add_((1.0 - vf).reshape(-1), alpha=torch.finfo(torch.float32).max)
+    # (Zeros instead, below the valid values, made numpy's introselect ~50x slower at S2T's low quantile.)
+    a = a_t.numpy()
+    k_lo, k_hi = lo, hi
+    a.partition(k_hi)  # in place (one kth: numpy repeats the selection for each kth it is given)
+    prefix = a[:k_hi]  # the k_hi smallest entries, all <= a[k_hi]
+    v_hi = torch.tensor(float(a[k_hi]), dtype=torch.float32)
+    v_lo = torch.tensor(float(prefix.max()), dtype=torch.float32) if k_lo < k_hi else v_hi
+    threshold = v_lo + (v_hi - v_lo) * (pos - lo)  # the same float32 formula as the topk path
+    t = float(threshold)  # <= a[k_hi]: every entry below it is in the prefix
+    return threshold, int(np.count_nonzero(prefix < t))
 
 
 def high_entropy_mask(
