@@ -202,3 +202,26 @@ def test_masked_quantile_and_count_both_selections(select, q):
         assert float(threshold) == pytest.approx(float(torch.quantile(vals, q)), rel=1e-6, abs=1e-7)
         if count is not None:
             assert count == int((vals < threshold).sum())
+
+
+def test_masked_quantile_large_random_trials():
+    """Random large batches, random quantiles, random padding: exact threshold and count every time."""
+    from stapo.core.masks import _masked_quantile_and_count
+
+    g = torch.Generator().manual_seed(11)
+    for trial in range(30):
+        B = int(torch.randint(8, 40, (1,), generator=g))
+        T = int(torch.randint(600, 2500, (1,), generator=g))
+        q = float(torch.rand(1, generator=g))
+        x = torch.rand(B, T, generator=g).pow(float(torch.rand(1, generator=g)) * 5 + 0.2) * 3
+        if trial % 4 == 0:
+            x = torch.round(x * 8) / 8
+        lengths = torch.randint(0, T + 1, (B,), generator=g)
+        mask = torch.arange(T)[None, :] < lengths[:, None]
+        threshold, count = _masked_quantile_and_count(x, mask, q)
+        vals = x[mask]
+        if vals.numel() == 0:
+            assert count == 0
+            continue
+        assert float(threshold) == pytest.approx(float(torch.quantile(vals, q)), rel=1e-6, abs=1e-7), trial
+        assert count == int((vals < threshold).sum()), trial
