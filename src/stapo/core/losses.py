@@ -208,7 +208,7 @@ def stapo_loss(
     with torch.no_grad():
         s2t = s2t_parts(lp, ent, adv, valid, tau_p, tau_h, tau_h_quantile)
         # valid ∧ ¬spurious; the common case (nothing silenced) keeps the response mask itself
-        loss_mask = s2t.valid.sub_(s2t.spurious).bool() if bool(s2t.n_spurious > 0) else valid
+        loss_mask = s2t.spurious.bool().logical_not_().logical_and_(valid) if float(s2t.n_spurious) > 0 else valid
     loss, metrics = _clipped_loss(lp, old, adv, loss_mask, **kw)
     with torch.no_grad():
         n_spurious = s2t.n_spurious.float()

@@ -125,28 +125,34 @@ def s2t_parts(lp, ent, adv, valid, tau_p, tau_h, tau_h_quantile) -> S2TParts:
     lp = lp.detach() if lp.dtype in (torch.float32, torch.float64) else lp.detach().float()
     e = ent.detach().float()
     vf = as_float_mask(valid, f32)
-    ev = e * vf  # padding zeroed; its sum doubles as the finiteness check (NaN/inf propagate)
-    if not bool(torch.isfinite(ev.sum())):
+    # Few [B, T] temporaries (a fresh CPU buffer costs page faults) and dot products for the counts.
+    # The valid entropies' dot with the mask doubles as the finiteness check (NaN/inf propagate).
+    if not math.isfinite(float(_masked_sum(e, vf))):
         check_finite("entropy", e, valid)  # exact check: raises, or the non-finite values were padding
     if tau_h is None:
         check_prob("tau_h_quantile", tau_h_quantile)
-        threshold, n_low_entropy = _masked_quantile_and_count(e, valid, tau_h_quantile, vf=vf, zeroed=ev)
+        threshold, n_low_entropy = _masked_quantile_and_count(e, valid, tau_h_quantile, vf=vf)
     else:
         threshold, n_low_entropy = _entropy_threshold(e, valid, tau_h, tau_h_quantile), None
     # p < tau_p as logprob < log(tau_p): no exp
-    low_prob = torch.lt(lp, log_threshold(tau_p), out=torch.empty(lp.shape, dtype=f32, device=lp.device))
-    low_prob.mul_(vf)
-    low_entropy = torch.lt(e, threshold, out=torch.empty_like(e)).mul_(vf)
-    n_low_prob = low_prob.sum()
+    spurious = torch.lt(lp, log_threshold(tau_p), out=torch.empty(lp.shape, dtype=f32, device=lp.device))
+    spurious.mul_(vf)
+    n_low_prob = spurious.sum()
+    low_entropy = torch.lt(e, threshold, out=torch.empty_like(e))
     if n_low_entropy is None:
-        n_low_entropy = low_entropy.sum()
+        n_low_entropy = _masked_sum(low_entropy, vf)
     if adv.dim() == 2 and adv.stride(-1) == 0:  # per-sequence advantages broadcast over T
         positive = (adv[:, :1] > 0).to(f32)
     else:
         positive = torch.gt(adv, 0, out=torch.empty(adv.shape, dtype=f32, device=adv.device))
-    spurious = low_prob.mul_(low_entropy).mul_(positive)
+    spurious.mul_(low_entropy).mul_(positive)  # valid ∧ p < tau_p ∧ H < threshold ∧ A > 0
     return S2TParts(spurious, vf, n_low_prob, torch.as_tensor(n_low_entropy, dtype=f32, device=e.device),
                     spurious.sum(), threshold)
+
+
+def _masked_sum(x: torch.Tensor, vf: torch.Tensor) -> torch.Tensor:
+    """Σ x·vf as one dot product (no [B, T] temporary)."""
+    return torch.dot(x.reshape(-1), vf.reshape(-1))
 
 
 def log_threshold(tau_p: float) -> float:
@@ -174,9 +180,9 @@ def masked_quantile_and_count(values: torch.Tensor, mask: torch.Tensor, q: float
     return _masked_quantile_and_count(values, mask, q)
 
 
-def _masked_quantile_and_count(values, mask, q, vf=None, zeroed=None, select=None):
-    """`masked_quantile_and_count`; `vf` (mask as 0/1 float32) and `zeroed` (values * vf, float32, then
-    used as scratch space) when the caller has them. `select`: "partition" or "topk" (default: by device).
+def _masked_quantile_and_count(values, mask, q, vf=None, select=None):
+    """`masked_quantile_and_count`; `vf`: the mask as 0/1 float32 when the caller has it. `select`:
+    "partition" or "topk" (default: by device).
 
     CPU: one introselect (numpy.partition) over the values with the masked-out ones pushed to the
     top, an order of magnitude faster than torch's topk/kthvalue there; exact, with the count from
@@ -190,7 +196,7 @@ def _masked_quantile_and_count(values, mask, q, vf=None, zeroed=None, select=Non
     lo = int(pos // 1)
     hi = min(lo + 1, n - 1)
     if (select or ("partition" if values.device.type == "cpu" else "topk")) == "partition":
-        return _quantile_and_count_cpu(values, mask, n, pos, lo, hi, vf, zeroed)
+        return _quantile_and_count_cpu(values, mask, n, pos, lo, hi, vf)
     v = values.reshape(-1).float()
     m = mask.reshape(-1)
     if hi + 1 <= n - lo:  # near the bottom: the hi+1 smallest valid values (invalid pushed to +inf)
@@ -207,15 +213,16 @@ def _masked_quantile_and_count(values, mask, q, vf=None, zeroed=None, select=Non
     return v_lo + (v_hi - v_lo) * (pos - lo), None
 
 
-def _quantile_and_count_cpu(values, mask, n, pos, lo, hi, vf, zeroed):
-    # float32 like the topk path. `zeroed` (values * vf, float32) is a scratch buffer: overwritten.
-    if vf is None:
-        vf = as_float_mask(mask)
-    if zeroed is None:
-        zeroed = values.detach().float() * vf
-    a_t = zeroed.reshape(-1)
-    if n < a_t.numel():  # masked-out -> the largest float32 (or NaN, from non-finite padding): both sort last
-        a_t.add_((1.0 - vf).reshape(-1), alpha=torch.finfo(torch.float32).max)
+def _quantile_and_count_cpu(values, mask, n, pos, lo, hi, vf):
+    # float32 like the topk path
+    v = values.detach().float()
+    if n < v.numel():  # masked-out -> the largest float32 (or NaN, from non-finite padding): both sort last
+        if vf is None:
+            vf = as_float_mask(mask)
+        big = torch.finfo(torch.float32).max
+        a_t = vf.mul(-big).add_(big).addcmul_(v, vf).reshape(-1)  # v where valid (exactly), else big
+    else:
+        a_t = v.reshape(-1).clone()
     # (Zeros instead, below the valid values, made numpy's introselect ~50x slower at S2T's low quantile.)
     a = a_t.numpy()
     k_lo, k_hi = lo, hi
