@@ -28,6 +28,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,11 +194,12 @@ def train_one(config_path: Path, out: Path, method: str, seed: int, log=print, t
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     t0 = time.time()
     load0 = _loadavg()
+    commit = git_commit()
     with (d / "train.log").open("w", encoding="utf-8") as logf:
         rc = subprocess.call(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
     info = {
         "method": method, "seed": seed, "command": shlex.join(["python", *cmd[1:]]), "returncode": rc,
-        "threads": env.get("OMP_NUM_THREADS"),
+        "threads": env.get("OMP_NUM_THREADS"), "git_commit": commit,
         "wall_s": round(time.time() - t0, 1), "loadavg_1m_start": load0,
         "loadavg_1m_end": _loadavg(),
         "completed": rc == 0 and is_complete(d),
@@ -448,7 +450,7 @@ def write_figures(bands: dict[str, dict[str, Band]], plots_dir: Path, window: in
         rows = (len(names) + cols - 1) // cols
         fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
         for ax, c in zip(axes.flat, names):
-            draw_band(ax, bands[c], title(c))
+            draw_band(ax, bands[c], textwrap.fill(title(c), 48))  # three panels a row: keep titles apart
         for ax in list(axes.flat)[len(names):]:
             ax.axis("off")
         fig.suptitle("mean over seeds (line), min..max over seeds (band)", fontsize=10)
@@ -461,6 +463,18 @@ def write_figures(bands: dict[str, dict[str, Band]], plots_dir: Path, window: in
 
 
 # -------------------------------------------------------------------------------------------- report
+
+
+def git_commit() -> str:
+    """The short commit of this checkout ('' outside git); '+' marks uncommitted changes."""
+    try:
+        commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(HERE), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return commit + ("+" if commit and dirty else "")
 
 
 def machine_info() -> dict:
@@ -480,11 +494,7 @@ def machine_info() -> dict:
             versions[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001 - a version we cannot read is just not reported
             versions[mod] = "?"
-    try:
-        commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
+    commit = git_commit()
     return {
         "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "gpu": torch.cuda.is_available(),
@@ -600,15 +610,16 @@ def write_report(out: Path, argv: list[str], methods: list[str], seeds: list[int
     L += [f"- CPU: {machine['cpu']} — {machine['cpu_count']} logical cores, torch threads {machine['torch_threads']}"
           f" (OMP_NUM_THREADS={machine['OMP_NUM_THREADS']}), GPU: {'yes' if machine['gpu'] else 'no'}",
           f"- {machine['platform']}, Python {machine['python']}, torch {machine['torch']}, "
-          f"transformers {machine['transformers']}, trl {machine['trl']}, commit {machine['git_commit'] or '?'}",
+          f"transformers {machine['transformers']}, trl {machine['trl']}, report written at commit "
+          f"{machine['git_commit'] or '?'}",
           f"- total wall time of the runs: {sum(walls) / 60:.1f} min" +
           (f"; this invocation: {sweep_wall / 60:.1f} min" if sweep_wall is not None else ""), "",
-          "| run | wall (s) | torch threads | load avg (1 min) at start → end |", "|---|---|---|---|"]
+          "| run | wall (s) | torch threads | commit | load avg (1 min) at start → end |", "|---|---|---|---|---|"]
     for r in runs:
         i = r.info
         la = f"{i.get('loadavg_1m_start', '?')} → {i.get('loadavg_1m_end', '?')}" if i else "?"
         L.append(f"| {r.method}-seed{r.seed} | {i.get('wall_s', '?')} | "
-                 f"{i.get('threads') or machine['torch_threads']} | {la} |")
+                 f"{i.get('threads') or machine['torch_threads']} | {i.get('git_commit') or '?'} | {la} |")
     L += ["", "A load average above the core count means other processes shared the CPU (with `--jobs 2`, the "
           "sweep's own two runs make a load of 2): wall times are then upper bounds, and the numbers (not the "
           "timings) are unaffected.", ""]
