@@ -226,6 +226,10 @@ def test_quick_sweep_end_to_end(tiny_qwen3_dir, tmp_path):
         assert {k for k in flat if flat[k] != flats["grpo"].get(k)} <= {"method", "output_dir"}
         metrics = [json.loads(x) for x in (out / "runs" / f"{m}-seed0" / "metrics.jsonl").read_text().splitlines()]
         assert {x["step"] for x in metrics if "entropy" in x} == {1, 2}
+        # the in-training evaluation (step 1) is a line of its own; the step's training line survives it
+        assert [x["step"] for x in metrics if x["kind"] == "train" and "loss" in x] == [1, 2]
+        evals = [x for x in metrics if x["kind"] == "eval"]
+        assert [x["step"] for x in evals] == [1] and "loss" not in evals[0] and "entropy" not in evals[0]
     # resumable: a second invocation skips the completed runs and rewrites only the report
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
     again = _run_script("--quick", "--model", tiny_qwen3_dir, "--out", out)

@@ -129,8 +129,8 @@ def evaluate_accuracy(model, tokenizer, rows: list[dict], run: RunConfig, max_ne
 
 
 class HeldoutAccuracyCallback(TrainerCallback):
-    """Held-out accuracy every `every` optimizer steps, logged through the trainer (so it lands in
-    metrics.jsonl as `eval_heldout_accuracy` with kind "eval", and in report_to)."""
+    """Held-out accuracy every `every` optimizer steps, logged through the trainer's callbacks (so it
+    lands in metrics.jsonl as its own `eval_heldout_accuracy` line of kind "eval", and in report_to)."""
 
     def __init__(self, trainer, every: int, evaluate: Callable[[Any], dict]):
         self.trainer, self.every, self.evaluate = trainer, every, evaluate
@@ -138,7 +138,14 @@ class HeldoutAccuracyCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every == 0 and state.global_step < state.max_steps:
             res = self.evaluate(self.trainer.model)
-            self.trainer.log({"eval_heldout_accuracy": res["accuracy"], "eval_heldout_stderr": res["stderr"]})
+            logs = {"eval_heldout_accuracy": res["accuracy"], "eval_heldout_stderr": res["stderr"]}
+            # Straight to the callbacks (metrics.jsonl, progress bar, report_to), not Trainer.log:
+            # that would take TRL's accumulated training metrics into this line and clear
+            # `should_log`, dropping this step's own training log (loss, grad_norm).
+            state.log_history.append({**logs, "step": state.global_step})
+            should_log = control.should_log
+            control = self.trainer.callback_handler.on_log(args, state, control, logs) or control
+            control.should_log = should_log
         return control
 
 
