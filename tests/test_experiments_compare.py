@@ -236,6 +236,14 @@ def test_quick_sweep_end_to_end(tiny_qwen3_dir, tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("already complete, skipped") == 4
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # --report-only keeps the sweep's own command and wall time in the report
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert "--quick" in sweep["command"] and sweep["wall_s"] > 0
+    regen = _run_script("--report-only", "--seeds", "0", "--out", out)
+    assert regen.returncode == 0, regen.stderr[-2000:]
+    what = (out / "report.md").read_text().split("## What was run", 1)[1].split("Methods:", 1)[0]
+    assert sweep["command"] in what and "regenerated from the finished runs by" in what and "--report-only" in what
+    assert json.loads((out / "results.json").read_text())["sweep_wall_s"] == sweep["wall_s"]
 
 
 @pytest.mark.slow

@@ -42,6 +42,7 @@ QUICK_CONFIG = HERE / "configs" / "quick.yaml"
 METHODS = ("grpo", "20-entropy", "justrl", "stapo")
 PER_RUN_KEYS = ("method", "seed", "output_dir")  # set by the sweep, never shared
 RUN_INFO = "sweep_run.json"  # written by this script into each run directory (command, wall time, exit code)
+SWEEP_INFO = "sweep.json"  # written into --out by the last invocation that trained (its command, wall time)
 HELDOUT = "heldout_accuracy"
 
 # curve -> (metrics.jsonl key, figure title). The held-out curve is assembled from eval.json + eval lines.
@@ -587,18 +588,27 @@ def write_report(out: Path, argv: list[str], methods: list[str], seeds: list[int
     th = s2t_thresholds(runs)
     shared = read_yaml_file(out / "config.yaml")
     walls = [r.info.get("wall_s") for r in runs if isinstance(r.info.get("wall_s"), (int, float))]
+    # --report-only: the command and wall time of the sweep itself, as it recorded them
+    sweep = read_json(out / SWEEP_INFO)
+    command = str(sweep.get("command") or shlex.join(argv))
+    if sweep_wall is None and isinstance(sweep.get("wall_s"), (int, float)):
+        sweep_wall = float(sweep["wall_s"])
+    regenerated = shlex.join(argv) if shlex.join(argv) != command else None
     results = {
-        "command": shlex.join(argv), "methods": methods, "seeds": seeds, "machine": machine,
+        "command": command, "report_command": shlex.join(argv), "methods": methods, "seeds": seeds, "machine": machine,
         "s2t_thresholds": th, "summary": summary, "missing_runs": missing,
         "run_wall_s": {f"{r.method}-seed{r.seed}": r.info.get("wall_s") for r in runs},
-        "total_run_wall_s": round(sum(walls), 1), "this_invocation_wall_s": sweep_wall,
+        "total_run_wall_s": round(sum(walls), 1), "sweep_wall_s": sweep_wall,
         "shared_config": shared, "smoothing_window": window,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
 
     model = Path(str(shared["model"])).name if shared.get("model") else "?"
     L = [f"# STAPO vs baselines at small scale — {model}", ""]
-    L += ["## What was run", "", "```bash", shlex.join(argv), "```", "",
+    L += ["## What was run", "", "```bash", command, "```", ""]
+    if regenerated:
+        L += [f"(This report was regenerated from the finished runs by `{regenerated}`.)", ""]
+    L += [
           f"Methods: {', '.join(methods)}; seeds: {', '.join(map(str, seeds))}. Every run is",
           "", "```bash", f"python -m stapo train {out / 'config.yaml'} method=METHOD seed=SEED "
           f"output_dir={out / 'runs'}/METHOD-seedSEED", "```", "",
@@ -613,7 +623,7 @@ def write_report(out: Path, argv: list[str], methods: list[str], seeds: list[int
           f"transformers {machine['transformers']}, trl {machine['trl']}, report written at commit "
           f"{machine['git_commit'] or '?'}",
           f"- total wall time of the runs: {sum(walls) / 60:.1f} min" +
-          (f"; this invocation: {sweep_wall / 60:.1f} min" if sweep_wall is not None else ""), "",
+          (f"; the sweep command: {sweep_wall / 60:.1f} min" if sweep_wall is not None else ""), "",
           "| run | wall (s) | torch threads | commit | load avg (1 min) at start → end |", "|---|---|---|---|---|"]
     for r in runs:
         i = r.info
@@ -755,8 +765,12 @@ def main(argv: list[str] | None = None) -> int:
         if failed and not any(is_complete(run_dir(out, m, s)) for m in methods for s in seeds):
             print(f"error: every run failed: {', '.join(failed)} (see train.log in their directories)", file=sys.stderr)
             return 1
-        report, _ = build_report(out, shown, methods, seeds, args.smooth,
-                                 None if args.report_only else round(time.time() - t0, 1))
+        sweep_wall = None
+        if not args.report_only:
+            sweep_wall = round(time.time() - t0, 1)
+            (out / SWEEP_INFO).write_text(json.dumps({"command": shlex.join(shown), "wall_s": sweep_wall}, indent=2),
+                                          encoding="utf-8")
+        report, _ = build_report(out, shown, methods, seeds, args.smooth, sweep_wall)
     except SweepError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
