@@ -183,7 +183,7 @@ def test_high_entropy_mask_reference(seed):
 def test_masked_quantile_and_count_both_selections(select, q):
     """Both selection paths (CPU introselect, topk) against torch.quantile and an explicit count,
     with ties, non-finite padding and masks of every density."""
-    from stapo.core.masks import _masked_quantile_and_count
+    from stapo.core.masks import masked_quantile_and_count
 
     g = torch.Generator().manual_seed(int(q * 100))
     for trial in range(40):
@@ -194,7 +194,7 @@ def test_masked_quantile_and_count_both_selections(select, q):
         mask = torch.rand(B, T, generator=g) < [0.05, 0.5, 1.0][trial % 3]
         x = x.masked_fill(~mask & (torch.rand(B, T, generator=g) < 0.3), float("nan"))  # garbage padding
         x = x.masked_fill(~mask & (torch.rand(B, T, generator=g) < 0.3), float("-inf"))
-        threshold, count = _masked_quantile_and_count(x, mask, q, select=select)
+        threshold, count = masked_quantile_and_count(x, mask, q, select=select)
         vals = x[mask]
         if vals.numel() == 0:
             assert threshold == float("-inf") and count == 0
@@ -206,7 +206,7 @@ def test_masked_quantile_and_count_both_selections(select, q):
 
 def test_masked_quantile_large_random_trials():
     """Random large batches, random quantiles, random padding: exact threshold and count every time."""
-    from stapo.core.masks import _masked_quantile_and_count
+    from stapo.core.masks import masked_quantile_and_count
 
     g = torch.Generator().manual_seed(11)
     for trial in range(30):
@@ -218,7 +218,7 @@ def test_masked_quantile_large_random_trials():
             x = torch.round(x * 8) / 8
         lengths = torch.randint(0, T + 1, (B,), generator=g)
         mask = torch.arange(T)[None, :] < lengths[:, None]
-        threshold, count = _masked_quantile_and_count(x, mask, q)
+        threshold, count = masked_quantile_and_count(x, mask, q)
         vals = x[mask]
         if vals.numel() == 0:
             assert count == 0

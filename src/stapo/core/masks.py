@@ -101,7 +101,6 @@ class S2TParts(NamedTuple):
     """The S2T decision on one batch. Masks are 0/1 float tensors [B, T]; counts are 0-d tensors."""
 
     spurious: torch.Tensor      # valid ∧ A > 0 ∧ p < tau_p ∧ H < threshold
-    valid: torch.Tensor         # the response mask
     n_low_prob: torch.Tensor    # Σ valid ∧ p < tau_p
     n_low_entropy: torch.Tensor  # Σ valid ∧ H < threshold
     n_spurious: torch.Tensor
@@ -131,7 +130,7 @@ def s2t_parts(lp, ent, adv, valid, tau_p, tau_h, tau_h_quantile) -> S2TParts:
         check_finite("entropy", e, valid)  # exact check: raises, or the non-finite values were padding
     if tau_h is None:
         check_prob("tau_h_quantile", tau_h_quantile)
-        threshold, n_low_entropy = _masked_quantile_and_count(e, valid, tau_h_quantile, vf=vf)
+        threshold, n_low_entropy = masked_quantile_and_count(e, valid, tau_h_quantile, vf=vf)
     else:
         threshold, n_low_entropy = _entropy_threshold(e, valid, tau_h, tau_h_quantile), None
     # p < tau_p as logprob < log(tau_p): no exp
@@ -146,7 +145,7 @@ def s2t_parts(lp, ent, adv, valid, tau_p, tau_h, tau_h_quantile) -> S2TParts:
     else:
         positive = torch.gt(adv, 0, out=torch.empty(adv.shape, dtype=f32, device=adv.device))
     spurious.mul_(low_entropy).mul_(positive)  # valid ∧ p < tau_p ∧ H < threshold ∧ A > 0
-    return S2TParts(spurious, vf, n_low_prob, torch.as_tensor(n_low_entropy, dtype=f32, device=e.device),
+    return S2TParts(spurious, n_low_prob, torch.as_tensor(n_low_entropy, dtype=f32, device=e.device),
                     spurious.sum(), threshold)
 
 
@@ -175,14 +174,11 @@ def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch
     return masked_quantile_and_count(values, mask, q)[0]
 
 
-def masked_quantile_and_count(values: torch.Tensor, mask: torch.Tensor, q: float):
-    """(the q-quantile of values[mask], the number of masked values strictly below it or None)."""
-    return _masked_quantile_and_count(values, mask, q)
+def masked_quantile_and_count(values: torch.Tensor, mask: torch.Tensor, q: float, vf=None, select=None):
+    """(the q-quantile of values[mask], the number of masked values strictly below it or None).
 
-
-def _masked_quantile_and_count(values, mask, q, vf=None, select=None):
-    """`masked_quantile_and_count`; `vf`: the mask as 0/1 float32 when the caller has it. `select`:
-    "partition" or "topk" (default: by device).
+    `vf`: the mask as 0/1 float32 when the caller has it. `select`: "partition" or "topk" (default:
+    by device).
 
     CPU: one introselect (numpy.partition) over the values with the masked-out ones pushed to the
     top, an order of magnitude faster than torch's topk/kthvalue there; exact, with the count from
@@ -225,13 +221,12 @@ def _quantile_and_count_cpu(values, mask, n, pos, lo, hi, vf):
         a_t = v.reshape(-1).clone()
     # (Zeros instead, below the valid values, made numpy's introselect ~50x slower at S2T's low quantile.)
     a = a_t.numpy()
-    k_lo, k_hi = lo, hi
-    a.partition(k_hi)  # in place (one kth: numpy repeats the selection for each kth it is given)
-    prefix = a[:k_hi]  # the k_hi smallest entries, all <= a[k_hi]
-    v_hi = torch.tensor(float(a[k_hi]), dtype=torch.float32)
-    v_lo = torch.tensor(float(prefix.max()), dtype=torch.float32) if k_lo < k_hi else v_hi
+    a.partition(hi)  # in place (one kth: numpy repeats the selection for each kth it is given)
+    prefix = a[:hi]  # the hi smallest entries, all <= a[hi]
+    v_hi = torch.tensor(float(a[hi]), dtype=torch.float32)
+    v_lo = torch.tensor(float(prefix.max()), dtype=torch.float32) if lo < hi else v_hi
     threshold = v_lo + (v_hi - v_lo) * (pos - lo)  # the same float32 formula as the topk path
-    t = float(threshold)  # <= a[k_hi]: every entry below it is in the prefix
+    t = float(threshold)  # <= a[hi]: every entry below it is in the prefix
     return threshold, int(np.count_nonzero(prefix < t))
 
 
