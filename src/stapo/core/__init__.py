@@ -2,6 +2,7 @@
 
     group_advantages   GRPO / Dr.GRPO / batch-scaled outcome advantages
     s2t_mask           STAPO's spurious-token mask (A > 0, p < tau_p, H < tau_h)
+    s2t_mask_with_counts  the same, with the counts engines log (p < tau_p, H < tau_h, silenced)
     high_entropy_mask  20-Entropy's top-rho entropy mask
     policy_loss        PPO-clip loss with verl's aggregation modes and global denominators
     stapo_loss         policy_loss over the valid tokens S2T does not silence
@@ -26,7 +27,7 @@ from stapo.core.losses import (
     policy_loss,
     stapo_loss,
 )
-from stapo.core.masks import entropy_quantile, high_entropy_mask, quantile_linear, s2t_mask
+from stapo.core.masks import entropy_quantile, high_entropy_mask, quantile_linear, s2t_mask, s2t_mask_with_counts
 from stapo.core.presets import PRESETS, MethodPreset, get_preset
 from stapo.core.stats import grad_norm_proxy, masked_summary, token_fractions
 
@@ -51,6 +52,7 @@ __all__ = [
     "policy_loss",
     "quantile_linear",
     "s2t_mask",
+    "s2t_mask_with_counts",
     "stapo_loss",
     "token_fractions",
     "token_logprobs_entropy",

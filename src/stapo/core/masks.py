@@ -85,6 +85,22 @@ def s2t_mask(
     is None the threshold is the `tau_h_quantile` quantile (linear) of the valid tokens' entropies
     passed in. Returns a bool [B, T]; computed under no_grad in float32 (float64 log-probs stay float64).
     """
+    return s2t_mask_with_counts(logprobs, entropy, advantages, response_mask, tau_p, tau_h,
+                                tau_h_quantile).spurious.bool()
+
+
+def s2t_mask_with_counts(
+    logprobs: torch.Tensor,
+    entropy: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask,
+    tau_p: float = 0.01,
+    tau_h: float | torch.Tensor | None = None,
+    tau_h_quantile: float = 0.05,
+) -> S2TParts:
+    """`s2t_mask` (same arguments and checks) with the counts engines log: an `S2TParts` whose
+    `spurious` is the mask as 0/1 floats, with Σ valid ∧ p < tau_p, Σ valid ∧ H < threshold, the
+    number silenced and the threshold, all from the same passes."""
     lp = check_float("logprobs", logprobs, ndim=2)
     ent = check_float("entropy", entropy, ndim=2)
     check_same_shape("entropy", ent, "logprobs", lp)
@@ -94,7 +110,7 @@ def s2t_mask(
     with torch.no_grad():
         check_finite("logprobs", lp.detach(), valid)
         check_finite("advantages", adv, valid)
-        return s2t_parts(lp, ent, adv, valid, tau_p, tau_h, tau_h_quantile).spurious.bool()
+        return s2t_parts(lp, ent, adv, valid, tau_p, tau_h, tau_h_quantile)
 
 
 class S2TParts(NamedTuple):

@@ -79,7 +79,7 @@ from stapo.core import (
     get_preset,
     high_entropy_mask,
     policy_loss,
-    s2t_mask,
+    s2t_mask_with_counts,
     token_logprobs_entropy,
     zero_variance_group_fraction,
 )
@@ -368,7 +368,8 @@ class STAPOTrainer(GRPOTrainer):
             tau_h = torch.tensor(float(s2t.tau_h), device=logps.device)
         else:
             tau_h = entropy_quantile(entropies, valid, s2t.tau_h_quantile)
-        spurious = s2t_mask(logps, entropies, adv_bt, valid, tau_p=s2t.tau_p, tau_h=tau_h)
+        s2t_counts = s2t_mask_with_counts(logps, entropies, adv_bt, valid, tau_p=s2t.tau_p, tau_h=tau_h)
+        spurious = s2t_counts.spurious.bool()
         if self.token_filter == "s2t":
             loss_mask = valid & ~spurious
         elif self.token_filter == "high_entropy":
@@ -393,7 +394,7 @@ class STAPOTrainer(GRPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss / divisor
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
-        self._record_tokens(mode, logps, old_logps, entropies, adv_bt, valid, loss_mask, spurious, s2t, tau_h, loss)
+        self._record_tokens(mode, logps, old_logps, entropies, adv_bt, valid, loss_mask, s2t_counts, loss)
         if mode == "train" and self._capture_due():
             self._capture_rollouts(inputs, logps, entropies, adv_bt, valid, spurious, model=model, tau_h=tau_h)
         return loss
@@ -401,7 +402,7 @@ class STAPOTrainer(GRPOTrainer):
     # ---- metrics ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _record_tokens(self, mode, logps, old_logps, entropies, adv, valid, loss_mask, spurious, s2t, tau_h, loss):
+    def _record_tokens(self, mode, logps, old_logps, entropies, adv, valid, loss_mask, s2t_counts, loss):
         if self._window is None:
             self._window = TokenStats(logps.device, deferred=mode == "train" and self._deferred_denominator())
         w = self._window
@@ -410,15 +411,15 @@ class STAPOTrainer(GRPOTrainer):
         ent = entropies.detach().float()
         w.add(
             valid=v.sum(),
-            masked=spurious.sum(),
+            masked=s2t_counts.n_spurious,
             loss_tokens=loss_mask.sum(),
-            low_prob=((logps.detach().float().exp() < s2t.tau_p) & valid).sum(),
-            low_entropy=((ent < tau_h) & valid).sum(),
+            low_prob=s2t_counts.n_low_prob,
+            low_entropy=s2t_counts.n_low_entropy,
             entropy=(ent * v).sum(),
             clip_low=((ratio < 1 - self.epsilon_low) & (adv < 0) & valid).sum(),
             clip_high=((ratio > 1 + self.epsilon_high) & (adv > 0) & valid).sum(),
             ratio=(ratio * v).sum(),
-            threshold=tau_h.double(),
+            threshold=s2t_counts.threshold.double(),
             micro_batches=1,
             loss=loss.detach(),
         )
