@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from stapo.core._kernels import all_finite
+
 
 def as_tensor(name: str, x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
@@ -26,10 +28,7 @@ def check_float(name: str, x, ndim: int | tuple[int, ...] | None = None) -> torc
 
 def check_finite(name: str, x: torch.Tensor, where: torch.Tensor | None = None) -> None:
     """Raise if `x` has NaN/inf (only at positions where `where` is True, when given)."""
-    ok = torch.isfinite(x)
-    if where is not None:
-        ok = ok | ~where  # no boolean indexing: it costs a nonzero() + copy on large batches
-    if ok.numel() and not bool(ok.all()):
+    if not all_finite(x, where):
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
 
 

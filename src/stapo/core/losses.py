@@ -18,6 +18,7 @@ from stapo.core._checks import (
     check_same_shape,
 )
 from stapo.core._checks import check_prob
+from stapo.core._kernels import and_not
 from stapo.core.masks import high_entropy_mask, s2t_parts
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -208,7 +209,7 @@ def stapo_loss(
     with torch.no_grad():
         s2t = s2t_parts(lp, ent, adv, valid, tau_p, tau_h, tau_h_quantile)
         # valid ∧ ¬spurious; the common case (nothing silenced) keeps the response mask itself
-        loss_mask = s2t.spurious.bool().logical_not_().logical_and_(valid) if float(s2t.n_spurious) > 0 else valid
+        loss_mask = and_not(valid, s2t.spurious) if float(s2t.n_spurious) > 0 else valid
     loss, metrics = _clipped_loss(lp, old, adv, loss_mask, **kw)
     with torch.no_grad():
         n_spurious = s2t.n_spurious.float()

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from stapo.core._kernels import any_true, both, count, greater, less
 from stapo.core._checks import (
     broadcast_advantages,
     check_finite,
@@ -86,7 +87,7 @@ def s2t_mask(
     passed in. Returns a bool [B, T]; computed under no_grad in float32 (float64 log-probs stay float64).
     """
     return s2t_mask_with_counts(logprobs, entropy, advantages, response_mask, tau_p, tau_h,
-                                tau_h_quantile).spurious.bool()
+                                tau_h_quantile).spurious
 
 
 def s2t_mask_with_counts(
@@ -98,8 +99,8 @@ def s2t_mask_with_counts(
     tau_h: float | torch.Tensor | None = None,
     tau_h_quantile: float = 0.05,
 ) -> S2TParts:
-    """`s2t_mask` (same arguments and checks) with the counts engines log: an `S2TParts` whose
-    `spurious` is the mask as 0/1 floats, with Σ valid ∧ p < tau_p, Σ valid ∧ H < threshold, the
+    """`s2t_mask` (same arguments and checks) with the counts engines log: an `S2TParts` with the
+    bool mask `spurious`, Σ valid ∧ p < tau_p, Σ valid ∧ H < threshold, the
     number silenced and the threshold, all from the same passes."""
     lp = check_float("logprobs", logprobs, ndim=2)
     ent = check_float("entropy", entropy, ndim=2)
@@ -114,7 +115,7 @@ def s2t_mask_with_counts(
 
 
 class S2TParts(NamedTuple):
-    """The S2T decision on one batch. Masks are 0/1 float tensors [B, T]; counts are 0-d tensors."""
+    """The S2T decision on one batch: the bool mask [B, T] and 0-d float32 counts."""
 
     spurious: torch.Tensor      # valid ∧ A > 0 ∧ p < tau_p ∧ H < threshold
     n_low_prob: torch.Tensor    # Σ valid ∧ p < tau_p
@@ -123,51 +124,32 @@ class S2TParts(NamedTuple):
     threshold: torch.Tensor     # the entropy threshold in nats (-inf when no token is valid)
 
 
-def as_float_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A bool mask as 0/1 floats. Through uint8: a direct bool -> float cast is unvectorised on CPU."""
-    return mask.view(torch.uint8).to(dtype)
-
-
 def s2t_parts(lp, ent, adv, valid, tau_p, tau_h, tau_h_quantile) -> S2TParts:
     """The S2T mask and its counts on shape-checked inputs (`s2t_mask`, `stapo_loss`), under no_grad.
 
-    Every step is one vectorised pass with a float 0/1 result (comparisons written into float
-    tensors, AND as a product, counts as sums): bool tensors cost several times more per element
-    on CPU. The entropies of the valid tokens are checked for NaN/inf here; log-probs and
-    advantages are the caller's to check.
+    Four comparisons and three ANDs over [B, T] (through `_kernels`, fast on CPU) plus, for the
+    quantile threshold, one selection. The entropies of the valid tokens are checked for NaN/inf
+    here; log-probs and advantages are the caller's to check.
     """
-    f32 = torch.float32
     lp = lp.detach() if lp.dtype in (torch.float32, torch.float64) else lp.detach().float()
     e = ent.detach().float()
-    vf = as_float_mask(valid, f32)
-    # Few [B, T] temporaries (a fresh CPU buffer costs page faults) and dot products for the counts.
-    # The valid entropies' dot with the mask doubles as the finiteness check (NaN/inf propagate).
-    if not math.isfinite(float(_masked_sum(e, vf))):
-        check_finite("entropy", e, valid)  # exact check: raises, or the non-finite values were padding
+    check_finite("entropy", e, valid)
     if tau_h is None:
         check_prob("tau_h_quantile", tau_h_quantile)
-        threshold, n_low_entropy = masked_quantile_and_count(e, valid, tau_h_quantile, vf=vf)
+        threshold, n_low_entropy = masked_quantile_and_count(e, valid, tau_h_quantile)
+        n_low_entropy = torch.tensor(float(n_low_entropy), dtype=torch.float32, device=e.device)
     else:
         threshold, n_low_entropy = _entropy_threshold(e, valid, tau_h, tau_h_quantile), None
-    # p < tau_p as logprob < log(tau_p): no exp
-    spurious = torch.lt(lp, log_threshold(tau_p), out=torch.empty(lp.shape, dtype=f32, device=lp.device))
-    spurious.mul_(vf)
-    n_low_prob = spurious.sum()
-    low_entropy = torch.lt(e, threshold, out=torch.empty_like(e))
+    low_prob = both(less(lp, log_threshold(tau_p)), valid)  # p < tau_p as logprob < log(tau_p): no exp
+    low_entropy = less(e, threshold)
     if n_low_entropy is None:
-        n_low_entropy = _masked_sum(low_entropy, vf)
-    if adv.dim() == 2 and adv.stride(-1) == 0:  # per-sequence advantages broadcast over T
-        positive = (adv[:, :1] > 0).to(f32)
+        n_low_entropy = count(both(low_entropy, valid))
+    if adv.dim() == 2 and adv.stride(-1) == 0:  # per-sequence advantages broadcast over T: one per row
+        positive = greater(adv[:, :1].contiguous(), 0.0)
     else:
-        positive = torch.gt(adv, 0, out=torch.empty(adv.shape, dtype=f32, device=adv.device))
-    spurious.mul_(low_entropy).mul_(positive)  # valid ∧ p < tau_p ∧ H < threshold ∧ A > 0
-    return S2TParts(spurious, n_low_prob, torch.as_tensor(n_low_entropy, dtype=f32, device=e.device),
-                    spurious.sum(), threshold)
-
-
-def _masked_sum(x: torch.Tensor, vf: torch.Tensor) -> torch.Tensor:
-    """Σ x·vf as one dot product (no [B, T] temporary)."""
-    return torch.dot(x.reshape(-1), vf.reshape(-1))
+        positive = greater(adv, 0.0)
+    spurious = both(low_prob, low_entropy, positive)  # valid ∧ p < tau_p ∧ H < threshold ∧ A > 0
+    return S2TParts(spurious, count(low_prob), n_low_entropy, count(spurious), threshold)
 
 
 def log_threshold(tau_p: float) -> float:
@@ -190,25 +172,24 @@ def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch
     return masked_quantile_and_count(values, mask, q)[0]
 
 
-def masked_quantile_and_count(values: torch.Tensor, mask: torch.Tensor, q: float, vf=None, select=None):
+def masked_quantile_and_count(values: torch.Tensor, mask: torch.Tensor, q: float, select=None):
     """(the q-quantile of values[mask], the number of masked values strictly below it or None).
 
-    `vf`: the mask as 0/1 float32 when the caller has it. `select`: "partition" or "topk" (default:
-    by device).
+    `select`: "partition" or "topk" (default: by device).
 
-    CPU: one introselect (numpy.partition) over the values with the masked-out ones pushed to the
-    top, an order of magnitude faster than torch's topk/kthvalue there; exact, with the count from
-    the partition. Elsewhere: partial selection (topk) instead of a full sort: the S2T threshold is
-    an extreme quantile, so only a few percent of the values need ordering.
+    CPU: one introselect (numpy.partition) over the valid values, an order of magnitude faster
+    than torch's topk/kthvalue there; exact, with the count from the partition. Elsewhere: partial
+    selection (topk) instead of a full sort: the S2T threshold is an extreme quantile, so only a
+    few percent of the values need ordering.
     """
-    n = int(mask.sum()) if vf is None else int(vf.sum())
+    n = int(count(mask))
     if n == 0:
         return torch.tensor(float("-inf"), device=values.device), 0
     pos = q * (n - 1)
     lo = int(pos // 1)
     hi = min(lo + 1, n - 1)
     if (select or ("partition" if values.device.type == "cpu" else "topk")) == "partition":
-        return _quantile_and_count_cpu(values, mask, n, pos, lo, hi, vf)
+        return _quantile_and_count_cpu(values, mask, n, pos, lo, hi)
     v = values.reshape(-1).float()
     m = mask.reshape(-1)
     if hi + 1 <= n - lo:  # near the bottom: the hi+1 smallest valid values (invalid pushed to +inf)
@@ -225,25 +206,17 @@ def masked_quantile_and_count(values: torch.Tensor, mask: torch.Tensor, q: float
     return v_lo + (v_hi - v_lo) * (pos - lo), None
 
 
-def _quantile_and_count_cpu(values, mask, n, pos, lo, hi, vf):
-    # float32 like the topk path
-    v = values.detach().float()
-    if n < v.numel():  # masked-out -> the largest float32 (or NaN, from non-finite padding): both sort last
-        if vf is None:
-            vf = as_float_mask(mask)
-        big = torch.finfo(torch.float32).max
-        a_t = vf.mul(-big).add_(big).addcmul_(v, vf).reshape(-1)  # v where valid (exactly), else big
-    else:
-        a_t = v.reshape(-1).clone()
-    # (Zeros instead, below the valid values, made numpy's introselect ~50x slower at S2T's low quantile.)
-    a = a_t.numpy()
-    a.partition(hi)  # in place (one kth: numpy repeats the selection for each kth it is given)
+def _quantile_and_count_cpu(values, mask, n, pos, lo, hi):
+    v = values.detach().float().cpu().numpy()  # float32 like the topk path
+    # the valid values, compacted (a copy: the partition below works in place)
+    a = v[mask.cpu().numpy()] if n < v.size else v.reshape(-1).copy()
+    a.partition(hi)  # one kth: numpy repeats the selection for each kth it is given
     prefix = a[:hi]  # the hi smallest entries, all <= a[hi]
     v_hi = torch.tensor(float(a[hi]), dtype=torch.float32)
     v_lo = torch.tensor(float(prefix.max()), dtype=torch.float32) if lo < hi else v_hi
     threshold = v_lo + (v_hi - v_lo) * (pos - lo)  # the same float32 formula as the topk path
     t = float(threshold)  # <= a[hi]: every entry below it is in the prefix
-    return threshold, int(np.count_nonzero(prefix < t))
+    return threshold.to(values.device), int(np.count_nonzero(prefix < t))
 
 
 def high_entropy_mask(
@@ -262,8 +235,8 @@ def high_entropy_mask(
     with torch.no_grad():
         ent = ent.detach().float()
         check_finite("entropy", ent, valid)
-        if not bool(valid.any()):
+        if not any_true(valid):
             return torch.zeros_like(valid)
         if threshold is None:
             threshold = masked_quantile(ent, valid, 1.0 - top_quantile)
-        return valid & (ent >= torch.as_tensor(threshold, dtype=torch.float32, device=ent.device))
+        return valid & ~less(ent, threshold)  # H >= threshold (entropies of valid tokens are finite)
