@@ -4,6 +4,7 @@ Head (bf16, N tokens, hidden H, vocabulary V; forward + backward of sum(g · log
   matmul-3      the three GEMMs any exact method needs (logits, dlogits@W, dlogitsᵀ@h; 6·N·H·V flop): the floor
   stapo         stapo.core.lm_head_logprobs_entropy (Triton tile passes on CUDA), one row per vocab_chunk
   stapo-torch   the same function forced onto its PyTorch tile passes
+  stapo (triton-gemm)  the same function on Triton GEMMs with the softmax in their epilogue (CUDA only)
   trl-style     bf16 [N, V] logits, chunked float32 logsumexp with autograd, chunked no-grad entropy
   fp32-full     float32 [N, V] logits, log_softmax, gather; entropy under no_grad
   trl-fused     trl.kernels.ChunkedLogProbFunction (TRL >= 1.16's own head), when trl is importable
@@ -28,6 +29,7 @@ import gc
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -44,6 +46,14 @@ from stapo.core.lm_head import (  # noqa: E402
 
 GIB = 1024**3
 CHECK_ROWS = 256
+
+
+def _has_triton():
+    try:
+        from stapo.core import lm_head_triton
+    except ImportError:
+        return False
+    return lm_head_triton.AVAILABLE
 
 
 def sync(dev):
@@ -188,6 +198,9 @@ def bench_head(args, dev, dtype, hidden_size, rows_out):
         paths.append((f"stapo ({resolve_backend('auto', dev)}, vocab_chunk={vc})", path_stapo, {"vocab_chunk": vc}))
     paths.append((f"stapo-torch (vocab_chunk={args.vocab_chunks[0]})", path_stapo,
                   {"backend": "torch", "vocab_chunk": args.vocab_chunks[0]}))
+    if dev.type == "cuda" and _has_triton():
+        paths.append((f"stapo (triton-gemm, vocab_chunk={args.vocab_chunks[0]})", path_stapo,
+                      {"backend": "triton-gemm", "vocab_chunk": args.vocab_chunks[0]}))
     paths.append(("trl-style", path_trl_style, {}))
     if not args.skip_fp32:
         paths.append(("fp32-full", path_fp32_full, {}))
@@ -212,12 +225,18 @@ def bench_head(args, dev, dtype, hidden_size, rows_out):
             results[name] = (ms, peak, err)
         except torch.cuda.OutOfMemoryError:
             results[name] = (None, None, (None, None, None))
+        except Exception:  # one failing path (e.g. a kernel that does not compile) must not end the run
+            traceback.print_exc()
+            results[name] = ("error", None, (None, None, None))
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     floor = results["matmul-3"][0]
-    trl_ms = results["trl-style"][0]
+    trl_ms = results["trl-style"][0] if results["trl-style"][0] != "error" else None
     for name, (ms, peak, (elp, eent, egh)) in results.items():
+        if ms == "error":
+            rows_out.append([name, str(hidden_size), "error"] + ["-"] * 6)
+            continue
         rows_out.append([
             name, str(hidden_size),
             "OOM" if ms is None else f"{ms:.1f}",
@@ -270,13 +289,14 @@ def bench_model(args, dev, dtype, rows_out):
     adv = torch.randn(b, device=dev, generator=gen)
     n_params = sum(p.numel() for p in model.parameters())
 
-    def step(fused):
+    def step(backend):
         def run():
-            if fused:
+            if backend is not None:
                 params = causal_lm_head_params(model)
                 hidden = causal_lm_hidden_states(model, ids)[:, prompt - 1 : -1]
                 lp, ent = lm_head_logprobs_entropy(hidden, params.weight, targets, bias=params.bias,
-                                                   temperature=args.temperature, logit_scale=params.logit_scale)
+                                                   temperature=args.temperature, logit_scale=params.logit_scale,
+                                                   backend=backend)
             else:
                 logits = model(input_ids=ids).logits[:, prompt - 1 : -1]
                 lp, ent = token_logprobs_entropy(logits, targets, temperature=args.temperature)
@@ -288,11 +308,17 @@ def bench_model(args, dev, dtype, rows_out):
         return run
 
     results = {}
-    for name, fused in (("qwen3 step, full logits + token_logprobs_entropy", False),
-                        ("qwen3 step, fused lm_head_logprobs_entropy", True)):
+    steps = [("qwen3 step, full logits + token_logprobs_entropy", None),
+             ("qwen3 step, fused lm_head_logprobs_entropy", "auto")]
+    if dev.type == "cuda" and _has_triton():
+        steps.append(("qwen3 step, fused lm_head_logprobs_entropy (triton-gemm)", "triton-gemm"))
+    for name, backend in steps:
         try:
-            results[name] = measure(step(fused), args.model_reps, dev)
+            results[name] = measure(step(backend), args.model_reps, dev)
         except torch.cuda.OutOfMemoryError:
+            results[name] = (None, None)
+        except Exception:
+            traceback.print_exc()
             results[name] = (None, None)
         gc.collect()
         if dev.type == "cuda":

@@ -250,8 +250,9 @@ def test_backend_selection(monkeypatch):
         resolve_backend("auto", cpu)
     lm_head_triton = pytest.importorskip("stapo.core.lm_head_triton")
     if lm_head_triton.AVAILABLE and not lm_head_triton.INTERPRET:
-        with pytest.raises(ValueError, match="CUDA"):
-            resolve_backend("triton", cpu)
+        for name in ("triton", "triton-gemm"):
+            with pytest.raises(ValueError, match="CUDA"):
+                resolve_backend(name, cpu)
 
 
 TRITON_SCRIPT = textwrap.dedent(
@@ -259,12 +260,12 @@ TRITON_SCRIPT = textwrap.dedent(
     import torch
     from stapo.core.lm_head import lm_head_logprobs_entropy
     g = torch.Generator().manual_seed(0)
-    n, h, v = 37, 16, 2300   # 3 vocab tiles of 1000 (ragged), 3 row chunks of 16 (ragged)
+    n, h, v = 37, 40, 2300   # 3 vocab tiles of 1000, 3 row chunks of 16, 3 K-steps of 16 (all ragged)
     hid = torch.randn(n, h, generator=g); w = torch.randn(v, h, generator=g) * 0.8
     bias = torch.randn(v, generator=g); t = torch.randint(0, v, (n,), generator=g)
     up = torch.randn(n, generator=g)
     out = {}
-    for backend in ("triton", "torch"):
+    for backend in ("triton", "triton-gemm", "torch"):
         leaves = [x.clone().requires_grad_() for x in (hid, w, bias)]
         lp, ent, col = lm_head_logprobs_entropy(leaves[0], leaves[1], t, bias=leaves[2], temperature=0.7,
             logit_scale=1.1, chunk_size=16, vocab_chunk=1000, return_collision=True, backend=backend)
@@ -277,10 +278,24 @@ TRITON_SCRIPT = textwrap.dedent(
     p = z.exp()
     ref = [ref_lp, -(p * z).sum(-1), (p * p).sum(-1)] + [x.grad for x in ld]
     worst = 0.0
-    for a, b, r in zip(out["triton"], out["torch"], ref):
-        worst = max(worst, ((a.double() - r.detach()).abs().max() / r.detach().abs().max().clamp(min=1)).item())
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
+    for backend in ("triton", "triton-gemm"):
+        for a, b, r in zip(out[backend], out["torch"], ref):
+            worst = max(worst, ((a.double() - r.detach()).abs().max() / r.detach().abs().max().clamp(min=1)).item())
+            scale = float(b.abs().max().clamp(min=1))  # float32 GEMMs summing in different orders
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * scale), (backend, (a - b).abs().max())
     assert worst < 1e-5, worst
+    # bf16 inputs (float32 accumulation): the GEMM-epilogue kernels against the PyTorch passes
+    hb, wb = hid[:20].bfloat16(), w[:300].bfloat16()
+    tb = t[:20] % 300
+    got = {}
+    for backend in ("triton-gemm", "torch"):
+        leaves = [hb.clone().requires_grad_(), wb.clone().requires_grad_()]
+        lp, ent = lm_head_logprobs_entropy(leaves[0], leaves[1], tb, vocab_chunk=128, backend=backend)
+        (lp * up[:20]).sum().backward()
+        got[backend] = [lp, ent] + [x.grad.float() for x in leaves]
+    for a, b in zip(got["triton-gemm"], got["torch"]):
+        scale = float(b.abs().max().clamp(min=1))
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * scale), (a - b).abs().max()
     print("TRITON_OK", worst)
     """
 )

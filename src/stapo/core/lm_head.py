@@ -22,9 +22,11 @@ then grad_hidden += dz @ W_tile and grad_W[tile] = dzᵀ @ hidden (float32 accum
 vocabulary is the outer loop, so a weight-gradient tile is finished before the next one starts:
 no float32 [V, H] accumulator. Peak extra memory is O(rows · vocab_chunk) plus float32 [N, H].
 
-Two backends run the same loop: plain PyTorch (everywhere; the reference) and Triton kernels for
-the per-tile softmax pass (`stapo.core.lm_head_triton`), chosen automatically on CUDA tensors when
-Triton is importable. `STAPO_LM_HEAD_BACKEND=torch` (or `backend="torch"`) forces PyTorch.
+Three backends run the same loop: plain PyTorch (everywhere; the reference), Triton kernels for
+the per-tile softmax pass after a cuBLAS GEMM ("triton", chosen automatically on CUDA tensors when
+Triton is importable), and Triton GEMMs with the softmax pass in their epilogue, so no logits tile
+is ever written ("triton-gemm", opt-in; see `stapo.core.lm_head_triton`).
+`STAPO_LM_HEAD_BACKEND=torch` (or `backend="torch"`) forces PyTorch.
 
 `causal_lm_head_params(model)` and `causal_lm_hidden_states(model, ...)` read the head of a
 Hugging Face-style causal LM by duck typing (no transformers import).
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 BACKEND_ENV = "STAPO_LM_HEAD_BACKEND"
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "triton-gemm")
 DEFAULT_VOCAB_CHUNK = 4096
 # Elements of one float32 logits tile (256 MiB): large GEMMs stay efficient, memory stays bounded.
 DEFAULT_TILE_ELEMENTS = 1 << 26
@@ -151,12 +153,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         backend = env
     if backend == "auto":
         return "triton" if device.type == "cuda" and _triton_module() is not None else "torch"
-    if backend == "triton":
+    if backend in ("triton", "triton-gemm"):
         mod = _triton_module()
         if mod is None:
-            raise ValueError("backend='triton' needs the triton package (pip install triton)")
+            raise ValueError(f"backend={backend!r} needs the triton package (pip install triton)")
         if device.type != "cuda" and not mod.INTERPRET:
-            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests)")
+            raise ValueError(f"backend={backend!r} needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests)")
     return backend
 
 
@@ -181,21 +183,26 @@ class _LMHeadLogprobEntropy(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         n, vocab, dev = hidden.shape[0], weight.shape[0], hidden.device
         fold = fold_tile_torch if backend == "torch" else _triton_module().fold_tile
+        gemm_fold = _triton_module().gemm_fold if backend == "triton-gemm" else None
+        fold_cols = max(cols, _triton_module().GEMM_FOLD_COLUMNS) if gemm_fold is not None else cols
         m = torch.full((n,), float("-inf"), device=dev, dtype=torch.float32)
         s = torch.zeros(n, device=dev, dtype=torch.float32)
         x = torch.zeros_like(s)
         q = torch.zeros_like(s) if want_collision else None
         target_z = torch.zeros_like(s)
         with torch.autocast(dev.type, enabled=False):
-            for v0 in range(0, vocab, cols):
-                v1 = min(v0 + cols, vocab)
+            for v0 in range(0, vocab, fold_cols):
+                v1 = min(v0 + fold_cols, vocab)
                 w_t = weight[v0:v1].to(compute_dtype).t()
                 b_t = bias[v0:v1] if bias is not None else None
                 for r0 in range(0, n, rows):
                     r1 = min(r0 + rows, n)
+                    stats = (m[r0:r1], s[r0:r1], x[r0:r1], q[r0:r1] if q is not None else None, target_z[r0:r1])
+                    if gemm_fold is not None:  # the logits tile never leaves the GEMM's registers
+                        gemm_fold(hidden[r0:r1].to(compute_dtype), w_t.t(), b_t, scale, targets[r0:r1], v0, *stats)
+                        continue
                     z = _mm_fp32(hidden[r0:r1].to(compute_dtype), w_t)
-                    fold(z, b_t, scale, targets[r0:r1], v0, m[r0:r1], s[r0:r1], x[r0:r1],
-                         q[r0:r1] if q is not None else None, target_z[r0:r1])
+                    fold(z, b_t, scale, targets[r0:r1], v0, *stats)
         log_s = s.log()
         lse = m + log_s
         if n and not bool(torch.isfinite(lse).all()):
@@ -216,6 +223,7 @@ class _LMHeadLogprobEntropy(torch.autograd.Function):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         scale, cdt, rows, cols = ctx.scale, ctx.compute_dtype, ctx.rows, ctx.cols
         unfold = grad_tile_torch if ctx.backend == "torch" else _triton_module().grad_tile
+        gemm_grad = _triton_module().gemm_grad if ctx.backend == "triton-gemm" else None
         n, vocab, dev = hidden.shape[0], weight.shape[0], hidden.device
         g = grad_logprobs.float().contiguous()
         # The dz tile feeds two GEMMs: in the compute dtype on CUDA (tensor cores), float32 elsewhere.
@@ -235,10 +243,14 @@ class _LMHeadLogprobEntropy(torch.autograd.Function):
                 for r0 in range(0, n, rows):
                     r1 = min(r0 + rows, n)
                     h_c = hidden[r0:r1].to(cdt)
-                    z = _mm_fp32(h_c, w_c.t())
-                    dz = z if dz_dtype == torch.float32 else torch.empty(z.shape, device=dev, dtype=dz_dtype)
-                    unfold(z, b_t, scale, targets[r0:r1], v0, lse[r0:r1], g[r0:r1], dz)
-                    del z
+                    if gemm_grad is not None:  # GEMM + dz epilogue: no float32 logits tile
+                        dz = torch.empty((r1 - r0, v1 - v0), device=dev, dtype=dz_dtype)
+                        gemm_grad(h_c, w_c, b_t, scale, targets[r0:r1], v0, lse[r0:r1], g[r0:r1], dz)
+                    else:
+                        z = _mm_fp32(h_c, w_c.t())
+                        dz = z if dz_dtype == torch.float32 else torch.empty(z.shape, device=dev, dtype=dz_dtype)
+                        unfold(z, b_t, scale, targets[r0:r1], v0, lse[r0:r1], g[r0:r1], dz)
+                        del z
                     if need_h:
                         _addmm_fp32(grad_h[r0:r1], dz, w_c)
                     if need_w:
@@ -278,7 +290,8 @@ def lm_head_logprobs_entropy(
     weight and bias; entropy and collision are detached. `chunk_size` is the rows per tile and
     `vocab_chunk` the vocabulary columns per tile (defaults: 4096 columns, 2^26 elements per tile);
     [N, V] is never materialised. Under autocast the GEMMs run in the autocast dtype with float32
-    outputs. `backend` is "auto" (Triton on CUDA when available), "torch" or "triton".
+    outputs. `backend` is "auto" (Triton on CUDA when available), "torch", "triton" or
+    "triton-gemm" (Triton GEMMs with the softmax in their epilogue).
     """
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():

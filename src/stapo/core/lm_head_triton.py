@@ -9,11 +9,24 @@ one 16-bit write (backward):
     grad_tile   one program per (row, column block): dz = g · (onehot(a) − e^{z−lse}) · scale
 
 Same signatures and meaning as `fold_tile_torch` / `grad_tile_torch` in `stapo.core.lm_head`.
+
+The "triton-gemm" backend goes one step further and never writes the logits tile at all: its GEMM
+is a Triton matmul whose epilogue does the softmax work on the [BM, BN] block still in registers
+(the forward's matmul-with-row-statistics, as in flash attention without the second matmul; the
+backward's matmul-with-dz, which writes dz in the compute dtype for the two cuBLAS GEMMs):
+
+    gemm_fold   per (row block, column block): m_b, S_b, X_b, Q_b of the block and the target logit,
+                merged into the running row statistics (`merge_block_stats`)
+    gemm_grad   per (row block, column block): dz = g · (onehot(a) − e^{z−lse}) · scale
+
+This saves the float32 tile's write and read in each direction (2 × 4 bytes × N × V per pass).
 """
 
 from __future__ import annotations
 
 import os
+
+import torch
 
 try:
     import triton
@@ -88,6 +101,177 @@ if AVAILABLE:
         local = tl.load(tgt_ptr + row) - vocab_start
         d = (tl.where(offs == local, 1.0, 0.0) - p) * (tl.load(g_ptr + row) * scale)
         tl.store(out_ptr + row * out_stride + offs, d.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+    @triton.jit
+    def _logits_block(h_ptr, w_ptr, stride_hm, stride_hk, stride_wn, stride_wk, R, C, K, pid_m, pid_n,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+                      UPCAST: tl.constexpr):
+        """acc[BM, BN] = h[rows] @ w[cols]ᵀ with float32 accumulation."""
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        a_ptrs = h_ptr + rm[:, None].to(tl.int64) * stride_hm + rk[None, :] * stride_hk
+        b_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None] * stride_wk
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            a = tl.load(a_ptrs, mask=(rm[:, None] < R) & (rk[None, :] + k0 < K), other=0.0)
+            b = tl.load(b_ptrs, mask=(rn[None, :] < C) & (rk[:, None] + k0 < K), other=0.0)
+            if UPCAST:  # the CPU interpreter's 16-bit tl.dot is wrong; exact either way (fp32 accumulation)
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+            a_ptrs += BK * stride_hk
+            b_ptrs += BK * stride_wk
+        return acc, rm, rn
+
+    @triton.jit
+    def _block_ids(R, C, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+        """(row block, column block) of this program, grouped so neighbours share weight columns in L2."""
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(R, BM)
+        num_n = tl.cdiv(C, BN)
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        group_m = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
+
+    @triton.jit
+    def _gemm_fold_kernel(
+        h_ptr, w_ptr, bias_ptr, tgt_ptr, stats_ptr, tz_ptr,
+        stride_hm, stride_hk, stride_wn, stride_wk, R, C, K, vocab_start, scale, plane,
+        HAS_BIAS: tl.constexpr, HAS_Q: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        pid_m, pid_n = _block_ids(R, C, BM, BN, GROUP_M)
+        z, rm, rn = _logits_block(h_ptr, w_ptr, stride_hm, stride_hk, stride_wn, stride_wk, R, C, K,
+                                  pid_m, pid_n, BM, BN, BK, IEEE, UPCAST)
+        col_ok = rn < C
+        row_ok = rm < R
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        z = z * scale
+        m_b = tl.max(tl.where(col_ok[None, :], z, float("-inf")), axis=1)  # every block has a column
+        zc = tl.where(col_ok[None, :], z - m_b[:, None], 0.0)
+        e = tl.where(col_ok[None, :], tl.exp(zc), 0.0)
+        s_b = tl.sum(e, axis=1)
+        x_b = tl.sum(e * zc, axis=1)
+        # stats[k, block, row] for k = m, S, X, Q; plane = blocks · R (< 2^31, checked by the caller)
+        out = stats_ptr + pid_n * R + rm
+        tl.store(out, m_b, mask=row_ok)
+        tl.store(out + plane, s_b, mask=row_ok)
+        tl.store(out + 2 * plane, x_b, mask=row_ok)
+        if HAS_Q:
+            tl.store(out + 3 * plane, tl.sum(e * e, axis=1), mask=row_ok)
+        local = tl.load(tgt_ptr + rm, mask=row_ok, other=-1) - vocab_start
+        hit = row_ok & (local >= pid_n * BN) & (local < pid_n * BN + BN) & (local < C)
+        picked = tl.sum(tl.where(rn[None, :] == local[:, None], z, 0.0), axis=1)
+        tl.store(tz_ptr + rm, picked, mask=hit)
+
+    @triton.jit
+    def _gemm_grad_kernel(
+        h_ptr, w_ptr, bias_ptr, tgt_ptr, lse_ptr, g_ptr, out_ptr,
+        stride_hm, stride_hk, stride_wn, stride_wk, stride_om, R, C, K, vocab_start, scale,
+        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        pid_m, pid_n = _block_ids(R, C, BM, BN, GROUP_M)
+        z, rm, rn = _logits_block(h_ptr, w_ptr, stride_hm, stride_hk, stride_wn, stride_wk, R, C, K,
+                                  pid_m, pid_n, BM, BN, BK, IEEE, UPCAST)
+        col_ok = rn < C
+        row_ok = rm < R
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        lse = tl.load(lse_ptr + rm, mask=row_ok, other=0.0)
+        p = tl.exp(z * scale - lse[:, None])
+        local = tl.load(tgt_ptr + rm, mask=row_ok, other=-1) - vocab_start
+        g = tl.load(g_ptr + rm, mask=row_ok, other=0.0) * scale
+        d = (tl.where(rn[None, :] == local[:, None], 1.0, 0.0) - p) * g[:, None]
+        ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+        tl.store(ptrs, d.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+# (BM, BN, BK, GROUP_M, num_warps, num_stages): a Hopper/Ampere bf16 GEMM tile; the interpreter
+# (CPU tests) gets the smallest tile tl.dot accepts.
+GEMM_CONFIG = (16, 16, 16, 1, 1, 1) if INTERPRET else (128, 128, 64, 8, 8, 3)
+# The forward writes no tile, only [blocks, rows] statistics: it takes wider vocabulary chunks than
+# the backward (fewer launches and merges; 64 MiB of statistics at 16k rows).
+GEMM_FOLD_COLUMNS = 1024 if INTERPRET else 32768
+
+
+def _gemm_launch_args(h, w):
+    if not AVAILABLE:
+        raise RuntimeError("triton is not installed")
+    if h.dtype != w.dtype:
+        raise ValueError(f"hidden ({h.dtype}) and weight ({w.dtype}) tiles must share the compute dtype")
+    bm, bn, bk, group, warps, stages = GEMM_CONFIG
+    rows, cols = h.shape[0], w.shape[0]
+    grid = (triton.cdiv(rows, bm) * triton.cdiv(cols, bn),)
+    upcast = INTERPRET and h.dtype != torch.float32
+    meta = dict(IEEE=h.dtype == torch.float32 or upcast, UPCAST=upcast, BM=bm, BN=bn, BK=bk, GROUP_M=group,
+                num_warps=warps, num_stages=stages)
+    return grid, meta
+
+
+def gemm_fold(h, w, bias, scale, targets, vocab_start, m, s, x, q, target_z):
+    """Fold the logits tile (h @ wᵀ + bias) · scale into the row statistics without materialising it.
+
+    h [R, H] and w [C, H] in the compute dtype; m, s, x, q (or None), target_z float32 [R] (in place).
+    """
+    rows, cols = h.shape[0], w.shape[0]
+    if rows == 0 or cols == 0:
+        return
+    grid, meta = _gemm_launch_args(h, w)
+    n_blocks = triton.cdiv(cols, meta["BN"])
+    stats = torch.empty((4 if q is not None else 3, n_blocks, rows), device=h.device, dtype=torch.float32)
+    if stats.numel() >= 2**31:
+        raise ValueError(f"gemm_fold: {rows} rows x {cols} columns is too large for one call; use smaller tiles")
+    _gemm_fold_kernel[grid](
+        h, w, bias if bias is not None else h, targets.contiguous(), stats, target_z,
+        h.stride(0), h.stride(1), w.stride(0), w.stride(1), rows, cols, h.shape[1], vocab_start, float(scale),
+        n_blocks * rows, HAS_BIAS=bias is not None, HAS_Q=q is not None, **meta,
+    )
+    merge_block_stats(m, s, x, q, stats)
+
+
+def gemm_grad(h, w, bias, scale, targets, vocab_start, lse, grad, out):
+    """dlogprob/dz_raw of the logits tile (h @ wᵀ + bias), written to out [R, C] (any float dtype)."""
+    rows, cols = h.shape[0], w.shape[0]
+    if rows == 0 or cols == 0:
+        return
+    if out.stride(1) != 1:
+        raise ValueError("out must be row-major contiguous")
+    grid, meta = _gemm_launch_args(h, w)
+    _gemm_grad_kernel[grid](
+        h, w, bias if bias is not None else h, targets.contiguous(), lse.contiguous(), grad.contiguous(), out,
+        h.stride(0), h.stride(1), w.stride(0), w.stride(1), out.stride(0), rows, cols, h.shape[1],
+        vocab_start, float(scale), HAS_BIAS=bias is not None, **meta,
+    )
+
+
+def merge_block_stats(m, s, x, q, stats):
+    """Fold per-block statistics stats[k, block, row] (k = m_b, S_b, X_b[, Q_b], each relative to its
+    block's max m_b) into the running m, S, X[, Q] (in place):
+
+        m' = max(m, max_b m_b),  d_b = m_b − m',  w_b = e^{d_b}
+        S' = e^{m−m'} S + Σ_b w_b S_b
+        X' = e^{m−m'} (X + (m−m') S) + Σ_b w_b (X_b + d_b S_b)
+        Q' = e^{2(m−m')} Q + Σ_b w_b² Q_b
+    """
+    m_b, s_b, x_b = stats[0], stats[1], stats[2]
+    new_m = torch.maximum(m, m_b.amax(0))
+    delta = torch.where(s > 0, m - new_m, torch.zeros_like(m))  # unseen rows: m = −inf, S = 0
+    rescale = delta.exp()
+    d = m_b - new_m
+    w = d.exp()
+    x.copy_(rescale * (x + delta * s) + (w * (x_b + d * s_b)).sum(0))
+    s.copy_(rescale * s + (w * s_b).sum(0))
+    if q is not None:
+        q.copy_(rescale * rescale * q + (w * w * stats[3]).sum(0))
+    m.copy_(new_m)
 
 
 def _check(z):
