@@ -194,12 +194,28 @@ if AVAILABLE:
         tl.store(ptrs, d.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-# (BM, BN, BK, GROUP_M, num_warps, num_stages): a Hopper/Ampere bf16 GEMM tile; the interpreter
-# (CPU tests) gets the smallest tile tl.dot accepts.
-GEMM_CONFIG = (16, 16, 16, 1, 1, 1) if INTERPRET else (128, 128, 64, 8, 8, 3)
+# The GEMM tiles: BN (columns per block) is fixed, since it sets the layout of the forward's block
+# statistics; the row block, K step, warps and stages are autotuned per (R, C, K) on the card (a
+# few configurations, timed on the first call of each shape). The interpreter (CPU tests) gets the
+# smallest tile tl.dot accepts.
+GEMM_BN = 16 if INTERPRET else 128
+GEMM_GROUP_M = 1 if INTERPRET else 8
 # The forward writes no tile, only [blocks, rows] statistics: it takes wider vocabulary chunks than
 # the backward (fewer launches and merges; 64 MiB of statistics at 16k rows).
 GEMM_FOLD_COLUMNS = 1024 if INTERPRET else 32768
+
+if AVAILABLE:
+    if INTERPRET:
+        _GEMM_CONFIGS = [triton.Config({"BM": 16, "BK": 16}, num_warps=1, num_stages=1)]
+    else:
+        _GEMM_CONFIGS = [
+            triton.Config({"BM": 128, "BK": 64}, num_warps=8, num_stages=3),
+            triton.Config({"BM": 128, "BK": 64}, num_warps=4, num_stages=4),
+            triton.Config({"BM": 64, "BK": 64}, num_warps=4, num_stages=4),
+            triton.Config({"BM": 128, "BK": 32}, num_warps=4, num_stages=4),
+        ]
+    _gemm_fold_tuned = triton.autotune(_GEMM_CONFIGS, key=["R", "C", "K"])(_gemm_fold_kernel)
+    _gemm_grad_tuned = triton.autotune(_GEMM_CONFIGS, key=["R", "C", "K"])(_gemm_grad_kernel)
 
 
 def _gemm_launch_args(h, w):
@@ -207,12 +223,14 @@ def _gemm_launch_args(h, w):
         raise RuntimeError("triton is not installed")
     if h.dtype != w.dtype:
         raise ValueError(f"hidden ({h.dtype}) and weight ({w.dtype}) tiles must share the compute dtype")
-    bm, bn, bk, group, warps, stages = GEMM_CONFIG
     rows, cols = h.shape[0], w.shape[0]
-    grid = (triton.cdiv(rows, bm) * triton.cdiv(cols, bn),)
+    n_col_blocks = triton.cdiv(cols, GEMM_BN)
+
+    def grid(meta):
+        return (triton.cdiv(rows, meta["BM"]) * n_col_blocks,)
+
     upcast = INTERPRET and h.dtype != torch.float32
-    meta = dict(IEEE=h.dtype == torch.float32 or upcast, UPCAST=upcast, BM=bm, BN=bn, BK=bk, GROUP_M=group,
-                num_warps=warps, num_stages=stages)
+    meta = dict(IEEE=h.dtype == torch.float32 or upcast, UPCAST=upcast, BN=GEMM_BN, GROUP_M=GEMM_GROUP_M)
     return grid, meta
 
 
@@ -225,11 +243,11 @@ def gemm_fold(h, w, bias, scale, targets, vocab_start, m, s, x, q, target_z):
     if rows == 0 or cols == 0:
         return
     grid, meta = _gemm_launch_args(h, w)
-    n_blocks = triton.cdiv(cols, meta["BN"])
+    n_blocks = triton.cdiv(cols, GEMM_BN)
     stats = torch.empty((4 if q is not None else 3, n_blocks, rows), device=h.device, dtype=torch.float32)
     if stats.numel() >= 2**31:
         raise ValueError(f"gemm_fold: {rows} rows x {cols} columns is too large for one call; use smaller tiles")
-    _gemm_fold_kernel[grid](
+    _gemm_fold_tuned[grid](
         h, w, bias if bias is not None else h, targets.contiguous(), stats, target_z,
         h.stride(0), h.stride(1), w.stride(0), w.stride(1), rows, cols, h.shape[1], vocab_start, float(scale),
         n_blocks * rows, HAS_BIAS=bias is not None, HAS_Q=q is not None, **meta,
@@ -245,7 +263,7 @@ def gemm_grad(h, w, bias, scale, targets, vocab_start, lse, grad, out):
     if out.stride(1) != 1:
         raise ValueError("out must be row-major contiguous")
     grid, meta = _gemm_launch_args(h, w)
-    _gemm_grad_kernel[grid](
+    _gemm_grad_tuned[grid](
         h, w, bias if bias is not None else h, targets.contiguous(), lse.contiguous(), grad.contiguous(), out,
         h.stride(0), h.stride(1), w.stride(0), w.stride(1), out.stride(0), rows, cols, h.shape[1],
         vocab_start, float(scale), HAS_BIAS=bias is not None, **meta,
