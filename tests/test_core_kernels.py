@@ -110,3 +110,20 @@ def test_non_finite_entropy_on_valid_token_raises_on_both_paths(torch_path):
     ent = torch.tensor([[0.1, float("nan"), 0.1]])
     with pytest.raises(ValueError, match="entropy"):
         s2t_mask(lp, ent, torch.tensor([1.0]), torch.ones(1, 3, dtype=torch.bool), tau_h=0.5)
+
+
+def test_tensors_numpy_cannot_view_take_the_torch_path():
+    x = torch.tensor([[0.1, 0.9], [0.6, 0.2]])
+    sparse = x.to_sparse()
+    assert K._as_numpy(sparse) is None
+    assert K._as_numpy(torch.nn.Parameter(x)) is not None
+
+    class Sub(torch.Tensor):
+        pass
+
+    sub = x.as_subclass(Sub)
+    assert K._as_numpy(sub) is None
+    assert torch.equal(K.less(sub, 0.5).as_subclass(torch.Tensor), x < 0.5)
+    # under torch.func.vmap the tensors are wrapped: the helpers still give the plain result
+    out = torch.func.vmap(lambda row: K.less(row, 0.5))(x)
+    assert torch.equal(out, x < 0.5)

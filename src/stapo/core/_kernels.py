@@ -18,9 +18,13 @@ _NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bool)
 
 def _as_numpy(x: torch.Tensor) -> np.ndarray | None:
     """A zero-copy NumPy view of a CPU tensor, or None when PyTorch should do the work."""
-    if x.device.type != "cpu" or x.dtype not in _NUMPY_DTYPES or x.is_neg() or x.is_conj():
+    if (x.device.type != "cpu" or x.dtype not in _NUMPY_DTYPES or x.layout != torch.strided
+            or type(x) not in (torch.Tensor, torch.nn.Parameter) or x.is_neg() or x.is_conj()):
+        return None  # other devices, sparse tensors, subclasses (e.g. DTensor): PyTorch's own ops
+    try:
+        return x.detach().numpy()
+    except (RuntimeError, TypeError):  # e.g. tensors inside torch.func transforms
         return None
-    return x.detach().numpy()
 
 
 def less(x: torch.Tensor, value) -> torch.Tensor:
