@@ -140,19 +140,28 @@ if AVAILABLE:
         return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
 
     @triton.jit
+    def _raw_logits_block(h_ptr, w_ptr, bias_ptr, stride_hm, stride_hk, stride_wn, stride_wk, R, C, K,
+                          HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        """This program's block of h @ wᵀ + bias (float32), its row and column indices, its column block."""
+        pid_m, pid_n = _block_ids(R, C, BM, BN, GROUP_M)
+        z, rm, rn = _logits_block(h_ptr, w_ptr, stride_hm, stride_hk, stride_wn, stride_wk, R, C, K,
+                                  pid_m, pid_n, BM, BN, BK, IEEE, UPCAST)
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + rn, mask=rn < C, other=0.0).to(tl.float32)[None, :]
+        return z, rm, rn, pid_n
+
+    @triton.jit
     def _gemm_fold_kernel(
         h_ptr, w_ptr, bias_ptr, tgt_ptr, stats_ptr, tz_ptr,
         stride_hm, stride_hk, stride_wn, stride_wk, R, C, K, vocab_start, scale, plane,
         HAS_BIAS: tl.constexpr, HAS_Q: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     ):
-        pid_m, pid_n = _block_ids(R, C, BM, BN, GROUP_M)
-        z, rm, rn = _logits_block(h_ptr, w_ptr, stride_hm, stride_hk, stride_wn, stride_wk, R, C, K,
-                                  pid_m, pid_n, BM, BN, BK, IEEE, UPCAST)
+        z, rm, rn, pid_n = _raw_logits_block(h_ptr, w_ptr, bias_ptr, stride_hm, stride_hk, stride_wn, stride_wk,
+                                             R, C, K, HAS_BIAS, IEEE, UPCAST, BM, BN, BK, GROUP_M)
         col_ok = rn < C
         row_ok = rm < R
-        if HAS_BIAS:
-            z += tl.load(bias_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         z = z * scale
         m_b = tl.max(tl.where(col_ok[None, :], z, float("-inf")), axis=1)  # every block has a column
         zc = tl.where(col_ok[None, :], z - m_b[:, None], 0.0)
@@ -178,13 +187,10 @@ if AVAILABLE:
         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     ):
-        pid_m, pid_n = _block_ids(R, C, BM, BN, GROUP_M)
-        z, rm, rn = _logits_block(h_ptr, w_ptr, stride_hm, stride_hk, stride_wn, stride_wk, R, C, K,
-                                  pid_m, pid_n, BM, BN, BK, IEEE, UPCAST)
+        z, rm, rn, pid_n = _raw_logits_block(h_ptr, w_ptr, bias_ptr, stride_hm, stride_hk, stride_wn, stride_wk,
+                                             R, C, K, HAS_BIAS, IEEE, UPCAST, BM, BN, BK, GROUP_M)
         col_ok = rn < C
         row_ok = rm < R
-        if HAS_BIAS:
-            z += tl.load(bias_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         lse = tl.load(lse_ptr + rm, mask=row_ok, other=0.0)
         p = tl.exp(z * scale - lse[:, None])
         local = tl.load(tgt_ptr + rm, mask=row_ok, other=-1) - vocab_start
