@@ -225,3 +225,37 @@ def test_masked_quantile_large_random_trials():
             continue
         assert float(threshold) == pytest.approx(float(torch.quantile(vals, q)), rel=1e-6, abs=1e-7), trial
         assert count == int((vals < threshold).sum()), trial
+
+
+def _quantile_rank(rank, world, port, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        g = torch.Generator().manual_seed(rank)
+        ent = torch.rand(3, 11, generator=g) * 2
+        valid = torch.rand(3, 11, generator=g) < (0.3 if rank == 0 else 0.9)  # different counts per rank
+        torch.save({"ent": ent, "valid": valid, "q": entropy_quantile(ent, valid, 0.05),
+                    "q_top": entropy_quantile(ent, valid, 0.8)}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_entropy_quantile_is_global_across_ranks(tmp_path):
+    """Two gloo ranks with different numbers of valid tokens: both get the quantile of all of them."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_quantile_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    everything = torch.cat([r["ent"][r["valid"]] for r in res])
+    for r in res:
+        assert float(r["q"]) == pytest.approx(ref_quantile(everything.tolist(), 0.05), rel=1e-6)
+        assert float(r["q_top"]) == pytest.approx(ref_quantile(everything.tolist(), 0.8), rel=1e-6)
+    local = entropy_quantile(res[0]["ent"], res[0]["valid"], 0.05)  # not distributed: this rank's own
+    assert float(local) == pytest.approx(ref_quantile(res[0]["ent"][res[0]["valid"]].tolist(), 0.05), rel=1e-6)
+    assert math.isnan(float(entropy_quantile(torch.rand(2, 3), torch.zeros(2, 3, dtype=torch.bool), 0.5)))

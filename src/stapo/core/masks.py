@@ -65,7 +65,12 @@ def entropy_quantile(
     valid = check_mask("response_mask", response_mask, ent.shape)
     check_prob("quantile", quantile)
     with torch.no_grad():
-        return quantile_linear(gather_valid(ent.detach()[valid].float(), group), quantile)
+        ent = ent.detach().float()
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+            if not any_true(valid):
+                return torch.tensor(float("nan"), device=ent.device)  # like quantile_linear of nothing
+            return masked_quantile(ent, valid, quantile)  # the same number, without the boolean gather
+        return quantile_linear(gather_valid(ent[valid], group), quantile)
 
 
 def s2t_mask(

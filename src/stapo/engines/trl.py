@@ -369,7 +369,7 @@ class STAPOTrainer(GRPOTrainer):
         else:
             tau_h = entropy_quantile(entropies, valid, s2t.tau_h_quantile)
         s2t_counts = s2t_mask_with_counts(logps, entropies, adv_bt, valid, tau_p=s2t.tau_p, tau_h=tau_h)
-        spurious = s2t_counts.spurious.bool()
+        spurious = s2t_counts.spurious
         if self.token_filter == "s2t":
             loss_mask = valid & ~spurious
         elif self.token_filter == "high_entropy":
