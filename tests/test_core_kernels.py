@@ -1,12 +1,14 @@
 """stapo.core._kernels: the NumPy (CPU) path gives exactly what the plain PyTorch path gives, and
 the S2T mask / STAPO loss are the same through either path."""
 
+import functools
 import math
 
 import pytest
 import torch
 
 from stapo.core import _kernels as K
+from stapo.core import masks
 from stapo.core import s2t_mask, stapo_loss
 from stapo.core.masks import s2t_mask_with_counts
 
@@ -74,8 +76,8 @@ def test_all_finite(dtype):
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("tau_h", [None, 1.0])
-def test_s2t_and_stapo_loss_same_through_both_paths(seed, tau_h, monkeypatch):
+@pytest.mark.parametrize("tau_h,q", [(None, 0.3), (None, 0.9), (1.0, 0.3)])
+def test_s2t_and_stapo_loss_same_through_both_paths(seed, tau_h, q, monkeypatch):
     g = torch.Generator().manual_seed(seed)
     B, T = 8, 40
     lp = -torch.rand(B, T, generator=g) * 8
@@ -86,14 +88,17 @@ def test_s2t_and_stapo_loss_same_through_both_paths(seed, tau_h, monkeypatch):
     ent[~valid] = float("nan")  # garbage padding must not matter on either path
 
     def run():
-        parts = s2t_mask_with_counts(lp, ent, adv, valid, tau_p=0.05, tau_h=tau_h, tau_h_quantile=0.3)
+        parts = s2t_mask_with_counts(lp, ent, adv, valid, tau_p=0.05, tau_h=tau_h, tau_h_quantile=q)
         x = lp.clone().requires_grad_()
-        loss, metrics = stapo_loss(x, old, adv, valid, ent, tau_p=0.05, tau_h=tau_h, tau_h_quantile=0.3)
+        loss, metrics = stapo_loss(x, old, adv, valid, ent, tau_p=0.05, tau_h=tau_h, tau_h_quantile=q)
         loss.backward()
         return parts, loss.detach(), x.grad, metrics
 
     fast = run()
+    # what a GPU runs: PyTorch ops and the top-k quantile selection
     monkeypatch.setattr(K, "_as_numpy", lambda x: None)
+    topk = functools.partial(masks.masked_quantile_and_count, select="topk")
+    monkeypatch.setattr(masks, "masked_quantile_and_count", topk)
     plain = run()
     assert fast[0].spurious.dtype == plain[0].spurious.dtype == torch.bool
     assert int(fast[0].n_spurious) > 0  # the case exercises the mask

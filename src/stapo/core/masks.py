@@ -142,7 +142,8 @@ def s2t_parts(lp, ent, adv, valid, tau_p, tau_h, tau_h_quantile) -> S2TParts:
     if tau_h is None:
         check_prob("tau_h_quantile", tau_h_quantile)
         threshold, n_low_entropy = masked_quantile_and_count(e, valid, tau_h_quantile)
-        n_low_entropy = torch.tensor(float(n_low_entropy), dtype=torch.float32, device=e.device)
+        if n_low_entropy is not None:  # (the top-k selection of a high quantile does not count)
+            n_low_entropy = torch.tensor(float(n_low_entropy), dtype=torch.float32, device=e.device)
     else:
         threshold, n_low_entropy = _entropy_threshold(e, valid, tau_h, tau_h_quantile), None
     low_prob = both(less(lp, log_threshold(tau_p)), valid)  # p < tau_p as logprob < log(tau_p): no exp
