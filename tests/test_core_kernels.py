@@ -33,6 +33,7 @@ def test_comparisons_match_torch(dtype, value):
     for view in (x, x.t(), x[:, ::2], x[:, :1].expand(7, 33)):
         assert torch.equal(K.less(view, value), view < value)
         assert torch.equal(K.greater(view, value), view > value)
+        assert torch.equal(K.greater_equal(view, value), view >= value)
 
 
 def test_comparison_in_the_tensors_dtype():
@@ -132,3 +133,20 @@ def test_tensors_numpy_cannot_view_take_the_torch_path():
     # under torch.func.vmap the tensors are wrapped: the helpers still give the plain result
     out = torch.func.vmap(lambda row: K.less(row, 0.5))(x)
     assert torch.equal(out, x < 0.5)
+
+
+@pytest.mark.parametrize("threshold", [None, 0.7, float("nan")])
+def test_high_entropy_mask_same_through_both_paths(threshold, monkeypatch):
+    from stapo.core import high_entropy_mask
+
+    g = torch.Generator().manual_seed(5)
+    ent = torch.rand(6, 30, generator=g) * 2
+    valid = torch.rand(6, 30, generator=g) < 0.7
+    fast = high_entropy_mask(ent, valid, 0.2, threshold=threshold)
+    monkeypatch.setattr(K, "_as_numpy", lambda x: None)
+    plain = high_entropy_mask(ent, valid, 0.2, threshold=threshold)
+    assert torch.equal(fast, plain)
+    if threshold is not None:
+        assert torch.equal(fast, valid & (ent >= threshold))  # NaN keeps nothing
+    else:
+        assert 0 < int(fast.sum()) < int(valid.sum())

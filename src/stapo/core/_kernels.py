@@ -43,6 +43,14 @@ def greater(x: torch.Tensor, value) -> torch.Tensor:
     return torch.from_numpy(np.greater(a, np.asarray(float(value), dtype=a.dtype)))
 
 
+def greater_equal(x: torch.Tensor, value) -> torch.Tensor:
+    """`x >= value`, like `less`."""
+    a = _as_numpy(x)
+    if a is None or a.dtype == np.bool_:
+        return x >= value
+    return torch.from_numpy(np.greater_equal(a, np.asarray(float(value), dtype=a.dtype)))
+
+
 def both(*masks: torch.Tensor) -> torch.Tensor:
     """Logical AND of bool tensors, broadcasting (e.g. [B, T] with a per-row [B, 1])."""
     arrays = [_as_numpy(m) for m in masks]

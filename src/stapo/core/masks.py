@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from stapo.core._kernels import any_true, both, count, greater, less
+from stapo.core._kernels import any_true, both, count, greater, greater_equal, less
 from stapo.core._checks import (
     broadcast_advantages,
     check_finite,
@@ -245,4 +245,4 @@ def high_entropy_mask(
             return torch.zeros_like(valid)
         if threshold is None:
             threshold = masked_quantile(ent, valid, 1.0 - top_quantile)
-        return valid & ~less(ent, threshold)  # H >= threshold (entropies of valid tokens are finite)
+        return both(valid, greater_equal(ent, threshold))
