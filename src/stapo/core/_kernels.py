@@ -10,6 +10,8 @@ same: comparisons are made in the dtype of the tensor, like `x < c` with a Pytho
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 
@@ -27,28 +29,26 @@ def _as_numpy(x: torch.Tensor) -> np.ndarray | None:
         return None
 
 
-def less(x: torch.Tensor, value) -> torch.Tensor:
-    """`x < value` (bool, shape of x) with `value` a number or a 0-d tensor, compared in x's dtype."""
+def _compare(x: torch.Tensor, value, numpy_op, torch_op) -> torch.Tensor:
     a = _as_numpy(x)
     if a is None or a.dtype == np.bool_:
-        return x < value
-    return torch.from_numpy(np.less(a, np.asarray(float(value), dtype=a.dtype)))
+        return torch_op(x, value)
+    return torch.from_numpy(numpy_op(a, np.asarray(float(value), dtype=a.dtype)))
+
+
+def less(x: torch.Tensor, value) -> torch.Tensor:
+    """`x < value` (bool, shape of x) with `value` a number or a 0-d tensor, compared in x's dtype."""
+    return _compare(x, value, np.less, operator.lt)
 
 
 def greater(x: torch.Tensor, value) -> torch.Tensor:
     """`x > value`, like `less`."""
-    a = _as_numpy(x)
-    if a is None or a.dtype == np.bool_:
-        return x > value
-    return torch.from_numpy(np.greater(a, np.asarray(float(value), dtype=a.dtype)))
+    return _compare(x, value, np.greater, operator.gt)
 
 
 def greater_equal(x: torch.Tensor, value) -> torch.Tensor:
     """`x >= value`, like `less`."""
-    a = _as_numpy(x)
-    if a is None or a.dtype == np.bool_:
-        return x >= value
-    return torch.from_numpy(np.greater_equal(a, np.asarray(float(value), dtype=a.dtype)))
+    return _compare(x, value, np.greater_equal, operator.ge)
 
 
 def both(*masks: torch.Tensor) -> torch.Tensor:

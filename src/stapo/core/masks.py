@@ -35,11 +35,16 @@ def quantile_linear(values: torch.Tensor, q: float) -> torch.Tensor:
     return masked_quantile(v, torch.ones_like(v, dtype=torch.bool), q)
 
 
+def _world_size(group=None) -> int:
+    """The number of ranks in `group`, 1 when torch.distributed is not initialized."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
 def gather_valid(values: torch.Tensor, group=None) -> torch.Tensor:
     """Concatenate a 1-D tensor of variable length from every rank (identity when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    world = dist.get_world_size(group)
+    world = _world_size(group)
     if world == 1:
         return values
     n = torch.tensor([values.numel()], device=values.device, dtype=torch.long)
@@ -66,7 +71,7 @@ def entropy_quantile(
     check_prob("quantile", quantile)
     with torch.no_grad():
         ent = ent.detach().float()
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        if _world_size(group) == 1:
             if not any_true(valid):
                 return torch.tensor(float("nan"), device=ent.device)  # like quantile_linear of nothing
             return masked_quantile(ent, valid, quantile)  # the same number, without the boolean gather
