@@ -102,9 +102,9 @@ def test_all_invalid_masks_nothing():
         (dict(response_mask=torch.full((2, 3), 2)), "response_mask must be bool or contain only 0 and 1"),
         (dict(logprobs=torch.full((2, 3), float("nan"))), "logprobs contains non-finite"),
         (dict(entropy=torch.full((2, 3), float("inf"))), "entropy contains non-finite"),
-        (dict(tau_p=1.5), "tau_p must be in"),
-        (dict(tau_h_quantile=-0.1), "tau_h_quantile must be in"),
-        (dict(tau_h=float("nan")), "tau_h must be a finite number"),
+        (dict(tau_p=1.5), "tau_p must be a number in"),
+        (dict(tau_h_quantile=-0.1), "tau_h_quantile must be a number in"),
+        (dict(tau_h=float("nan")), "tau_h must be a number >= 0"),
         (dict(logprobs=torch.zeros(2, 3, dtype=torch.long)), "logprobs must be a floating-point"),
     ],
 )
@@ -178,53 +178,16 @@ def test_high_entropy_mask_reference(seed):
         assert torch.equal(high_entropy_mask(ent, valid, rho), expected)
 
 
-@pytest.mark.parametrize("select", ["partition", "topk"])
-@pytest.mark.parametrize("q", [0.0, 0.05, 0.2, 0.5, 0.8, 0.95, 1.0])
-def test_masked_quantile_and_count_both_selections(select, q):
-    """Both selection paths (CPU introselect, topk) against torch.quantile and an explicit count,
-    with ties, non-finite padding and masks of every density."""
-    from stapo.core.masks import masked_quantile_and_count
-
-    g = torch.Generator().manual_seed(int(q * 100))
-    for trial in range(40):
-        B, T = int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 300, (1,), generator=g))
-        x = torch.rand(B, T, generator=g) * 3
-        if trial % 3 == 0:  # ties
-            x = torch.round(x * 4) / 4
-        mask = torch.rand(B, T, generator=g) < [0.05, 0.5, 1.0][trial % 3]
-        x = x.masked_fill(~mask & (torch.rand(B, T, generator=g) < 0.3), float("nan"))  # garbage padding
-        x = x.masked_fill(~mask & (torch.rand(B, T, generator=g) < 0.3), float("-inf"))
-        threshold, count = masked_quantile_and_count(x, mask, q, select=select)
-        vals = x[mask]
-        if vals.numel() == 0:
-            assert threshold == float("-inf") and count == 0
-            continue
-        assert float(threshold) == pytest.approx(float(torch.quantile(vals, q)), rel=1e-6, abs=1e-7)
-        if count is not None:
-            assert count == int((vals < threshold).sum())
-
-
-def test_masked_quantile_large_random_trials():
-    """Random large batches, random quantiles, random padding: exact threshold and count every time."""
-    from stapo.core.masks import masked_quantile_and_count
-
+def test_quantile_linear_large_random_trials():
+    """Random sizes, quantiles and ties: the kthvalue quantile equals torch.quantile."""
     g = torch.Generator().manual_seed(11)
     for trial in range(30):
-        B = int(torch.randint(8, 40, (1,), generator=g))
-        T = int(torch.randint(600, 2500, (1,), generator=g))
-        q = float(torch.rand(1, generator=g))
-        x = torch.rand(B, T, generator=g).pow(float(torch.rand(1, generator=g)) * 5 + 0.2) * 3
+        n = int(torch.randint(1, 20000, (1,), generator=g))
+        q = float(torch.rand(1, generator=g)) if trial % 5 else float(trial % 2)
+        x = torch.rand(n, generator=g).pow(float(torch.rand(1, generator=g)) * 5 + 0.2) * 3
         if trial % 4 == 0:
             x = torch.round(x * 8) / 8
-        lengths = torch.randint(0, T + 1, (B,), generator=g)
-        mask = torch.arange(T)[None, :] < lengths[:, None]
-        threshold, count = masked_quantile_and_count(x, mask, q)
-        vals = x[mask]
-        if vals.numel() == 0:
-            assert count == 0
-            continue
-        assert float(threshold) == pytest.approx(float(torch.quantile(vals, q)), rel=1e-6, abs=1e-7), trial
-        assert count == int((vals < threshold).sum()), trial
+        assert float(quantile_linear(x, q)) == pytest.approx(float(torch.quantile(x, q)), rel=1e-6, abs=1e-7)
 
 
 def _quantile_rank(rank, world, port, out_dir):

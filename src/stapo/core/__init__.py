@@ -1,8 +1,9 @@
 """The STAPO math, once, in pure PyTorch (no engine imports).
 
     group_advantages   GRPO / Dr.GRPO / batch-scaled outcome advantages
+    S2TSettings        STAPO's thresholds (tau_p, tau_h, tau_h_quantile, tau_h_population): defaults, ranges
+    TOKEN_FILTERS      the token-filter registry: none | s2t | high_entropy -> (loss mask, S2T decision)
     s2t_mask           STAPO's spurious-token mask (A > 0, p < tau_p, H < tau_h)
-    s2t_mask_with_counts  the same, with the counts engines log (p < tau_p, H < tau_h, silenced)
     high_entropy_mask  20-Entropy's top-rho entropy mask
     policy_loss        PPO-clip loss with verl's aggregation modes and global denominators
     stapo_loss         policy_loss over the valid tokens S2T does not silence
@@ -12,6 +13,20 @@
 """
 
 from stapo.core.advantages import ADVANTAGE_SCALES, group_advantages, zero_variance_group_fraction
+from stapo.core.filters import (
+    TOKEN_FILTERS,
+    FilterParams,
+    FilterResult,
+    S2TDecision,
+    apply_token_filter,
+    entropy_quantile,
+    get_token_filter,
+    high_entropy_mask,
+    quantile_linear,
+    register_token_filter,
+    s2t_decision,
+    s2t_mask,
+)
 from stapo.core.head import token_logprobs_entropy
 from stapo.core.lm_head import (
     TRLChunkedLogProbAdapter,
@@ -25,34 +40,49 @@ from stapo.core.losses import (
     global_token_count,
     high_entropy_loss,
     policy_loss,
+    s2t_metrics,
     stapo_loss,
 )
-from stapo.core.masks import entropy_quantile, high_entropy_mask, quantile_linear, s2t_mask, s2t_mask_with_counts
 from stapo.core.presets import PRESETS, MethodPreset, get_preset
+from stapo.core.settings import S2T_DEFAULTS, S2T_FIELDS, TAU_H_POPULATIONS, S2TSettings, s2t_errors, s2t_field_error
 from stapo.core.stats import grad_norm_proxy, masked_summary, token_fractions
 
 __all__ = [
     "ADVANTAGE_SCALES",
     "AGGREGATIONS",
+    "FilterParams",
+    "FilterResult",
+    "MethodPreset",
+    "PRESETS",
+    "S2TDecision",
+    "S2TSettings",
+    "S2T_DEFAULTS",
+    "S2T_FIELDS",
+    "TAU_H_POPULATIONS",
+    "TOKEN_FILTERS",
     "TRLChunkedLogProbAdapter",
+    "aggregate",
+    "apply_token_filter",
     "causal_lm_head_params",
     "causal_lm_hidden_states",
-    "lm_head_logprobs_entropy",
-    "PRESETS",
-    "MethodPreset",
-    "aggregate",
     "entropy_quantile",
     "get_preset",
+    "get_token_filter",
     "global_token_count",
     "grad_norm_proxy",
     "group_advantages",
     "high_entropy_loss",
     "high_entropy_mask",
+    "lm_head_logprobs_entropy",
     "masked_summary",
     "policy_loss",
     "quantile_linear",
+    "register_token_filter",
+    "s2t_decision",
+    "s2t_errors",
+    "s2t_field_error",
     "s2t_mask",
-    "s2t_mask_with_counts",
+    "s2t_metrics",
     "stapo_loss",
     "token_fractions",
     "token_logprobs_entropy",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from stapo.core._kernels import all_finite
 
 
 def as_tensor(name: str, x) -> torch.Tensor:
@@ -28,7 +27,10 @@ def check_float(name: str, x, ndim: int | tuple[int, ...] | None = None) -> torc
 
 def check_finite(name: str, x: torch.Tensor, where: torch.Tensor | None = None) -> None:
     """Raise if `x` has NaN/inf (only at positions where `where` is True, when given)."""
-    if not all_finite(x, where):
+    bad = ~torch.isfinite(x)
+    if where is not None:
+        bad = bad & where
+    if bool(bad.any()):
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
 
 

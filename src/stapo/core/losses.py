@@ -17,9 +17,8 @@ from stapo.core._checks import (
     check_mask,
     check_same_shape,
 )
-from stapo.core._checks import check_prob
-from stapo.core._kernels import and_not
-from stapo.core.masks import high_entropy_mask, s2t_parts
+from stapo.core.filters import FilterParams, apply_token_filter, high_entropy_mask
+from stapo.core.settings import S2TSettings
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
@@ -179,50 +178,51 @@ def stapo_loss(
     advantages: torch.Tensor,
     response_mask,
     entropy: torch.Tensor,
-    tau_p: float = 0.01,
-    tau_h: float | torch.Tensor | None = None,
-    tau_h_quantile: float = 0.05,
+    tau_p: float | None = None,
+    tau_h: float | None = None,
+    tau_h_quantile: float | None = None,
+    tau_h_population: str | None = None,
+    group=None,
     **policy_loss_kwargs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """STAPO: the policy loss over the valid tokens that the S2T mask does not silence.
+    """STAPO: `policy_loss` over the valid tokens that the "s2t" token filter does not silence.
 
-        M   = s2t_mask(logprobs, entropy, A, response_mask, tau_p, tau_h, tau_h_quantile)
+        M   = s2t_mask(logprobs, entropy, A, response_mask, tau_p, tau_h, tau_h_quantile, tau_h_population)
         J   = 1/Σ(valid ∧ ¬M) · Σ_{valid ∧ ¬M} min(r·A, clip(r)·A)          (token-mean)
 
-    Silenced tokens get exactly zero gradient and are not counted in the denominators. With a global
-    `num_tokens` (micro-batching, several ranks) it must be the global count of *unmasked* valid
-    tokens: `global_token_count(response_mask & ~mask)`. Pass an absolute `tau_h` (e.g. from
-    `entropy_quantile` over the whole batch) so every micro-batch uses the same threshold.
-    Metrics add s2t_masked_count, s2t_masked_frac, frac_low_prob (p < tau_p), frac_low_entropy
-    (H < threshold) and entropy_threshold, all over the valid tokens.
+    Thresholds left None take `S2TSettings`' defaults. Silenced tokens get exactly zero gradient and
+    are not counted in the denominators; with a global `num_tokens` (micro-batching, several ranks)
+    pass the global count of *unmasked* valid tokens. The entropy quantile is taken over the tokens
+    passed in (gathered across `group`'s ranks when distributed).
+    Metrics add s2t_masked_count, s2t_masked_frac, s2t_candidates, frac_low_prob (p < tau_p),
+    frac_low_entropy (H < threshold) and entropy_threshold, all over the valid tokens.
     """
     lp, old, adv, valid = _check_policy_inputs(logprobs, old_logprobs, advantages, response_mask, "response_mask")
-    ent = check_float("entropy", entropy, ndim=2)
-    check_same_shape("entropy", ent, "logprobs", lp)
-    check_prob("tau_p", tau_p)
     kw = dict(clip_low=0.2, clip_high=0.2, clip_ratio_c=None, agg="token-mean", num_tokens=None, num_seqs=None,
               horizon=None)
     unknown = set(policy_loss_kwargs) - set(kw)
     if unknown:
         raise TypeError(f"stapo_loss got unexpected keyword arguments {sorted(unknown)}")
     kw.update(policy_loss_kwargs)
-    with torch.no_grad():
-        s2t = s2t_parts(lp, ent, adv, valid, tau_p, tau_h, tau_h_quantile)
-        # valid ∧ ¬spurious; the common case (nothing silenced) keeps the response mask itself
-        loss_mask = and_not(valid, s2t.spurious) if float(s2t.n_spurious) > 0 else valid
-    loss, metrics = _clipped_loss(lp, old, adv, loss_mask, **kw)
-    with torch.no_grad():
-        n_spurious = s2t.n_spurious.float()
-        n_valid = metrics["num_tokens"] + n_spurious
-        metrics.update(
-            s2t_masked_count=n_spurious,
-            s2t_masked_frac=_ratio(n_spurious, n_valid),
-            frac_low_prob=_ratio(s2t.n_low_prob, n_valid),
-            frac_low_entropy=_ratio(s2t.n_low_entropy, n_valid),
-            # no valid token -> no threshold; report 0 rather than -inf so logs stay finite
-            entropy_threshold=torch.nan_to_num(s2t.threshold.float(), neginf=0.0),
-        )
+    settings = S2TSettings.resolve(tau_p=tau_p, tau_h=tau_h, tau_h_quantile=tau_h_quantile,
+                                   tau_h_population=tau_h_population)
+    kept = apply_token_filter("s2t", lp, entropy, adv, valid, FilterParams(s2t=settings), group)
+    loss, metrics = _clipped_loss(lp, old, adv, kept.loss_mask, **kw)
+    metrics.update(s2t_metrics(kept.s2t))
     return loss, metrics
+
+
+def s2t_metrics(s2t) -> dict[str, torch.Tensor]:
+    """The S2T decision's counts as loss metrics (0-d float32; fractions of the valid tokens)."""
+    return {
+        "s2t_masked_count": s2t.n_spurious,
+        "s2t_masked_frac": _ratio(s2t.n_spurious, s2t.n_valid),
+        "s2t_candidates": s2t.n_candidates,
+        "frac_low_prob": _ratio(s2t.n_low_prob, s2t.n_valid),
+        "frac_low_entropy": _ratio(s2t.n_low_entropy, s2t.n_valid),
+        # an empty population has no threshold; report 0 rather than -inf so logs stay finite
+        "entropy_threshold": torch.nan_to_num(s2t.threshold.float(), neginf=0.0),
+    }
 
 
 def global_token_count(mask, group=None) -> torch.Tensor:
@@ -247,17 +247,18 @@ def high_entropy_loss(
     top_entropy_quantile: float = 0.2,
     entropy_threshold: float | torch.Tensor | None = None,
     num_tokens: float | torch.Tensor | None = None,
+    group=None,
     **policy_loss_kwargs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """20-Entropy: J = 1/Σ|o_i| · Σ 1[H ≥ τ_ρ] ℓ — only the top-ρ entropy tokens get gradient, but
     the token-mean denominator keeps *all* valid tokens (unlike STAPO's renormalisation).
 
-    `entropy_threshold` overrides the local (1 - ρ) quantile (engines pass a global one);
+    `entropy_threshold` overrides the (1 - ρ) quantile (over `group`'s ranks when distributed);
     `num_tokens` defaults to the number of valid tokens passed in.
     """
     lp = check_float("logprobs", logprobs, ndim=2)
     valid = check_mask("response_mask", response_mask, lp.shape)
-    keep = high_entropy_mask(entropy, valid, top_entropy_quantile, threshold=entropy_threshold)
+    keep = high_entropy_mask(entropy, valid, top_entropy_quantile, threshold=entropy_threshold, group=group)
     if num_tokens is None:
         num_tokens = valid.sum()
     loss, metrics = policy_loss(lp, old_logprobs, advantages, keep, num_tokens=num_tokens, **policy_loss_kwargs)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-TOKEN_FILTERS = ("none", "s2t", "high_entropy")
+from stapo.core.filters import TOKEN_FILTERS
+from stapo.core.settings import S2TSettings
 
 
 @dataclass(frozen=True)
@@ -18,12 +19,20 @@ class MethodPreset:
     clip_low: float
     clip_high: float
     agg: str  # aggregate(agg=...)
-    token_filter: str  # "none" | "s2t" (STAPO) | "high_entropy" (20-Entropy)
+    token_filter: str  # a name in stapo.core.TOKEN_FILTERS: "none" | "s2t" (STAPO) | "high_entropy" (20-Entropy)
     top_entropy_quantile: float | None = None  # 20-Entropy's rho
-    tau_p: float | None = None  # STAPO
-    tau_h: float | None = None  # STAPO, absolute threshold in nats (None: use the quantile)
-    tau_h_quantile: float | None = None  # STAPO
+    clip_ratio_c: float | None = None  # dual-clip bound for A < 0 (None: no dual clip)
+    s2t: S2TSettings | None = None  # STAPO's thresholds; None: S2T is not applied (only measured)
     description: str = ""
+
+    def __post_init__(self):
+        if self.token_filter not in TOKEN_FILTERS:
+            raise ValueError(f"token_filter must be one of {', '.join(TOKEN_FILTERS)}, got {self.token_filter!r}")
+
+    @property
+    def s2t_settings(self) -> S2TSettings:
+        """The thresholds S2T applies (stapo) or only measures (every other method: the defaults)."""
+        return self.s2t if self.s2t is not None else S2TSettings()
 
     def with_overrides(self, **kwargs) -> "MethodPreset":
         return replace(self, **{k: v for k, v in kwargs.items() if v is not None})
@@ -51,12 +60,13 @@ PRESETS: dict[str, MethodPreset] = {
             "(DAPO clip-higher); the denominator keeps all valid tokens.",
         ),
         MethodPreset(
-            "justrl", "group", 0.2, 0.28, "token-mean", "none",
-            description="JustRL: plain GRPO, binary reward, clip [0.8, 1.28], no KL, no entropy bonus.",
+            "justrl", "group", 0.2, 0.28, "token-mean", "none", clip_ratio_c=10.0,
+            description="JustRL (its public script): plain GRPO, binary reward, clip [0.8, 1.28], dual clip "
+            "c = 10 for A < 0, no KL, no entropy bonus (its lr 1e-6, 10 warm-up steps and weight decay 0.1 "
+            "are optimizer settings: the paper configs set them for every method).",
         ),
         MethodPreset(
-            "stapo", "group", 0.2, 0.28, "token-mean", "s2t",
-            tau_p=0.01, tau_h=None, tau_h_quantile=0.05,
+            "stapo", "group", 0.2, 0.28, "token-mean", "s2t", clip_ratio_c=10.0, s2t=S2TSettings(),
             description="STAPO: JustRL's objective with spurious tokens (A > 0, p < tau_p, H < tau_h) "
             "silenced and the loss renormalised over the remaining valid tokens.",
         ),

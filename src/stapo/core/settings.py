@@ -1,0 +1,132 @@
+"""The S2T settings: every default, range and meaning of STAPO's thresholds, written once.
+
+    tau_p             silence only tokens sampled with probability p < tau_p          [0, 1]   (0: silence nothing)
+    tau_h             absolute entropy threshold in nats (H < tau_h); None: use the quantile below    >= 0 or None
+    tau_h_quantile    tau_h = this quantile of the entropies of `tau_h_population`      [0, 1]
+    tau_h_population  the tokens the quantile is taken over:
+                        valid       all valid tokens of the batch (the literal reading of the paper)
+                        low_prob    valid tokens with p < tau_p
+                        candidates  valid tokens with p < tau_p and A > 0 (the ones S2T could silence)
+    inert_warning_steps  warn once when S2T silenced nothing for this many optimizer steps in a row (0: off)
+
+Why three populations. A token of probability p sits at a position of entropy H >= h_b(p) (binary
+entropy, nats): the mass 1 - p elsewhere cannot be more concentrated than on one token. A quantile of
+*all* valid entropies near zero therefore admits only tokens of tiny p; with the q-quantile the
+silenced fraction is at most q * h_b^-1(tau_h) — about 0.0065% at 0.01 nats. On the embedded model
+the 5th percentile over valid tokens silences nothing at all (docs/analyze.md). A quantile over the
+low-probability tokens, or over the candidates, selects the least uncertain of the tokens S2T is about.
+
+Every consumer (the presets, `stapo train`'s run config, the TRL `STAPOConfig`, the verl `stapo`
+config, `stapo analyze`) takes its defaults from `S2TSettings` and its checks from `s2t_field_error`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+TAU_H_POPULATIONS = ("valid", "low_prob", "candidates")
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        return None
+    return float(value)
+
+
+def _check_tau_p(value):
+    v = _number(value)
+    return None if v is not None and 0.0 <= v <= 1.0 else "must be a number in [0, 1] (0 silences nothing)"
+
+
+def _check_tau_h(value):
+    if value is None:
+        return None
+    v = _number(value)
+    return None if v is not None and v >= 0.0 else "must be a number >= 0 (nats), or null to use tau_h_quantile"
+
+
+def _check_tau_h_quantile(value):
+    v = _number(value)
+    return None if v is not None and 0.0 <= v <= 1.0 else "must be a number in [0, 1]"
+
+
+def _check_population(value):
+    return None if value in TAU_H_POPULATIONS else f"must be one of {', '.join(TAU_H_POPULATIONS)}"
+
+
+def _check_inert_steps(value):
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return None if ok else "must be an int >= 0 (0: never warn)"
+
+
+_CHECKS = {
+    "tau_p": _check_tau_p,
+    "tau_h": _check_tau_h,
+    "tau_h_quantile": _check_tau_h_quantile,
+    "tau_h_population": _check_population,
+    "inert_warning_steps": _check_inert_steps,
+}
+
+
+@dataclass(frozen=True)
+class S2TSettings:
+    """STAPO's spurious-token thresholds (see the module docstring); validated on construction."""
+
+    tau_p: float = 0.01
+    tau_h: float | None = None
+    tau_h_quantile: float = 0.05
+    tau_h_population: str = "valid"
+    inert_warning_steps: int = 20
+
+    def __post_init__(self):
+        errors = [f"{name} {msg}, got {getattr(self, name)!r}"
+                  for name, msg in s2t_errors(asdict(self), none_means_default=False).items()]
+        if errors:
+            raise ValueError("; ".join(errors))
+        for name in ("tau_p", "tau_h_quantile") + (("tau_h",) if self.tau_h is not None else ()):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    @classmethod
+    def resolve(cls, values: Mapping[str, Any] | None = None, base: "S2TSettings | None" = None, **kwargs):
+        """Settings from `values` / `kwargs` (None or missing = `base`'s value, or the default).
+
+        `tau_h` is special: None means "use the quantile", so a None there keeps `base`'s tau_h too.
+        Unknown names raise `ValueError`.
+        """
+        given = {**(values or {}), **kwargs}
+        unknown = set(given) - set(S2T_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown S2T setting(s) {sorted(unknown)}; known: {', '.join(S2T_FIELDS)}")
+        start = asdict(base if base is not None else cls())
+        start.update({k: v for k, v in given.items() if v is not None})
+        return cls(**start)
+
+    @property
+    def threshold_reading(self) -> str:
+        """How tau_h is obtained, in words (for logs and model cards)."""
+        if self.tau_h is not None:
+            return f"H < {self.tau_h:g} nats"
+        return f"H < q{self.tau_h_quantile:g} of {self.tau_h_population} entropies"
+
+
+S2T_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(S2TSettings))
+S2T_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(S2TSettings)}
+
+
+def s2t_field_error(name: str, value: Any) -> str | None:
+    """The problem with `value` for S2T field `name` ("must be ..."), or None when it is valid."""
+    return _CHECKS[name](value)
+
+
+def s2t_errors(values: Mapping[str, Any], none_means_default: bool = True) -> dict[str, str]:
+    """{field: problem} for every S2T field in `values` whose value is invalid. With
+    `none_means_default`, None stands for the default and is valid everywhere (in config files);
+    otherwise only tau_h may be None (it means: use the quantile)."""
+    return {
+        name: msg
+        for name, value in values.items()
+        if name in _CHECKS and not (value is None and none_means_default)
+        and (msg := s2t_field_error(name, value)) is not None
+    }
