@@ -54,7 +54,7 @@ def test_all_bad_fields_reported_at_once(tmp_path):
         load_config(write(tmp_path, bad))
     errors = info.value.errors
     text = "\n".join(errors)
-    for needle in ("tau_p: must be in (0, 1)", "tau_h_quantile: must be in [0, 1]", "epsilon: (the lower clip range) must be > 0",
+    for needle in ("tau_p: must be a number in [0, 1]", "tau_h_quantile: must be a number in [0, 1]", "epsilon: (the lower clip range) must be > 0",
                    "num_generations: (the group size) must be >= 2", "learning_rate: expected float",
                    "max_stepz: unknown field; did you mean 'max_steps'?", "eval_samples: must be >= 1",
                    "method: must be one of grpo, dapo"):
@@ -99,7 +99,7 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
     p = write(tmp_path, dict(BASE, tau_p=5, max_stepz=1))
     assert main(["train", str(p)]) == 2
     err = capsys.readouterr().err
-    assert "tau_p: must be in (0, 1)" in err and "did you mean 'max_steps'" in err
+    assert "tau_p: must be a number in [0, 1]" in err and "did you mean 'max_steps'" in err
     assert "Traceback" not in err
 
 

@@ -162,3 +162,18 @@ def test_empty_population_silences_nothing():
                              FilterParams(S2TSettings(tau_h_population="candidates")))
     assert int(out.s2t.n_candidates) == 0 and not out.s2t.spurious.any()
     assert torch.equal(out.loss_mask, valid)
+
+
+def test_tau_h_for_fraction_is_the_smallest_threshold_reaching_the_target():
+    from stapo.core import tau_h_for_fraction
+
+    lp, ent, adv, valid = hand_batch()
+    cand = apply_token_filter("s2t", lp, ent, adv, valid).s2t
+    candidates = valid & (lp < math.log(0.01)) & (adv[:, None] > 0)
+    # 8 valid tokens; candidates' entropies .05 .8 1.5. 1/8 -> k = 1: just above .05
+    t = tau_h_for_fraction(ent, candidates, 8, 1 / 8)
+    assert 0.05 < t < 0.0500001
+    out = apply_token_filter("s2t", lp, ent, adv, valid, FilterParams(S2TSettings(tau_h=t)))
+    assert int(out.s2t.n_spurious) == 1 and int(cand.n_candidates) == 3
+    assert tau_h_for_fraction(ent, candidates, 8, 2 / 8) > 0.8
+    assert tau_h_for_fraction(ent, candidates, 8, 4 / 8) is None  # only 3 candidates

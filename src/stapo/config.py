@@ -6,7 +6,7 @@ A config names what to train and how:
     train_data: synthetic:add1?n=512&seed=0
     eval_data: synthetic:add1?n=64&split=heldout
     method: stapo                   # grpo | dapo | dr_grpo | 20-entropy | justrl | stapo
-    tau_p: 0.01                     # S2T thresholds (stapo only; null = the preset's)
+    tau_p: 0.01                     # S2T thresholds (stapo.core.S2TSettings; null = the preset's)
     output_dir: runs/demo
     max_steps: 40                   # ... and any other field of TRL's GRPOConfig
 
@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from stapo.core import PRESETS
+from stapo.core import PRESETS, S2T_FIELDS, S2TSettings, s2t_field_error
 
 BUNDLED_CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -92,9 +92,6 @@ RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - {"trl"}
 
 # Range rules: name -> (predicate, description). Applied to run fields and TRL fields alike.
 _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "tau_p": (lambda v: v is None or 0 < v < 1, "must be in (0, 1)"),
-    "tau_h": (lambda v: v is None or v >= 0, "must be >= 0 (nats) or null"),
-    "tau_h_quantile": (lambda v: v is None or 0 <= v <= 1, "must be in [0, 1]"),
     "top_entropy_quantile": (lambda v: v is None or 0 < v <= 1, "must be in (0, 1]"),
     "epsilon": (lambda v: v is None or v > 0, "(the lower clip range) must be > 0"),
     "epsilon_high": (lambda v: v is None or v > 0, "(the upper clip range) must be > 0"),
@@ -262,6 +259,11 @@ def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
         if not _type_ok(value, annotation):
             errors.append(f"{key}: expected {_describe(annotation)}, got {type(value).__name__} {value!r}")
             continue
+        if key in S2T_FIELDS:  # the S2T thresholds: stapo.core.settings holds their ranges
+            problem = None if value is None else s2t_field_error(key, value)
+            if problem:
+                errors.append(f"{key}: {problem}, got {value!r}")
+            continue
         rule = _RULES.get(key)
         if rule is not None and value is not None:
             try:
@@ -276,7 +278,17 @@ def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
         raise ConfigError(errors, source)
     run = RunConfig(**{k: v for k, v in values.items() if k in RUN_FIELDS})
     run.trl = {k: v for k, v in values.items() if k in trl_fields}
+    # Record the thresholds the run uses (applied by stapo, measured by the other methods), so the
+    # run's config.yaml says which S2T reading it had.
+    s2t = resolve_s2t(values)
+    run.trl.update({name: getattr(s2t, name) for name in S2T_FIELDS if name in trl_fields})
     return run
+
+
+def resolve_s2t(values: dict[str, Any]) -> S2TSettings:
+    """The S2T settings of a validated config: its own values over its method preset's."""
+    preset = PRESETS[values.get("method", "stapo")]
+    return S2TSettings.resolve({k: values.get(k) for k in S2T_FIELDS}, base=preset.s2t_settings)
 
 
 def _cross_checks(values: dict[str, Any]) -> list[str]:
@@ -284,6 +296,9 @@ def _cross_checks(values: dict[str, Any]) -> list[str]:
     preset = PRESETS[values.get("method", "stapo")]
     if preset.token_filter != "high_entropy" and values.get("top_entropy_quantile") not in (None, 1.0):
         errors.append(f"top_entropy_quantile: applies only to method '20-entropy' (method is {values.get('method')!r})")
+    if values.get("tau_h") is not None and values.get("tau_h_quantile") is not None:
+        errors.append("tau_h_quantile: set tau_h (an absolute threshold in nats) or tau_h_quantile, not both "
+                      "(set the other to null)")
     # TRL: generation_batch_size defaults to per_device_train_batch_size x steps_per_generation
     # (= gradient_accumulation_steps) per process, and must hold whole groups.
     g = values.get("num_generations") or 8

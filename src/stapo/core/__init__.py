@@ -26,6 +26,7 @@ from stapo.core.filters import (
     register_token_filter,
     s2t_decision,
     s2t_mask,
+    tau_h_for_fraction,
 )
 from stapo.core.head import token_logprobs_entropy
 from stapo.core.lm_head import (
@@ -84,6 +85,7 @@ __all__ = [
     "s2t_mask",
     "s2t_metrics",
     "stapo_loss",
+    "tau_h_for_fraction",
     "token_fractions",
     "token_logprobs_entropy",
     "zero_variance_group_fraction",

@@ -134,6 +134,18 @@ def s2t_decision(logprobs, entropy, advantages, response_mask, settings: S2TSett
         return S2TDecision(spurious, threshold, n(valid), n(low_prob), n(low_entropy), n(candidate), n(spurious))
 
 
+def tau_h_for_fraction(entropy, candidates, n_valid, target: float) -> float | None:
+    """The smallest absolute τ_h (nats) under which at least `target` · n_valid of the `candidates`
+    (valid ∧ p < τ_p ∧ A > 0) have H < τ_h: just above the k-th smallest candidate entropy,
+    k = ⌈target · n_valid⌉ (the mask's "<" is strict). None when fewer than k candidates exist."""
+    ent = entropy.detach().float()[check_mask("candidates", candidates, entropy.shape)]
+    k = max(1, math.ceil(target * float(n_valid) - 1e-9))
+    if ent.numel() < k:
+        return None
+    kth = torch.kthvalue(ent, k).values
+    return float(torch.nextafter(kth, torch.tensor(float("inf"))))
+
+
 def high_entropy_threshold(entropy, valid, top_quantile: float, group=None) -> torch.Tensor:
     """20-Entropy's τ_ρ: the (1 − ρ) quantile of the valid tokens' entropies (+inf when none is valid)."""
     check_prob("top_quantile", top_quantile)
