@@ -52,3 +52,19 @@ def test_resolve_keeps_base_and_refuses_unknown_names():
     with pytest.raises(ValueError, match="unknown S2T setting.*tau_x"):
         S2TSettings.resolve(tau_x=1)
     assert not math.isnan(S2TSettings.resolve().tau_p)
+
+
+def test_inert_monitor_warns_once_per_streak():
+    from stapo.core.monitor import InertS2TMonitor
+
+    mon = InertS2TMonitor(S2TSettings(inert_warning_steps=3))
+    quiet = dict(n_valid=1000, n_low_prob=12, n_candidates=5, threshold=0.01, suggested_tau_h=0.4)
+    out = [mon.update(0, **quiet) for _ in range(5)]
+    assert out[:2] == [None, None] and out[3:] == [None, None]
+    assert "no token for 3 optimizer steps" in out[2] and "12 with p < tau_p" in out[2] and "0.4 nats" in out[2]
+    assert mon.update(2, **quiet) is None  # something silenced: the streak restarts
+    assert [mon.update(0, **quiet) for _ in range(3)][-1] is not None
+    off = InertS2TMonitor(S2TSettings(inert_warning_steps=0))
+    assert all(off.update(0, **quiet) is None for _ in range(50))
+    busy = InertS2TMonitor(S2TSettings(inert_warning_steps=1))
+    assert busy.update(1, **quiet) is None
