@@ -27,7 +27,7 @@ def test_vllm_requests_one_per_sample_with_own_seed():
     assert "stop_token_ids" not in vllm_requests(reqs)[0][1]
 
 
-@pytest.mark.parametrize("bad,field", [(_req(t=0.0), "temperature"), (_req(p=0.0), "top_p"), (_req(p=1.5), "top_p"),
+@pytest.mark.parametrize("bad,field", [(_req(t=-0.5), "temperature"), (_req(p=0.0), "top_p"), (_req(p=1.5), "top_p"),
                                         (_req(n=0), "max_new_tokens"), (_req(prompt=()), "empty prompt")])
 def test_vllm_requests_reject_bad_requests(bad, field):
     with pytest.raises(ValueError, match=field):
@@ -49,8 +49,10 @@ def test_protocol_parsing():
     with pytest.raises(ValueError, match="unknown benchmark 'gsm8k'"):
         parse_benchmarks("math500,gsm8k")
     assert parse_settings("both") == ["train", "nucleus"]
+    assert parse_settings("all") == ["train", "nucleus", "greedy"]
+    assert parse_settings("greedy") == ["greedy"]
     with pytest.raises(ValueError, match="--setting"):
-        parse_settings("greedy")
+        parse_settings("top5")
     assert (SETTINGS["train"].temperature, SETTINGS["train"].top_p) == (1.0, 1.0)
     assert (SETTINGS["nucleus"].temperature, SETTINGS["nucleus"].top_p) == (0.7, 0.9)
 

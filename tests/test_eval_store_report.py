@@ -92,10 +92,14 @@ def test_compare_table_rows_are_runs(tmp_path):
     runs = [(n, load_results(tmp_path / n)) for n in ("grpo", "stapo")]
     table = compare_table(runs)
     lines = [l for l in table.splitlines() if l.startswith("|")]
-    assert lines[0] == "| run | AIME24 | MATH500 | Minerva | Average (2) |"
-    # the average is over the benchmarks both runs have (AIME24, MATH500)
-    assert lines[2] == "| grpo | 50.0 | 25.0 | 10.0 | 37.5 |"
-    assert lines[3] == "| stapo | 75.0 | 50.0 | – | 62.5 |"
+    # the papers' convention: percent, ± SE, k and n per benchmark, the extraction rule named
+    assert lines[0] == ("| run | AIME24 (k=4, n=10) | MATH500 (k=4, n=10) | Minerva (k=4, n=10) | Average (2) "
+                        "| extraction |")
+    # the average is over the benchmarks both runs have (AIME24, MATH500); its SE = sqrt(2 * 1.0^2) / 2
+    assert lines[2] == "| grpo | 50.0 ± 1.0 | 25.0 ± 1.0 | 10.0 ± 1.0 | 37.5 ± 0.7 | ? |"
+    assert lines[3] == "| stapo | 75.0 ± 1.0 | 50.0 ± 1.0 | – | 62.5 ± 0.7 | ? |"
+    plain = [l for l in compare_table(runs, with_se=False).splitlines() if l.startswith("|")]
+    assert plain[2] == "| grpo | 50.0 | 25.0 | 10.0 | 37.5 | ? |"
     with pytest.raises(ValueError, match="unknown metric"):
         compare_table(runs, metric="acc")
 

@@ -2,7 +2,7 @@
 
     stapo analyze tokens --model embedded --data synthetic:add1?n=32 [--group-size 8] [--out DIR]
     stapo analyze tokens --rollouts RUN_DIR_OR_FILE [--steps 10 20]
-    stapo analyze runs RUN_DIR [RUN_DIR ...] [--out DIR]
+    stapo analyze runs RUN_DIR [RUN_DIR ...] [--out DIR] [--html FILE]
 
 Each writes a self-contained HTML report (and its PNGs, and a JSON summary) into --out.
 Heavy imports (torch, transformers, matplotlib) happen inside the handlers.
@@ -70,6 +70,8 @@ def register(subparsers) -> None:
     )
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     r.add_argument("--out", default="analysis", help="output directory (default ./analysis)")
+    r.add_argument("--html", metavar="FILE", default=None,
+                   help="where to write the HTML report (default: <out>/runs.html); its plots stay in --out")
     r.set_defaults(func=run_runs)
     p.set_defaults(func=lambda args: _usage(p))
 
@@ -267,7 +269,7 @@ def run_runs(args) -> int:
     html_text = report.build_report(
         "stapo analyze runs — " + ", ".join(r.name for r in runs), curves_png=png, runs_text=text, notes=notes
     )
-    path = report.write_report(out / "runs.html", html_text)
+    path = report.write_report(Path(args.html) if args.html else out / "runs.html", html_text)
     for n in notes:
         print(f"note: {n}")
     print(text)

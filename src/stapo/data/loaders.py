@@ -285,15 +285,17 @@ def find_benchmark_dir(data_dir: str | os.PathLike | None = None) -> Path:
         for base in (Path.cwd(), repo):
             candidates.append(base.parent / "shared" / "data" / "benchmarks")
     for c in candidates:
+        # the working directory and the repository often share a parent: look (and report) once
+        if str(c.resolve()) in tried:
+            continue
         for d in (c, c / "benchmarks"):
             if (d / "math500.jsonl").is_file() or any(d.glob("*.jsonl")):
                 return d
-        tried.append(str(c))
+        tried.append(str(c.resolve()))
     raise DataError(
-        "benchmark files not found (looked in: " + ", ".join(tried) + "). Pass --data-dir / "
-        "data_dir= pointing at the folder with <name>.jsonl files, set STAPO_DATA_DIR, or load a "
-        "hub copy with load_prompts(<hub id>, problem_key=..., answer_key=...) "
-        "(see stapo.data.BENCHMARK_HUB_IDS)."
+        "benchmark files not found (looked in: " + ", ".join(tried) + "). They are not part of the "
+        "repository: add --hub to `stapo eval` to load them from the hub (network), or point "
+        "--data-dir (data_dir= in Python) or STAPO_DATA_DIR at a folder with <name>.jsonl files."
     )
 
 

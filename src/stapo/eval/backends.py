@@ -57,8 +57,8 @@ def _check_requests(requests: list[SampleRequest]) -> None:
     for i, r in enumerate(requests):
         if not r.prompt_ids:
             raise ValueError(f"request {i}: empty prompt")
-        if not r.temperature > 0:
-            raise ValueError(f"request {i}: temperature must be > 0 (sampling), got {r.temperature}")
+        if not r.temperature >= 0:
+            raise ValueError(f"request {i}: temperature must be >= 0 (0 = greedy), got {r.temperature}")
         if not 0 < r.top_p <= 1:
             raise ValueError(f"request {i}: top_p must be in (0, 1], got {r.top_p}")
         if r.max_new_tokens < 1:
@@ -185,7 +185,8 @@ class SeededSampler:
         if logits.shape[0] != len(self.generators):
             raise ValueError(f"SeededSampler: {logits.shape[0]} rows but {len(self.generators)} seeds")
         u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
-        z = logits.detach().float().cpu() / self.temperatures[:, None]
+        greedy = self.temperatures == 0  # T = 0: the argmax, set below (dividing by 1 keeps z finite)
+        z = logits.detach().float().cpu() / torch.where(greedy, 1.0, self.temperatures)[:, None]
         probs = torch.softmax(z.double(), dim=-1)
         tokens = torch.empty(probs.shape[0], dtype=torch.long)
         full = self.top_ps >= 1.0
@@ -205,6 +206,8 @@ class SeededSampler:
             # guard against landing on a dropped (zero-mass) tail entry through rounding
             j = torch.minimum(j, keep.sum(dim=-1, keepdim=True) - 1)
             tokens[nucleus] = order.gather(-1, j).squeeze(-1)
+        if bool(greedy.any()):
+            tokens[greedy] = z[greedy].argmax(dim=-1)
         return tokens
 
     def __call__(self, input_ids, scores):

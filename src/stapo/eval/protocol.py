@@ -1,7 +1,8 @@
 """The evaluation protocol as plain data: benchmarks, sampling settings, default k, per-sample seeds.
 
 The paper reports avg@k on six benchmarks under two sampling settings; k follows JustRL's protocol
-(32 samples for the small AIME/AMC sets, 4 for the larger ones).
+(32 samples for the small AIME/AMC sets, 4 for the larger ones). Greedy decoding (T = 0, one sample
+per problem) is the third column papers put beside them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ __all__ = [
     "BENCHMARK_TITLES",
     "DEFAULT_SAMPLES",
     "SETTINGS",
+    "SETTING_GROUPS",
     "SamplingSetting",
     "parse_benchmarks",
     "parse_settings",
@@ -36,15 +38,19 @@ DEFAULT_SAMPLES = {"aime24": 32, "aime25": 32, "amc23": 32, "math500": 4, "miner
 @dataclass(frozen=True)
 class SamplingSetting:
     name: str
-    temperature: float
+    temperature: float  # 0 = greedy (argmax) decoding
     top_p: float
+    samples: int | None = None  # a fixed k for every benchmark (greedy: more samples would be copies)
 
 
 SETTINGS = {
     # the training-aligned setting: sample from the policy exactly as RL rollouts do
     "train": SamplingSetting("train", temperature=1.0, top_p=1.0),
     "nucleus": SamplingSetting("nucleus", temperature=0.7, top_p=0.9),
+    "greedy": SamplingSetting("greedy", temperature=0.0, top_p=1.0, samples=1),
 }
+# --setting names for groups of settings
+SETTING_GROUPS = {"both": ("train", "nucleus"), "all": ("train", "nucleus", "greedy")}
 
 
 def parse_benchmarks(spec: str) -> list[str]:
@@ -61,11 +67,12 @@ def parse_benchmarks(spec: str) -> list[str]:
 
 
 def parse_settings(spec: str) -> list[str]:
-    """'train' | 'nucleus' | 'both'."""
-    if spec == "both":
-        return list(SETTINGS)
+    """'train' | 'nucleus' | 'greedy' | 'both' (the two sampled ones) | 'all' (those and greedy)."""
+    if spec in SETTING_GROUPS:
+        return list(SETTING_GROUPS[spec])
     if spec not in SETTINGS:
-        raise ValueError(f"--setting: unknown setting {spec!r}; choose train, nucleus or both")
+        raise ValueError(f"--setting: unknown setting {spec!r}; choose "
+                         + ", ".join(list(SETTINGS) + list(SETTING_GROUPS)))
     return [spec]
 
 

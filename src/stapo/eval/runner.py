@@ -52,7 +52,10 @@ class EvalConfig:
     dtype: str | None = None
     progress: bool = True
 
-    def k_for(self, benchmark: str) -> int:
+    def k_for(self, benchmark: str, setting: str | None = None) -> int:
+        fixed = SETTINGS[setting].samples if setting is not None else None
+        if fixed is not None:
+            return fixed
         return self.samples if self.samples is not None else DEFAULT_SAMPLES[benchmark]
 
 
@@ -143,7 +146,7 @@ def _todo(config: EvalConfig, problems: dict[str, list[Problem]], log: SampleLog
     todo: dict[tuple[str, str], list[tuple[Problem, int]]] = {}
     for setting in config.settings:
         for bench, rows in problems.items():
-            missing = [(p, i) for p in rows for i in range(config.k_for(bench))
+            missing = [(p, i) for p in rows for i in range(config.k_for(bench, setting))
                        if (bench, setting, p.id, i) not in log]
             if missing:
                 todo[(setting, bench)] = missing
@@ -239,7 +242,7 @@ def compute_results(config: EvalConfig, problems: dict[str, list[Problem]], log:
     for setting in config.settings:
         per: dict = {}
         for bench, rows in problems.items():
-            k = config.k_for(bench)
+            k = config.k_for(bench, setting)
             graded = []
             for p in rows:
                 recs = [log.get((bench, setting, p.id, i)) for i in range(k)]

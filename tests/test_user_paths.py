@@ -1,0 +1,173 @@
+"""The paths the README and docs send a user down: flags that exist, errors that name the way out,
+eval tables in the papers' convention, options that are not silently ignored, one vocabulary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stapo.cli import build_parser, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------- repository paths
+
+
+@pytest.mark.parametrize("rel", ["configs/demo.yaml", "configs/accelerate/fsdp.yaml", "configs/paper/qwen3-1.7b-stapo.yaml"])
+def test_readme_config_paths_exist(rel):
+    path = REPO / rel
+    assert path.is_file(), f"{rel} (named in README.md) does not exist"
+    # the same file as the packaged one, not a copy that can drift
+    assert path.resolve() == (REPO / "src/stapo" / rel).resolve()
+
+
+# ------------------------------------------------------------------------------------- analyze runs --html
+
+
+def _run_dir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    rows = [{"step": s, "reward": 0.1 * s, "entropy": 0.5, "kind": "train"} for s in range(1, 4)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_analyze_runs_html_flag(tmp_path, capsys):
+    a, b = _run_dir(tmp_path / "grpo"), _run_dir(tmp_path / "demo")
+    report = tmp_path / "somewhere" / "report.html"
+    assert main(["analyze", "runs", str(a), str(b), "--out", str(tmp_path / "plots"), "--html", str(report)]) == 0
+    assert report.is_file() and report.read_text().startswith("<!DOCTYPE html>")
+    assert (tmp_path / "plots" / "curves.png").is_file()
+    assert not (tmp_path / "plots" / "runs.html").exists()  # written where --html says, only there
+    assert f"report: {report}" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------- eval: missing benchmarks
+
+
+def test_missing_benchmarks_error_names_each_place_once_and_the_cli_option(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("STAPO_DATA_DIR", raising=False)
+    # a checkout without ../shared next to it, run from its own root: cwd.parent == repo.parent
+    import stapo.data.loaders as loaders
+
+    fake_repo = tmp_path / "clone"
+    (fake_repo / "src/stapo/data").mkdir(parents=True)
+    monkeypatch.setattr(loaders, "__file__", str(fake_repo / "src/stapo/data/loaders.py"))
+    monkeypatch.chdir(fake_repo)
+    assert main(["eval", "--model", "embedded", "--benchmarks", "all", "--limit", "1"]) == 2
+    err = capsys.readouterr().err
+    looked = err.split("looked in: ")[1].split(")")[0].split(", ")
+    assert looked == [str(tmp_path / "shared/data/benchmarks")]  # once, not twice
+    assert "--hub" in err and "--data-dir" in err and "STAPO_DATA_DIR" in err
+    assert "load_prompts(" not in err  # the CLI way, not a Python call
+
+
+# ------------------------------------------------------------------------------------- eval: tables, greedy
+
+
+def test_seeded_sampler_temperature_zero_is_argmax():
+    torch = pytest.importorskip("torch")
+    from stapo.eval.backends import SeededSampler
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=g)
+    sampler = SeededSampler(seeds=list(range(6)), temperatures=[0.0, 1.0, 0.0, 0.7, 0.0, 1.0],
+                            top_ps=[1.0, 1.0, 0.9, 0.9, 1.0, 1.0])
+    tokens = sampler.sample(logits)
+    for row in (0, 2, 4):
+        assert int(tokens[row]) == int(logits[row].argmax())
+    # the sampled rows still draw from their own streams (same seeds, same tokens as without greedy rows)
+    ref = SeededSampler(seeds=list(range(6)), temperatures=[1.0] * 6, top_ps=[1.0, 1.0, 0.9, 0.9, 1.0, 1.0])
+    ref_tokens = ref.sample(logits)
+    assert int(tokens[1]) == int(ref_tokens[1]) and int(tokens[5]) == int(ref_tokens[5])
+
+
+class _RecordingBackend:
+    name = "recording-stub"
+    batch_size = 64
+    info = {"backend": "recording-stub"}
+
+    def __init__(self):
+        self.requests = []
+
+    def generate(self, requests):
+        from stapo.eval.backends import Completion
+
+        self.requests.extend(requests)
+        return [Completion(text="The answer is \\boxed{2}.", token_ids=(1, 2), finish_reason="stop") for _ in requests]
+
+
+def test_greedy_setting_one_sample_at_t0_and_tables(tmp_path, qwen3_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from stapo.eval.report import run_table
+    from stapo.eval.runner import EvalConfig, evaluate
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "math500.jsonl").write_text("".join(
+        json.dumps({"id": f"m{i}", "problem": f"What is {i} + {2 - i}?", "answer": "2", "meta": {}}) + "\n"
+        for i in range(3)))
+    backend = _RecordingBackend()
+    config = EvalConfig(model="stub", out_dir=tmp_path / "run", benchmarks=["math500"], settings=["train", "greedy"],
+                        samples=3, data_dir=str(data), progress=False)
+    results = evaluate(config, backend=backend, tokenizer=AutoTokenizer.from_pretrained(qwen3_tokenizer_dir))
+    temps = sorted(r.temperature for r in backend.requests)
+    assert temps == [0.0] * 3 + [1.0] * 9  # greedy: one sample per problem; train: k = 3
+    assert results["results"]["greedy"]["math500"]["k"] == 1
+    assert results["results"]["train"]["math500"]["k"] == 3
+    table = run_table(results)
+    assert "## greedy (T=0)" in table and "## train (T=1.0, top-p=1.0)" in table
+    assert "answer extraction: auto: last \\boxed{}, else 'answer is X', else the last number" in table
+    assert "| avg@k | 100.0 ± 0.0 | 100.0 ± 0.0 |" in table
+
+
+def test_default_setting_is_all_three():
+    args = build_parser().parse_args(["eval", "--model", "m"])
+    assert args.setting is None  # resolved in run(): None = all, so --compare can tell it was not typed
+    from stapo.eval.protocol import parse_settings
+
+    assert parse_settings("all") == ["train", "nucleus", "greedy"]
+
+
+# ------------------------------------------------------------------------------------- eval --compare
+
+
+def _results_dir(path: Path, settings=("train", "nucleus")) -> Path:
+    bench = {"n_problems": 30, "k": 32, "avg@k": 0.5, "avg@k_se": 0.05, "pass@k": 0.8, "pass@k_se": 0.04,
+             "maj@k": 0.6, "maj@k_se": 0.05}
+    per = {s: {"aime24": dict(bench), "average": {"benchmarks": ["aime24"], **{k: v for k, v in bench.items()
+                                                                               if "@" in k}}} for s in settings}
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps({
+        "model": "m", "extract": "boxed", "results": per,
+        "settings": {s: {"temperature": 1.0 if s == "train" else 0.7, "top_p": 1.0 if s == "train" else 0.9}
+                     for s in settings}}))
+    return path
+
+
+def test_compare_setting_selects_tables(tmp_path, capsys):
+    a, b = _results_dir(tmp_path / "grpo"), _results_dir(tmp_path / "stapo")
+    assert main(["eval", "--compare", str(a), str(b), "--setting", "nucleus"]) == 0
+    out = capsys.readouterr().out
+    assert "## avg@k, nucleus" in out and "## avg@k, train" not in out
+    assert "| grpo | 50.0 ± 5.0 | 50.0 ± 5.0 | boxed |" in out
+    assert "AIME24 (k=32, n=30)" in out
+    assert "extraction boxed: last \\boxed{} only (strict)" in out
+    assert main(["eval", "--compare", str(a), str(b)]) == 0
+    both = capsys.readouterr().out
+    assert "## avg@k, nucleus" in both and "## avg@k, train" in both
+    # a setting no run has: said, not an empty table
+    assert main(["eval", "--compare", str(a), "--setting", "greedy"]) == 2
+    assert "no run has results for greedy" in capsys.readouterr().err
+
+
+def test_compare_refuses_generation_options(tmp_path, capsys):
+    a = _results_dir(tmp_path / "grpo")
+    assert main(["eval", "--compare", str(a), "--samples", "4", "--max-new-tokens", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "--samples" in err and "--max-new-tokens" in err and "--compare reads finished runs" in err
+    assert main(["eval", "--model", "m", "--metric", "pass@k"]) == 2
+    assert "--metric chooses the metric of --compare" in capsys.readouterr().err
