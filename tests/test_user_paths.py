@@ -171,3 +171,71 @@ def test_compare_refuses_generation_options(tmp_path, capsys):
     assert "--samples" in err and "--max-new-tokens" in err and "--compare reads finished runs" in err
     assert main(["eval", "--model", "m", "--metric", "pass@k"]) == 2
     assert "--metric chooses the metric of --compare" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- one vocabulary
+
+
+def test_samples_flag_and_its_aliases_are_one_option():
+    parser = build_parser()
+    for flag in ("--samples", "--group-size", "-G"):
+        args = parser.parse_args(["analyze", "tokens", "--data", "synthetic:add1?n=2", flag, "4"])
+        assert args.group_size == 4, flag
+    assert parser.parse_args(["eval", "--model", "m", "-G", "3"]).samples == 3
+    text = parser._subparsers._group_actions[0].choices["analyze"]._subparsers._group_actions[0] \
+        .choices["tokens"].format_help()
+    assert "--samples" in text and "num_generations" in text and "prompt_template" in text
+
+
+def _record(prompt: str, token_text: list[str], reward: float, advantage: float, token_id=None) -> dict:
+    """One rollout sample with made-up but consistent per-token statistics."""
+    import numpy as np
+
+    n = len(token_text)
+    p = np.linspace(0.3, 0.9, n)
+    return {"prompt": prompt, "completion": "".join(token_text), "reward": reward, "advantage": advantage,
+            "token_id": np.arange(n) if token_id is None else np.asarray(token_id), "token_text": token_text,
+            "logprob": np.log(p), "entropy": np.linspace(0.1, 1.0, n), "collision": p**2,
+            "s2t": np.zeros(n, bool)}
+
+
+def _demo_like_run(tmp_path: Path) -> Path:
+    from stapo.data.rollouts import write_rollouts
+
+    run = tmp_path / "demo"
+    write_rollouts(run, 2, [_record("<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n",
+                                    [" 1", " +", " 1", " =", " 2"], 1.0, 0.5),
+                            _record("<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n",
+                                    [" 3"], 0.0, -0.5)])
+    (run / "config.yaml").write_text("prompt_template: boxed_short\nnum_generations: 4\nmax_completion_length: 32\n"
+                                     "temperature: 0.9\ntau_p: 0.02\ntau_h: 0.2\ntau_h_quantile: null\n")
+    return run
+
+
+def test_analyze_tokens_defaults_to_the_runs_settings(tmp_path, capsys):
+    from stapo.commands.analyze import resolve_tokens_defaults
+
+    run = _demo_like_run(tmp_path)
+    parser = build_parser()
+    args = parser.parse_args(["analyze", "tokens", "--run", str(run), "--data", "synthetic:add1?n=2"])
+    resolve_tokens_defaults(args)
+    assert (args.template, args.group_size, args.max_new_tokens, args.temperature) == ("boxed_short", 4, 32, 0.9)
+    assert (args.tau_p, args.tau_h) == (0.02, 0.2)
+    # what the user types wins over the run
+    args = parser.parse_args(["analyze", "tokens", "--run", str(run), "--data", "x.jsonl", "--template", "boxed",
+                              "--tau-h-quantile", "0.1"])
+    resolve_tokens_defaults(args)
+    assert (args.template, args.tau_h, args.tau_h_quantile) == ("boxed", None, 0.1)
+    # without a run: the built-in defaults
+    args = parser.parse_args(["analyze", "tokens", "--data", "synthetic:add1?n=2"])
+    resolve_tokens_defaults(args)
+    assert (args.template, args.group_size, args.tau_p, args.tau_h, args.tau_h_quantile) == ("boxed", 8, 0.01, None, 0.05)
+
+    # --rollouts RUN_DIR: the thresholds the run trained with
+    out = tmp_path / "a"
+    assert main(["analyze", "tokens", "--rollouts", str(run), "--out", str(out)]) == 0
+    summary = json.loads((out / "tokens_summary.json").read_text())["summary"]
+    assert summary["tau_p"] == 0.02 and summary["tau_h"] == 0.2
+    assert "tau_h=0.2 (from" in capsys.readouterr().err
+    # --run alone: its captured rollouts
+    assert main(["analyze", "tokens", "--run", str(run), "--out", str(tmp_path / "b")]) == 0

@@ -1,7 +1,8 @@
 """`stapo analyze tokens | runs`: see the spurious tokens S2T silences and whether entropy stayed flat.
 
-    stapo analyze tokens --model embedded --data synthetic:add1?n=32 [--group-size 8] [--out DIR]
+    stapo analyze tokens --model embedded --data synthetic:add1?n=32 [--samples 8] [--out DIR]
     stapo analyze tokens --rollouts RUN_DIR_OR_FILE [--steps 10 20]
+    stapo analyze tokens --run RUN_DIR [--data SOURCE]        (defaults from the run's config.yaml)
     stapo analyze runs RUN_DIR [RUN_DIR ...] [--out DIR] [--html FILE]
 
 Each writes a self-contained HTML report (and its PNGs, and a JSON summary) into --out.
@@ -33,29 +34,43 @@ def register(subparsers) -> None:
         description="Per-token statistics of a model on prompts (sampled, graded) or of captured rollouts: "
         "summary, threshold sweep, figures and an HTML report with coloured tokens.",
     )
-    src = t.add_mutually_exclusive_group(required=True)
+    src = t.add_mutually_exclusive_group()
     src.add_argument("--rollouts", metavar="PATH", help="a run directory, its rollouts/ directory or one step_N.parquet")
     src.add_argument("--data", metavar="SOURCE", help="prompts: a .jsonl/.json/.parquet file, synthetic:<task>?n=.., "
                      "benchmark:<name> (needs --model)")
+    t.add_argument("--run", metavar="RUN_DIR", default=None,
+                   help="a training run directory: the options below default to its config.yaml (template, "
+                   "samples, max new tokens, temperature, tau_p/tau_h), --model to its final/ model, and "
+                   "without --data or --rollouts its captured rollouts are analysed. --rollouts RUN_DIR does the same")
     t.add_argument("--model", default=None, help="'embedded', a local directory or a hub id (with --data)")
     t.add_argument("--num-prompts", "--limit", dest="num_prompts", type=int, default=None,
                    help=f"prompts to use from --data (default: all of a synthetic:<task>?n=N source, "
                    f"else the first {DEFAULT_NUM_PROMPTS})")
-    t.add_argument("--group-size", "-G", type=int, default=8, help="samples per prompt (default 8)")
-    t.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
-    t.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    # One vocabulary: the flags of `stapo eval`; the config field of `stapo train` in each help.
+    t.add_argument("--samples", "--group-size", "-G", dest="group_size", type=int, default=None, metavar="G",
+                   help=f"samples per prompt, the group size (default: the run's, else {TOKENS_DEFAULTS['group_size']}). "
+                   "Config field: num_generations")
+    t.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help=f"completion length limit (default: the run's, else {TOKENS_DEFAULTS['max_new_tokens']}). "
+                   "Config field: max_completion_length")
+    t.add_argument("--temperature", type=float, default=None,
+                   help=f"sampling temperature (default: the run's, else {TOKENS_DEFAULTS['temperature']:g})")
     t.add_argument("--batch-prompts", type=int, default=4, help="prompts per generate call (default 4)")
-    t.add_argument("--template", default="boxed", help="prompt template name or a string with {problem} (default boxed)")
+    t.add_argument("--template", default=None,
+                   help="prompt template name or a string with {problem} (default: the run's, else "
+                   f"{TOKENS_DEFAULTS['template']}). Config field: prompt_template")
     t.add_argument("--problem-key", default="problem")
     t.add_argument("--answer-key", default="answer")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=int, nargs="+", default=None, help="with --rollouts: only these capture steps")
-    t.add_argument("--tau-p", type=float, default=0.01, help="S2T probability threshold (default 0.01)")
+    t.add_argument("--tau-p", type=float, default=None,
+                   help=f"S2T probability threshold (default: the run's, else {TOKENS_DEFAULTS['tau_p']:g})")
     h = t.add_mutually_exclusive_group()
     h.add_argument("--tau-h", type=float, default=None, help="S2T absolute entropy threshold in nats")
-    h.add_argument("--tau-h-quantile", type=float, default=0.05,
-                   help="S2T entropy threshold as a quantile of the token entropies (default 0.05)")
-    t.add_argument("--out", default="analysis", help="output directory (default ./analysis)")
+    h.add_argument("--tau-h-quantile", type=float, default=None,
+                   help="S2T entropy threshold as a quantile of the token entropies (default: the run's "
+                   f"threshold, else {TOKENS_DEFAULTS['tau_h_quantile']:g})")
+    t.add_argument("--out", default="analysis", help="output directory (default ./analysis). Config field: output_dir")
     t.add_argument("--max-samples-shown", type=int, default=24, help="completions shown in the report (default 24)")
     t.add_argument("--save-rollouts", action="store_true",
                    help="with --model: also save the scored samples as <out>/rollouts/step_00000000.parquet")
@@ -74,6 +89,71 @@ def register(subparsers) -> None:
                    help="where to write the HTML report (default: <out>/runs.html); its plots stay in --out")
     r.set_defaults(func=run_runs)
     p.set_defaults(func=lambda args: _usage(p))
+
+
+# `analyze tokens` option -> the field of a run's config.yaml it defaults to, and the defaults without a run.
+RUN_FIELDS = {"template": "prompt_template", "group_size": "num_generations",
+              "max_new_tokens": "max_completion_length", "temperature": "temperature", "tau_p": "tau_p"}
+TOKENS_DEFAULTS = {"template": "boxed", "group_size": 8, "max_new_tokens": 64, "temperature": 1.0,
+                   "tau_p": 0.01, "tau_h": None, "tau_h_quantile": 0.05}
+
+
+def _run_base(path: Path) -> Path:
+    """The run directory of a run directory, its rollouts/ directory or one of its step files."""
+    base = path if path.is_dir() else path.parent
+    return base.parent if base.name == "rollouts" else base
+
+
+def resolve_tokens_defaults(args) -> list[str]:
+    """Fill the options left unset: from the run's config.yaml (--run, or --rollouts in a run), else
+    TOKENS_DEFAULTS. Returns 'name=value (from FILE)' for what came from the run."""
+    import yaml
+
+    from stapo.cli import UserError
+
+    run_dir = Path(args.run) if args.run else (_run_base(Path(args.rollouts)) if args.rollouts else None)
+    if args.run and not run_dir.is_dir():
+        raise UserError(f"--run {args.run}: not a directory")
+    cfg: dict = {}
+    cfg_path = run_dir / "config.yaml" if run_dir is not None else None
+    if cfg_path is not None and cfg_path.is_file():
+        try:
+            cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise UserError(f"{cfg_path}: not a readable config ({err})") from None
+        if not isinstance(cfg, dict):
+            raise UserError(f"{cfg_path}: expected a mapping of config fields")
+    elif args.run:
+        raise UserError(f"--run {args.run}: no config.yaml there (is it a 'stapo train' output directory?)")
+    from_run = []
+    for name, field in RUN_FIELDS.items():
+        if getattr(args, name) is None:
+            if cfg.get(field) is not None:
+                setattr(args, name, cfg[field])
+                from_run.append(f"{name}={cfg[field]}")
+            else:
+                setattr(args, name, TOKENS_DEFAULTS[name])
+    # the entropy threshold is one choice: absolute tau_h or a quantile, never a mix of the two sources
+    if args.tau_h is None and args.tau_h_quantile is None:
+        if cfg.get("tau_h") is not None:
+            args.tau_h = float(cfg["tau_h"])
+            from_run.append(f"tau_h={args.tau_h:g}")
+        elif cfg.get("tau_h_quantile") is not None:
+            args.tau_h_quantile = float(cfg["tau_h_quantile"])
+            from_run.append(f"tau_h_quantile={args.tau_h_quantile:g}")
+    if args.tau_h_quantile is None:
+        args.tau_h_quantile = TOKENS_DEFAULTS["tau_h_quantile"]
+    if args.run and not args.rollouts and not args.data:
+        if (run_dir / "rollouts").is_dir():
+            args.rollouts = str(run_dir)
+        else:
+            raise UserError(f"--run {args.run}: it captured no rollouts; give --data SOURCE to sample new ones")
+    if args.run and args.data and not args.model and (run_dir / "final").is_dir():
+        args.model = str(run_dir / "final")
+        from_run.append(f"model={args.model}")
+    if not args.rollouts and not args.data:
+        raise UserError("give --rollouts RUN_DIR_OR_FILE, --data SOURCE (with --model) or --run RUN_DIR")
+    return [f"{x} (from {cfg_path})" for x in from_run]
 
 
 def _usage(parser) -> int:
@@ -101,7 +181,7 @@ def _load_model_rollouts(args):
     for name in ("max_new_tokens", "batch_prompts", "temperature") + (("num_prompts",) if args.num_prompts is not None else ()):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
     if args.group_size < 2:
-        raise UserError(f"--group-size must be >= 2 (advantages need a group), got {args.group_size}")
+        raise UserError(f"--samples must be >= 2 (advantages need a group), got {args.group_size}")
     try:
         rows = load_prompts(args.data, problem_key=args.problem_key, answer_key=args.answer_key,
                             limit=args.num_prompts)
@@ -134,6 +214,8 @@ def run_tokens(args) -> int:
     from stapo.cli import UserError
     from stapo.data.rollouts import RolloutError, read_rollouts
 
+    for note in resolve_tokens_defaults(args):
+        print(f"setting {note}", file=sys.stderr)
     if not 0 <= args.tau_p <= 1:
         raise UserError(f"--tau-p must be in [0, 1], got {args.tau_p}")
     if args.tau_h is not None and not math.isfinite(args.tau_h):
@@ -214,8 +296,7 @@ def analyze_tokens(ro, tau_p, tau_h, tau_h_quantile, captured, out: Path, title:
     curves, runs_text = None, None
     notes = []
     if run_dir is not None:  # a run directory with metrics: add its curves to the same report
-        base = run_dir if run_dir.is_dir() else run_dir.parent
-        base = base.parent if base.name == "rollouts" else base
+        base = _run_base(run_dir)
         if (base / "metrics.jsonl").is_file():
             from stapo.analyze.runs import RunError, curve_panels, format_runs_table, load_runs
 
