@@ -187,13 +187,15 @@ def test_samples_flag_and_its_aliases_are_one_option():
     assert "--samples" in text and "num_generations" in text and "prompt_template" in text
 
 
-def _record(prompt: str, token_text: list[str], reward: float, advantage: float, token_id=None) -> dict:
+def _record(prompt: str, token_text: list[str], reward: float, advantage: float, token_id=None,
+            completion: str | None = None) -> dict:
     """One rollout sample with made-up but consistent per-token statistics."""
     import numpy as np
 
     n = len(token_text)
     p = np.linspace(0.3, 0.9, n)
-    return {"prompt": prompt, "completion": "".join(token_text), "reward": reward, "advantage": advantage,
+    completion = "".join(token_text) if completion is None else completion
+    return {"prompt": prompt, "completion": completion, "reward": reward, "advantage": advantage,
             "token_id": np.arange(n) if token_id is None else np.asarray(token_id), "token_text": token_text,
             "logprob": np.log(p), "entropy": np.linspace(0.1, 1.0, n), "collision": p**2,
             "s2t": np.zeros(n, bool)}
@@ -239,3 +241,54 @@ def test_analyze_tokens_defaults_to_the_runs_settings(tmp_path, capsys):
     assert "tau_h=0.2 (from" in capsys.readouterr().err
     # --run alone: its captured rollouts
     assert main(["analyze", "tokens", "--run", str(run), "--out", str(tmp_path / "b")]) == 0
+
+
+# ------------------------------------------------------------------------------------- analyze HTML samples
+
+
+def _report_of(records, from_run):
+    from stapo.analyze.report import build_report
+    from stapo.data.rollouts import rollouts_from_records
+
+    ro = rollouts_from_records(records, step=0, metadata={})
+    return build_report("t", rollouts=ro, s2t_flat=ro.s2t, from_run=from_run)
+
+
+def test_prompt_renders_without_chat_tokens_and_whole_words():
+    import html as html_mod
+
+    question = "Compute the sum of the first " + "ten positive integers and then " * 8 + "report it."
+    prompt = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM<|im_end|>\n"
+              f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
+    page = _report_of([_record(prompt, [" 55"], 1.0, 0.5)], from_run=False)
+    shown = html_mod.unescape(page.split('<div class="prompt">')[1].split("</div>")[0])
+    assert "<|" not in shown and "|>" not in shown and "system" not in shown and "SmolLM" not in shown
+    assert shown.startswith("… ") and shown.endswith("report it.")
+    first_word = shown[2:].split()[0]
+    assert first_word in question.split()  # not cut mid-word
+    from stapo.analyze.report import prompt_text
+
+    assert prompt_text("<|user|>What is 2 + 2?<|assistant|>") == "What is 2 + 2?"
+
+
+def test_multibyte_character_split_across_tokens_renders_whole(qwen3_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir)
+    text = " 答案是 ✓ 7"
+    ids = tok.encode(text, add_special_tokens=False)
+    pieces = [tok.decode([i]) for i in ids]
+    assert any("\ufffd" in p for p in pieces), "the test needs a character split across tokens"
+    page = _report_of([_record("<|im_start|>user\nq<|im_end|>\n", pieces, 1.0, 0.5, token_id=ids,
+                                  completion=tok.decode(ids))], from_run=True)
+    tokens_html = page.split('<div class="tokens">')[1].split("</div>")[0]
+    assert "\ufffd" not in tokens_html
+    import re
+
+    assert "".join(re.findall(r">([^<]*)</span>", tokens_html)) == text
+    assert "step 0, sample" in page  # captured rollouts keep their step
+
+
+def test_no_step_label_for_data_model_analyses():
+    page = _report_of([_record("q", [" 1"], 1.0, 0.5)], from_run=False)
+    assert "step 0" not in page and "sample 0 ·" in page

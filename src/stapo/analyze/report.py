@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -113,13 +114,61 @@ def _token_text(t: str) -> str:
     return html.escape(t.replace("\n", "↵\n"))
 
 
-def _tail(prompt: str, chars: int = 160) -> str:
-    """The end of the prompt (after a chat template's system header, the question is at the end)."""
-    return prompt if len(prompt) <= chars else "…" + prompt[-chars:]
+# Chat-template markup: ChatML/Qwen/SmolLM "<|im_start|>", Llama "<|start_header_id|>", "<s>", "</s>".
+_CHAT_TOKEN = re.compile(r"<\|[^|<>\s]{1,40}\|>|</?s>")
+_CHATML_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?=<\|im_end\|>|<\|im_start\|>|$)", re.S)
 
 
-def samples_html(rollouts, s2t_flat: np.ndarray, max_samples: int = DEFAULT_MAX_SAMPLES) -> str:
-    """Completions with coloured tokens; samples holding S2T tokens first (largest proxy first)."""
+def prompt_text(prompt: str, chars: int = 160) -> str:
+    """What the user asked, for display: the last user turn of a chat-templated prompt without its
+    special tokens, shortened from the front at a word boundary (the question is at the end)."""
+    turns = [(role, body) for role, body in _CHATML_TURN.findall(prompt) if role == "user"]
+    text = turns[-1][1] if turns else _CHAT_TOKEN.sub(" ", prompt)
+    text = text.strip()
+    if len(text) <= chars:
+        return text
+    tail = text[-chars:]
+    cut = re.search(r"\s", tail)  # drop the partial first word
+    return "… " + (tail[cut.end():] if cut and cut.end() < len(tail) else tail).lstrip()
+
+
+def _token_groups(tokens: list[str], completion: str) -> list[tuple[int, int, str]]:
+    """(first, end, text) display groups of a completion's tokens.
+
+    A multi-byte character split across byte-level tokens decodes token by token as U+FFFD ("�");
+    a run of such tokens is shown as one group holding the characters the completion text has at
+    that place. Tokens that do not line up with the completion are shown as they are.
+    """
+    groups: list[tuple[int, int, str]] = []
+    pos, k, n = 0, 0, len(tokens)
+    while k < n:
+        t = tokens[k]
+        if "\ufffd" not in t:
+            if completion.startswith(t, pos):
+                pos += len(t)
+            groups.append((k, k + 1, t))
+            k += 1
+            continue
+        end = k
+        while end < n and "\ufffd" in tokens[end]:
+            end += 1
+        nxt = tokens[end] if end < n else None
+        stop = completion.find(nxt, pos) if nxt else len(completion)
+        merged = completion[pos:stop] if stop >= pos else ""
+        if merged and "\ufffd" not in merged and len(merged) <= 4 * (end - k):
+            groups.append((k, end, merged))
+            pos = stop
+        else:
+            groups.extend((j, j + 1, tokens[j]) for j in range(k, end))
+        k = end
+    return groups
+
+
+def samples_html(rollouts, s2t_flat: np.ndarray, max_samples: int = DEFAULT_MAX_SAMPLES,
+                 from_run: bool = True) -> str:
+    """Completions with coloured tokens; samples holding S2T tokens first (largest proxy first).
+
+    `from_run`: the samples were captured during training, so their step is shown."""
     ro = rollouts
     s2t_flat = np.asarray(s2t_flat, dtype=bool)
     order_hit, order_rest = [], []
@@ -136,24 +185,31 @@ def samples_html(rollouts, s2t_flat: np.ndarray, max_samples: int = DEFAULT_MAX_
         sl = ro.token_slice(i)
         n = sl.stop - sl.start
         spans = []
-        for k in range(min(n, MAX_TOKENS_PER_SAMPLE)):
-            j = sl.start + k
+        shown_tokens = [str(t) for t in ro.token_text[sl.start:sl.start + min(n, MAX_TOKENS_PER_SAMPLE)]]
+        for first, end, text in _token_groups(shown_tokens, str(ro.completion[i])):
+            # a group of several tokens (one split character) shows the stats of its largest-proxy token
+            j = sl.start + max(range(first, end), key=lambda q: float(ro.grad_proxy[sl.start + q]))
             p = math.exp(float(ro.logprob[j]))
             g = float(ro.grad_proxy[j])
-            cls = "tok s2t" if s2t_flat[j] else "tok"
+            cls = "tok s2t" if s2t_flat[sl.start + first:sl.start + end].any() else "tok"
             title = f"p={p:.3g} H={float(ro.entropy[j]):.3g} A={float(ro.advantage[i]):.3g} g={g:.3f}"
+            if end - first > 1:
+                title += f" ({end - first} tokens)"
             spans.append(
-                f'<span class="{cls}" style="background:{proxy_color(g)}" data-sample="{i}" data-pos="{k}" '
-                f'data-p="{p:.4g}" data-h="{float(ro.entropy[j]):.4g}" data-a="{float(ro.advantage[i]):.4g}" '
-                f'data-g="{g:.4f}" title="{title}">{_token_text(ro.token_text[j])}</span>'
+                f'<span class="{cls}" style="background:{proxy_color(g)}" data-sample="{i}" data-pos="{first}" '
+                + (f'data-tokens="{end - first}" ' if end - first > 1 else "")
+                + f'data-p="{p:.4g}" data-h="{float(ro.entropy[j]):.4g}" data-a="{float(ro.advantage[i]):.4g}" '
+                f'data-g="{g:.4f}" title="{title}">{_token_text(text)}</span>'
             )
         more = f" … ({n - MAX_TOKENS_PER_SAMPLE} more tokens)" if n > MAX_TOKENS_PER_SAMPLE else ""
         reward = "n/a" if not np.isfinite(ro.reward[i]) else f"{float(ro.reward[i]):g}"
         out.append(
-            f'<div class="sample" id="sample-{i}"><div class="meta">step {int(ro.step[i])}, sample {int(ro.sample[i])} · '
+            f'<div class="sample" id="sample-{i}"><div class="meta">'
+            + (f"step {int(ro.step[i])}, " if from_run else "")
+            + f"sample {int(ro.sample[i])} · "
             f"reward {reward} · advantage {float(ro.advantage[i]):.3g} · {n} tokens · "
             f"{int(s2t_flat[sl].sum())} S2T</div>"
-            f'<div class="prompt">{html.escape(_tail(ro.prompt[i]))}</div>'
+            f'<div class="prompt">{html.escape(prompt_text(ro.prompt[i]))}</div>'
             f'<div class="tokens">{"".join(spans)}{more}</div></div>'
         )
     shown = f"{len(chosen)} of {ro.num_samples} samples"
@@ -176,8 +232,10 @@ def build_report(
     runs_text: str | None = None,
     notes: list[str] | None = None,
     max_samples: int = DEFAULT_MAX_SAMPLES,
+    from_run: bool = True,
 ) -> str:
-    """The HTML text of the report (write it with `write_report`)."""
+    """The HTML text of the report (write it with `write_report`). `from_run`: the rollouts were
+    captured in a training run (their step is shown), not sampled for this analysis."""
     parts = [f"<h1>{html.escape(title)}</h1>"]
     for note in notes or []:
         parts.append(f'<p class="note">{html.escape(note)}</p>')
@@ -201,7 +259,7 @@ def build_report(
         parts.append(sweep_table_html(sweep, "grad_share", tau_p, default_label))
     if rollouts is not None and s2t_flat is not None:
         parts.append("<h2>Sample completions</h2>")
-        parts.append(samples_html(rollouts, s2t_flat, max_samples))
+        parts.append(samples_html(rollouts, s2t_flat, max_samples, from_run=from_run))
     if curves_png is not None or runs_text:
         parts.append("<h2>Training curves</h2>")
         if curves_png is not None:

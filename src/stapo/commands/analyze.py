@@ -308,7 +308,7 @@ def analyze_tokens(ro, tau_p, tau_h, tau_h_quantile, captured, out: Path, title:
             except RunError as err:
                 notes.append(f"training curves not shown: {err}")
     html_text = report.build_report(title, summary, sweep, ro, mask, figures, curves, runs_text, notes,
-                                    max_samples=max_samples_shown)
+                                    max_samples=max_samples_shown, from_run=captured)
     path = report.write_report(out / "tokens.html", html_text)
     (out / "tokens_summary.json").write_text(
         json.dumps({"summary": summary.as_dict(), "sweep": sweep.as_dict()}, indent=2, default=float)
