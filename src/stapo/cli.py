@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def parse(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The command line as `main` reads it (argparse's SystemExit(2) on an error), without running it."""
+    parser = parser or build_parser()
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may come after options (`stapo train demo --resume max_steps=2`).
     if extra:
@@ -41,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides.extend(extra)
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parse(argv, parser)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
