@@ -215,36 +215,46 @@ def path_trl_fused(h, w, t, g, temperature, outputs=("log_probs", "entropy"), **
 # ------------------------------------------------------------------------------------------------
 
 
-def import_verl_module(name):
-    """(module, note): verl's `name`, through the package if it imports, else without verl/__init__.
+def import_bypassing_init(name, extra_packages=()):
+    """(module, note): `name` through its package if that imports, else with its package __init__s skipped.
 
-    verl/__init__ imports Ray, Hydra and TensorDict; its kernel modules need only torch, triton and
-    verl.utils.device. Bare package objects for verl's folders let those modules load as they are.
+    Bare package objects stand in for the folders above `name` (and for `extra_packages`, other
+    folders of the same distribution its imports need), so the module's own file loads as it is.
     """
+    top = name.split(".")[0]
     try:
-        return importlib.import_module(name), ""
+        module = importlib.import_module(name)
+        # Loaded through bare packages by an earlier call: the same note applies.
+        return module, _BYPASS_NOTES.get(top, "") if getattr(sys.modules[top], "__bare_package__", False) else ""
     except ImportError as err:
         reason = f"{type(err).__name__}: {err}"
-    spec = importlib.util.find_spec("verl") if "verl" not in sys.modules else None
+    for k in [k for k in sys.modules if k == top or k.startswith(top + ".")]:
+        del sys.modules[k]  # whatever the failed attempt left half-imported
+    spec = importlib.util.find_spec(top)
     if spec is None or spec.origin is None:
-        raise ImportError(f"verl is not installed ({reason})")
+        raise ImportError(f"{top} is not installed ({reason})")
     root = Path(spec.origin).parent
-    for k in [k for k in sys.modules if k == "verl" or k.startswith("verl.")]:
-        del sys.modules[k]  # a half-imported package from the failed attempt
     parts = name.split(".")
-    for i in range(1, len(parts)):
-        pkg = ".".join(parts[:i])
-        folder = root.joinpath(*parts[1:i])
+    packages = [".".join(parts[:i]) for i in range(1, len(parts))] + list(extra_packages)
+    for pkg in packages:
+        folder = root.joinpath(*pkg.split(".")[1:])
         if pkg not in sys.modules and folder.is_dir():
             mod = types.ModuleType(pkg)
             mod.__path__ = [str(folder)]
+            mod.__bare_package__ = True
             sys.modules[pkg] = mod
-    for pkg in ("verl.plugin",):  # imported by verl.utils.device
-        if pkg not in sys.modules:
-            mod = types.ModuleType(pkg)
-            mod.__path__ = [str(root / "plugin")]
-            sys.modules[pkg] = mod
-    return importlib.import_module(name), f"verl package not importable ({reason[:80]}); module loaded without verl/__init__"
+    module = importlib.import_module(name)
+    _BYPASS_NOTES[top] = f"{top} package not importable ({reason[:80]}); module loaded without its package __init__"
+    return module, _BYPASS_NOTES[top]
+
+
+_BYPASS_NOTES = {}
+
+
+def import_verl_module(name):
+    """verl's `name`: verl/__init__ imports Ray, Hydra and TensorDict, which the GPU image lacks; its
+    kernel modules need only torch, triton and verl.utils.device (which imports verl.plugin)."""
+    return import_bypassing_init(name, ("verl.plugin",))
 
 
 def _ce_peer(loss_fn):
@@ -703,6 +713,7 @@ def write_outputs(results, out_dir):
     """DIR/lm_head.json and DIR/lm_head.md, each replaced whole (a reader never sees half a file)."""
     if out_dir is None:
         return
+    results["backend_choice"] = backend_choices(results, results["meta"]["first_vocab_chunk"])
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in (("lm_head.json", json.dumps(results, indent=1, default=str)), ("lm_head.md", markdown(results))):
         tmp = out_dir / (name + ".tmp")
@@ -746,6 +757,7 @@ def main(argv=None):
                  "date": datetime.date.today().isoformat(),
                  "command": "python benchmarks/gpu_lm_head.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                  "tokens": args.tokens, "vocab": args.vocab, "temperature": args.temperature, "reps": args.reps,
+                 "first_vocab_chunk": args.vocab_chunks[0],
                  "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1", "wall_s": None},
         "head": [], "peers": [], "model": [], "backend_choice": [],
     }
