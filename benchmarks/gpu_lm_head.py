@@ -300,7 +300,7 @@ def path_cce(h, w, t, g, temperature, filter_eps="high", **_):
 
 
 def _logprob_entropy_peer(fn):
-    """A path for a peer returning (logprobs, entropy); its entropy gets a zero gradient, as unused."""
+    """A path for a peer returning (logprobs, entropy); a differentiable entropy gets a zero gradient."""
 
     def make(h, w, t, g, temperature, **_):
         hl, wl = _leaves(h, w)
@@ -308,7 +308,11 @@ def _logprob_entropy_peer(fn):
 
         def run(check=False):
             lp, ent = fn(hl, wl, t, temperature)
-            torch.autograd.backward([lp, ent], [g.to(lp.dtype).expand_as(lp), torch.zeros_like(ent)])
+            outs, grads = [lp], [g.to(lp.dtype).expand_as(lp)]
+            if ent.requires_grad:  # verl's entropy is differentiable: its backward expects a gradient
+                outs.append(ent)
+                grads.append(torch.zeros_like(ent))
+            torch.autograd.backward(outs, grads)
             if not check:
                 hl.grad = wl.grad = None
                 return None
@@ -512,8 +516,8 @@ def peer_table(rows):
             _fmt(r["x_floor"], ".2f"), "yes" if r["entropy"] else "no",
             _fmt(r["err_logprob"], ".1e"), _fmt(r["err_entropy"], ".1e"), _fmt(r["err_grad_h"], ".1e"), note,
         ])
-    return table(["peer", "H", "status", "median ms", "peak GiB", "x matmul-3", "entropy", "max|Δlogprob|",
-                  "max|Δentropy|", "rel Δgrad_h", "note"], out)
+    return table(["peer", "H", "status", "median ms", "peak GiB", "x matmul-3", "entropy", "max abs Δlogprob",
+                  "max abs Δentropy", "rel Δgrad_h", "note"], out)
 
 
 # ------------------------------------------------------------------------------------------------
