@@ -29,7 +29,7 @@ from stapo.core.losses import (
 )
 from stapo.core.masks import entropy_quantile, high_entropy_mask, quantile_linear, s2t_mask, s2t_mask_with_counts
 from stapo.core.presets import PRESETS, MethodPreset, get_preset
-from stapo.core.stats import grad_norm_proxy, masked_summary, token_fractions
+from stapo.core.stats import entropy_change_first_order, grad_norm_proxy, masked_summary, token_fractions
 
 __all__ = [
     "ADVANTAGE_SCALES",
@@ -44,6 +44,7 @@ __all__ = [
     "entropy_quantile",
     "get_preset",
     "global_token_count",
+    "entropy_change_first_order",
     "grad_norm_proxy",
     "group_advantages",
     "high_entropy_loss",
