@@ -163,7 +163,7 @@ def _load_model_rollouts(args):
         model, tokenizer, prompts, [r["answer"] for r in rows], group_size=args.group_size,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_prompts=args.batch_prompts,
         tau_p=args.tau_p, tau_h=args.tau_h, tau_h_quantile=args.tau_h_quantile, seed=args.seed,
-        progress=not args.no_progress,
+        progress=not args.no_progress, return_collision_logp=True,
     )
 
 
@@ -186,8 +186,9 @@ def run_tokens(args) -> int:
         except RolloutError as err:
             raise UserError(str(err)) from None
         captured, title = True, f"stapo analyze tokens — {args.rollouts}"
+        collision_logp = None
     else:
-        ro = _load_model_rollouts(args)
+        ro, collision_logp = _load_model_rollouts(args)
         captured, title = False, f"stapo analyze tokens — {args.model} on {args.data}"
     if ro.num_tokens == 0:
         raise UserError("the rollouts hold no completion tokens: nothing to analyze")
@@ -200,7 +201,8 @@ def run_tokens(args) -> int:
         write_rollouts(out, 0, records, max_samples=None, max_bytes=None, append=False,
                        metadata=next(iter(ro.metadata.values()), {}))
     result = analyze_tokens(ro, args.tau_p, args.tau_h, args.tau_h_quantile, captured, out, title,
-                            args.max_samples_shown, run_dir=Path(args.rollouts) if args.rollouts else None)
+                            args.max_samples_shown, run_dir=Path(args.rollouts) if args.rollouts else None,
+                            collision_logp=collision_logp)
     print(result["text"])
     print(f"\nreport: {result['report']}")
     return 0
@@ -220,8 +222,9 @@ def _records(ro):
 
 
 def analyze_tokens(ro, tau_p, tau_h, tau_h_quantile, captured, out: Path, title: str,
-                   max_samples_shown: int = 24, run_dir: Path | None = None) -> dict:
-    """Summary, sweep, figures and report for a Rollouts; returns the printed text and paths."""
+                   max_samples_shown: int = 24, run_dir: Path | None = None, collision_logp=None) -> dict:
+    """Summary, sweep, figures and report for a Rollouts; returns the printed text and paths.
+    `collision_logp` (Σπ² log π per token, flat) adds the first-order entropy change ΔH."""
     import numpy as np
 
     from stapo.analyze import plots, report
@@ -235,7 +238,7 @@ def analyze_tokens(ro, tau_p, tau_h, tau_h_quantile, captured, out: Path, title:
     )
 
     th = Thresholds(tau_p=tau_p, tau_h=tau_h, tau_h_quantile=tau_h_quantile)
-    tb = TokenBatch(ro)
+    tb = TokenBatch(ro, collision_logp=collision_logp)
     summary = summarize(tb, th, captured=captured)
     sweep = threshold_sweep(tb)
     mask = tb.mask(th).numpy()
@@ -247,6 +250,10 @@ def analyze_tokens(ro, tau_p, tau_h, tau_h_quantile, captured, out: Path, title:
     out.mkdir(parents=True, exist_ok=True)
     (out / "p_vs_entropy.png").write_bytes(figures[0][1])
     (out / "grad_proxy_hist.png").write_bytes(figures[1][1])
+    if tb.delta_h is not None:
+        figures.append(("entropy change vs grad-norm^2",
+                        plots.entropy_change_scatter_png(tb.delta_h.numpy(), ro.grad_proxy, adv, mask)))
+        (out / "entropy_change.png").write_bytes(figures[-1][1])
 
     curves, runs_text = None, None
     notes = []
