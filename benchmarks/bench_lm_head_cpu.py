@@ -6,6 +6,8 @@ hidden H, vocabulary V. Each path runs in a fresh subprocess so its peak RSS (ru
 are reported beside wall seconds because a shared machine inflates the wall clock.
 
   stapo       stapo.core.lm_head_logprobs_entropy (hidden states in, no [N, V] logits)
+  stapo-dh    the same with return_collision=True, return_collision_logp=True (the statistics of the
+              first-order entropy change ΔH, stapo.core.entropy_change_first_order)
   trl-fused   TRL 1.16's own head, trl.kernels.ChunkedLogProbFunction (what GRPOTrainer calls through
               `add_fused_lm_head`, with its chunk size 32768), torch tile passes on CPU
   trl-logits  the logits path: full [N, V] logits, trl.trainer.utils.selective_log_softmax and
@@ -27,7 +29,7 @@ import time
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-PATHS = ("stapo", "trl-fused", "trl-logits")
+PATHS = ("stapo", "stapo-dh", "trl-fused", "trl-logits")
 
 
 def rss_mib() -> float:
@@ -39,7 +41,7 @@ def worker(args) -> None:
 
     sys.path.insert(0, str(SRC))
     # Imports first, so the baseline RSS already holds the libraries and "extra peak" is the head's own.
-    if args.worker == "stapo":
+    if args.worker in ("stapo", "stapo-dh"):
         from stapo.core.lm_head import lm_head_logprobs_entropy
     elif args.worker == "trl-fused":
         from trl.kernels import ChunkedLogProbFunction
@@ -60,6 +62,12 @@ def worker(args) -> None:
 
         def run():
             return lm_head_logprobs_entropy(hidden, weight, targets, temperature=args.temperature)
+
+    elif args.worker == "stapo-dh":
+
+        def run():
+            return lm_head_logprobs_entropy(hidden, weight, targets, temperature=args.temperature,
+                                            return_collision=True, return_collision_logp=True)[:2]
 
     elif args.worker == "trl-fused":
 

@@ -268,3 +268,73 @@ def test_no_tokens_is_an_error():
     }])
     with pytest.raises(ValueError, match="no completion tokens"):
         TokenBatch(ro)
+
+
+# ------------------------------------------------------------------ first-order entropy change ΔH
+
+
+def test_entropy_change_collected_matches_float64_and_groups(tiny):
+    from stapo.analyze.collect import collect_rollouts
+
+    model, tok = tiny
+    ro, clp = collect_rollouts(model, tok, PROMPTS, ["2", "5"], group_size=GROUP, max_new_tokens=6, tau_p=0.5,
+                               tau_h_quantile=0.5, seed=2, grade=_fake_grade, progress=False,
+                               return_collision_logp=True)
+    assert clp.shape == (ro.num_tokens,) and clp.dtype == np.float32
+    tb = TokenBatch(ro, collision_logp=clp)
+    for i in range(ro.num_samples):
+        logits, comp = _reference_float64(model, tok, ro, i)
+        logp = torch.log_softmax(logits, -1)
+        pi = logp.exp()
+        h = -(pi * logp).sum(-1)
+        a = comp
+        p = pi[torch.arange(len(a)), a]
+        ref = -float(ro.advantage[i]) * (p * (p.log() + h) - (pi * pi * (logp + h[:, None])).sum(-1))
+        np.testing.assert_allclose(tb.delta_h[ro.token_slice(i)].numpy(), ref.numpy(), atol=2e-4, rtol=2e-3)
+    mask = tb.mask(Thresholds(tau_p=0.5, tau_h_quantile=0.5))
+    groups = tb.entropy_change_groups(mask)
+    dh = tb.delta_h
+    total = float(dh.abs().sum())
+    assert groups["all"]["share_abs"] == pytest.approx(1.0)
+    assert groups["s2t"]["share_signed"] + groups["other"]["share_signed"] == pytest.approx(
+        groups["all"]["share_signed"])
+    assert groups["s2t"]["sum"] == pytest.approx(float(dh[mask].sum()))
+    assert groups["pos_adv"]["share_abs"] == pytest.approx(float(dh[tb.adv_flat > 0].abs().sum()) / total)
+    assert groups["neg_adv"]["count"] == int((tb.adv_flat < 0).sum())
+    s = summarize(tb, Thresholds(tau_p=0.5, tau_h_quantile=0.5))
+    assert s.entropy_change == groups
+    assert "mean dH/eta" in format_summary(s)
+
+
+def test_entropy_change_hand_worked_groups():
+    """Two tokens, ΔH by hand from (p, H, Σπ², Σπ² log π) of explicit distributions."""
+    dists = [[0.9, 0.05, 0.05], [0.5, 0.25, 0.25]]
+    recs, clp = [], []
+    for adv, (dist, a) in zip((1.0, -1.0), ((dists[0], 1), (dists[1], 0))):
+        pi = np.array(dist)
+        recs.append({"prompt": "q", "completion": "c", "reward": float(adv > 0), "advantage": adv,
+                     "token_id": [a], "token_text": ["t"], "logprob": [math.log(pi[a])],
+                     "entropy": [float(-(pi * np.log(pi)).sum())], "collision": [float((pi ** 2).sum())],
+                     "s2t": [False]})
+        clp.append(float((pi ** 2 * np.log(pi)).sum()))
+    tb = TokenBatch(rollouts_from_records(recs), collision_logp=np.array(clp, dtype=np.float32))
+    expect = []
+    for adv, (dist, a) in zip((1.0, -1.0), ((dists[0], 1), (dists[1], 0))):
+        pi = np.array(dist)
+        h = -(pi * np.log(pi)).sum()
+        expect.append(-adv * (pi[a] * (np.log(pi[a]) + h) - (pi ** 2 * (np.log(pi) + h)).sum()))
+    np.testing.assert_allclose(tb.delta_h.numpy(), expect, rtol=1e-5)
+    assert expect[0] > 0  # A > 0 on the rare token of a confident row raises the entropy
+    g = tb.entropy_change_groups(torch.tensor([True, False]))
+    tot = abs(expect[0]) + abs(expect[1])
+    assert g["s2t"]["share_signed"] == pytest.approx(expect[0] / tot, rel=1e-5)
+    assert g["neg_adv"]["share_signed"] == pytest.approx(expect[1] / tot, rel=1e-5)
+    assert g["all"]["mean"] == pytest.approx(sum(expect) / 2, rel=1e-5)
+    with pytest.raises(ValueError, match="collision_logp"):
+        TokenBatch(rollouts_from_records(recs), collision_logp=np.zeros(3))
+
+
+def test_entropy_change_absent_for_captured_rollouts():
+    s = summarize(_hand_rollouts(), Thresholds(tau_p=0.01, tau_h=0.5))
+    assert s.entropy_change is None
+    assert "dH: n/a" in format_summary(s)

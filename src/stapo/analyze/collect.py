@@ -2,7 +2,7 @@
 
     generate (HF, temperature T, full vocabulary)  ->  grade (stapo.rewards.grade_batch)
       ->  advantages (core.group_advantages)  ->  one forward pass over prompt + completion
-      ->  log-prob, entropy, collision Σπ² (core.token_logprobs_entropy)  ->  S2T flags (core.s2t_mask)
+      ->  log-prob, entropy, collision Σπ², Σπ² log π (core.token_logprobs_entropy)  ->  S2T flags (core.s2t_mask)
 
 The result is an in-memory `Rollouts` — the same shape as a trainer's capture — so `stapo analyze`
 treats a model and a training run alike. Statistics are those of the sampling distribution
@@ -36,7 +36,7 @@ def completion_lengths(ids: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tenso
 def score_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                       completion_ids: torch.Tensor, completion_mask: torch.Tensor,
                       temperature: float = 1.0, rows_per_pass: int = 8):
-    """(logprob, entropy, collision) [B, Tc] of the completion tokens under `model`, float32.
+    """(logprob, entropy, collision, Σπ² log π) [B, Tc] of the completion tokens under `model`, float32.
 
     Prompts are left-padded; position ids follow the attention mask, as in generation, so the
     distributions are those the tokens were sampled from. Rows go through the model
@@ -57,8 +57,8 @@ def score_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
             logits = model(**kwargs).logits
         logits = logits[:, -tc - 1 : -1, :]
         outs.append(token_logprobs_entropy(logits, completion_ids[sl], temperature=temperature,
-                                           return_collision=True))
-    return tuple(torch.cat([o[k] for o in outs]) for k in range(3))
+                                           return_collision=True, return_collision_logp=True))
+    return tuple(torch.cat([o[k] for o in outs]) for k in range(4))
 
 
 def collect_rollouts(
@@ -78,12 +78,15 @@ def collect_rollouts(
     grade: Callable[[list[str], list[str]], list[float]] | None = None,
     progress: bool = True,
     rows_per_pass: int = 8,
-) -> Rollouts:
+    return_collision_logp: bool = False,
+):
     """Sample `group_size` completions of each (already formatted) prompt and score every token.
 
     `grade(completions, golds) -> rewards` defaults to `stapo.rewards.grade_batch`. The S2T flags
     are `core.s2t_mask` over all collected tokens at the given thresholds. `rows_per_pass`
-    sequences go through the scoring forward pass at a time.
+    sequences go through the scoring forward pass at a time. With `return_collision_logp`, returns
+    (Rollouts, Σπ² log π as a float32 numpy array [N] in the Rollouts' flat token order) — the extra
+    statistic of the first-order entropy change, which the rollout files do not store.
     """
     if len(prompts) != len(golds):
         raise ValueError(f"prompts and golds differ in length ({len(prompts)} vs {len(golds)})")
@@ -107,7 +110,7 @@ def collect_rollouts(
     torch.manual_seed(seed)
 
     bar = _progress(len(prompts), progress)
-    per_sample = []  # (prompt_text, completion_ids list, logprob, entropy, collision)
+    per_sample = []  # (prompt_text, completion_ids list, logprob, entropy, collision, Σπ² log π)
     for start in range(0, len(prompts), batch_prompts):
         chunk = list(prompts[start : start + batch_prompts])
         enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -122,11 +125,11 @@ def collect_rollouts(
         comp = torch.where(cmask, comp, torch.full_like(comp, pad))
         pids = enc["input_ids"].repeat_interleave(group_size, 0)
         pmask = enc["attention_mask"].repeat_interleave(group_size, 0)
-        lp, ent, col = score_completions(model, pids, pmask, comp, cmask, temperature, rows_per_pass)
+        lp, ent, col, clp = score_completions(model, pids, pmask, comp, cmask, temperature, rows_per_pass)
         for i in range(comp.shape[0]):
             n = int(lens[i])
             per_sample.append((chunk[i // group_size], comp[i, :n].tolist(), lp[i, :n].cpu(),
-                               ent[i, :n].cpu(), col[i, :n].cpu()))
+                               ent[i, :n].cpu(), col[i, :n].cpu(), clp[i, :n].cpu()))
         bar.update(len(chunk))
     bar.close()
 
@@ -146,7 +149,7 @@ def collect_rollouts(
     flags = s2t_mask(lp, ent, adv, valid, tau_p=tau_p, tau_h=tau_h, tau_h_quantile=tau_h_quantile)
 
     records = []
-    for i, (prompt, ids, l, e, c) in enumerate(per_sample):
+    for i, (prompt, ids, l, e, c, _) in enumerate(per_sample):
         n = len(ids)
         records.append({
             "sample": i, "prompt": prompt, "completion": completions[i],
@@ -156,7 +159,10 @@ def collect_rollouts(
         })
     meta = {"source": "model", "group_size": group_size, "temperature": temperature,
             "tau_p": tau_p, "tau_h": tau_h, "tau_h_quantile": tau_h_quantile}
-    return rollouts_from_records(records, step=0, metadata=meta)
+    ro = rollouts_from_records(records, step=0, metadata=meta)
+    if return_collision_logp:
+        return ro, torch.cat([s[5] for s in per_sample]).numpy().astype("float32")
+    return ro
 
 
 class _NoBar:

@@ -70,6 +70,36 @@ def p_vs_entropy_png(prob, entropy, advantage, s2t, tau_p: float, tau_h: float, 
     return _png(fig)
 
 
+def entropy_change_scatter_png(delta_h, grad_proxy, advantage, s2t, seed: int = 0) -> bytes:
+    """Scatter of the gradient-norm² proxy (x) vs the first-order entropy change ΔH/η (y, symlog);
+    S2T tokens drawn as stars, the others coloured by the sign of A and subsampled if many."""
+    plt = _pyplot()
+    dh = np.asarray(delta_h, dtype=np.float64)
+    g = np.asarray(grad_proxy, dtype=np.float64)
+    adv = np.asarray(advantage, dtype=np.float64)
+    s2t = np.asarray(s2t, dtype=bool)
+    others = np.nonzero(~s2t)[0]
+    if others.size > MAX_SCATTER_POINTS:
+        others = np.sort(np.random.default_rng(seed).choice(others, MAX_SCATTER_POINTS, replace=False))
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for sign, color, name in ((1, "#2a9d4b", "A > 0"), (-1, "#d1495b", "A < 0"), (0, "#9a9a9a", "A = 0")):
+        idx = others[np.sign(adv[others]) == sign]
+        if idx.size:
+            ax.scatter(g[idx], dh[idx], s=6, alpha=0.45, color=color, lw=0, label=f"{name} ({idx.size})")
+    if s2t.any():
+        ax.scatter(g[s2t], dh[s2t], s=60, marker="*", color="black", label=f"S2T tokens ({int(s2t.sum())})")
+    nz = np.abs(dh[dh != 0])
+    ax.set_yscale("symlog", linthresh=float(np.quantile(nz, 0.1)) if nz.size else 1e-6)
+    ax.axhline(0.0, color="#555", lw=0.6)
+    ax.set_xlim(-0.05, 2.05)
+    ax.set_xlabel("gradient-norm² proxy 1 − 2p + Σπ²")
+    ax.set_ylabel("first-order entropy change ΔH / η")
+    ax.set_title("Each token's own update: entropy change vs gradient size")
+    ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
+    ax.grid(True, which="major", alpha=0.3)
+    return _png(fig)
+
+
 def grad_proxy_hist_png(grad_proxy, s2t) -> bytes:
     """Density histograms of 1 − 2p + Σπ² ∈ [0, 2] for the S2T set and for the other tokens."""
     plt = _pyplot()

@@ -8,6 +8,11 @@ by `stapo.analyze.collect` from a model) with the functions of `stapo.core`:
     grad proxy     g_t = ‖∇_z log π(a_t)‖² = 1 − 2p_t + Σπ²          (core.grad_norm_proxy)
     grad share     Σ_{t∈M} g_t / Σ_t g_t                           (share of the summed grad-norm²)
     weighted share Σ_{t∈M} A_t² g_t / Σ_t A_t² g_t                  (‖∇_z (A_t log π)‖², what the loss sees)
+    entropy change ΔH_t/η = −A_t [p (log p + H) − Σπ² (log π + H)]  (core.entropy_change_first_order:
+                   first order, each token's own update on its own position, per unit step on the
+                   sampling-temperature logits; needs Σπ² log π, so only for rollouts scored from a model)
+    ΔH shares      per group G: Σ_{t∈G} ΔH_t / Σ_t |ΔH_t| (signed: the groups' signed shares add up
+                   to the net Σ ΔH / Σ |ΔH|) and Σ_{t∈G} |ΔH_t| / Σ_t |ΔH_t| (absolute)
 
 The threshold sweep evaluates the same quantities on a grid of τ_p × τ_h, so a user can pick
 thresholds that silence the paper's ~0.01% of tokens on their own model and data.
@@ -21,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from stapo.core import entropy_quantile, s2t_mask, token_fractions
+from stapo.core import entropy_change_first_order, entropy_quantile, s2t_mask, token_fractions
 from stapo.data.rollouts import Rollouts
 
 DEFAULT_TAU_P = 0.01
@@ -57,9 +62,12 @@ class Thresholds:
 class TokenBatch:
     """A Rollouts as padded torch tensors [S, T], built once and shared by the analyses."""
 
-    def __init__(self, rollouts: Rollouts):
+    def __init__(self, rollouts: Rollouts, collision_logp=None):
         if rollouts.num_tokens == 0:
             raise ValueError("the rollouts hold no completion tokens: nothing to analyze")
+        if collision_logp is not None and np.shape(collision_logp) != (rollouts.num_tokens,):
+            raise ValueError(f"collision_logp must have one value per token ({rollouts.num_tokens}), "
+                             f"got shape {np.shape(collision_logp)}")
         self.rollouts = rollouts
         pad = rollouts.padded()
         self.logprobs = pad["logprobs"]
@@ -73,6 +81,12 @@ class TokenBatch:
         self._index = (torch.as_tensor(rows), torch.as_tensor(cols))
         self.grad_proxy = torch.as_tensor(rollouts.grad_proxy, dtype=torch.float64)  # flat [N]
         self.adv_flat = torch.as_tensor(np.repeat(rollouts.advantage, lens), dtype=torch.float64)
+        # First-order entropy change of each token's own update, per unit step (None without Σπ² log π).
+        self.delta_h = None
+        if collision_logp is not None:
+            self.delta_h = entropy_change_first_order(
+                torch.as_tensor(rollouts.logprob), torch.as_tensor(rollouts.entropy),
+                torch.as_tensor(rollouts.collision), torch.as_tensor(collision_logp), self.adv_flat)
 
     def flat(self, padded: torch.Tensor) -> torch.Tensor:
         """[S, T] -> the [N] values of the valid tokens in the Rollouts' flat order."""
@@ -97,6 +111,28 @@ class TokenBatch:
         share = float(g[mask_flat].sum() / g.sum()) if float(g.sum()) > 0 else 0.0
         wshare = float(gw[mask_flat].sum() / gw.sum()) if float(gw.sum()) > 0 else 0.0
         return share, wshare
+
+    def entropy_change_groups(self, mask_flat: torch.Tensor) -> dict | None:
+        """Per group (all, s2t, other, pos_adv, neg_adv): count, mean ΔH/η, Σ ΔH/η, the signed share
+        Σ_G ΔH / Σ_all |ΔH| and the absolute share Σ_G |ΔH| / Σ_all |ΔH|. None without ΔH."""
+        if self.delta_h is None:
+            return None
+        dh = self.delta_h
+        total_abs = float(dh.abs().sum())
+        groups = {"all": torch.ones_like(mask_flat), "s2t": mask_flat, "other": ~mask_flat,
+                  "pos_adv": self.adv_flat > 0, "neg_adv": self.adv_flat < 0}
+        out = {}
+        for name, g in groups.items():
+            v = dh[g]
+            n = int(v.numel())
+            out[name] = {
+                "count": n,
+                "mean": float(v.mean()) if n else float("nan"),
+                "sum": float(v.sum()),
+                "share_signed": float(v.sum()) / total_abs if total_abs > 0 else 0.0,
+                "share_abs": float(v.abs().sum()) / total_abs if total_abs > 0 else 0.0,
+            }
+        return out
 
 
 @dataclass
@@ -133,6 +169,7 @@ class TokenSummary:
     tau_h_for_paper_fraction: float | None = None  # absolute τ_h giving ≥ 0.01 % at this τ_p
     paper_fraction_reachable: bool = False
     max_frac_at_tau_p: float = 0.0  # masked fraction with τ_h = ∞ (A > 0 ∧ p < τ_p)
+    entropy_change: dict | None = None  # TokenBatch.entropy_change_groups (None: no Σπ² log π)
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -191,6 +228,7 @@ def summarize(rollouts: Rollouts | TokenBatch, thresholds: Thresholds = Threshol
         tau_h_for_paper_fraction=target_tau_h,
         paper_fraction_reachable=reachable,
         max_frac_at_tau_p=max_frac,
+        entropy_change=tb.entropy_change_groups(mask),
     )
 
 
@@ -277,6 +315,14 @@ def _pct(x: float) -> str:
     return f"{100 * x:.4f}%" if x < 1e-3 else f"{100 * x:.3f}%" if x < 0.1 else f"{100 * x:.1f}%"
 
 
+def _sci(x: float) -> str:
+    return "n/a" if x != x else f"{x:+.3e}"
+
+
+def _signed_pct(x: float) -> str:
+    return ("-" if x < 0 else "+") + _pct(abs(x)) if x == x else "n/a"
+
+
 def _num(x: float) -> str:
     return "n/a (empty set)" if x != x else f"{x:.4f}"
 
@@ -299,6 +345,15 @@ def format_summary(s: TokenSummary) -> str:
         f"share of total grad-norm^2 carried by the S2T set: {_pct(s.grad_share_s2t)} "
         f"(advantage-weighted A^2*proxy: {_pct(s.grad_share_s2t_adv_weighted)})",
     ]
+    if s.entropy_change is None:
+        lines.append("entropy change dH: n/a (needs sum(pi^2 log pi), computed only when scoring with --model)")
+    else:
+        lines.append("first-order entropy change of each token's own update, dH/eta = -A[p(log p+H) - "
+                     "sum pi^2(log pi+H)];")
+        lines.append("  group      tokens   mean dH/eta   signed share   |dH| share   (shares of sum |dH|)")
+        for name, g in s.entropy_change.items():
+            lines.append(f"  {name:<9} {g['count']:>7}   {_sci(g['mean']):>11}   {_signed_pct(g['share_signed']):>12}"
+                         f"   {_pct(g['share_abs']):>10}")
     if s.captured_s2t_count is not None:
         lines.append(f"S2T flags recorded by the trainer: {s.captured_s2t_count}")
     if s.paper_fraction_reachable:

@@ -4,6 +4,7 @@
     stapo analyze tokens --rollouts RUN_DIR_OR_FILE [--steps 10 20]
     stapo analyze tokens --run RUN_DIR [--data SOURCE]        (defaults from the run's config.yaml)
     stapo analyze runs RUN_DIR [RUN_DIR ...] [--out DIR] [--html FILE]
+    stapo analyze counterfactual --model embedded [--data synthetic:add1] [--quick] [--out DIR]
 
 Each writes a self-contained HTML report (and its PNGs, and a JSON summary) into --out.
 Heavy imports (torch, transformers, matplotlib) happen inside the handlers.
@@ -88,6 +89,44 @@ def register(subparsers) -> None:
     r.add_argument("--html", metavar="FILE", default=None,
                    help="where to write the HTML report (default: <out>/runs.html); its plots stay in --out")
     r.set_defaults(func=run_runs)
+
+    c = sub.add_parser(
+        "counterfactual",
+        help="one-step test: entropy change and KL on held-out positions after a step on S2T / random / "
+        "low-p high-H / all tokens",
+        description="Sample and grade rollout batches, then take ONE step (output head only, on cached hidden "
+        "states) on the policy-gradient loss restricted to (i) the S2T set, (ii) an equally large random set "
+        "of A>0 tokens, (iii) A>0 low-probability tokens that are not low-entropy, (iv) all tokens; report "
+        "the mean entropy change and KL on held-out positions per token in the set, with 95%% intervals, for "
+        "plain SGD and for AdamW with warmed-up state.",
+    )
+    c.add_argument("--model", default="embedded", help="'embedded' (default), a local directory or a hub id")
+    c.add_argument("--data", default="synthetic:add1", help="prompts source (default synthetic:add1)")
+    c.add_argument("--template", default="boxed")
+    c.add_argument("--problem-key", default="problem")
+    c.add_argument("--answer-key", default="answer")
+    c.add_argument("--batches", type=int, default=None, help="scored rollout batches (default 2; quick 2)")
+    c.add_argument("--draws", type=int, default=None, help="random draws of set (ii) per batch (default 5)")
+    c.add_argument("--prompts-per-batch", type=int, default=None, help="default 8 (quick 2)")
+    c.add_argument("--heldout-prompts", type=int, default=None, help="prompts whose completions give the "
+                   "held-out positions (default 8, quick 2)")
+    c.add_argument("--heldout-positions", type=int, default=None, help="at most this many held-out positions "
+                   "(default 1024, quick 64)")
+    c.add_argument("--group-size", "-G", type=int, default=None, help="samples per prompt (default 8, quick 4)")
+    c.add_argument("--max-new-tokens", type=int, default=None, help="default 32 (quick 8)")
+    c.add_argument("--temperature", type=float, default=1.0)
+    c.add_argument("--tau-p", type=float, default=0.01, help="S2T probability threshold (default 0.01)")
+    ch = c.add_mutually_exclusive_group()
+    ch.add_argument("--tau-h", type=float, default=None, help="S2T absolute entropy threshold in nats")
+    ch.add_argument("--tau-h-quantile", type=float, default=0.05,
+                    help="S2T entropy threshold as a quantile of the batch's token entropies (default 0.05)")
+    c.add_argument("--sgd-lr", type=float, default=None, help="plain SGD step size (default 1e-4)")
+    c.add_argument("--adamw-lr", type=float, default=None, help="AdamW learning rate (default 1e-4)")
+    c.add_argument("--warmup-steps", type=int, default=None, help="AdamW warm-up steps on all tokens (default 3)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--quick", action="store_true", help="a tiny configuration for a smoke test (< 60 s on CPU)")
+    c.add_argument("--out", default="analysis", help="output directory (default ./analysis)")
+    c.set_defaults(func=run_counterfactual_cmd)
     p.set_defaults(func=lambda args: _usage(p))
 
 
@@ -206,7 +245,7 @@ def _load_model_rollouts(args):
         model, tokenizer, prompts, [r["answer"] for r in rows], group_size=args.group_size,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_prompts=args.batch_prompts,
         tau_p=args.tau_p, tau_h=args.tau_h, tau_h_quantile=args.tau_h_quantile, seed=args.seed,
-        progress=not args.no_progress,
+        progress=not args.no_progress, return_collision_logp=True,
     )
 
 
@@ -231,8 +270,9 @@ def run_tokens(args) -> int:
         except RolloutError as err:
             raise UserError(str(err)) from None
         captured, title = True, f"stapo analyze tokens — {args.rollouts}"
+        collision_logp = None
     else:
-        ro = _load_model_rollouts(args)
+        ro, collision_logp = _load_model_rollouts(args)
         captured, title = False, f"stapo analyze tokens — {args.model} on {args.data}"
     if ro.num_tokens == 0:
         raise UserError("the rollouts hold no completion tokens: nothing to analyze")
@@ -245,7 +285,8 @@ def run_tokens(args) -> int:
         write_rollouts(out, 0, records, max_samples=None, max_bytes=None, append=False,
                        metadata=next(iter(ro.metadata.values()), {}))
     result = analyze_tokens(ro, args.tau_p, args.tau_h, args.tau_h_quantile, captured, out, title,
-                            args.max_samples_shown, run_dir=Path(args.rollouts) if args.rollouts else None)
+                            args.max_samples_shown, run_dir=Path(args.rollouts) if args.rollouts else None,
+                            collision_logp=collision_logp)
     print(result["text"])
     print(f"\nreport: {result['report']}")
     return 0
@@ -265,8 +306,9 @@ def _records(ro):
 
 
 def analyze_tokens(ro, tau_p, tau_h, tau_h_quantile, captured, out: Path, title: str,
-                   max_samples_shown: int = 24, run_dir: Path | None = None) -> dict:
-    """Summary, sweep, figures and report for a Rollouts; returns the printed text and paths."""
+                   max_samples_shown: int = 24, run_dir: Path | None = None, collision_logp=None) -> dict:
+    """Summary, sweep, figures and report for a Rollouts; returns the printed text and paths.
+    `collision_logp` (Σπ² log π per token, flat) adds the first-order entropy change ΔH."""
     import numpy as np
 
     from stapo.analyze import plots, report
@@ -280,7 +322,7 @@ def analyze_tokens(ro, tau_p, tau_h, tau_h_quantile, captured, out: Path, title:
     )
 
     th = Thresholds(tau_p=tau_p, tau_h=tau_h, tau_h_quantile=tau_h_quantile)
-    tb = TokenBatch(ro)
+    tb = TokenBatch(ro, collision_logp=collision_logp)
     summary = summarize(tb, th, captured=captured)
     sweep = threshold_sweep(tb)
     mask = tb.mask(th).numpy()
@@ -292,6 +334,10 @@ def analyze_tokens(ro, tau_p, tau_h, tau_h_quantile, captured, out: Path, title:
     out.mkdir(parents=True, exist_ok=True)
     (out / "p_vs_entropy.png").write_bytes(figures[0][1])
     (out / "grad_proxy_hist.png").write_bytes(figures[1][1])
+    if tb.delta_h is not None:
+        figures.append(("entropy change vs grad-norm^2",
+                        plots.entropy_change_scatter_png(tb.delta_h.numpy(), ro.grad_proxy, adv, mask)))
+        (out / "entropy_change.png").write_bytes(figures[-1][1])
 
     curves, runs_text = None, None
     notes = []
@@ -357,3 +403,54 @@ def run_runs(args) -> int:
     print(f"\nplots: {out / 'curves.png'}\nreport: {path}")
     return 0
 
+
+
+QUICK = dict(batches=2, draws=5, prompts_per_batch=2, heldout_prompts=2, heldout_positions=64, group_size=4,
+             max_new_tokens=8, warmup_steps=2)
+
+
+def run_counterfactual_cmd(args) -> int:
+    from stapo.analyze.counterfactual import CounterfactualConfig, format_table, run_counterfactual, write_outputs
+    from stapo.cli import UserError
+    from stapo.data import DataError, format_prompt, load_prompts
+    from stapo.models import ModelLoadError, load_model, load_tokenizer
+
+    names = ("batches", "draws", "prompts_per_batch", "heldout_prompts", "heldout_positions", "group_size",
+             "max_new_tokens", "sgd_lr", "adamw_lr", "warmup_steps")
+    given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    base = dict(QUICK) if args.quick else {}
+    try:
+        cfg = CounterfactualConfig(**{**base, **given}, temperature=args.temperature, tau_p=args.tau_p,
+                                   tau_h=args.tau_h, tau_h_quantile=args.tau_h_quantile, seed=args.seed)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"counterfactual: {err}") from None
+    need = cfg.batches * cfg.prompts_per_batch + cfg.heldout_prompts
+    try:
+        rows = load_prompts(args.data, problem_key=args.problem_key, answer_key=args.answer_key, limit=need)
+    except (DataError, ValueError) as err:
+        raise UserError(str(err)) from None
+    if len(rows) < need:
+        raise UserError(f"{args.data}: {len(rows)} prompts, the configuration needs {need} "
+                        f"(batches x prompts-per-batch + heldout-prompts)")
+    try:
+        tokenizer = load_tokenizer(args.model)
+        model = load_model(args.model)
+    except ModelLoadError as err:
+        raise UserError(str(err)) from None
+    try:
+        pairs = [(format_prompt(r["problem"], tokenizer, template=args.template), r["answer"]) for r in rows]
+    except ValueError as err:
+        raise UserError(f"--template: {err}") from None
+    split = cfg.batches * cfg.prompts_per_batch
+    res = run_counterfactual(model, tokenizer, pairs[:split], pairs[split:], cfg,
+                             log=lambda m: print(m, file=sys.stderr))
+    paths = write_outputs(res, Path(args.out))
+    print(format_table(res))
+    for n in res.notes:
+        print(f"note: {n}")
+    null = res.summary.get("adamw_null")
+    if null:
+        print(f"AdamW null step (empty set, momentum only): dH {null['d_entropy']['mean']:+.3e}, "
+              f"KL {null['kl']['mean']:.3e} (subtracted from the adamw dH rows)")
+    print(f"\n{res.seconds:.0f} s; json: {paths['json']}\nmarkdown: {paths['markdown']}")
+    return 0

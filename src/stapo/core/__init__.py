@@ -46,7 +46,7 @@ from stapo.core.losses import (
 )
 from stapo.core.presets import PRESETS, MethodPreset, get_preset
 from stapo.core.settings import S2T_DEFAULTS, S2T_FIELDS, TAU_H_POPULATIONS, S2TSettings, s2t_errors, s2t_field_error
-from stapo.core.stats import grad_norm_proxy, masked_summary, token_fractions
+from stapo.core.stats import entropy_change_first_order, grad_norm_proxy, masked_summary, token_fractions
 
 __all__ = [
     "ADVANTAGE_SCALES",
@@ -70,6 +70,7 @@ __all__ = [
     "get_preset",
     "get_token_filter",
     "global_token_count",
+    "entropy_change_first_order",
     "grad_norm_proxy",
     "group_advantages",
     "high_entropy_loss",

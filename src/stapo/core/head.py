@@ -5,6 +5,7 @@
     logprob_t = z_t[a_t]/T − logsumexp(z_t/T)        (differentiable w.r.t. logits)
     H_t       = −Σ_v π_v log π_v                       (detached)
     Σ_v π_v²  (collision probability, optional)       (detached)
+    Σ_v π_v² log π_v  (optional)                       (detached; for stats.entropy_change_first_order)
 
 A custom autograd function keeps memory lean: only one [chunk, V] float32 block is alive at a
 time in the forward *and* in the backward (which recomputes the softmax per chunk), whatever the
@@ -35,12 +36,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 class _LogitsLogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, temperature, chunk, want_collision):
+    def forward(ctx, logits, targets, temperature, chunk, want_collision, want_collision_logp):
         n, _ = logits.shape
         dt = _compute_dtype(logits)
         logprobs = torch.empty(n, dtype=dt, device=logits.device)
         entropy = torch.empty_like(logprobs)
         collision = torch.empty_like(logprobs) if want_collision else None
+        collision_logp = torch.empty_like(logprobs) if want_collision_logp else None
         lse_all = torch.empty_like(logprobs)
         for s in range(0, n, chunk):
             z = logits[s : s + chunk].to(dt)
@@ -53,16 +55,17 @@ class _LogitsLogprobEntropy(torch.autograd.Function):
             entropy[s : s + chunk] = -(p * logp).sum(-1)
             if want_collision:
                 collision[s : s + chunk] = (p * p).sum(-1)
+            if want_collision_logp:
+                collision_logp[s : s + chunk] = (p * p * logp).sum(-1)
             lse_all[s : s + chunk] = lse
         ctx.save_for_backward(logits, targets, lse_all)
         ctx.temperature, ctx.chunk = temperature, chunk
         ctx.mark_non_differentiable(entropy)
-        if want_collision:
-            ctx.mark_non_differentiable(collision)
-        return logprobs, entropy, collision
+        ctx.mark_non_differentiable(*(t for t in (collision, collision_logp) if t is not None))
+        return logprobs, entropy, collision, collision_logp
 
     @staticmethod
-    def backward(ctx, grad_logprobs, _grad_entropy, _grad_collision):
+    def backward(ctx, grad_logprobs, _grad_entropy, _grad_collision, _grad_collision_logp):
         logits, targets, lse_all = ctx.saved_tensors
         t, chunk = ctx.temperature, ctx.chunk
         grad = torch.empty_like(logits)
@@ -76,7 +79,7 @@ class _LogitsLogprobEntropy(torch.autograd.Function):
             g.scatter_add_(1, targets[s : s + chunk, None], torch.ones_like(g[:, :1]))
             g *= g_all[s : s + chunk, None] / t
             grad[s : s + chunk] = g.to(grad.dtype)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def token_logprobs_entropy(
@@ -85,12 +88,15 @@ def token_logprobs_entropy(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     return_collision: bool = False,
+    return_collision_logp: bool = False,
 ):
-    """Per-token (logprobs, entropy[, collision]) in float32 (float64 for float64 input) from logits
-    [..., V] and targets [...].
+    """Per-token (logprobs, entropy[, collision][, collision_logp]) in float32 (float64 for float64
+    input) from logits [..., V] and targets [...].
 
-    Log-probs carry gradient to `logits`; entropy and collision are detached. Rows are processed in
-    chunks of `chunk_size` (default: ~256 MB of float32 per block).
+    collision = Σ_v π_v², collision_logp = Σ_v π_v² log π_v (each returned when its flag is set, in
+    this order; both are what `stapo.core.entropy_change_first_order` needs besides log-prob and
+    entropy). Log-probs carry gradient to `logits`; the others are detached. Rows are processed in
+    chunks of `chunk_size` (default: ~256 MB of float32 per block), all outputs in the same pass.
     """
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() < 2:
         raise ValueError("logits must be a floating tensor [..., V]")
@@ -107,7 +113,6 @@ def token_logprobs_entropy(
     if tgt.numel() and (int(tgt.min()) < 0 or int(tgt.max()) >= vocab):
         raise ValueError(f"targets must be in [0, {vocab}), got values in [{int(tgt.min())}, {int(tgt.max())}]")
     chunk = _chunk_rows(flat.shape[0], vocab, chunk_size)
-    lp, ent, col = _LogitsLogprobEntropy.apply(flat, tgt, float(temperature), chunk, return_collision)
-    if return_collision:
-        return lp.reshape(lead), ent.reshape(lead), col.reshape(lead)
-    return lp.reshape(lead), ent.reshape(lead)
+    outs = _LogitsLogprobEntropy.apply(flat, tgt, float(temperature), chunk, bool(return_collision),
+                                       bool(return_collision_logp))
+    return tuple(t.reshape(lead) for t in outs if t is not None)

@@ -6,15 +6,19 @@ z = (hidden @ weightᵀ + bias) · logit_scale / T,
     logprob_t = z_t[a_t] − logsumexp_v z_t[v]             (differentiable w.r.t. hidden, weight, bias)
     H_t       = −Σ_v π_v log π_v,   π = softmax(z_t)      (detached)
     Σ_v π_v²  (collision probability, optional)           (detached)
+    Σ_v π_v² log π_v  (optional)                          (detached)
 
 all in float32. The logits are produced one [rows, vocab_chunk] tile at a time (GEMM in the
 compute dtype, float32 output) and folded into running online-softmax statistics per row: the
-running max m, S = Σ e^{z−m}, X = Σ e^{z−m}(z − m) and Q = Σ e^{2(z−m)}, so that
+running max m, S = Σ e^{z−m}, X = Σ e^{z−m}(z − m), Q = Σ e^{2(z−m)} and R = Σ e^{2(z−m)}(z − m),
+so that
 
-    lse = m + log S,   H = log S − X/S,   Σπ² = Q/S².
+    lse = m + log S,   H = log S − X/S,   Σπ² = Q/S²,   Σπ² log π = R/S² − (Q/S²) log S.
 
-H is a sum of two non-negative terms (no cancellation, so peaked distributions keep their
-relative precision). The backward recomputes each tile and turns it into
+H is a sum of two non-negative terms and Σπ² log π of two non-positive ones (no cancellation, so
+peaked distributions keep their relative precision). When the max moves by δ = m_old − m_new ≤ 0,
+X ← e^δ(X + δS) and R ← e^{2δ}(R + δQ). R is folded only when asked for, and only by the PyTorch
+tile pass (the Triton backends route such a call to it). The backward recomputes each tile and turns it into
 
     dlogprob/dz_raw = g · (onehot(a) − π) · logit_scale / T
 
@@ -82,10 +86,11 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def fold_tile_torch(z, bias, scale, targets, vocab_start, m, s, x, q, target_z):
+def fold_tile_torch(z, bias, scale, targets, vocab_start, m, s, x, q, target_z, r=None):
     """Fold one raw logits tile z [R, C] (float32, overwritten) into the row statistics (in place).
 
-    m, s, x, q, target_z are float32 [R] views; q may be None. bias is the [C] slice or None.
+    m, s, x, q, target_z, r are float32 [R] views; q may be None, r (Σ e^{2(z−m)}(z−m)) needs q.
+    bias is the [C] slice or None.
     """
     cols = z.shape[1]
     if bias is not None:
@@ -104,7 +109,11 @@ def fold_tile_torch(z, bias, scale, targets, vocab_start, m, s, x, q, target_z):
     e = z.exp()
     x.copy_(rescale * (x + delta * s) + (e * z).sum(1))
     s.copy_(rescale * s + e.sum(1))
-    if q is not None:
+    if r is not None:  # before q is updated: the shift of R uses the old Q
+        e2 = e * e
+        r.copy_(rescale * rescale * (r + delta * q) + (e2 * z).sum(1))
+        q.copy_(rescale * rescale * q + e2.sum(1))
+    elif q is not None:
         q.copy_(rescale * rescale * q + (e * e).sum(1))
     m.copy_(new_m)
 
@@ -179,7 +188,8 @@ def _tile_shape(n_rows: int, vocab: int, chunk_size: int | None, vocab_chunk: in
 
 class _LMHeadLogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, scale, compute_dtype, rows, cols, want_collision, backend):
+    def forward(ctx, hidden, weight, bias, targets, scale, compute_dtype, rows, cols, want_collision, want_collision_logp,
+                backend):
         ctx.set_materialize_grads(False)
         n, vocab, dev = hidden.shape[0], weight.shape[0], hidden.device
         fold = fold_tile_torch if backend == "torch" else _triton_module().fold_tile
@@ -188,7 +198,8 @@ class _LMHeadLogprobEntropy(torch.autograd.Function):
         m = torch.full((n,), float("-inf"), device=dev, dtype=torch.float32)
         s = torch.zeros(n, device=dev, dtype=torch.float32)
         x = torch.zeros_like(s)
-        q = torch.zeros_like(s) if want_collision else None
+        q = torch.zeros_like(s) if (want_collision or want_collision_logp) else None
+        r = torch.zeros_like(s) if want_collision_logp else None
         target_z = torch.zeros_like(s)
         with torch.autocast(dev.type, enabled=False):
             for v0 in range(0, vocab, fold_cols):
@@ -202,7 +213,10 @@ class _LMHeadLogprobEntropy(torch.autograd.Function):
                         gemm_fold(hidden[r0:r1].to(compute_dtype), w_t.t(), b_t, scale, targets[r0:r1], v0, *stats)
                         continue
                     z = _mm_fp32(hidden[r0:r1].to(compute_dtype), w_t)
-                    fold(z, b_t, scale, targets[r0:r1], v0, *stats)
+                    if r is None:
+                        fold(z, b_t, scale, targets[r0:r1], v0, *stats)
+                    else:
+                        fold(z, b_t, scale, targets[r0:r1], v0, *stats, r=r[r0:r1])
         log_s = s.log()
         lse = m + log_s
         if n and not bool(torch.isfinite(lse).all()):
@@ -210,16 +224,17 @@ class _LMHeadLogprobEntropy(torch.autograd.Function):
         logprobs = target_z - lse
         entropy = log_s - x / s
         collision = q / (s * s) if want_collision else None
+        collision_logp = (r - q * log_s) / (s * s) if want_collision_logp else None
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.scale, ctx.compute_dtype, ctx.rows, ctx.cols, ctx.backend = scale, compute_dtype, rows, cols, backend
-        ctx.mark_non_differentiable(*(t for t in (entropy, collision) if t is not None))
-        return logprobs, entropy, collision
+        ctx.mark_non_differentiable(*(t for t in (entropy, collision, collision_logp) if t is not None))
+        return logprobs, entropy, collision, collision_logp
 
     @staticmethod
-    def backward(ctx, grad_logprobs, _grad_entropy, _grad_collision):
+    def backward(ctx, grad_logprobs, _grad_entropy, _grad_collision, _grad_collision_logp):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if grad_logprobs is None or not (need_h or need_w or need_b):
-            return (None,) * 10
+            return (None,) * 11
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         scale, cdt, rows, cols = ctx.scale, ctx.compute_dtype, ctx.rows, ctx.cols
         unfold = grad_tile_torch if ctx.backend == "torch" else _triton_module().grad_tile
@@ -266,7 +281,7 @@ class _LMHeadLogprobEntropy(torch.autograd.Function):
             grad_h.to(hidden.dtype) if need_h else None,
             grad_w,
             grad_b.to(bias.dtype) if need_b else None,
-            *(None,) * 7,
+            *(None,) * 8,
         )
 
 
@@ -280,18 +295,22 @@ def lm_head_logprobs_entropy(
     *,
     logit_scale: float = 1.0,
     return_collision: bool = False,
+    return_collision_logp: bool = False,
     vocab_chunk: int | None = None,
     backend: str = "auto",
 ):
-    """Per-token (logprobs, entropy[, collision]) in float32 from hidden [..., H] and weight [V, H].
+    """Per-token (logprobs, entropy[, collision][, collision_logp]) in float32 from hidden [..., H]
+    and weight [V, H].
 
     z = (hidden @ weightᵀ + bias) · logit_scale / temperature;  logprob = z[a] − logsumexp(z),
-    entropy = −Σ π log π, collision = Σ π² with π = softmax(z). Log-probs carry gradient to hidden,
-    weight and bias; entropy and collision are detached. `chunk_size` is the rows per tile and
-    `vocab_chunk` the vocabulary columns per tile (defaults: 4096 columns, 2^26 elements per tile);
-    [N, V] is never materialised. Under autocast the GEMMs run in the autocast dtype with float32
-    outputs. `backend` is "auto" (Triton on CUDA when available), "torch", "triton" or
-    "triton-gemm" (Triton GEMMs with the softmax in their epilogue).
+    entropy = −Σ π log π, collision = Σ π², collision_logp = Σ π² log π with π = softmax(z) (the
+    optional ones in this order when their flags are set, all from the same pass over the tiles).
+    Log-probs carry gradient to hidden, weight and bias; the others are detached.
+    `chunk_size` is the rows per tile and `vocab_chunk` the vocabulary columns per tile (defaults:
+    4096 columns, 2^26 elements per tile); [N, V] is never materialised. Under autocast the GEMMs run
+    in the autocast dtype with float32 outputs. `backend` is "auto" (Triton on CUDA when available),
+    "torch", "triton" or "triton-gemm" (Triton GEMMs with the softmax in their epilogue);
+    `return_collision_logp` always runs the PyTorch tile pass (the Triton kernels fold no R).
     """
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -324,19 +343,19 @@ def lm_head_logprobs_entropy(
             f"targets must be in [0, {vocab}), got values in [{int(flat_t.min())}, {int(flat_t.max())}]"
         )
     use = resolve_backend(backend, hidden.device)
+    if return_collision_logp:
+        use = "torch"  # the Triton kernels do not fold R = Σ e^{2(z−m)}(z−m)
     dev_type = hidden.device.type
     if torch.is_autocast_enabled(dev_type):
         compute_dtype = torch.get_autocast_dtype(dev_type)
     else:
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     rows, cols = _tile_shape(flat_h.shape[0], vocab, chunk_size, vocab_chunk)
-    lp, ent, col = _LMHeadLogprobEntropy.apply(
+    outs = _LMHeadLogprobEntropy.apply(
         flat_h, weight, bias, flat_t, logit_scale / temperature, compute_dtype, rows, cols,
-        bool(return_collision), use,
+        bool(return_collision), bool(return_collision_logp), use,
     )
-    if return_collision:
-        return lp.reshape(lead), ent.reshape(lead), col.reshape(lead)
-    return lp.reshape(lead), ent.reshape(lead)
+    return tuple(t.reshape(lead) for t in outs if t is not None)
 
 
 # ----------------------------------------------------------------------------------------------
