@@ -1,7 +1,7 @@
 """Prompt lengths in tokens against the model's context, checked before the model's weights load.
 
     prompt_token_limit(context, max_new_tokens, max_prompt_length=None) -> (limit, why)
-    long_prompts(located_problems, tokenizer, limit, template, system_prompt) -> [(index, where, tokens)]
+    long_prompts(located_problems, tokenizer, limit, template, system_prompt) -> [(index, where, tokens, exact)]
     fit_training_prompts(run, args, model_path, tokenizer, train_rows, eval_rows, log)   (`stapo train`)
     check_eval_prompts(model, problems, template, max_new_tokens)                       (`stapo eval`)
 
@@ -51,14 +51,10 @@ def prompt_token_limit(
     return min(limits) if limits else (None, "")
 
 
-def _token_counts(problems: Sequence[str], tokenizer: Any, template: str, system_prompt: str | None) -> list[int]:
-    """Token counts of the prompts as the engines build them (stapo.data.format_prompt: the chat
-    template when the tokenizer has one; special tokens from the template only, as TRL does)."""
-    counts: list[int] = []
-    for start in range(0, len(problems), _TOKENIZE_BATCH):
-        texts = [format_prompt(p, tokenizer, template, system_prompt) for p in problems[start : start + _TOKENIZE_BATCH]]
-        counts.extend(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
-    return counts
+def _max_token_chars(tokenizer: Any) -> int:
+    """The longest vocabulary entry in characters: no token covers more characters of text (a
+    byte-level entry has one character per byte; special tokens are literal text)."""
+    return max((len(k) for k in tokenizer.get_vocab()), default=1) or 1
 
 
 def long_prompts(
@@ -67,18 +63,47 @@ def long_prompts(
     limit: int | None,
     template: str = "boxed",
     system_prompt: str | None = None,
-) -> list[tuple[int, str, int]]:
-    """``(index, where, tokens)`` of every ``(where, problem)`` whose prompt has more than
-    ``limit`` tokens."""
+) -> list[tuple[int, str, int, bool]]:
+    """``(index, where, tokens, exact)`` of every ``(where, problem)`` whose prompt, rendered as the
+    engines build it (``format_prompt``: the chat template when the tokenizer has one; special
+    tokens from the template only, as TRL does), has more than ``limit`` tokens.
+
+    Only prompts that could be on either side of the limit are tokenized: one of at most
+    ``limit - 16`` UTF-8 bytes fits (a token covers at least one byte; 16 spare for tokens that
+    cover none, such as a SentencePiece word-start marker), and one of more than
+    ``(limit + 1) * longest vocabulary entry`` characters cannot fit (``exact`` is then False and
+    ``tokens`` that lower bound): a 5 MB prompt is refused without a 5 MB tokenizer pass.
+    """
     items = list(located_problems)
     if limit is None or not items:
         return []
-    counts = _token_counts([p for _, p in items], tokenizer, template, system_prompt)
-    return [(i, where, n) for i, ((where, _), n) in enumerate(zip(items, counts)) if n > limit]
+    longest = _max_token_chars(tokenizer)
+    found: list[tuple[int, str, int, bool]] = []
+    pending: list[tuple[int, str, str]] = []
+
+    def count(batch: list[tuple[int, str, str]]) -> None:
+        ids = tokenizer([text for _, _, text in batch], add_special_tokens=False)["input_ids"]
+        found.extend((i, where, len(t), True) for (i, where, _), t in zip(batch, ids) if len(t) > limit)
+
+    for i, (where, problem) in enumerate(items):
+        text = format_prompt(problem, tokenizer, template, system_prompt)
+        if len(text) <= limit - 16 and len(text.encode("utf-8")) <= limit - 16:
+            continue
+        if len(text) > (limit + 1) * longest:
+            found.append((i, where, -(-len(text) // longest), False))
+            continue
+        pending.append((i, where, text))
+        if len(pending) == _TOKENIZE_BATCH:
+            count(pending)
+            pending = []
+    if pending:
+        count(pending)
+    return sorted(found)
 
 
-def _too_long(where: str, tokens: int, limit: int, why: str) -> str:
-    return f"{where}: prompt is {tokens:,} tokens, over the limit of {limit:,} ({why})"
+def _too_long(where: str, tokens: int, limit: int, why: str, exact: bool = True) -> str:
+    size = f"{tokens:,} tokens" if exact else f"at least {tokens:,} tokens (counted from its length in characters)"
+    return f"{where}: prompt is {size}, over the limit of {limit:,} ({why})"
 
 
 def _fit(rows: Sequence[dict], name: str, tokenizer, limit: int | None, why: str, run, log: Callable[[str], None]):
@@ -87,17 +112,17 @@ def _fit(rows: Sequence[dict], name: str, tokenizer, limit: int | None, why: str
     bad = long_prompts(located, tokenizer, limit, run.prompt_template, run.system_prompt)
     if not bad:
         return rows
-    first = _too_long(bad[0][1], bad[0][2], limit, why)
+    first = _too_long(*bad[0][1:3], limit, why, bad[0][3])
     if not run.skip_invalid_rows:
         more = f" ({len(bad) - 1} more row(s) too long)" if len(bad) > 1 else ""
         raise DataError(f"{first}{more}; shorten it, or set skip_invalid_rows: true to skip such rows")
     if len(bad) == len(rows):
         raise DataError(f"{name}: every prompt is over the limit of {limit:,} tokens (first: {first})")
-    dropped = {i for i, _, _ in bad}
+    dropped = {b[0] for b in bad}
     kept = [i for i in range(len(rows)) if i not in dropped]
     log(f"stapo: skipped {len(bad)} row(s) of {name} whose prompt is over {limit:,} tokens (first: {first})")
     out = PromptRows([rows[i] for i in kept], source=name, locations=[locate(i) for i in kept])
-    out.skipped = [(i + 1, _too_long(w, n, limit, why)) for i, w, n in bad]
+    out.skipped = [(i + 1, _too_long(w, n, limit, why, exact)) for i, w, n, exact in bad]
     return out
 
 
@@ -134,5 +159,5 @@ def check_eval_prompts(model: str, problems: Mapping[str, Sequence[Any]], templa
         bad = long_prompts([(f"{bench}: problem {p.id!r}", p.problem) for p in rows], tokenizer, limit, template)
         if bad:
             more = f" ({len(bad) - 1} more problem(s) too long)" if len(bad) > 1 else ""
-            raise DataError(_too_long(bad[0][1], bad[0][2], limit, why) + more + "; lower --max-new-tokens or use a "
+            raise DataError(_too_long(*bad[0][1:3], limit, why, bad[0][3]) + more + "; lower --max-new-tokens or use a "
                             "model with a longer context")
