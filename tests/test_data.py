@@ -388,3 +388,141 @@ def test_synthetic_answers_grade_as_correct():
     golds = [r["answer"] for r in rows]
     assert grade_batch([f"x = \\boxed{{{g}}}" for g in golds], golds) == [1.0] * 30
     assert grade_batch([f"x = \\boxed{{{int(g) + 1}}}" for g in golds], golds) == [0.0] * 30
+
+
+# ---------------------------------------------------------------- unreadable input, one line each
+
+
+def test_repeated_json_key_is_refused_naming_the_row(tmp_path):
+    jsonl = tmp_path / "dup.jsonl"
+    jsonl.write_text('{"problem": "1+1", "answer": "2"}\n\n{"problem": "2+2", "answer": "4", "answer": "5"}\n')
+    with pytest.raises(DataError, match=r"dup.jsonl: line 3: key 'answer' appears twice"):
+        load_prompts(jsonl)
+    nested = tmp_path / "dup.json"
+    nested.write_text('[{"problem": "1+1", "answer": "2"}, {"problem": "x", "answer": "3", "meta": {"a": 1, "a": 2}}]')
+    with pytest.raises(DataError, match=r"dup.json: row 2: key 'a' appears twice"):
+        load_prompts(nested)
+    rows = load_prompts(nested, on_invalid="skip")
+    assert [r["answer"] for r in rows] == ["2"] and rows.skipped[0][0] == 2
+    wrapper = tmp_path / "wrap.json"
+    wrapper.write_text('{"data": [], "data": [{"problem": "1+1", "answer": "2"}]}')
+    with pytest.raises(DataError, match=r"wrap.json: key 'data' appears twice in the top-level object"):
+        load_prompts(wrapper)
+
+
+def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
+    jsonl = tmp_path / "bad.jsonl"
+    jsonl.write_bytes(b'{"problem": "1+1", "answer": "2"}\n{"problem": "\xff", "answer": "3"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl: line 2: not UTF-8 text \(byte 0xff at column 14\)"):
+        load_prompts(jsonl)
+    as_json = tmp_path / "bad.json"
+    as_json.write_bytes(b'[\n{"problem": "1+1", "answer": "2"},\n{"problem": "caf\xe9", "answer": "3"}\n]')
+    with pytest.raises(DataError, match=r"bad.json: line 3: not UTF-8 text \(byte 0xe9 at column 17\)"):
+        load_prompts(as_json)
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"problem": "1+1", "answer": "2"}).encode() + b"\n")
+    assert load_prompts(path)[0]["answer"] == "2"
+
+
+def test_unknown_synthetic_task_is_a_data_error_naming_the_known_tasks():
+    with pytest.raises(DataError, match=r"synthetic:nonsense: unknown synthetic task 'nonsense'; known: add1, chain3"):
+        load_prompts("synthetic:nonsense")
+    with pytest.raises(DataError, match=r"synthetic:add1\?split=test: split must be one of"):
+        load_prompts("synthetic:add1?split=test")
+
+
+def test_rows_remember_where_they_came_from(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"problem": "a", "answer": "1"}\n\n{"problem": "", "answer": "2"}\n{"problem": "c", "answer": "3"}\n')
+    rows = load_prompts(path, on_invalid="skip")
+    assert [r["problem"] for r in rows] == ["a", "c"]
+    assert rows.locations == [f"{path}: line 1", f"{path}: line 4"]
+    assert load_prompts("synthetic:add1?n=3", limit=2).locations == ["synthetic:add1?n=3: row 1", "synthetic:add1?n=3: row 2"]
+
+
+# ---------------------------------------------------------------- prompt lengths against the context
+
+
+def test_prompt_token_limit_arithmetic():
+    from stapo.data import prompt_token_limit
+
+    assert prompt_token_limit(256, 4) == (252, "the model's context 256 (max_position_embeddings) minus max_completion_length 4")
+    assert prompt_token_limit(256, 4, max_prompt_length=100) == (100, "max_prompt_length 100")
+    assert prompt_token_limit(None, 4) == (None, "")
+    with pytest.raises(DataError, match="max_completion_length 256 leaves no room"):
+        prompt_token_limit(256, 256)
+
+
+def _model_config_dir(path: Path, tokenizer_dir: Path, context: int) -> Path:
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    transformers.Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                             max_position_embeddings=context).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_model_context_length_reads_config_only(tmp_path, qwen3_tokenizer_dir):
+    transformers = pytest.importorskip("transformers")
+    from stapo.models import model_context_length
+
+    assert model_context_length(str(_model_config_dir(tmp_path / "q", qwen3_tokenizer_dir, 96))) == 96
+    transformers.GPT2Config(n_positions=128).save_pretrained(tmp_path / "gpt2")
+    assert model_context_length(str(tmp_path / "gpt2")) == 128
+
+
+def test_long_prompts_refused_or_skipped_and_counted(tmp_path, qwen3_tokenizer_dir):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from stapo.data import fit_training_prompts
+
+    model = _model_config_dir(tmp_path / "m", qwen3_tokenizer_dir, 64)
+    tok = AutoTokenizer.from_pretrained(model)
+    long_problem = " ".join(["seven"] * 80)
+    # "plain" template, no chat template involved: the prompt is the problem; count it independently
+    tok.chat_template = None
+    n_long = len(tok.encode(long_problem + "\n", add_special_tokens=False))
+    assert n_long > 60
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"problem": "1+1", "answer": "2"}, {"problem": long_problem, "answer": "7"},
+                                               {"problem": "2+2", "answer": "4"}])
+    rows = load_prompts(data)
+    args = SimpleNamespace(max_completion_length=4)
+    run = SimpleNamespace(prompt_template="plain", system_prompt=None, skip_invalid_rows=False, train_data=str(data),
+                          eval_data=None, eval_max_new_tokens=None)
+    with pytest.raises(DataError, match=rf"d.jsonl: line 2: prompt is {n_long} tokens, over the limit of 60 "):
+        fit_training_prompts(run, args, str(model), tok, rows, None)
+    run.skip_invalid_rows = True
+    printed = []
+    kept, _ = fit_training_prompts(run, args, str(model), tok, rows, None, printed.append)
+    assert [r["problem"] for r in kept] == ["1+1", "2+2"]
+    assert kept.locations == [f"{data}: line 1", f"{data}: line 3"] and len(kept.skipped) == 1
+    assert printed == [f"stapo: skipped 1 row(s) of {data} whose prompt is over 60 tokens (first: {data}: line 2: "
+                       f"prompt is {n_long} tokens, over the limit of 60 (the model's context 64 "
+                       "(max_position_embeddings) minus max_completion_length 4))"]
+    only_long = load_prompts(_write_jsonl(tmp_path / "l.jsonl", [{"problem": long_problem, "answer": "7"}]))
+    with pytest.raises(DataError, match="every prompt is over the limit of 60 tokens"):
+        fit_training_prompts(run, args, str(model), tok, only_long, None)
+
+
+def test_a_huge_prompt_is_refused_from_its_length_without_tokenizing_it(tmp_path, qwen3_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from stapo.data import long_prompts
+
+    tok = AutoTokenizer.from_pretrained(_model_config_dir(tmp_path / "m", qwen3_tokenizer_dir, 64))
+    longest = max(len(k) for k in tok.get_vocab())
+    huge = "What is 1+1? " * 25_000  # 325,000 characters
+    text = format_prompt(huge, tok, "boxed")
+    (index, where, bound, exact), = long_prompts([("huge.jsonl: line 9", huge)], tok, 60, "boxed")
+    assert (index, where, exact) == (0, "huge.jsonl: line 9", False)
+    assert bound == -(-len(text) // longest) > 60
+    # the bound is a true lower bound: the real count is larger
+    assert len(tok(text, add_special_tokens=False)["input_ids"]) >= bound
+    # short prompts below the limit in bytes are not tokenized and not reported
+    assert long_prompts([("a", "1+1")], tok, 60, "boxed") == []

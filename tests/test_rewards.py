@@ -231,8 +231,50 @@ def test_bad_arguments_raise():
     assert math_reward(r"\boxed{27}", 27) == 1.0  # numeric golds (AMC's 27.0) are fine
 
 
-def test_non_string_completion_scores_zero():
-    assert math_reward(None, "1") == 0.0  # type: ignore[arg-type]
+@pytest.mark.parametrize("completion", [None, 1, b"\\boxed{1}", [1], [{"role": "assistant", "content": None}]])
+def test_unreadable_completion_is_a_type_error(completion):
+    # it used to score 0.0 silently: a caller passing the wrong shape saw a policy that never learns
+    with pytest.raises(TypeError, match="completion"):
+        math_reward(completion, "1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"completions\[1\]"):
+        grade_batch(["\\boxed{1}", completion], ["1", "1"])  # type: ignore[list-item]
+
+
+def test_chat_message_completion_is_graded_like_its_text():
+    # TRL passes conversational completions as a list of messages
+    assert math_reward([{"role": "assistant", "content": "so \\boxed{2}"}], "2") == 1.0
+    assert math_reward([{"role": "assistant", "content": "so \\boxed{3}"}], "2") == 0.0
+    assert math_reward({"role": "assistant", "content": "\\boxed{2}"}, "2") == 1.0
+    parts = [{"role": "assistant", "content": [{"type": "text", "text": "so \\boxed{2}"}]}]
+    assert math_reward(parts, "2") == 1.0
+    # only the assistant's words count: a boxed answer in an echoed user turn is not the model's
+    echoed = [{"role": "user", "content": "\\boxed{2}?"}, {"role": "assistant", "content": "no idea"}]
+    assert math_reward(echoed, "2", require_boxed=True) == 0.0
+    assert grade_batch([[{"role": "assistant", "content": "\\boxed{2}"}], "\\boxed{2}"], ["2", "2"]) == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("junk", ["\x00", "\x07", "\x1b", "\x7f", "\x9b"])
+def test_control_characters_in_an_answer_grade_wrong(junk):
+    # \boxed{1\x00} used to grade equal to 1: the cleaning step stripped the control character
+    reset_grading_stats()
+    assert math_reward("\\boxed{1}", "1") == 1.0
+    assert math_reward(f"\\boxed{{1{junk}}}", "1") == 0.0
+    assert math_reward(f"\\boxed{{{junk}1}}", "1") == 0.0
+    assert math_reward(f"The answer is 1{junk}", "1") == 0.0
+    assert grade_batch([f"\\boxed{{1{junk}2}}"], ["12"]) == [0.0]
+    assert grading_stats()["rejected_reasons"] == {"control_character": 4}
+
+
+@pytest.mark.parametrize("junk", ["\x0b", "\x0c", "\x1f", "\x85"])
+def test_whitespace_like_control_characters_inside_an_answer_grade_wrong(junk):
+    # str.strip() counts these as whitespace, so only inside an answer are they still there to refuse
+    assert math_reward(f"\\boxed{{1{junk}2}}", "12") == 0.0
+
+
+def test_line_breaks_in_an_answer_are_not_control_characters():
+    assert math_reward("\\boxed{x +\r\n 1}", "x+1") == 1.0
+    assert math_reward("\\boxed{x +\n 1}", "x+1") == 1.0
+    assert math_reward("\\boxed{1\t}", "1") == 1.0
 
 
 # ---------------------------------------------------------------- batches

@@ -100,6 +100,28 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
+# config.json keys that hold a model's context window, in the order tried (GPT-2 uses n_positions)
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def model_context_length(name_or_path: str) -> int | None:
+    """The model's context window in tokens, from its config.json only (no weights are read); None
+    when the config names none."""
+    from transformers import AutoConfig
+
+    path = resolve_model(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as err:  # noqa: BLE001 - transformers raises many types; one clear message instead
+        raise ModelLoadError(_load_hint(name_or_path, path, err)) from err
+    for part in (config, getattr(config, "text_config", None)):  # multimodal configs nest the LM's
+        for key in CONTEXT_KEYS:
+            value = getattr(part, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
 def load_tokenizer(name_or_path: str, padding_side: str = "left"):
     from transformers import AutoTokenizer
 

@@ -63,7 +63,7 @@ def load_rows(source: str, run: RunConfig, limit: int | None = None, **kwargs) -
         _print(f"stapo: skipped {len(skipped)} invalid row(s) of {source} (first: row {skipped[0][0]}: {skipped[0][1]})")
     if not rows:
         raise ConfigError([f"{source} has no usable rows"], "train_data" if source == run.train_data else "eval_data")
-    return list(rows)
+    return rows
 
 
 def prompt_for(problem: str, tokenizer, run: RunConfig):
@@ -171,6 +171,9 @@ def run_training(run: RunConfig, resume: bool = False, log: Log = _print) -> dic
 
     model_path = resolve_model(run.model)
     tokenizer = load_tokenizer(run.model)
+    # Prompt lengths against the model's context (config.json), before the weights load: docs/data.md.
+    from stapo.data import fit_training_prompts
+    train_rows, eval_rows = fit_training_prompts(run, args, model_path, tokenizer, train_rows, eval_rows, log)
     train_ds = datasets.Dataset.from_list(
         [{"prompt": prompt_for(r["problem"], tokenizer, run), "answer": r["answer"]} for r in train_rows]
     )

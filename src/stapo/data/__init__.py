@@ -4,10 +4,12 @@
     load_benchmark(name, data_dir=None) -> list[dict]
     format_prompt(problem, tokenizer=None, template="boxed", system_prompt=None)
     synthetic_task(task, n, seed=0, split="train") -> list[dict]
+    prompt_token_limit / long_prompts: prompt lengths against the model's context
 
 See docs/data.md.
 """
 
+from stapo.data.lengths import check_eval_prompts, fit_training_prompts, long_prompts, prompt_token_limit
 from stapo.data.loaders import (
     BENCHMARK_HUB_IDS,
     BENCHMARKS,
@@ -30,10 +32,14 @@ __all__ = [
     "DataError",
     "PromptRows",
     "build_messages",
+    "check_eval_prompts",
+    "fit_training_prompts",
     "find_benchmark_dir",
     "format_prompt",
     "load_benchmark",
     "load_prompts",
+    "long_prompts",
+    "prompt_token_limit",
     "render_instruction",
     "synthetic_task",
     "task_for_difficulty",

@@ -7,6 +7,8 @@ the benchmark files, and the built-in synthetic tasks.
 Every row comes back as ``{"id", "problem", "answer", "meta"}`` (strings, ``meta`` a dict of
 the other fields). A row with a missing or empty problem/answer is a :class:`DataError` naming
 the file and row, or, with ``on_invalid="skip"``, is skipped and counted in ``.skipped``.
+A file that is not UTF-8, a line that is not JSON, and a JSON object with a key given twice are
+errors naming the file and the line (or row).
 """
 
 from __future__ import annotations
@@ -35,13 +37,29 @@ class DataError(ValueError):
 
 
 class PromptRows(list):
-    """A list of prompt rows; ``.skipped`` lists ``(row_number, reason)`` for skipped rows and
-    ``.source`` names where the rows came from."""
+    """A list of prompt rows; ``.skipped`` lists ``(row_number, reason)`` for skipped rows,
+    ``.source`` names where the rows came from and ``.locations`` names each kept row's place
+    in it (``"data.jsonl: line 7"``), for errors found after loading."""
 
-    def __init__(self, rows=(), source: str = "", skipped: list[tuple[int, str]] | None = None):
+    def __init__(
+        self,
+        rows=(),
+        source: str = "",
+        skipped: list[tuple[int, str]] | None = None,
+        locations: list[str] | None = None,
+    ):
         super().__init__(rows)
         self.source = source
         self.skipped: list[tuple[int, str]] = skipped or []
+        self.locations: list[str] = (
+            list(locations) if locations is not None else [f"{source}: row {i}" for i in range(1, len(self) + 1)]
+        )
+
+    def location(self, index: int) -> str:
+        """Where row ``index`` (0-based) came from."""
+        if index < len(self.locations):
+            return self.locations[index]
+        return f"{self.source}: row {index + 1}"
 
 
 BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench")
@@ -84,6 +102,48 @@ def _text(value: Any) -> str | None:
     return str(value).strip()
 
 
+class _RepeatedKeys(dict):
+    """A JSON object in which some key appeared more than once (``json`` would silently keep the
+    last value); ``repeated`` is the first such key."""
+
+    repeated: str = ""
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    seen: set[str] = set()
+    marked = _RepeatedKeys(obj)
+    marked.repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
+    return marked
+
+
+def _repeated_key(value: Any) -> str | None:
+    """The first key given twice in any JSON object inside ``value`` (iterative: no recursion
+    limit on deep documents)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, _RepeatedKeys):
+            return v.repeated
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return None
+
+
+def _parse_json(text: str) -> Any:
+    """``json.loads`` with repeated keys marked (see :class:`_RepeatedKeys`)."""
+    return json.loads(text, object_pairs_hook=_object_pairs)
+
+
+def _not_utf8(path: Path, err: UnicodeDecodeError, line: int, column: int) -> DataError:
+    byte = err.object[err.start : err.start + 1].hex()
+    return DataError(f"{path}: line {line}: not UTF-8 text (byte 0x{byte} at column {column}); save the file as UTF-8")
+
+
 def _make_row(
     raw: Any,
     where: str,
@@ -94,6 +154,9 @@ def _make_row(
 ) -> dict:
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected an object with fields, got {type(raw).__name__}")
+    repeated = _repeated_key(raw)
+    if repeated is not None:
+        raise DataError(f"{where}: key {repeated!r} appears twice in one object (which value is meant?)")
     row: dict[str, Any] = {}
     problem = _text(raw.get(problem_key))
     if problem_key not in raw:
@@ -124,6 +187,7 @@ def _collect(records, where_fmt, name, keys, on_invalid, limit) -> PromptRows:
         where = where_fmt.format(n=number)
         try:
             rows.append(_make_row(raw, where, problem_key, answer_key, id_key, f"{Path(name).stem}-{number}"))
+            rows.locations.append(where)
         except DataError as e:
             if on_invalid == "error":
                 raise
@@ -134,21 +198,38 @@ def _collect(records, where_fmt, name, keys, on_invalid, limit) -> PromptRows:
 
 
 def _jsonl_records(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    # bytes, decoded line by line: a non-UTF-8 byte is reported with its line, not as a traceback
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, e, number, e.start + 1) from None
             if not line.strip():
                 continue
             try:
-                yield number, json.loads(line)
+                yield number, _parse_json(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: line {number}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise DataError(f"{path}: line {number}: JSON nested too deeply") from None
 
 
 def _json_records(path: Path):
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line_start = raw.rfind(b"\n", 0, e.start) + 1
+        raise _not_utf8(path, e, raw.count(b"\n", 0, e.start) + 1, e.start - line_start + 1) from None
+    try:
+        data = _parse_json(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
+    if isinstance(data, _RepeatedKeys):  # the {"data": [...]} wrapper itself
+        raise DataError(f"{path}: key {data.repeated!r} appears twice in the top-level object")
     if isinstance(data, dict):
         # {"data": [...]} / {"rows": [...]} wrappers
         lists = [v for v in data.values() if isinstance(v, list)]
@@ -222,12 +303,15 @@ def load_prompts(
     text = os.fspath(source)
     if text.startswith("benchmark:"):
         rows = load_benchmark(text.split(":", 1)[1], data_dir=data_dir)
-        return PromptRows(rows[:limit] if limit is not None else rows, source=text)
+        return PromptRows(rows[:limit], source=text, locations=rows.locations[:limit])
     if text.startswith("synthetic:"):
         from stapo.data.synthetic import synthetic_from_spec
 
-        rows = synthetic_from_spec(text)
-        return PromptRows(rows[:limit] if limit is not None else rows, source=text)
+        try:
+            rows = synthetic_from_spec(text)
+        except ValueError as e:  # unknown task, split or parameter: one line naming what is known
+            raise DataError(str(e)) from None
+        return PromptRows(rows[:limit], source=text)
     path = Path(text).expanduser()
     if path.is_file():
         suffix = path.suffix.lower()
@@ -336,4 +420,5 @@ def load_benchmark(name: str, data_dir: str | os.PathLike | None = None) -> Prom
         row["benchmark"] = name
         row["ungradable"] = ungradable_reason(row)
         rows.append(row)
+        rows.locations.append(f"{path}: line {number}")
     return rows

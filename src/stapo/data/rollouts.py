@@ -416,16 +416,28 @@ def read_rollouts(path_or_dir: str | os.PathLike, steps: Sequence[int] | None = 
         missing = [c for c in required if c not in table.column_names]
         if missing:
             raise RolloutError(f"{f}: not a stapo rollout file (missing column(s) {', '.join(missing)})")
-        meta = {
-            k.decode()[len(METADATA_PREFIX):]: json.loads(v)
-            for k, v in (table.schema.metadata or {}).items()
-            if k.decode().startswith(METADATA_PREFIX)
-        }
+        meta = _file_metadata(f, table.schema.metadata)
         if table.num_rows:
             metadata[int(table.column("step")[0].as_py())] = meta
         tables.append(table.select(list(required)))
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     return _from_table(table, metadata, files)
+
+
+def _file_metadata(path: Path, raw: Mapping[bytes, bytes] | None) -> dict[str, Any]:
+    """The stapo entries of a Parquet file's key/value metadata, each JSON-decoded; a key or
+    value that is not UTF-8 JSON is a RolloutError naming the file and the key."""
+    meta: dict[str, Any] = {}
+    for k, v in (raw or {}).items():
+        key = k.decode("utf-8", errors="replace")
+        if not key.startswith(METADATA_PREFIX):
+            continue
+        try:
+            meta[key[len(METADATA_PREFIX):]] = json.loads(v)
+        except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError is a ValueError
+            raise RolloutError(f"{path}: metadata {key!r} is not valid JSON ({err}); the file was not written by stapo "
+                               "or was altered") from None
+    return meta
 
 
 def _flat(table, name: str, dtype) -> np.ndarray:

@@ -113,7 +113,10 @@ def synthetic_task(task: str | int, n: int, seed: int = 0, split: str = "train")
     if isinstance(task, int) or (isinstance(task, str) and task.isdigit()):
         task = task_for_difficulty(int(task))
     if task not in SYNTHETIC_TASKS:
-        raise ValueError(f"unknown synthetic task {task!r}; known: {', '.join(SYNTHETIC_TASKS)}")
+        raise ValueError(
+            f"unknown synthetic task {task!r}; known: {', '.join(SYNTHETIC_TASKS)} "
+            f"(or a difficulty level 1..{len(SYNTHETIC_TASKS)})"
+        )
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not isinstance(n, int) or n < 0:
@@ -150,4 +153,7 @@ def synthetic_from_spec(spec: str) -> list[dict]:
         seed = int(params.get("seed", 0))
     except ValueError:
         raise ValueError(f"{spec}: n and seed must be integers") from None
-    return synthetic_task(task, n=n, seed=seed, split=params.get("split", "train"))
+    try:
+        return synthetic_task(task, n=n, seed=seed, split=params.get("split", "train"))
+    except ValueError as err:  # name the spec the user wrote, e.g. a config's train_data
+        raise ValueError(f"{spec}: {err}") from None

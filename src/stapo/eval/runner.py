@@ -319,6 +319,13 @@ def evaluate(config: EvalConfig, out=None, backend=None, tokenizer=None) -> dict
           + (f", {done_before} already in samples.jsonl" if done_before else ""), file=out, flush=True)
     backend_info = {"backend": backend_name}
     if todo and backend is None:
+        # Prompt lengths against the model's context (config.json), before the weights load: docs/data.md.
+        from stapo.data import DataError, check_eval_prompts
+        from stapo.models import ModelLoadError
+        try:
+            check_eval_prompts(config.model, problems, config.template, config.max_new_tokens)
+        except (DataError, ModelLoadError) as err:
+            raise EvalError(str(err)) from None
         tokenizer, backend = _make_backend(config, backend_name)
     _start_run_dir(out_dir, run_info)
     try:

@@ -9,23 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from stapo.rewards.grader import grade_batch, grading_stats, math_reward
+from stapo.rewards.grader import completion_text, grade_batch, grading_stats, math_reward
 
 __all__ = ["completion_text", "compute_score", "trl_reward_fn"]
-
-
-def completion_text(completion: Any) -> str:
-    """A TRL completion as text: a string, or the assistant content of a conversational
-    completion (``[{"role": "assistant", "content": ...}]``)."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, list):
-        parts = [m.get("content", "") for m in completion if isinstance(m, dict)]
-        return "".join(p if isinstance(p, str) else "" for p in parts)
-    if isinstance(completion, dict):
-        content = completion.get("content", "")
-        return content if isinstance(content, str) else ""
-    return ""
 
 
 def trl_reward_fn(answer_key: str = "answer", timeout: float = 5.0, require_boxed: bool = False, workers: int | None = None):
@@ -43,7 +29,7 @@ def trl_reward_fn(answer_key: str = "answer", timeout: float = 5.0, require_boxe
                 f"math_accuracy: no {answer_key!r} column in the dataset (columns: {sorted(kwargs)}); "
                 "pass answer_key= to trl_reward_fn"
             )
-        texts = [completion_text(c) for c in completions]
+        texts = [completion_text(c, f"completions[{i}]") for i, c in enumerate(completions)]
         before = grading_stats()
         scores = grade_batch(texts, list(kwargs[answer_key]), timeout=timeout, workers=workers, require_boxed=require_boxed)
         log_metric = kwargs.get("log_metric")

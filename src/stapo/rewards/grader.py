@@ -10,7 +10,8 @@ Pipeline for one item (every step bounded; nothing evaluates the text):
         -> pathological_reason (refuse, score 0)  ->  math-verify in a killable worker process
 
 A timeout, a parse failure or any internal error scores 0.0 and is counted; nothing is raised
-into the training loop (bad *arguments*, such as mismatched list lengths, still raise).
+into the training loop (bad *arguments*, such as mismatched list lengths or a completion that is
+neither text nor a chat-message list, still raise).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from stapo.rewards.extract import EXTRACTION_MODES, all_boxed, extract_answer
 from stapo.rewards.normalize import (
     MAX_ANSWER_CHARS,
     clean_answer,
+    control_character,
     fast_verdict,
     normalize_gold,
     pathological_reason,
@@ -30,7 +32,7 @@ from stapo.rewards.normalize import (
 )
 from stapo.rewards.sandbox import cpu_count, ensure_workers, pool_counters, verify_in_worker
 
-__all__ = ["grade_batch", "grade_answer", "grading_stats", "math_reward", "reset_grading_stats"]
+__all__ = ["completion_text", "grade_batch", "grade_answer", "grading_stats", "math_reward", "reset_grading_stats"]
 
 _COUNTER_NAMES = (
     "graded",  # items scored
@@ -119,17 +121,45 @@ def _check_gold(gold, where: str = "gold") -> None:
         raise ValueError(f"{where} must be a string (or a number), got {type(gold).__name__}: {gold!r}")
 
 
+def _message_text(message: dict, where: str) -> str:
+    content = message.get("content", "")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}]
+        texts = [part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text"]
+        if all(isinstance(t, str) for t in texts):
+            return "".join(texts)
+    raise TypeError(f"{where}: message content must be text or a list of text parts, got {type(content).__name__}")
+
+
+def completion_text(completion, where: str = "completion") -> str:
+    """A completion as text: a string as is; a conversational completion (what TRL passes for chat
+    prompts, ``[{"role": "assistant", "content": ...}]``, or one such message) as its assistant
+    messages' content joined. Anything else is a ``TypeError``: scoring an unreadable completion 0
+    would hide the caller's bug as a bad policy."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        completion = [completion]
+    if isinstance(completion, (list, tuple)) and all(isinstance(m, dict) for m in completion):
+        return "".join(_message_text(m, where) for m in completion if m.get("role", "assistant") == "assistant")
+    raise TypeError(
+        f"{where} must be a string or a list of chat messages ({{'role': 'assistant', 'content': ...}}), "
+        f"got {type(completion).__name__}: {completion!r:.80}"
+    )
+
+
 def _prepare(completion: str, gold: str, mode: str) -> tuple[float | None, str, str]:
     """(verdict if already decided, cleaned answer, cleaned gold). Runs in the caller, cheap."""
-    if not isinstance(completion, str):
-        _STATS.add(errors=1)
-        return 0.0, "", ""
     pred = extract_answer(completion, mode=mode)
     if pred is None:
         _STATS.add(no_answer=1)
         return 0.0, "", ""
     if len(pred) > MAX_ANSWER_CHARS:  # before any other string work on it
         _STATS.reject("too_long")
+        return 0.0, "", ""
+    if control_character(pred) is not None:  # before cleaning, which would strip it
+        _STATS.reject("control_character")
         return 0.0, "", ""
     g = normalize_gold(gold)
     p = clean_answer(pred)
@@ -180,13 +210,16 @@ def math_reward(
     process also starts a worker, ~1 s, not counted). ``require_boxed=True`` scores only a
     ``\\boxed{}`` / ``\\fbox{}`` answer (``mode="boxed"``); the default also accepts "answer is X"
     and, failing that, the last number (see :func:`stapo.rewards.extract_answer`).
+    ``completion`` is text or a chat-message list (:func:`completion_text`); anything else is a
+    ``TypeError``.
     """
     t = _check_timeout(timeout)
     m = _check_mode(mode, require_boxed)
     _check_gold(gold)
+    text = completion_text(completion)
     start = time.monotonic()
     try:
-        verdict, p, g = _prepare(completion, str(gold), m)
+        verdict, p, g = _prepare(text, str(gold), m)
         if verdict is None:
             verdict = _finish(p, g, t)
     except Exception:  # noqa: BLE001 - a grading bug must not kill a training run
@@ -218,9 +251,10 @@ def grade_batch(
     m = _check_mode(mode, require_boxed)
     for i, g in enumerate(golds):
         _check_gold(g, f"golds[{i}]")
+    texts = [completion_text(c, f"completions[{i}]") for i, c in enumerate(completions)]
     out: list[float] = [0.0] * len(completions)
     slow: list[tuple[int, str, str, float]] = []
-    for i, (c, g) in enumerate(zip(completions, golds)):
+    for i, (c, g) in enumerate(zip(texts, golds)):
         start = time.monotonic()
         try:
             verdict, p, gc = _prepare(c, str(g), m)

@@ -18,6 +18,7 @@ __all__ = [
     "MAX_ANSWER_CHARS",
     "as_number",
     "clean_answer",
+    "control_character",
     "fast_verdict",
     "normalize_gold",
     "pathological_reason",
@@ -39,6 +40,9 @@ MAX_POW_EXPONENT = 4000
 NUMERIC_REL_TOL = Fraction(1, 10**6)
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# Control characters an answer may not contain: C0 except tab, newline and carriage return (line
+# breaks inside a matrix or an aligned answer), DEL, and C1. A gold is cleaned of _CONTROL instead.
+_ANSWER_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _SPACING = re.compile(r"\\[!,;:>]|\\ |~|\\quad|\\qquad")
 _LEFT_RIGHT = re.compile(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])")
 _SCI = re.compile(r"^(-?\d+(?:\.\d+)?)\s*[eE]\s*([+-]?\d+)$")
@@ -64,6 +68,14 @@ def _clean_common(s: str) -> str:
     if m:  # 4.5e33 -> 4.5\times 10^{33}: latex2sympy reads "e" as Euler's number
         s = f"{m.group(1)}\\times 10^{{{int(m.group(2))}}}"
     return s
+
+
+def control_character(answer: str) -> str | None:
+    """The first control character in an extracted answer (``\\boxed{1\\x00}``), or None. The
+    grader scores such an answer 0 (counted as rejected, reason ``control_character``) instead
+    of stripping it: ``1\\x00`` is not the answer ``1``."""
+    m = _ANSWER_CONTROL.search(answer)
+    return m.group(0) if m else None
 
 
 def normalize_gold(gold: str) -> str:
