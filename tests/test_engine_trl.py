@@ -15,7 +15,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from stapo.core import PRESETS, group_advantages  # noqa: E402
 from stapo.engines.trl import STAPOConfig, STAPOTrainer  # noqa: E402
-from stapo.engines.trl_metrics import truncate_after_step  # noqa: E402
+from stapo.engines.trl.metrics import truncate_after_step  # noqa: E402
 
 # ---- config ---------------------------------------------------------------------------------
 
@@ -58,13 +58,13 @@ def test_explicit_options_win_over_the_preset(tmp_path):
     "kw, field",
     [
         ({"method": "ppo"}, "method"),
-        ({"tau_p": 1.0}, "tau_p"),
+        ({"tau_p": 1.5}, "tau_p"),
         ({"tau_p": -0.1}, "tau_p"),
         ({"tau_p": "0.01"}, "tau_p"),
         ({"tau_h": -1.0}, "tau_h"),
         ({"tau_h_quantile": 1.5}, "tau_h_quantile"),
         ({"tau_h_quantile": float("nan")}, "tau_h_quantile"),
-        ({"method": "dapo", "tau_p": 1.0}, "tau_p"),
+        ({"method": "dapo", "tau_p": 1.5}, "tau_p"),
         ({"method": "dapo", "top_entropy_quantile": 0.2}, "top_entropy_quantile"),
         ({"method": "20-entropy", "loss_type": "grpo"}, "loss_type"),
         ({"loss_type": "cispo"}, "loss_type"),
