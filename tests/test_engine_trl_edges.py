@@ -99,3 +99,20 @@ def test_dual_clip_of_the_preset_is_applied_where_it_binds(tiny_qwen3_dir, tmp_p
     assert torch.allclose(loss, core, atol=1e-6, rtol=0), (float(loss), float(core))
     assert abs(float(loss) - float(by_hand)) < 1e-5 * max(1.0, abs(float(by_hand)))
     assert float(undual) - float(loss) > 1.0  # without the dual clip the A < 0 rows would weigh ~20|A|
+
+
+def test_inert_s2t_warns_once_after_the_configured_steps(caplog):
+    from types import SimpleNamespace
+
+    from stapo.core import FilterParams
+
+    fake = SimpleNamespace(token_filter="s2t", _inert_steps=0, args=SimpleNamespace(inert_warning_steps=3),
+                           filter_params=FilterParams())
+    warn = STAPOTrainer._warn_if_inert
+    with caplog.at_level("WARNING", logger="stapo.engines.trl.trainer"):
+        for masked in (0, 0, 5, 0, 0):  # a step that silences something restarts the count
+            warn(fake, {"masked": masked, "valid": 10})
+        assert not caplog.records
+        for _ in range(3):
+            warn(fake, {"masked": 0, "valid": 10})
+    assert len(caplog.records) == 1 and "silenced no token in the last 3" in caplog.text
