@@ -13,9 +13,9 @@ pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from stapo.core import PRESETS, group_advantages  # noqa: E402
+from stapo.core import PRESETS, S2TSettings, group_advantages  # noqa: E402
 from stapo.engines.trl import STAPOConfig, STAPOTrainer  # noqa: E402
-from stapo.engines.trl_metrics import truncate_after_step  # noqa: E402
+from stapo.engines.trl.metrics import truncate_after_step  # noqa: E402
 
 # ---- config ---------------------------------------------------------------------------------
 
@@ -41,6 +41,8 @@ def test_presets_map_to_trl_options(tmp_path, method):
     assert cfg.beta == 0.0 and cfg.explicit_options == ()
     # every method carries STAPO's default thresholds: applied by stapo, diagnostic for the others
     assert (cfg.tau_p, cfg.tau_h, cfg.tau_h_quantile) == (0.01, None, 0.05)
+    assert cfg.s2t_settings == PRESETS[method].s2t_settings == S2TSettings()
+    assert cfg.clip_ratio_c == PRESETS[method].clip_ratio_c  # dual clip: 10 for justrl / stapo, else none
 
 
 def test_explicit_options_win_over_the_preset(tmp_path):
@@ -52,19 +54,26 @@ def test_explicit_options_win_over_the_preset(tmp_path):
     assert (cfg.tau_p, cfg.tau_h) == (0.05, 0.3)
     cfg = _cfg(tmp_path, method="grpo", tau_p=0.05, tau_h=0.3)  # diagnostic thresholds for a baseline
     assert (cfg.tau_p, cfg.tau_h) == (0.05, 0.3)
+    cfg = _cfg(tmp_path, method="stapo", tau_h_population="candidates", inert_warning_steps=0, clip_ratio_c=3.0)
+    assert (cfg.tau_h_population, cfg.inert_warning_steps, cfg.clip_ratio_c) == ("candidates", 0, 3.0)
+    assert cfg.s2t_settings.tau_h_population == "candidates"
 
 
 @pytest.mark.parametrize(
     "kw, field",
     [
         ({"method": "ppo"}, "method"),
-        ({"tau_p": 1.0}, "tau_p"),
+        ({"tau_p": 1.5}, "tau_p"),
         ({"tau_p": -0.1}, "tau_p"),
         ({"tau_p": "0.01"}, "tau_p"),
         ({"tau_h": -1.0}, "tau_h"),
         ({"tau_h_quantile": 1.5}, "tau_h_quantile"),
         ({"tau_h_quantile": float("nan")}, "tau_h_quantile"),
-        ({"method": "dapo", "tau_p": 1.0}, "tau_p"),
+        ({"tau_h_population": "all"}, "tau_h_population must be one of valid, low_prob, candidates"),
+        ({"inert_warning_steps": -1}, "inert_warning_steps"),
+        ({"clip_ratio_c": 1.0}, "clip_ratio_c"),
+        ({"method": "grpo", "clip_ratio_c": "10"}, "clip_ratio_c"),
+        ({"method": "dapo", "tau_p": 1.5}, "tau_p"),
         ({"method": "dapo", "top_entropy_quantile": 0.2}, "top_entropy_quantile"),
         ({"method": "20-entropy", "loss_type": "grpo"}, "loss_type"),
         ({"loss_type": "cispo"}, "loss_type"),

@@ -300,7 +300,7 @@ def test_verl_dry_run_uses_the_recipe():
     pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
     proc = _bash("run_verl.sh", "stapo", DRY_RUN="1")
     assert proc.returncode == 0, proc.stderr
-    assert "stapo.verl.main" in proc.stdout.splitlines()[0]
+    assert "stapo.engines.verl.main" in proc.stdout.splitlines()[0]
     assert "qwen3-1.7b" in proc.stdout.lower() or "Qwen3-1.7B" in proc.stdout
     assert _bash("run_verl.sh", "ppo").returncode == 2
 

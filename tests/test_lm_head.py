@@ -368,7 +368,7 @@ def test_head_params_logit_scaling_and_softcap():
 
 def test_adapter_matches_trl_chunked_logprob_function():
     trl_kernels = pytest.importorskip("trl.kernels")
-    from stapo.core.lm_head import TRLChunkedLogProbAdapter
+    from stapo.engines.trl.lm_head import TRLChunkedLogProbAdapter
 
     h, w, t = make(40, 16, 500, seed=12)
     bias = torch.randn(500, generator=torch.Generator().manual_seed(13))
@@ -394,7 +394,7 @@ def test_adapter_matches_trl_chunked_logprob_function():
 
 def test_adapter_in_trl_patched_forward(monkeypatch):
     trl_utils = pytest.importorskip("trl.trainer.utils")
-    from stapo.core.lm_head import TRLChunkedLogProbAdapter
+    from stapo.engines.trl.lm_head import TRLChunkedLogProbAdapter
 
     model = _tiny_qwen3(tie=True)
     trl_utils.add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))

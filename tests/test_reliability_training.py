@@ -29,9 +29,9 @@ from datasets import Dataset  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
-import stapo.engines.trl as engine  # noqa: E402
+import stapo.engines.trl.trainer as engine  # noqa: E402
 from stapo.engines.trl import STAPOConfig, STAPOTrainer  # noqa: E402
-from stapo.engines.trl_state import (  # noqa: E402
+from stapo.engines.trl.checkpoints import (  # noqa: E402
     NonFiniteGuard,
     NonFiniteTrainingError,
     last_checkpoint,

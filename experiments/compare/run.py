@@ -354,16 +354,13 @@ def window_mean(steps: np.ndarray, values: np.ndarray, which: str) -> float:
 
 
 def s2t_thresholds(runs: list[RunData]) -> dict:
-    """The S2T thresholds the runs used: the stapo runs' config, or the stapo preset (what the other
-    methods' diagnostic uses; see stapo.engines.trl.DIAGNOSTIC_S2T)."""
-    from stapo.core import get_preset
+    """The S2T thresholds the runs used: the stapo runs' config over the stapo preset's settings (the
+    thresholds every other method measures with; `preset.s2t_settings`)."""
+    from stapo.core import S2T_FIELDS, S2TSettings, get_preset
 
-    preset = get_preset("stapo")
     cfg = next((r.config for r in runs if r.method == "stapo"), {})
-    tau_p = cfg.get("tau_p") if cfg.get("tau_p") is not None else preset.tau_p
-    tau_h = cfg.get("tau_h") if cfg.get("tau_h") is not None else preset.tau_h
-    q = cfg.get("tau_h_quantile") if cfg.get("tau_h_quantile") is not None else preset.tau_h_quantile
-    return {"tau_p": tau_p, "tau_h": tau_h, "tau_h_quantile": None if tau_h is not None else q}
+    s = S2TSettings.resolve({k: cfg.get(k) for k in S2T_FIELDS}, base=get_preset("stapo").s2t_settings)
+    return {"tau_p": s.tau_p, "tau_h": s.tau_h, "tau_h_quantile": None if s.tau_h is not None else s.tau_h_quantile}
 
 
 def summarize(runs: list[RunData], methods: list[str]) -> dict:

@@ -6,7 +6,7 @@
 # METHOD: grpo | 20-entropy | justrl | stapo     MODEL: 1.7b | 8b | 14b
 # Optional: MODEL_PATH (local weights), NNODES, GPUS_PER_NODE (8), TOTAL_STEPS (1000), DRY_RUN=1
 # (print the command, one override per line, and exit). Extra arguments are appended as overrides.
-# The overrides come from `python -m stapo.verl.recipe` (loss settings from stapo.core's presets).
+# The overrides come from `python -m stapo.engines.verl.recipe` (loss settings from stapo.core's presets).
 set -euo pipefail
 : "${METHOD:?set METHOD to grpo, 20-entropy, justrl or stapo}"
 : "${MODEL:?set MODEL to 1.7b, 8b or 14b}"
@@ -17,12 +17,12 @@ args=(--method "$METHOD" --model "$MODEL" --data-dir "$DATA_DIR"
       --gpus-per-node "${GPUS_PER_NODE:-8}" --total-steps "${TOTAL_STEPS:-1000}")
 [ -n "${MODEL_PATH:-}" ] && args+=(--model-path "$MODEL_PATH")
 [ -n "${NNODES:-}" ] && args+=(--nnodes "$NNODES")
-mapfile -t overrides < <("$PY" -m stapo.verl.recipe "${args[@]}")
-[ "${#overrides[@]}" -gt 0 ] || { echo "run.sh: no overrides from stapo.verl.recipe" >&2; exit 1; }
+mapfile -t overrides < <("$PY" -m stapo.engines.verl.recipe "${args[@]}")
+[ "${#overrides[@]}" -gt 0 ] || { echo "run.sh: no overrides from stapo.engines.verl.recipe" >&2; exit 1; }
 
 if [ "${DRY_RUN:-0}" = "1" ]; then
-  echo "$PY -m stapo.verl.main"
+  echo "$PY -m stapo.engines.verl.main"
   printf '%s\n' "${overrides[@]}" "$@"
   exit 0
 fi
-exec "$PY" -m stapo.verl.main "${overrides[@]}" "$@"
+exec "$PY" -m stapo.engines.verl.main "${overrides[@]}" "$@"

@@ -1,5 +1,5 @@
 """The actor-loss hook: a fake verl actor micro-batch (tensors only) through verl's own `ppo_loss`
-as the engine worker calls it, with stapo.verl installed."""
+as the engine worker calls it, with stapo.engines.verl installed."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import sys
 import torch
 from verl_fakes import make_actor_config, make_micro_batch
 
-import stapo.verl  # noqa: F401 - installs the hook
+import stapo.engines.verl  # noqa: F401 - installs the hook
 import verl.workers.utils.losses as verl_losses
 
 
@@ -24,15 +24,15 @@ def test_hook_is_what_the_engine_worker_binds(monkeypatch):
     real worker module needs the rollout server stack, so a stand-in module plays it here.)"""
     import types
 
-    assert verl_losses.ppo_loss is stapo.verl.stapo_actor_loss
-    original = stapo.verl.losses._VERL_PPO_LOSS
+    assert verl_losses.ppo_loss is stapo.engines.verl.stapo_actor_loss
+    original = stapo.engines.verl.losses._VERL_PPO_LOSS
     assert original is not None and original.__module__ == "verl.workers.utils.losses"
     worker = types.ModuleType("verl.workers.engine_workers")
     worker.ppo_loss = original
     monkeypatch.setitem(sys.modules, "verl.workers.engine_workers", worker)
-    stapo.verl.install_actor_loss_hook()
-    assert worker.ppo_loss is stapo.verl.stapo_actor_loss
-    assert stapo.verl.losses._VERL_PPO_LOSS is original  # idempotent: never wraps itself
+    stapo.engines.verl.install_actor_loss_hook()
+    assert worker.ppo_loss is stapo.engines.verl.stapo_actor_loss
+    assert stapo.engines.verl.losses._VERL_PPO_LOSS is original  # idempotent: never wraps itself
 
 
 def mini_batch(seed=0, bsz=6, resp_len=6):
@@ -117,7 +117,7 @@ def test_other_loss_modes_pass_through_unchanged():
     data, out, _ = make_micro_batch(lp, old, adv, ent, mask)
     hooked, _ = verl_losses.ppo_loss(cfg, out, data)
     data, out, _ = make_micro_batch(lp, old, adv, ent, mask)
-    original, _ = stapo.verl.losses._VERL_PPO_LOSS(cfg, out, data)
+    original, _ = stapo.engines.verl.losses._VERL_PPO_LOSS(cfg, out, data)
     assert hooked.item() == original.item()
 
 

@@ -13,7 +13,7 @@ from verl_fakes import make_actor_config
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
 import stapo.core as core
-from stapo.verl import core_loss_kwargs, entropy_context
+from stapo.engines.verl import core_loss_kwargs, entropy_context
 
 AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 GLOBAL_INFOS = {
@@ -56,10 +56,10 @@ def with_info(config, info):
 @pytest.mark.parametrize("agg", AGG_MODES)
 @pytest.mark.parametrize("name", ["stapo", "20-entropy"])
 def test_empty_filter_equals_vanilla(name, agg, info):
-    """No token silenced (STAPO: tau_h below every entropy; 20-Entropy: rho = 1) -> verl's vanilla,
+    """No token silenced (STAPO: tau_h = 0, below every entropy; 20-Entropy: rho = 1) -> verl's vanilla,
     value and gradient, for every aggregation mode, with and without global batch info."""
     lp, old, adv, ent, mask = random_batch()
-    stapo = {"tau_h": -1.0} if name == "stapo" else {"top_entropy_quantile": 1.0}
+    stapo = {"tau_h": 0.0} if name == "stapo" else {"top_entropy_quantile": 1.0}  # H < 0 nats: never
     cfg = with_info(make_actor_config(name, stapo=stapo, loss_agg_mode=agg), GLOBAL_INFOS[info])
     ref_cfg = with_info(make_actor_config("vanilla", loss_agg_mode=agg), GLOBAL_INFOS[info])
     loss, grad, metrics = run_loss(name, cfg, lp, old, adv, mask, agg, entropy=ent)

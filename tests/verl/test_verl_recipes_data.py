@@ -19,9 +19,9 @@ import pytest
 from omegaconf import OmegaConf
 
 import verl
-from stapo.verl.config import POLICY_LOSS_TARGET, StapoPolicyLossConfig
-from stapo.verl.main import apply_stapo_defaults
-from stapo.verl.recipe import METHODS, MODELS, loss_overrides, paper_overrides
+from stapo.engines.verl.config import POLICY_LOSS_TARGET, StapoPolicyLossConfig
+from stapo.engines.verl.main import apply_stapo_defaults
+from stapo.engines.verl.recipe import METHODS, MODELS, loss_overrides, paper_overrides
 
 VERL_CONFIG_DIR = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "verl"
@@ -54,6 +54,8 @@ def test_paper_recipe_is_accepted_by_verls_schema(method, model):
     preset = get_preset(method)
     assert (actor.clip_ratio_low, actor.clip_ratio_high, actor.loss_agg_mode) == (preset.clip_low, preset.clip_high, preset.agg)
     assert cfg.actor_rollout_ref.rollout.n == 8 and actor.optim.lr == 1e-6 and actor.entropy_coeff == 0
+    assert (actor.optim.lr_warmup_steps, actor.optim.weight_decay) == (10, 0.1)  # JustRL's optimizer, every method
+    assert actor.clip_ratio_c == (preset.clip_ratio_c or 3.0)  # the preset's dual clip; else verl's default
     assert cfg.data.max_response_length == MODELS[model].max_response_length
     assert len(cfg.data.val_files) == 6
     if method in ("stapo", "20-entropy"):
@@ -61,10 +63,12 @@ def test_paper_recipe_is_accepted_by_verls_schema(method, model):
         assert isinstance(actor.policy_loss, StapoPolicyLossConfig)
         assert actor.policy_loss.loss_mode == method
         if method == "stapo":
-            assert (actor.policy_loss.stapo.tau_p, actor.policy_loss.stapo.tau_h, actor.policy_loss.stapo.tau_h_quantile) == (0.01, None, 0.05)
+            s2t = actor.policy_loss.stapo
+            assert (s2t.tau_p, s2t.tau_h, s2t.tau_h_quantile, s2t.tau_h_population) == (0.01, None, 0.05, "valid")
+            assert s2t.s2t == preset.s2t_settings
         else:
             assert actor.policy_loss.stapo.top_entropy_quantile == 0.2
-        assert "stapo.verl" in list(cfg.actor_rollout_ref.model.external_lib) + [cfg.actor_rollout_ref.model.external_lib]
+        assert "stapo.engines.verl" in list(cfg.actor_rollout_ref.model.external_lib) + [cfg.actor_rollout_ref.model.external_lib]
     else:
         assert actor.policy_loss.loss_mode == "vanilla" and actor.calculate_entropy is False
 
@@ -75,6 +79,10 @@ def test_bad_stapo_values_are_rejected_naming_the_key():
         apply_stapo_defaults(compose([f"{a}.loss_mode=stapo", f"+{a}.stapo.tau_p=1.5"]))
     with pytest.raises(ValueError, match="stapo.tau_h_quantile"):
         apply_stapo_defaults(compose([f"{a}.loss_mode=stapo", f"+{a}.stapo.tau_h_quantile=-0.1"]))
+    with pytest.raises(ValueError, match="stapo.tau_h_population must be one of valid, low_prob, candidates"):
+        apply_stapo_defaults(compose([f"{a}.loss_mode=stapo", f"+{a}.stapo.tau_h_population=all"]))
+    with pytest.raises(ValueError, match="stapo.tau_h must be a number >= 0"):
+        apply_stapo_defaults(compose([f"{a}.loss_mode=stapo", f"+{a}.stapo.tau_h=-1.0"]))
     with pytest.raises(ValueError, match="tau_q"):
         apply_stapo_defaults(compose([f"{a}.loss_mode=stapo", f"+{a}.stapo.tau_q=0.1"]))
     with pytest.raises(ValueError, match="loss_mode='vanilla'"):
@@ -86,12 +94,12 @@ def test_bad_stapo_values_are_rejected_naming_the_key():
 
 @pytest.mark.slow  # ~20 s: a fresh interpreter imports verl
 def test_run_script_overrides_match_the_recipe_module():
-    """recipes/verl/run.sh takes its overrides from `python -m stapo.verl.recipe` (dry run)."""
+    """recipes/verl/run.sh takes its overrides from `python -m stapo.engines.verl.recipe` (dry run)."""
     env = dict(os.environ, DRY_RUN="1", METHOD="stapo", MODEL="1.7b", DATA_DIR="/data/verl", PYTHON=sys.executable)
     out = subprocess.run(["bash", str(RECIPES / "run.sh")], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert lines[0].split()[-2:] == ["-m", "stapo.verl.main"]
+    assert lines[0].split()[-2:] == ["-m", "stapo.engines.verl.main"]
     assert lines[1:] == paper_overrides("stapo", "1.7b", data_dir="/data/verl")
     assert set(loss_overrides("stapo")) <= set(lines)
 
@@ -100,7 +108,7 @@ def test_prepared_parquet_loads_in_verls_rlhf_dataset(tmp_path, qwen3_tokenizer_
     from transformers import AutoTokenizer
     from verl.utils.dataset.rl_dataset import RLHFDataset
 
-    from stapo.verl.data import prepare
+    from stapo.engines.verl.data import prepare
 
     train = tmp_path / "train.jsonl"
     rows = [
@@ -140,7 +148,7 @@ def _score_through_naive_manager(response: str, gold: str) -> float:
     from verl.experimental.reward_loop.reward_manager.naive import NaiveRewardManager
     from verl.trainer.ppo.reward import get_custom_reward_fn
 
-    config = OmegaConf.create({"reward": {"custom_reward_function": {"path": "pkg://stapo.verl.reward", "name": "compute_score"}}})
+    config = OmegaConf.create({"reward": {"custom_reward_function": {"path": "pkg://stapo.rewards", "name": "compute_score"}}})
     fn = get_custom_reward_fn(config)
     ids = torch.tensor([[ord(c) for c in response] + [0, 0]])
     prompt = torch.tensor([[65, 66]])

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The comparison at the paper's scale through verl: Qwen3-1.7B-Base on DAPO-Math-17k, one 8-GPU node,
-# one command per method, through the recipe in recipes/verl/ (settings from `python -m stapo.verl.recipe`;
+# one command per method, through the recipe in recipes/verl/ (settings from `python -m stapo.engines.verl.recipe`;
 # the methods differ only in the loss settings of stapo.core's presets).
 #
-#   python -m stapo.verl.data --train BytedTsinghua-SIA/DAPO-Math-17k --out data/verl    # once
+#   python -m stapo.engines.verl.data --train BytedTsinghua-SIA/DAPO-Math-17k --out data/verl    # once
 #   bash experiments/compare/gpu/run_verl.sh stapo
 #   DRY_RUN=1 bash experiments/compare/gpu/run_verl.sh grpo           # print the command only
 #

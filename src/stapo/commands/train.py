@@ -38,7 +38,7 @@ def train_from_config(cfg, resume: bool = False) -> int:
     from stapo.cli import UserError
     from stapo.config import ConfigError
     from stapo.data import DataError
-    from stapo.engines.trl_state import NonFiniteTrainingError
+    from stapo.engines.trl import NonFiniteTrainingError
     from stapo.models import ModelLoadError
     from stapo.train import run_training
 

@@ -30,7 +30,6 @@ from stapo.core.filters import (
 )
 from stapo.core.head import token_logprobs_entropy
 from stapo.core.lm_head import (
-    TRLChunkedLogProbAdapter,
     causal_lm_head_params,
     causal_lm_hidden_states,
     lm_head_logprobs_entropy,
@@ -61,7 +60,6 @@ __all__ = [
     "S2T_FIELDS",
     "TAU_H_POPULATIONS",
     "TOKEN_FILTERS",
-    "TRLChunkedLogProbAdapter",
     "aggregate",
     "apply_token_filter",
     "causal_lm_head_params",

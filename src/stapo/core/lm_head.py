@@ -453,39 +453,3 @@ def causal_lm_hidden_states(model, input_ids, attention_mask=None, **kwargs) -> 
     if not isinstance(hidden, torch.Tensor):
         raise ValueError(f"the backbone of {type(model).__name__} returned no last_hidden_state")
     return hidden
-
-
-class TRLChunkedLogProbAdapter:
-    """Drop-in for TRL 1.16's fused head (`trl.trainer.utils._ChunkedLogProbFunction`), computed here.
-
-    TRL's patched forward (`add_fused_lm_head`) calls
-    `apply(hidden, weight, bias, labels, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs)`
-    and expects `(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)`, `None` where not asked.
-    Swapping this class in keeps TRL's backbone call, masking, DDP/PEFT handling and weight gathering,
-    and replaces only the head math (float32 logits from the GEMM instead of compute-dtype tiles).
-
-    Limits, each refused with a ValueError rather than computed wrong: softcapped logits, the
-    `mean_logits` / `is_top1` outputs. The entropy is detached, so a trainer with an entropy bonus
-    (`entropy_coef != 0` or adaptive entropy) must not use this adapter. Under DeepSpeed ZeRO-3 the
-    head weight is gathered only around the forward call; use TRL's own head there.
-    """
-
-    SUPPORTED_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs")
-
-    @staticmethod
-    def apply(hidden, weight, bias, targets, temperature, chunk_size=None, final_logit_softcapping=None,
-              logit_scale=1.0, outputs=("log_probs",)):
-        if final_logit_softcapping is not None:
-            raise ValueError(
-                f"final_logit_softcapping={final_logit_softcapping}: the stapo lm head does not support softcapped logits"
-            )
-        extra = [o for o in outputs if o not in TRLChunkedLogProbAdapter.SUPPORTED_OUTPUTS]
-        if extra:
-            raise ValueError(f"outputs {extra} are not supported by the stapo lm head (supported: "
-                             f"{TRLChunkedLogProbAdapter.SUPPORTED_OUTPUTS})")
-        want_collision = "log_sum_sq_probs" in outputs
-        res = lm_head_logprobs_entropy(hidden, weight, targets, bias=bias, temperature=temperature,
-                                       logit_scale=logit_scale, return_collision=want_collision)
-        entropy = res[1] if "entropy" in outputs else None
-        log_sum_sq = res[2].log() if want_collision else None
-        return res[0], entropy, log_sum_sq, None, None

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from stapo.data.loaders import BENCHMARKS
+
 __all__ = [
     "BENCHMARKS",
     "BENCHMARK_TITLES",
@@ -22,8 +24,7 @@ __all__ = [
     "sample_seed",
 ]
 
-# Display order = the paper's table order.
-BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench")
+# BENCHMARKS (stapo.data) is in the paper's table order, the display order.
 BENCHMARK_TITLES = {
     "aime24": "AIME24",
     "aime25": "AIME25",

@@ -2,7 +2,7 @@
 
     trl_reward_fn(answer_key="answer", timeout=5.0, require_boxed=False)
         -> reward_func(prompts, completions, **columns) -> list[float]      # GRPOTrainer(reward_funcs=[...])
-    compute_score(data_source, solution_str, ground_truth, extra_info=None) -> float   # verl custom_reward_function
+    compute_score(data_source, solution_str, ground_truth, extra_info=None) -> float   # verl: pkg://stapo.rewards
 """
 
 from __future__ import annotations
@@ -45,18 +45,32 @@ def trl_reward_fn(answer_key: str = "answer", timeout: float = 5.0, require_boxe
     return math_accuracy
 
 
-def compute_score(data_source: Any, solution_str: str, ground_truth: Any, extra_info: Any = None, **kwargs: Any) -> float:
-    """verl's ``custom_reward_function`` signature: 1.0 / 0.0 for one response.
+def compute_score(
+    data_source: Any = None,
+    solution_str: str = "",
+    ground_truth: Any = "",
+    extra_info: Any = None,
+    timeout: float = 5.0,
+    require_boxed: bool = False,
+    **_: Any,
+) -> float:
+    """verl's custom reward function: 1.0 / 0.0 for one decoded response against its gold answer.
 
-    ``extra_info`` may carry ``{"timeout": s, "require_boxed": bool}``. ``ground_truth`` may be a
-    string or a one-element list (verl datasets store ``reward_model.ground_truth``).
+        reward.custom_reward_function.path=pkg://stapo.rewards
+        reward.custom_reward_function.name=compute_score
+
+    verl's reward managers call it per response with `data_source`, `solution_str`, `ground_truth`,
+    `extra_info` (and accept a float or a dict with "score"). `timeout` (seconds) and `require_boxed`
+    come from the config's `reward_kwargs`; a row's `extra_info` may override them. `ground_truth`
+    is a string or a list of accepted gold strings (the best match counts). Grading is
+    `stapo.rewards.math_reward`: safe on untrusted text and bounded in time.
     """
+    if not isinstance(solution_str, str):
+        raise ValueError(f"solution_str must be a string, got {type(solution_str).__name__}")
+    golds = [str(g) for g in ground_truth] if isinstance(ground_truth, (list, tuple)) else [str(ground_truth)]
+    if not any(g.strip() for g in golds):
+        raise ValueError(f"empty ground_truth for data_source={data_source!r}")
     info = extra_info if isinstance(extra_info, dict) else {}
-    if isinstance(ground_truth, (list, tuple)) and len(ground_truth) == 1:
-        ground_truth = ground_truth[0]
-    return math_reward(
-        solution_str if isinstance(solution_str, str) else "",
-        ground_truth,
-        timeout=float(info.get("timeout", 5.0)),
-        require_boxed=bool(info.get("require_boxed", False)),
-    )
+    timeout = float(info.get("timeout", timeout))
+    require_boxed = bool(info.get("require_boxed", require_boxed))
+    return max(math_reward(solution_str, g, timeout=timeout, require_boxed=require_boxed) for g in golds if g.strip())

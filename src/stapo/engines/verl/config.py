@@ -1,12 +1,13 @@
 """The `stapo` block of verl's actor config: `actor_rollout_ref.actor.policy_loss.stapo.*`.
 
 verl builds `actor.policy_loss` from its Hydra node with `_target_`, so the extra block needs a
-`PolicyLossConfig` that knows it: `StapoPolicyLossConfig`. `python -m stapo.verl.main` selects it
+`PolicyLossConfig` that knows it: `StapoPolicyLossConfig`. `python -m stapo.engines.verl.main` selects it
 (and switches entropy on) whenever `loss_mode` is `stapo` or `20-entropy`; a plain
 `verl.trainer.main_ppo` launch needs `actor_rollout_ref.actor.policy_loss._target_=
-stapo.verl.config.StapoPolicyLossConfig` when it sets any `stapo.*` key.
+stapo.engines.verl.config.StapoPolicyLossConfig` when it sets any `stapo.*` key.
 
-Defaults come from `stapo.core.get_preset`, the single source of the method's numbers.
+The S2T thresholds' defaults, ranges and meanings are `stapo.core.S2TSettings`' (checked by its
+validator, errors prefixed `stapo.`); 20-Entropy's rho defaults to its preset's.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from typing import Any, Optional
 from verl.base_config import BaseConfig
 from verl.workers.config import PolicyLossConfig
 
-from stapo.core import get_preset
+from stapo.core import S2TSettings, get_preset, s2t_errors
 
 LOSS_MODES = ("stapo", "20-entropy")
-POLICY_LOSS_TARGET = "stapo.verl.config.StapoPolicyLossConfig"
+POLICY_LOSS_TARGET = "stapo.engines.verl.config.StapoPolicyLossConfig"
+# The S2T settings a verl loss reads (inert_warning_steps is a TRL-engine run switch).
+S2T_KEYS = ("tau_p", "tau_h", "tau_h_quantile", "tau_h_population")
+STAPO_KEYS = S2T_KEYS + ("top_entropy_quantile",)
 
-_STAPO = get_preset("stapo")
+_S2T = get_preset("stapo").s2t_settings
 _HIGH_ENTROPY = get_preset("20-entropy")
 
 
@@ -31,26 +35,29 @@ _HIGH_ENTROPY = get_preset("20-entropy")
 class StapoConfig(BaseConfig):
     """Thresholds of the two token filters.
 
-    tau_p                 STAPO: a token is spurious only if its probability is below this (0, 1].
-    tau_h                 STAPO: absolute entropy threshold in nats; None: use tau_h_quantile.
-    tau_h_quantile        STAPO: the entropy threshold is this quantile of the valid tokens'
-                          entropies, over every data-parallel rank ([0, 1]).
+    tau_p, tau_h, tau_h_quantile, tau_h_population   STAPO's S2T settings (`stapo.core.S2TSettings`);
+                          the quantile is taken over every data-parallel rank.
     top_entropy_quantile  20-Entropy: the fraction rho of highest-entropy tokens that keep a
                           gradient ((0, 1]).
     """
 
-    tau_p: float = _STAPO.tau_p
-    tau_h: Optional[float] = _STAPO.tau_h
-    tau_h_quantile: float = _STAPO.tau_h_quantile
+    tau_p: float = _S2T.tau_p
+    tau_h: Optional[float] = _S2T.tau_h
+    tau_h_quantile: float = _S2T.tau_h_quantile
+    tau_h_population: str = _S2T.tau_h_population
     top_entropy_quantile: float = _HIGH_ENTROPY.top_entropy_quantile
 
     def __post_init__(self):
-        _check_range("stapo.tau_p", self.tau_p, 0.0, 1.0, low_open=True)
-        if self.tau_h is not None:
-            if isinstance(self.tau_h, bool) or not isinstance(self.tau_h, (int, float)) or not math.isfinite(self.tau_h):
-                raise ValueError(f"stapo.tau_h must be a finite number of nats or null, got {self.tau_h!r}")
-        _check_range("stapo.tau_h_quantile", self.tau_h_quantile, 0.0, 1.0)
+        values = {name: getattr(self, name) for name in S2T_KEYS}
+        errors = [f"stapo.{name} {msg}, got {values[name]!r}"
+                  for name, msg in s2t_errors(values, none_means_default=False).items()]
+        if errors:
+            raise ValueError("; ".join(errors))
         _check_range("stapo.top_entropy_quantile", self.top_entropy_quantile, 0.0, 1.0, low_open=True)
+
+    @property
+    def s2t(self) -> S2TSettings:
+        return S2TSettings(**{name: getattr(self, name) for name in S2T_KEYS})
 
 
 @dataclass
@@ -89,7 +96,7 @@ def _to_stapo_config(block) -> StapoConfig:
         return StapoConfig()
     if isinstance(block, StapoConfig):
         return block
-    known = {"tau_p", "tau_h", "tau_h_quantile", "top_entropy_quantile"}
+    known = set(STAPO_KEYS)
     items = {k: block[k] for k in block.keys() if k != "_target_"}
     unknown = sorted(set(items) - known)
     if unknown:

@@ -1,11 +1,11 @@
-"""`python -m stapo.verl.main <verl Hydra overrides>`: verl's PPO trainer with STAPO's settings.
+"""`python -m stapo.engines.verl.main <verl Hydra overrides>`: verl's PPO trainer with STAPO's settings.
 
 The same command line as `python -m verl.trainer.main_ppo` (same config, same overrides). When
 `actor_rollout_ref.actor.policy_loss.loss_mode` is `stapo` or `20-entropy`, `apply_stapo_defaults`
   - switches `actor.calculate_entropy` on (the losses need the current policy's entropies),
   - selects `StapoPolicyLossConfig` as the policy-loss config (`policy_loss.stapo.*` keys) and
-    validates that block (defaults from `stapo.core.get_preset`),
-  - asks the workers to import `stapo.verl` (`model.external_lib`) if no plugin entry point does,
+    validates that block (defaults from `stapo.core.S2TSettings` and the presets),
+  - asks the workers to import `stapo.engines.verl` (`model.external_lib`) if no plugin entry point does,
 and changes nothing for other loss modes.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from stapo.verl.config import LOSS_MODES, POLICY_LOSS_TARGET, StapoConfig
+from stapo.engines.verl.config import LOSS_MODES, POLICY_LOSS_TARGET, STAPO_KEYS, StapoConfig
 
 
 def apply_stapo_defaults(cfg: DictConfig) -> DictConfig:
@@ -38,18 +38,13 @@ def apply_stapo_defaults(cfg: DictConfig) -> DictConfig:
     with open_dict(cfg):
         actor.calculate_entropy = True
         actor.policy_loss._target_ = POLICY_LOSS_TARGET
-        actor.policy_loss.stapo = {
-            "tau_p": settings.tau_p,
-            "tau_h": settings.tau_h,
-            "tau_h_quantile": settings.tau_h_quantile,
-            "top_entropy_quantile": settings.top_entropy_quantile,
-        }
+        actor.policy_loss.stapo = {name: getattr(settings, name) for name in STAPO_KEYS}
         model = cfg.actor_rollout_ref.model
         libs = model.get("external_lib", None)
         if libs is None:
-            model.external_lib = "stapo.verl"
-        elif "stapo.verl" not in (list(libs) if not isinstance(libs, str) else [libs]):
-            model.external_lib = (list(libs) if not isinstance(libs, str) else [libs]) + ["stapo.verl"]
+            model.external_lib = "stapo.engines.verl"
+        elif "stapo.engines.verl" not in (list(libs) if not isinstance(libs, str) else [libs]):
+            model.external_lib = (list(libs) if not isinstance(libs, str) else [libs]) + ["stapo.engines.verl"]
     return cfg
 
 
@@ -57,7 +52,7 @@ def apply_stapo_defaults(cfg: DictConfig) -> DictConfig:
 def main(cfg: DictConfig) -> None:
     from verl.trainer import main_ppo
 
-    import stapo.verl  # noqa: F401 - registers the losses in the driver too
+    import stapo.engines.verl  # noqa: F401 - registers the losses in the driver too
 
     apply_stapo_defaults(cfg)
     main_ppo.main.__wrapped__(cfg)

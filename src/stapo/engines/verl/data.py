@@ -1,6 +1,6 @@
 """Prompts and benchmarks as verl RL parquet files (the columns `verl.utils.dataset.RLHFDataset` reads).
 
-    python -m stapo.verl.data --train <jsonl | parquet | hub id> --out data/verl [--benchmarks all]
+    python -m stapo.engines.verl.data --train <jsonl | parquet | hub id> --out data/verl [--benchmarks all]
 
 Each row: `data_source`, `prompt` (chat messages; verl applies the model's chat template),
 `ability` = "math", `reward_model` = {"style": "rule", "ground_truth": answer}, `extra_info`
@@ -75,7 +75,7 @@ def prepare(
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stapo.verl.data", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m stapo.engines.verl.data", description=__doc__.splitlines()[0])
     parser.add_argument("--train", required=True, help="training prompts: .jsonl/.parquet file or hub id")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--benchmarks", default="all", help="comma-separated names, 'all' or 'none'")

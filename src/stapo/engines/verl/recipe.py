@@ -1,14 +1,14 @@
 """The paper's verl runs as data: Hydra overrides for (method, model size).
 
-    python -m stapo.verl.recipe --method stapo --model 8b --data-dir data/verl [--nnodes 2 ...]
+    python -m stapo.engines.verl.recipe --method stapo --model 8b --data-dir data/verl [--nnodes 2 ...]
 
-prints one override per line (`recipes/verl/run.sh` passes them to `python -m stapo.verl.main`).
+prints one override per line (`recipes/verl/run.sh` passes them to `python -m stapo.engines.verl.main`).
 The loss settings of each method come from `stapo.core.get_preset` (one source of truth):
-  grpo        vanilla loss, clip 0.2 / 0.2, token-mean
-  20-entropy  gradient only for the top 20% entropy tokens, clip 0.2 / 0.28, token-mean
-  justrl      vanilla loss, clip 0.2 / 0.28, token-mean
-  stapo       justrl + the S2T mask (tau_p 0.01, tau_h = 5% entropy quantile)
-Shared JustRL-like settings: G = 8, lr 1e-6, T = 1.0, no KL, no entropy bonus, one update per batch.
+  grpo        vanilla loss, clip 0.2 / 0.2, token-mean (verl's dual clip, bound 3)
+  20-entropy  gradient only for the top 20% entropy tokens, clip 0.2 / 0.28, token-mean (bound 3)
+  justrl      vanilla loss, clip 0.2 / 0.28, token-mean, dual clip bound 10
+  stapo       justrl + the S2T mask (the S2TSettings defaults: tau_p, tau_h = an entropy quantile)
+Shared JustRL settings: G = 8, lr 1e-6 with 10 warm-up steps, weight decay 0.1, T = 1.0, no KL, no entropy bonus, one update per batch.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import argparse
 from dataclasses import dataclass
 
 from stapo.core import get_preset
+from stapo.data import BENCHMARKS
+from stapo.engines.verl.config import S2T_KEYS
 
 METHODS = ("grpo", "20-entropy", "justrl", "stapo")
-BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench")
 
 
 @dataclass(frozen=True)
@@ -58,15 +59,16 @@ def loss_overrides(method: str) -> list[str]:
         f"{a}.clip_ratio_high={p.clip_high}",
         f"{a}.loss_agg_mode={p.agg}",
     ]
+    if p.clip_ratio_c is not None:  # verl's dual clip applies to every loss; its default bound is 3
+        out.append(f"{a}.clip_ratio_c={p.clip_ratio_c}")
     if p.token_filter == "none":
         out.append(f"{a}.policy_loss.loss_mode=vanilla")
     elif p.token_filter == "s2t":
-        out += [
-            f"{a}.policy_loss.loss_mode=stapo",
-            f"+{a}.policy_loss.stapo.tau_p={p.tau_p}",
-            f"+{a}.policy_loss.stapo.tau_h={'null' if p.tau_h is None else p.tau_h}",
-            f"+{a}.policy_loss.stapo.tau_h_quantile={p.tau_h_quantile}",
-        ]
+        s2t = p.s2t_settings
+        out.append(f"{a}.policy_loss.loss_mode=stapo")
+        for name in S2T_KEYS:
+            value = getattr(s2t, name)
+            out.append(f"+{a}.policy_loss.stapo.{name}={'null' if value is None else value}")
     elif p.token_filter == "high_entropy":
         out += [
             f"{a}.policy_loss.loss_mode=20-entropy",
@@ -109,14 +111,16 @@ def paper_overrides(
         f"actor_rollout_ref.model.path={model_path or m.hub_id}",
         "actor_rollout_ref.model.use_remove_padding=True",
         "actor_rollout_ref.model.enable_gradient_checkpointing=True",
+        # JustRL's optimizer, for every method (the presets fix only the loss)
         f"{a}.optim.lr=1e-6",
+        f"{a}.optim.lr_warmup_steps=10",
+        f"{a}.optim.weight_decay=0.1",
         f"{a}.ppo_mini_batch_size={MINI_BATCH_PROMPTS}",
         f"{a}.ppo_epochs=1",
         f"{a}.use_dynamic_bsz=True",
         f"{a}.ppo_max_token_len_per_gpu={max(m.micro_batch_tokens, seq_len)}",
         f"{a}.use_kl_loss=False",
         f"{a}.entropy_coeff=0",
-        f"{a}.clip_ratio_c=3.0",
         *loss_overrides(method),
         f"{r}.name=vllm",
         f"{r}.n={GROUP_SIZE}",
@@ -131,7 +135,7 @@ def paper_overrides(
         f"{r}.val_kwargs.top_p=1.0",
         f"{r}.val_kwargs.n=4",
         "actor_rollout_ref.ref.log_prob_use_dynamic_bsz=True",
-        "reward.custom_reward_function.path=pkg://stapo.verl.reward",
+        "reward.custom_reward_function.path=pkg://stapo.rewards",
         "reward.custom_reward_function.name=compute_score",
         "trainer.critic_warmup=0",
         "trainer.logger=[console,tensorboard]",
@@ -147,7 +151,7 @@ def paper_overrides(
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stapo.verl.recipe", description="Print a paper run's verl overrides.")
+    parser = argparse.ArgumentParser(prog="python -m stapo.engines.verl.recipe", description="Print a paper run's verl overrides.")
     parser.add_argument("--method", required=True, choices=METHODS)
     parser.add_argument("--model", required=True, choices=sorted(MODELS))
     parser.add_argument("--data-dir", default="data/verl")

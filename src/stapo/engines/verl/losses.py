@@ -40,8 +40,8 @@ import torch
 
 from verl.trainer.ppo.core_algos import register_policy_loss
 
-from stapo.core import entropy_quantile, high_entropy_loss, stapo_loss
-from stapo.verl.config import LOSS_MODES, stapo_settings
+from stapo.core import high_entropy_loss, stapo_loss
+from stapo.engines.verl.config import LOSS_MODES, stapo_settings
 
 __all__ = [
     "compute_policy_loss_high_entropy",
@@ -83,8 +83,8 @@ def _current_entropy(loss_mode: str) -> _TokenEntropy:
     if value is None:
         raise ValueError(
             f"policy_loss.loss_mode={loss_mode} needs per-token entropies: set "
-            "actor_rollout_ref.actor.calculate_entropy=True and import stapo.verl in the workers "
-            "(launch with `python -m stapo.verl.main`, which does both)"
+            "actor_rollout_ref.actor.calculate_entropy=True and import stapo.engines.verl in the workers "
+            "(launch with `python -m stapo.engines.verl.main`, which does both)"
         )
     return value
 
@@ -168,27 +168,24 @@ def compute_policy_loss_stapo(
         loss = agg( max(-A r, -A clip(r, 1-ε_low, 1+ε_high)) [dual clip where A < 0], valid ∧ ¬M )
 
     with π_θ, H the current policy's (detached) values of this micro-batch and tau_h absolute
-    (`stapo.tau_h`) or the `stapo.tau_h_quantile` quantile of the valid tokens' entropies gathered
-    over the data-parallel group. Computed by `stapo.core.stapo_loss`.
+    (`stapo.tau_h`) or the `stapo.tau_h_quantile` quantile of the entropies of `stapo.tau_h_population`
+    gathered over the data-parallel group (an empty population silences nothing). Computed by
+    `stapo.core.stapo_loss`, which applies the "s2t" token filter.
     """
     _check_no_weights(rollout_is_weights, "stapo")
     ctx = _current_entropy("stapo")
-    settings = stapo_settings(config)
-    valid = response_mask.bool()
-    tau_h = settings.tau_h
-    if tau_h is None:
-        tau_h = entropy_quantile(ctx.entropy, valid, settings.tau_h_quantile, group=ctx.dp_group)
-        if not bool(torch.isfinite(tau_h)):  # no valid token on any rank: core silences nothing
-            tau_h = None
+    s2t = stapo_settings(config).s2t
     loss, metrics = stapo_loss(
         log_prob,
         old_log_prob,
         advantages,
-        valid,
+        response_mask.bool(),
         ctx.entropy,
-        tau_p=settings.tau_p,
-        tau_h=tau_h,
-        tau_h_quantile=settings.tau_h_quantile,
+        tau_p=s2t.tau_p,
+        tau_h=s2t.tau_h,
+        tau_h_quantile=s2t.tau_h_quantile,
+        tau_h_population=s2t.tau_h_population,
+        group=ctx.dp_group,
         **core_loss_kwargs(config, loss_agg_mode),
     )
     names = dict(
@@ -222,20 +219,17 @@ def compute_policy_loss_high_entropy(
     """
     _check_no_weights(rollout_is_weights, "20-entropy")
     ctx = _current_entropy("20-entropy")
-    settings = stapo_settings(config)
-    valid = response_mask.bool()
-    threshold = entropy_quantile(ctx.entropy, valid, 1.0 - settings.top_entropy_quantile, group=ctx.dp_group)
     kwargs = core_loss_kwargs(config, loss_agg_mode)
     num_tokens = kwargs.pop("num_tokens", None)
     loss, metrics = high_entropy_loss(
         log_prob,
         old_log_prob,
         advantages,
-        valid,
+        response_mask.bool(),
         ctx.entropy,
-        top_entropy_quantile=settings.top_entropy_quantile,
-        entropy_threshold=threshold if bool(torch.isfinite(threshold)) else None,
+        top_entropy_quantile=stapo_settings(config).top_entropy_quantile,
         num_tokens=num_tokens,
+        group=ctx.dp_group,
         **kwargs,
     )
     names = dict(_COMMON_METRICS, entropy_kept_count="entropy_kept_count", entropy_kept_frac="entropy_kept_frac")
@@ -252,7 +246,7 @@ def stapo_actor_loss(config, model_output, data, dp_group=None):
     """verl's actor loss (`ppo_loss`), with the micro-batch's entropies made available to the
     `stapo` / `20-entropy` policy losses. Other loss modes go straight to verl's `ppo_loss`."""
     if _VERL_PPO_LOSS is None:
-        raise RuntimeError("stapo.verl.install_actor_loss_hook() has not run")
+        raise RuntimeError("stapo.engines.verl.install_actor_loss_hook() has not run")
     loss_mode = config.policy_loss.get("loss_mode", "vanilla")
     if loss_mode not in LOSS_MODES:
         return _VERL_PPO_LOSS(config, model_output, data, dp_group=dp_group)
@@ -260,7 +254,7 @@ def stapo_actor_loss(config, model_output, data, dp_group=None):
     if entropy is None:
         raise ValueError(
             f"policy_loss.loss_mode={loss_mode} needs per-token entropies but the actor did not compute "
-            "them: set actor_rollout_ref.actor.calculate_entropy=True (python -m stapo.verl.main does)"
+            "them: set actor_rollout_ref.actor.calculate_entropy=True (python -m stapo.engines.verl.main does)"
         )
     from verl.workers.utils.padding import no_padding_2_padding
 

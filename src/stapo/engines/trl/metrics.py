@@ -23,9 +23,9 @@ SUM_KEYS = (
     "low_prob",  # p < tau_p
     "low_entropy",  # H < entropy threshold
     "entropy",  # Σ H
-    "clip_low",  # r < 1 - eps_low with A < 0
-    "clip_high",  # r > 1 + eps_high with A > 0
-    "ratio",  # Σ r
+    "clip_low",  # tokens with gradient and r < 1 - eps_low, A < 0
+    "clip_high",  # tokens with gradient and r > 1 + eps_high, A > 0
+    "ratio",  # Σ r over the tokens with gradient
     "threshold",  # Σ over micro-batches of the (already global) entropy threshold
     "micro_batches",
     "loss",  # Σ of the micro-batch losses returned to the Trainer (this process)
@@ -67,12 +67,13 @@ def reduce_window(stats: TokenStats, accelerator) -> dict[str, float]:
 def window_metrics(g: dict[str, float], s2t_applied: bool) -> dict[str, float]:
     """Step metrics (TRL's names where TRL logs the same quantity, `stapo/...` otherwise)."""
     n = max(g["valid"], 1.0)
+    n_loss = max(g["loss_tokens"], 1.0)  # clip fractions and ratios: over the tokens that get gradient
     out = {
         "entropy": g["entropy"] / n,
-        "clip_ratio/low_mean": g["clip_low"] / n,
-        "clip_ratio/high_mean": g["clip_high"] / n,
-        "clip_ratio/region_mean": (g["clip_low"] + g["clip_high"]) / n,
-        "stapo/ratio_mean": g["ratio"] / n,
+        "clip_ratio/low_mean": g["clip_low"] / n_loss,
+        "clip_ratio/high_mean": g["clip_high"] / n_loss,
+        "clip_ratio/region_mean": (g["clip_low"] + g["clip_high"]) / n_loss,
+        "stapo/ratio_mean": g["ratio"] / n_loss,
         "stapo/ratio_min": g["ratio_min"] if math.isfinite(g["ratio_min"]) else 1.0,
         "stapo/ratio_max": g["ratio_max"] if math.isfinite(g["ratio_max"]) else 1.0,
         "stapo/completion_tokens": g["valid"],

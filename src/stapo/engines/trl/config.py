@@ -1,0 +1,179 @@
+"""`STAPOConfig`: TRL's `GRPOConfig` plus the method preset, S2T thresholds and run switches.
+
+Preset -> TRL options (`__post_init__`). These TRL fields default to None here, meaning "take the
+preset's value"; any value the user passes (even one equal to TRL's default) is kept:
+
+    advantage_scale group | none | batch    -> scale_rewards
+    clip_low / clip_high                    -> epsilon / epsilon_high
+    agg token-mean                          -> loss_type "dapo" (global token count)
+    agg seq-mean-token-sum-norm             -> loss_type "dr_grpo"
+    (all presets)                           -> beta = 0 (no KL, no reference model)
+    20-entropy's rho                        -> top_entropy_quantile
+
+`clip_ratio_c` (dual clip for A < 0) is not a TRL option: None takes the preset's (justrl, stapo: 10;
+the others: none), and `STAPOTrainer` passes it to `stapo.core.policy_loss`.
+
+S2T thresholds (`tau_p`, `tau_h`, `tau_h_quantile`, `tau_h_population`, `inert_warning_steps`): None
+takes `method`'s `preset.s2t_settings`, the defaults of `stapo.core.S2TSettings`, which also checks
+them. Methods other than stapo do not apply S2T: their thresholds only measure what it would silence
+(logged as stapo/s2t_*), so the configs of a comparison can differ only in `method`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from stapo.core import S2T_DEFAULTS, S2T_FIELDS, S2TSettings, get_preset
+
+__all__ = ["STAPOConfig", "AGG_TO_LOSS_TYPE", "PRESET_OPTIONS", "SUPPORTED_LOSS_TYPES"]
+
+# TRL fields a preset sets unless the user set them explicitly.
+PRESET_OPTIONS = ("loss_type", "epsilon", "epsilon_high", "scale_rewards", "beta", "top_entropy_quantile")
+AGG_TO_LOSS_TYPE = {"token-mean": "dapo", "seq-mean-token-mean": "grpo", "seq-mean-token-sum-norm": "dr_grpo"}
+SUPPORTED_LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")
+_MEASURED_ONLY = "Other methods: measured only."
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+@dataclass
+class STAPOConfig(GRPOConfig):
+    """`GRPOConfig` plus the STAPO method switch. See the module docstring for the preset mapping."""
+
+    method: str = field(
+        default="stapo",
+        metadata={"help": "Method preset: grpo, dapo, dr_grpo, 20-entropy, justrl or stapo (stapo.core.PRESETS)."},
+    )
+    tau_p: float | None = field(
+        default=None,
+        metadata={"help": f"S2T probability threshold (None: {S2T_DEFAULTS['tau_p']}; 0 = mask off). {_MEASURED_ONLY}"},
+    )
+    tau_h: float | None = field(
+        default=None,
+        metadata={"help": f"S2T absolute entropy threshold in nats; None: use tau_h_quantile. {_MEASURED_ONLY}"},
+    )
+    tau_h_quantile: float | None = field(
+        default=None,
+        metadata={"help": f"S2T entropy threshold as a quantile of tau_h_population's entropies "
+                  f"(None: {S2T_DEFAULTS['tau_h_quantile']})."},
+    )
+    tau_h_population: str | None = field(
+        default=None,
+        metadata={"help": f"Tokens the tau_h quantile is taken over: valid | low_prob | candidates "
+                  f"(None: {S2T_DEFAULTS['tau_h_population']})."},
+    )
+    inert_warning_steps: int | None = field(
+        default=None,
+        metadata={"help": f"Warn once when S2T silenced nothing for this many optimizer steps in a row "
+                  f"(0: never; None: {S2T_DEFAULTS['inert_warning_steps']})."},
+    )
+    clip_ratio_c: float | None = field(
+        default=None, metadata={"help": "Dual-clip bound for A < 0 (> 1; None: the preset's, justrl/stapo 10)."}
+    )
+    # TRL options the preset fills (None = the preset's value).
+    loss_type: str | None = field(default=None, metadata={"help": "dapo | bnpo | grpo | dr_grpo (None: preset)."})
+    epsilon: float | None = field(default=None, metadata={"help": "Lower clip epsilon (None: preset)."})
+    epsilon_high: float | None = field(default=None, metadata={"help": "Upper clip epsilon (None: preset)."})
+    scale_rewards: str | None = field(default=None, metadata={"help": "group | batch | none (None: preset)."})
+    beta: float | None = field(default=None, metadata={"help": "KL coefficient; must be 0 (None: 0)."})
+    top_entropy_quantile: float | None = field(
+        default=None, metadata={"help": "20-Entropy's rho (20-entropy only; None: the preset's)."}
+    )
+    metrics_jsonl: bool = field(
+        default=True, metadata={"help": "Append every logged step to <output_dir>/metrics.jsonl."}
+    )
+    capture_rollouts_every: int = field(
+        default=0, metadata={"help": "Capture token-level rollouts every N optimizer steps (0: off)."}
+    )
+    capture_max_samples: int = field(default=16, metadata={"help": "Completions captured per capture step."})
+    fused_lm_head: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Compute log-probs/entropies with stapo's memory-lean LM head in TRL's fused-head slot "
+            "(None: auto = on unless the model softcaps logits or DeepSpeed ZeRO-3 is used)."
+        },
+    )
+    max_nonfinite_steps: int = field(
+        default=3,
+        metadata={"help": "Stop after this many optimizer steps in a row with a non-finite loss or gradient "
+                  "(each such step is skipped)."},
+    )
+
+    def __post_init__(self):
+        preset = get_preset(self.method)  # ValueError listing the known methods
+        self.explicit_options = tuple(name for name in PRESET_OPTIONS if getattr(self, name) is not None)
+        defaults = {
+            "loss_type": AGG_TO_LOSS_TYPE[preset.agg],
+            "epsilon": preset.clip_low,
+            "epsilon_high": preset.clip_high,
+            "scale_rewards": preset.advantage_scale,
+            "beta": 0.0,
+            "top_entropy_quantile": preset.top_entropy_quantile if preset.token_filter == "high_entropy" else 1.0,
+        }
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        # S2TSettings is the one validator ("tau_p must be ..."); None keeps the preset's value.
+        settings = S2TSettings.resolve({name: getattr(self, name) for name in S2T_FIELDS}, base=preset.s2t_settings)
+        for name in S2T_FIELDS:
+            setattr(self, name, getattr(settings, name))
+        if self.clip_ratio_c is None:
+            self.clip_ratio_c = preset.clip_ratio_c
+        super().__post_init__()
+        self._check_supported(preset)
+
+    @property
+    def s2t_settings(self) -> S2TSettings:
+        """The S2T thresholds of this run (applied by stapo, measured by the other methods)."""
+        return S2TSettings(**{name: getattr(self, name) for name in S2T_FIELDS})
+
+    def _check_supported(self, preset) -> None:
+        if self.loss_type not in SUPPORTED_LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {SUPPORTED_LOSS_TYPES} for STAPOTrainer, got {self.loss_type!r}")
+        _number("epsilon", self.epsilon)
+        _number("epsilon_high", self.epsilon_high)
+        if self.epsilon < 0 or self.epsilon_high < 0:
+            raise ValueError(f"epsilon and epsilon_high must be >= 0, got {self.epsilon}, {self.epsilon_high}")
+        if self.clip_ratio_c is not None and not _number("clip_ratio_c", self.clip_ratio_c) > 1.0:
+            raise ValueError(f"clip_ratio_c must be > 1 (dual-clip bound) or null, got {self.clip_ratio_c}")
+        if _number("beta", self.beta) != 0.0:
+            raise ValueError(f"beta must be 0 (the GRPO-family methods here use no KL term), got {self.beta}")
+        rho = _number("top_entropy_quantile", self.top_entropy_quantile)
+        if preset.token_filter == "high_entropy":
+            if not 0.0 < rho <= 1.0:
+                raise ValueError(f"top_entropy_quantile must be in (0, 1], got {rho}")
+            if self.loss_type == "grpo":
+                raise ValueError(
+                    "loss_type='grpo' cannot keep 20-Entropy's denominator (all valid tokens); "
+                    "use dapo, bnpo or dr_grpo with method='20-entropy'"
+                )
+        elif rho != 1.0:
+            raise ValueError(f"top_entropy_quantile applies only to method='20-entropy' (method is {self.method!r})")
+        unsupported = {
+            "importance_sampling_level": (self.importance_sampling_level, "token"),
+            "delta": (self.delta, None),
+            "off_policy_mask_threshold": (self.off_policy_mask_threshold, None),
+            "entropy_coef": (self.entropy_coef, 0.0),
+            "use_adaptive_entropy": (self.use_adaptive_entropy, False),
+        }
+        for name, (value, supported) in unsupported.items():
+            if value != supported:
+                raise ValueError(f"{name}={value!r} is not supported by STAPOTrainer (use {supported!r})")
+        for name in ("capture_rollouts_every", "capture_max_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.capture_max_samples < 1:
+            raise ValueError(f"capture_max_samples must be >= 1, got {self.capture_max_samples}")
+        k = self.max_nonfinite_steps
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"max_nonfinite_steps must be an int >= 1, got {k!r}")
+        if self.fused_lm_head is not None and not isinstance(self.fused_lm_head, bool):
+            raise ValueError(f"fused_lm_head must be true, false or null (auto), got {self.fused_lm_head!r}")
