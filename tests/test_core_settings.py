@@ -58,7 +58,7 @@ def test_inert_monitor_warns_once_per_streak():
     from stapo.core.monitor import InertS2TMonitor
 
     mon = InertS2TMonitor(S2TSettings(inert_warning_steps=3))
-    quiet = dict(n_valid=1000, n_low_prob=12, n_candidates=5, threshold=0.01, suggested_tau_h=0.4)
+    quiet = dict(n_valid=1000, n_low_prob=12, n_candidates=5, threshold=0.01, suggest_tau_h=lambda: 0.4)
     out = [mon.update(0, **quiet) for _ in range(5)]
     assert out[:2] == [None, None] and out[3:] == [None, None]
     assert "no token for 3 optimizer steps" in out[2] and "12 with p < tau_p" in out[2] and "0.4 nats" in out[2]

@@ -101,18 +101,28 @@ def test_dual_clip_of_the_preset_is_applied_where_it_binds(tiny_qwen3_dir, tmp_p
     assert float(undual) - float(loss) > 1.0  # without the dual clip the A < 0 rows would weigh ~20|A|
 
 
-def test_inert_s2t_warns_once_after_the_configured_steps(caplog):
-    from types import SimpleNamespace
-
-    from stapo.core import FilterParams
-
-    fake = SimpleNamespace(token_filter="s2t", _inert_steps=0, args=SimpleNamespace(inert_warning_steps=3),
-                           filter_params=FilterParams())
-    warn = STAPOTrainer._warn_if_inert
+@pytest.mark.parametrize("tau_p, warns", [(0.0, True), (1.0, False)])
+def test_inert_s2t_guard_through_the_trainer(tiny_qwen3_dir, tmp_path, caplog, tau_p, warns):
+    """tau_p = 0 silences nothing: after inert_warning_steps steps one warning line with the counts and a
+    suggested tau_h. tau_p = 1 with a huge tau_h silences every A > 0 token: no warning."""
+    args = STAPOConfig(
+        output_dir=str(tmp_path), method="stapo", tau_p=tau_p, tau_h=100.0, inert_warning_steps=2,
+        per_device_train_batch_size=4, num_generations=2, max_completion_length=4, max_steps=3,
+        learning_rate=1e-3, use_cpu=True, bf16=False, report_to=[], logging_steps=1, save_strategy="no", seed=3,
+        metrics_jsonl=False,
+    )
+    tok = AutoTokenizer.from_pretrained(tiny_qwen3_dir)
+    ds = Dataset.from_dict({"prompt": ["What is 2+3?", "Name a prime."] * 6})
+    trainer = STAPOTrainer(model=str(tiny_qwen3_dir), reward_funcs=_reward, args=args, train_dataset=ds,
+                           processing_class=tok)
     with caplog.at_level("WARNING", logger="stapo.engines.trl.trainer"):
-        for masked in (0, 0, 5, 0, 0):  # a step that silences something restarts the count
-            warn(fake, {"masked": masked, "valid": 10})
-        assert not caplog.records
-        for _ in range(3):
-            warn(fake, {"masked": 0, "valid": 10})
-    assert len(caplog.records) == 1 and "silenced no token in the last 3" in caplog.text
+        trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert all("stapo/s2t_candidates" in h and "stapo/s2t_low_prob" in h for h in logged)
+    inert = [r.getMessage() for r in caplog.records if "silenced no token" in r.getMessage()]
+    if warns:
+        assert all(h["stapo/s2t_masked_count"] == 0 for h in logged)
+        assert len(inert) == 1, inert  # once, not at every later step
+        assert "for 2 optimizer steps in a row" in inert[0] and "candidates (A > 0)" in inert[0]
+    else:
+        assert sum(h["stapo/s2t_masked_count"] for h in logged) > 0 and inert == []

@@ -96,6 +96,7 @@ class S2TDecision(NamedTuple):
     n_low_entropy: torch.Tensor  # valid ∧ H < threshold
     n_candidates: torch.Tensor   # valid ∧ p < τ_p ∧ A > 0
     n_spurious: torch.Tensor
+    candidates: torch.Tensor     # bool [B, T]: valid ∧ p < τ_p ∧ A > 0 (what some τ_h could silence)
 
 
 def s2t_decision(logprobs, entropy, advantages, response_mask, settings: S2TSettings, group=None) -> S2TDecision:
@@ -131,7 +132,8 @@ def s2t_decision(logprobs, entropy, advantages, response_mask, settings: S2TSett
         low_entropy = valid & (e < threshold)
         spurious = candidate & low_entropy
         n = lambda m: m.sum(dtype=torch.float32)  # noqa: E731
-        return S2TDecision(spurious, threshold, n(valid), n(low_prob), n(low_entropy), n(candidate), n(spurious))
+        return S2TDecision(spurious, threshold, n(valid), n(low_prob), n(low_entropy), n(candidate), n(spurious),
+                           candidate)
 
 
 def tau_h_for_fraction(entropy, candidates, n_valid, target: float) -> float | None:

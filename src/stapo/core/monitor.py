@@ -8,6 +8,7 @@ returns one warning line when S2T has silenced no token for `inert_warning_steps
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from stapo.core.settings import S2TSettings
 
@@ -21,11 +22,12 @@ class InertS2TMonitor:
     warned: bool = False
 
     def update(self, n_spurious: float, n_valid: float, n_low_prob: float, n_candidates: float,
-               threshold: float, suggested_tau_h: float | None) -> str | None:
+               threshold: float, suggest_tau_h: Callable[[], float | None]) -> str | None:
         """This step's counts (summed over processes) -> a warning line, or None.
 
-        `threshold`: the τ_h in nats the step used; `suggested_tau_h`: the absolute τ_h that would have
-        silenced ≈ `PAPER_MASKED_FRACTION` of the step's valid tokens (None: too few candidates)."""
+        `threshold`: the τ_h in nats the step used; `suggest_tau_h()` (called only to warn): the absolute
+        τ_h that would have silenced ≈ `PAPER_MASKED_FRACTION` of the step's valid tokens (None: too few
+        candidates)."""
         limit = self.settings.inert_warning_steps
         if n_spurious > 0:
             self.streak, self.warned = 0, False
@@ -35,6 +37,7 @@ class InertS2TMonitor:
             return None
         self.warned = True
         s = self.settings
+        suggested_tau_h = suggest_tau_h()
         would = (f"an absolute tau_h of {suggested_tau_h:.4g} nats would have silenced ~{100 * PAPER_MASKED_FRACTION:g}%"
                  if suggested_tau_h is not None else
                  f"no tau_h reaches ~{100 * PAPER_MASKED_FRACTION:g}% at tau_p = {s.tau_p:g} (too few candidates)")

@@ -21,6 +21,7 @@ SUM_KEYS = (
     "masked",  # S2T-silenced tokens (diagnostic for methods that do not apply S2T)
     "loss_tokens",  # tokens that receive gradient
     "low_prob",  # p < tau_p
+    "candidates",  # p < tau_p and A > 0: what some tau_h could silence
     "low_entropy",  # H < entropy threshold
     "entropy",  # Σ H
     "clip_low",  # tokens with gradient and r < 1 - eps_low, A < 0
@@ -81,6 +82,8 @@ def window_metrics(g: dict[str, float], s2t_applied: bool) -> dict[str, float]:
         "stapo/s2t_masked_count": g["masked"],
         "stapo/s2t_masked_frac": g["masked"] / n,
         "stapo/frac_low_prob": g["low_prob"] / n,
+        "stapo/s2t_low_prob": g["low_prob"],
+        "stapo/s2t_candidates": g["candidates"],
         "stapo/frac_low_entropy": g["low_entropy"] / n,
         "stapo/entropy_threshold": g["threshold"] / max(g["micro_batches"], 1.0),
         "stapo/s2t_applied": 1.0 if s2t_applied else 0.0,

@@ -65,8 +65,10 @@ from stapo.core import (
     get_preset,
     policy_loss,
     s2t_metrics,
+    tau_h_for_fraction,
     zero_variance_group_fraction,
 )
+from stapo.core.monitor import PAPER_MASKED_FRACTION, InertS2TMonitor
 from stapo.engines.trl.checkpoints import (
     NonFiniteGuard,
     NonFiniteTrainingError,
@@ -100,7 +102,8 @@ class STAPOTrainer(GRPOTrainer):
         self._window_loss = 0.0  # global loss sum of the last finished window (non-finite check)
         self._nonfinite = NonFiniteGuard(limit=args.max_nonfinite_steps)
         self._step_skipped = False
-        self._inert_steps = 0  # optimizer steps in a row in which S2T silenced nothing
+        self._inert = InertS2TMonitor(args.s2t_settings)  # warns when S2T silences nothing for K steps
+        self._last_s2t = None  # the last training micro-batch's (entropies, S2T decision): the warning's suggestion
         self._staging_run_dir: str | None = None
         self.use_stapo_lm_head = self._resolve_fused_lm_head(args.fused_lm_head)
         if self._deferred_denominator() and self.is_deepspeed_enabled:
@@ -241,6 +244,7 @@ class STAPOTrainer(GRPOTrainer):
             masked=s2t.n_spurious,
             loss_tokens=n,
             low_prob=s2t.n_low_prob,
+            candidates=s2t.n_candidates,
             low_entropy=s2t.n_low_entropy,
             entropy=torch.where(valid, entropies.detach().float(), 0.0).sum(),
             clip_low=metrics["clip_frac_low"] * n,
@@ -252,6 +256,8 @@ class STAPOTrainer(GRPOTrainer):
         )
         if bool(n > 0):
             self._window.add_ratio_extremes(metrics["ratio_min"], metrics["ratio_max"])
+        if mode == "train":
+            self._last_s2t = (entropies.detach(), s2t)
         if mode == "eval":
             self._finish_window(None, mode="eval")
 
@@ -283,18 +289,20 @@ class STAPOTrainer(GRPOTrainer):
             self._warn_if_inert(g)
 
     def _warn_if_inert(self, g) -> None:
-        """Warn once when S2T has silenced nothing for `inert_warning_steps` optimizer steps in a row."""
-        limit = self.args.inert_warning_steps
-        if self.token_filter != "s2t" or not limit or self._inert_steps < 0:
+        """One warning line when S2T has silenced nothing for `inert_warning_steps` optimizer steps in a row."""
+        if self.token_filter != "s2t" or g["valid"] == 0:
             return
-        self._inert_steps = self._inert_steps + 1 if g["masked"] == 0 and g["valid"] > 0 else 0
-        if self._inert_steps >= limit:
-            logger.warning(
-                "stapo: S2T silenced no token in the last %d optimizer steps (%s, tau_p=%g): STAPO is training "
-                "as JustRL; see docs/training.md on tau_h_population", limit,
-                self.filter_params.s2t.threshold_reading, self.filter_params.s2t.tau_p,
-            )
-            self._inert_steps = -1  # once per run
+
+        def suggest():  # from this process's last micro-batch: the step's data, not a global quantile
+            if self._last_s2t is None:
+                return None
+            entropies, s2t = self._last_s2t
+            return tau_h_for_fraction(entropies, s2t.candidates, s2t.n_valid, PAPER_MASKED_FRACTION)
+
+        message = self._inert.update(g["masked"], g["valid"], g["low_prob"], g["candidates"],
+                                     g["threshold"] / max(g["micro_batches"], 1.0), suggest)
+        if message and self.accelerator.is_main_process:
+            logger.warning("stapo: %s", message)
 
     def _clip_grad_norm(self, model):
         self._finish_window(model)
