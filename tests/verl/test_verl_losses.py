@@ -160,3 +160,20 @@ def test_errors_name_the_setting():
             get_policy_loss_fn("stapo")(old, lp, adv, mask, "token-mean", cfg, torch.ones_like(lp))
     with pytest.raises(ValueError, match="batch_num_tokens"):
         core_loss_kwargs(with_info(make_actor_config("stapo"), {"dp_size": 2}), "token-mean")
+
+
+@pytest.mark.parametrize("tau_p, warns", [(0.0, True), (0.05, False)])
+def test_inert_guard_warns_only_when_nothing_is_silenced(caplog, tau_p, warns):
+    """verl's loss is called once per micro-batch: after inert_warning_steps calls that silenced nothing,
+    one warning line; quiet when the mask bites."""
+    lp, old, adv, ent, mask = spurious_batch()
+    cfg = with_info(make_actor_config("stapo", stapo={"tau_p": tau_p, "tau_h": 0.5, "inert_warning_steps": 3}), {})
+    with caplog.at_level("WARNING", logger="stapo.engines.verl.losses"):
+        for _ in range(5):
+            _, _, metrics = run_loss("stapo", cfg, lp, old, adv, mask, "token-mean", entropy=ent)
+    inert = [r.getMessage() for r in caplog.records if "silenced no token" in r.getMessage()]
+    assert "actor/s2t_candidates" in metrics
+    if warns:
+        assert len(inert) == 1 and "for 3 optimizer steps" in inert[0] and "micro-batches" in inert[0]
+    else:
+        assert metrics["actor/s2t_masked_count"] > 0 and inert == []

@@ -23,8 +23,8 @@ from stapo.core import S2TSettings, get_preset, s2t_errors
 
 LOSS_MODES = ("stapo", "20-entropy")
 POLICY_LOSS_TARGET = "stapo.engines.verl.config.StapoPolicyLossConfig"
-# The S2T settings a verl loss reads (inert_warning_steps is a TRL-engine run switch).
-S2T_KEYS = ("tau_p", "tau_h", "tau_h_quantile", "tau_h_population")
+# The S2T settings a verl loss reads (inert_warning_steps counts loss calls = micro-batches on a rank here).
+S2T_KEYS = ("tau_p", "tau_h", "tau_h_quantile", "tau_h_population", "inert_warning_steps")
 STAPO_KEYS = S2T_KEYS + ("top_entropy_quantile",)
 
 _S2T = get_preset("stapo").s2t_settings
@@ -37,6 +37,8 @@ class StapoConfig(BaseConfig):
 
     tau_p, tau_h, tau_h_quantile, tau_h_population   STAPO's S2T settings (`stapo.core.S2TSettings`);
                           the quantile is taken over every data-parallel rank.
+    inert_warning_steps   warn (rank 0) when S2T silenced nothing in this many loss calls (micro-batches)
+                          in a row; 0: never.
     top_entropy_quantile  20-Entropy: the fraction rho of highest-entropy tokens that keep a
                           gradient ((0, 1]).
     """
@@ -45,6 +47,7 @@ class StapoConfig(BaseConfig):
     tau_h: Optional[float] = _S2T.tau_h
     tau_h_quantile: float = _S2T.tau_h_quantile
     tau_h_population: str = _S2T.tau_h_population
+    inert_warning_steps: int = _S2T.inert_warning_steps
     top_entropy_quantile: float = _HIGH_ENTROPY.top_entropy_quantile
 
     def __post_init__(self):

@@ -32,17 +32,21 @@ fraction (logged as `actor/s2t_masked_frac`, ~1e-4 in the paper).
 from __future__ import annotations
 
 import contextvars
+import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 
 from verl.trainer.ppo.core_algos import register_policy_loss
 
-from stapo.core import high_entropy_loss, stapo_loss
+from stapo.core import S2TSettings, high_entropy_loss, s2t_decision, stapo_loss, tau_h_for_fraction
+from stapo.core.monitor import PAPER_MASKED_FRACTION, InertS2TMonitor
 from stapo.engines.verl.config import LOSS_MODES, stapo_settings
 
+logger = logging.getLogger(__name__)
 __all__ = [
     "compute_policy_loss_high_entropy",
     "compute_policy_loss_stapo",
@@ -188,8 +192,10 @@ def compute_policy_loss_stapo(
         group=ctx.dp_group,
         **core_loss_kwargs(config, loss_agg_mode),
     )
+    _watch_inert(s2t, metrics, log_prob, ctx.entropy, advantages, response_mask)
     names = dict(
         _COMMON_METRICS,
+        s2t_candidates="s2t_candidates",
         s2t_masked_count="s2t_masked_count",
         s2t_masked_frac="s2t_masked_frac",
         frac_low_prob="s2t_frac_low_prob",
@@ -197,6 +203,25 @@ def compute_policy_loss_stapo(
         entropy_threshold="s2t_entropy_threshold",
     )
     return loss, _verl_metrics(metrics, names)
+
+
+_INERT: dict[S2TSettings, InertS2TMonitor] = {}
+
+
+def _watch_inert(s2t: S2TSettings, metrics, log_prob, entropy, advantages, response_mask) -> None:
+    """The silently-inert guard: verl calls the loss once per micro-batch, so K counts micro-batches
+    (this rank's; the warning is logged on rank 0)."""
+    monitor = _INERT.setdefault(s2t, InertS2TMonitor(s2t))
+    n_valid = float(metrics["num_tokens"] + metrics["s2t_masked_count"])
+
+    def suggest():  # the candidates do not depend on tau_h: no collective needed
+        d = s2t_decision(log_prob, entropy, advantages, response_mask.bool(), replace(s2t, tau_h=0.0))
+        return tau_h_for_fraction(entropy, d.candidates, d.n_valid, PAPER_MASKED_FRACTION)
+
+    message = monitor.update(float(metrics["s2t_masked_count"]), n_valid, float(metrics["frac_low_prob"]) * n_valid,
+                             float(metrics["s2t_candidates"]), float(metrics["entropy_threshold"]), suggest)
+    if message and (not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0):
+        logger.warning("stapo: %s (verl: counted in micro-batches)", message)
 
 
 @register_policy_loss("20-entropy")
