@@ -15,6 +15,8 @@ import math
 import sys
 from pathlib import Path
 
+from stapo.rundir import METRICS_FILE, ROLLOUTS_DIR, atomic_write_bytes, atomic_write_text
+
 
 DEFAULT_NUM_PROMPTS = 16
 
@@ -206,29 +208,30 @@ def analyze_tokens(ro, tau_p, tau_h, tau_h_quantile, captured, out: Path, title:
         ("gradient proxy histogram", plots.grad_proxy_hist_png(ro.grad_proxy, mask)),
     ]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "p_vs_entropy.png").write_bytes(figures[0][1])
-    (out / "grad_proxy_hist.png").write_bytes(figures[1][1])
+    atomic_write_bytes(out / "p_vs_entropy.png", figures[0][1])
+    atomic_write_bytes(out / "grad_proxy_hist.png", figures[1][1])
 
     curves, runs_text = None, None
     notes = []
     if run_dir is not None:  # a run directory with metrics: add its curves to the same report
         base = run_dir if run_dir.is_dir() else run_dir.parent
-        base = base.parent if base.name == "rollouts" else base
-        if (base / "metrics.jsonl").is_file():
+        base = base.parent if base.name == ROLLOUTS_DIR else base
+        if (base / METRICS_FILE).is_file():
             from stapo.analyze.runs import RunError, curve_panels, format_runs_table, load_runs
 
             try:
                 runs = load_runs([base])
                 curves = plots.curves_png(curve_panels(runs), _titles())
                 runs_text = format_runs_table(runs)
-                (out / "curves.png").write_bytes(curves)
+                atomic_write_bytes(out / "curves.png", curves)
             except RunError as err:
                 notes.append(f"training curves not shown: {err}")
     html_text = report.build_report(title, summary, sweep, ro, mask, figures, curves, runs_text, notes,
                                     max_samples=max_samples_shown)
     path = report.write_report(out / "tokens.html", html_text)
-    (out / "tokens_summary.json").write_text(
-        json.dumps({"summary": summary.as_dict(), "sweep": sweep.as_dict()}, indent=2, default=float)
+    atomic_write_text(
+        out / "tokens_summary.json",
+        json.dumps({"summary": summary.as_dict(), "sweep": sweep.as_dict()}, indent=2, default=float),
     )
     text = "\n".join([
         format_summary(summary),
@@ -261,7 +264,7 @@ def run_runs(args) -> int:
     png = plots.curves_png(panels, _titles())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "curves.png").write_bytes(png)
+    atomic_write_bytes(out / "curves.png", png)
     notes = config_differences(runs)
     text = format_runs_table(runs)
     html_text = report.build_report(

@@ -70,7 +70,6 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import rotate_checkpoints
 from trl import GRPOConfig, GRPOTrainer
 
 from stapo.core import (
@@ -84,11 +83,13 @@ from stapo.core import (
     zero_variance_group_fraction,
 )
 from stapo.engines.trl_metrics import MetricsJsonlCallback, TokenStats, reduce_window, window_metrics
-from stapo.engines.trl_state import (
-    NonFiniteGuard,
-    NonFiniteTrainingError,
+from stapo.engines.trl_state import NonFiniteGuard, NonFiniteTrainingError
+from stapo.rundir import (
+    checkpoint_name,
     publish_checkpoint,
     remove_stale_staging,
+    resumed_lineage,
+    rotate_checkpoints,
     staging_dir,
     truncate_rollouts_after_step,
 )
@@ -258,6 +259,7 @@ class STAPOTrainer(GRPOTrainer):
         self._nonfinite = NonFiniteGuard(limit=args.max_nonfinite_steps)
         self._step_skipped = False
         self._staging_run_dir: str | None = None
+        self._run_checkpoints: set[int] = set()  # steps this run wrote or resumed from: the only ones rotated
         self.use_stapo_lm_head = self._resolve_fused_lm_head(args.fused_lm_head)
         if self._deferred_denominator() and self.is_deepspeed_enabled:
             raise ValueError(
@@ -512,7 +514,7 @@ class STAPOTrainer(GRPOTrainer):
             logger.warning("stapo: no checkpoint at step %d (its update was skipped)", self.state.global_step)
             return
         run_dir = self._get_output_dir(trial)
-        name = f"checkpoint-{self.state.global_step}"
+        name = checkpoint_name(self.state.global_step)
         staging = staging_dir(run_dir, self.state.global_step)
         if self.args.should_save:
             remove_stale_staging(run_dir)
@@ -533,17 +535,16 @@ class STAPOTrainer(GRPOTrainer):
             if best and Path(best) == staging / name:
                 self.state.best_model_checkpoint = str(final)
                 self.state.save_to_json(str(final / "trainer_state.json"))
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
+            self._run_checkpoints.add(self.state.global_step)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self._run_checkpoints,
+                               protect=self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         self._nonfinite.load(checkpoint)
+        if checkpoint is not None:
+            self._run_checkpoints |= resumed_lineage(checkpoint)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)

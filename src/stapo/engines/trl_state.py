@@ -1,19 +1,5 @@
-"""Training-state reliability for the TRL engine: atomic checkpoints, resume hygiene, non-finite steps.
-
-Atomic checkpoints. The Hugging Face Trainer writes `checkpoint-N/` in place, file by file; a crash
-in the middle leaves a directory that looks like a checkpoint. `STAPOTrainer` instead lets the
-Trainer write into a staging directory and publishes it with one rename:
-
-    <output_dir>/.tmp-checkpoint-N/checkpoint-N/    written by the Trainer (weights, optimizer, RNG, state)
-    <output_dir>/checkpoint-N/                      os.replace of the above once every file is fsync'ed
-
-Nothing named `checkpoint-*` exists until it is complete, so neither `stapo train --resume` nor the
-Trainer's own checkpoint rotation ever sees a half-written one. Leftover staging directories (a
-crash while saving) are deleted at the next save.
-
-Resume hygiene. Everything a run appends per step (metrics.jsonl lines, rollout captures) that is
-newer than the checkpoint being resumed from was produced by steps that will run again; it is
-dropped at the start of the resumed run, so no step appears twice and none is missing.
+"""Non-finite steps for the TRL engine (the run directory's checkpoints and resume hygiene are in
+`stapo.rundir`).
 
 Non-finite steps. `NonFiniteGuard` counts optimizer steps whose loss or gradient norm is NaN/inf.
 Such a step is skipped (the gradients are dropped, so the optimizer leaves every parameter and its
@@ -27,105 +13,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-CHECKPOINT_PREFIX = "checkpoint"
-STAGING_PREFIX = ".tmp-"
 STATE_FILE = "stapo_state.json"  # the guard's counters, inside each checkpoint
-_ROLLOUT_FILE = re.compile(r"^step_(\d+)\.parquet$")
 
 
 class NonFiniteTrainingError(RuntimeError):
     """Training stopped after too many consecutive steps with a non-finite loss or gradient."""
-
-
-# ---- atomic checkpoints ---------------------------------------------------------------------------
-
-
-def staging_dir(run_dir: str | os.PathLike, step: int) -> Path:
-    """The directory the Trainer writes checkpoint `step` into (it creates `checkpoint-<step>` inside)."""
-    return Path(run_dir) / f"{STAGING_PREFIX}{CHECKPOINT_PREFIX}-{step}"
-
-
-def remove_stale_staging(run_dir: str | os.PathLike) -> list[Path]:
-    """Delete staging directories left by a crash while saving; returns what was removed."""
-    removed = []
-    for p in Path(run_dir).glob(f"{STAGING_PREFIX}{CHECKPOINT_PREFIX}-*"):
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
-
-
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # e.g. directories cannot be opened on some platforms
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """Flush every file (and directory entry) under `root` to disk, so the rename publishes data."""
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            _fsync_path(Path(dirpath) / name)
-        _fsync_path(Path(dirpath), directory=True)
-
-
-def publish_checkpoint(staged: Path, final: Path) -> None:
-    """Move a complete checkpoint from its staging place to `final` with one rename.
-
-    An existing `final` (the same step saved again, e.g. after resuming from an older checkpoint)
-    is first renamed out of the way, then deleted once the new one is in place.
-    """
-    fsync_tree(staged)
-    old = None
-    if final.exists():
-        old = final.parent / f"{STAGING_PREFIX}old-{final.name}"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(staged, final)
-    _fsync_path(final.parent, directory=True)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete `checkpoint-N` in `run_dir` (a directory holding trainer_state.json)."""
-    best, best_step = None, -1
-    for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}-*"):
-        suffix = p.name[len(CHECKPOINT_PREFIX) + 1 :]
-        if suffix.isdigit() and p.is_dir() and (p / "trainer_state.json").is_file() and int(suffix) > best_step:
-            best, best_step = p, int(suffix)
-    return best
-
-
-# ---- resume hygiene ---------------------------------------------------------------------------------
-
-
-def truncate_rollouts_after_step(run_dir: str | os.PathLike, step: int, subdir: str = "rollouts") -> list[Path]:
-    """Delete rollout captures of steps > `step` (written by a run that is being resumed)."""
-    removed = []
-    directory = Path(run_dir) / subdir
-    if not directory.is_dir():
-        return removed
-    for p in directory.iterdir():
-        m = _ROLLOUT_FILE.match(p.name)
-        if m and int(m.group(1)) > step:
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
 
 
 # ---- non-finite steps -------------------------------------------------------------------------------
