@@ -345,3 +345,27 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_qwen3_dir, kill_se
     fa = load_file(str(ref / "checkpoint-4" / "model.safetensors"))
     fb = load_file(str(out / "checkpoint-4" / "model.safetensors"))
     assert all(torch.allclose(fa[k], fb[k], atol=1e-6) for k in fa)
+
+
+# ---- checkpoint rotation and the train_loss of a resumed run ---------------------------------------
+
+
+def test_rotation_never_deletes_checkpoints_this_run_did_not_write(tiny_qwen3_dir, tmp_path):
+    out = tmp_path / "run"
+    for step in (4, 5):  # another run's: higher steps, and older files than this run's
+        ckpt = out / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "trainer_state.json").write_text("{}")
+    trainer = _trainer(tiny_qwen3_dir, _args(out, max_steps=2, save_total_limit=1, capture_rollouts_every=0))
+    trainer.train()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-5"]
+
+
+def test_logged_loss_sum_weights_each_log_by_the_steps_it_covers():
+    from stapo.train import logged_loss_sum
+
+    history = [{"loss": 0.5, "step": 1}, {"loss": 0.2, "step": 3}, {"eval_heldout_accuracy": 0.9, "step": 3},
+               {"loss": 1.0, "step": 4}, {"train_loss": 7.0, "step": 4}]
+    assert logged_loss_sum(history, 3) == pytest.approx(0.5 * 1 + 0.2 * 2, abs=1e-15)
+    assert logged_loss_sum(history, 4) == pytest.approx(0.5 + 0.4 + 1.0, abs=1e-15)
+    assert logged_loss_sum(history, 0) == 0.0

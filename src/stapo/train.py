@@ -261,7 +261,11 @@ def _train(run, args, out: Path, train_rows, eval_rows, resume, overwrite, main_
         log(f"stapo: before: accuracy {results['before']['accuracy']:.3f} ± {results['before']['stderr']:.3f}")
 
     t0 = time.time()
-    train_output = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+    try:
+        train_output = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+    except Exception:
+        _close_progress_bars(trainer)  # so the error line does not start after the bar
+        raise
     summary["train_seconds"] = round(time.time() - t0, 1)
     summary["global_step"] = trainer.state.global_step
     summary["train_loss"] = getattr(train_output, "training_loss", None)
@@ -289,6 +293,14 @@ def _train(run, args, out: Path, train_rows, eval_rows, resume, overwrite, main_
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return summary
+
+
+def _close_progress_bars(trainer) -> None:
+    for callback in trainer.callback_handler.callbacks:
+        bar = getattr(callback, "training_bar", None)
+        if bar is not None:
+            bar.close()
+            callback.training_bar = None
 
 
 def plot_runs(run_dirs: list[Path], out_png: Path) -> Path | None:
