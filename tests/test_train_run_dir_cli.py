@@ -19,10 +19,28 @@ pytest.importorskip("trl")
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def _stapo(*argv, cwd=None) -> subprocess.CompletedProcess:
+# `stapo` with a reward that varies inside every group (the first completion token's parity), so the
+# advantages and, with S2T masking some tokens, the losses are not all zero on a random tiny model.
+PARITY_REWARD_STAPO = """
+import sys
+import stapo.train
+
+def parity_reward(run):
+    def reward(completions, completion_ids=None, **kwargs):
+        return [float(ids[0] % 2 == 0) if len(ids) else 0.0 for ids in completion_ids]
+    return reward
+
+stapo.train.make_reward_function = parity_reward
+from stapo.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _stapo(*argv, cwd=None, parity_reward=False) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "stapo", *argv], cwd=cwd, env=env, capture_output=True,
+    entry = ["-c", PARITY_REWARD_STAPO] if parity_reward else ["-m", "stapo"]
+    return subprocess.run([sys.executable, *entry, *argv], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 
 
@@ -30,7 +48,8 @@ def _fields(model_dir, out, **extra) -> list[str]:
     fields = dict(model=str(model_dir), output_dir=str(out), max_steps=2, save_steps=1, seed=3,
                   max_completion_length=4, per_device_train_batch_size=4, num_generations=2,
                   train_data="synthetic:add1?n=16&seed=0", eval_data="null", plots="false",
-                  learning_rate=1e-3, lr_scheduler_type="constant", dataloader_num_workers=0)
+                  learning_rate=1e-3, lr_scheduler_type="constant", tau_h="null", tau_h_quantile=0.25,
+                  dataloader_num_workers=0)
     fields.update(extra)
     return [f"{k}={v}" for k, v in fields.items()]
 
@@ -54,7 +73,7 @@ def _metrics(out: Path) -> list[dict]:
 def finished_run(tiny_qwen3_dir, tmp_path_factory) -> Path:
     """A finished 2-step run with checkpoints 1 and 2 (demo's save_total_limit is 2)."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    proc = _stapo("train", "demo", *_fields(tiny_qwen3_dir, out))
+    proc = _stapo("train", "demo", *_fields(tiny_qwen3_dir, out), parity_reward=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -182,7 +201,7 @@ def test_resumed_run_reports_the_train_loss_of_an_uninterrupted_one(tiny_qwen3_d
     for name in ("checkpoint-2", "final"):
         shutil.rmtree(out / name)
     (out / "summary.json").unlink()
-    proc = _stapo("train", "demo", "--resume", *_fields(tiny_qwen3_dir, out))
+    proc = _stapo("train", "demo", "--resume", *_fields(tiny_qwen3_dir, out), parity_reward=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     want = json.loads((finished_run / "summary.json").read_text())["train_loss"]
