@@ -15,7 +15,6 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from stapo.core import PRESETS, S2TSettings, group_advantages  # noqa: E402
 from stapo.engines.trl import STAPOConfig, STAPOTrainer  # noqa: E402
-from stapo.engines.trl.metrics import truncate_after_step  # noqa: E402
 
 # ---- config ---------------------------------------------------------------------------------
 
@@ -93,13 +92,6 @@ def test_trainer_refuses_plain_grpo_config(tiny_qwen3_dir, tmp_path):
 
     with pytest.raises(ValueError, match="STAPOConfig"):
         STAPOTrainer(model=str(tiny_qwen3_dir), reward_funcs=_reward, args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
-
-
-def test_truncate_after_step_drops_later_and_torn_lines(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "loss": 0.3}\n{"step": 4, "lo')
-    assert truncate_after_step(str(path), 2) == 2
-    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
 
 
 # ---- training runs ----------------------------------------------------------------------------

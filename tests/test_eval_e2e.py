@@ -142,6 +142,33 @@ def test_errors_are_one_clear_line(tmp_path, qwen_tokenizer):
         evaluate(cfg, backend=backend, tokenizer=qwen_tokenizer)
 
 
+def test_disk_full_is_one_clear_error_and_keeps_the_earlier_results(tmp_path, qwen_tokenizer, monkeypatch):
+    import errno
+
+    data = tmp_path / "data"
+    _write_bench(data, "aime24", [{"id": "a1", "problem": "P1", "answer": "1", "meta": {}}])
+    backend = _stub(qwen_tokenizer, ["aime24"], lambda g: g, data_dir=data)
+    cfg = EvalConfig(model="x", out_dir=tmp_path / "r", benchmarks=["aime24"], data_dir=str(data), samples=1,
+                     settings=["train"], progress=False)
+    evaluate(cfg, backend=backend, tokenizer=qwen_tokenizer)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()}
+
+    _write_bench(data, "aime24", [{"id": "a1", "problem": "P1", "answer": "1", "meta": {}},
+                                  {"id": "a2", "problem": "P2", "answer": "2", "meta": {}}])
+    backend = _stub(qwen_tokenizer, ["aime24"], lambda g: g, data_dir=data)
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)  # the sample log's and every atomic write's flush
+    with pytest.raises(EvalError, match=r"/r: no space left on device; free some space and rerun"):
+        evaluate(cfg, backend=backend, tokenizer=qwen_tokenizer)
+    monkeypatch.undo()
+    after = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()}
+    assert sorted(after) == sorted(before)  # no temporary file left
+    assert after["results.json"] == before["results.json"] and after["run.json"] == before["run.json"]
+
+
 # ------------------------------------------------------------------------------------ CLI, tiny model
 
 

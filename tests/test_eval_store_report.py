@@ -1,14 +1,13 @@
-"""The resumable sample log, atomic report writes, and the markdown tables."""
+"""The resumable sample log and the markdown tables (atomic writes: tests/test_rundir.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
 from stapo.eval.report import compare_table, load_results, run_table
-from stapo.eval.store import SampleLog, atomic_write_text
+from stapo.eval.store import SampleLog
 
 
 def _rec(i, bench="math500", setting="train", pid="p1", **extra):
@@ -42,19 +41,6 @@ def test_sample_log_rejects_foreign_lines(tmp_path):
         SampleLog(path)
     with pytest.raises(ValueError, match="lacks"):
         SampleLog(tmp_path / "other.jsonl").append([{"benchmark": "x"}])
-
-
-def test_atomic_write_leaves_old_file_on_failure(tmp_path):
-    path = tmp_path / "results.json"
-    atomic_write_text(path, "old")
-
-    # a write that fails midway (non-str payload raises inside fh.write) keeps the old content
-    with pytest.raises(TypeError):
-        atomic_write_text(path, 12345)  # type: ignore[arg-type]
-    assert path.read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temp file left behind
-    atomic_write_text(path, "new")
-    assert path.read_text() == "new"
 
 
 def _bench(avg, k=4, n=10):

@@ -31,14 +31,8 @@ from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
 import stapo.engines.trl.trainer as engine  # noqa: E402
 from stapo.engines.trl import STAPOConfig, STAPOTrainer  # noqa: E402
-from stapo.engines.trl.checkpoints import (  # noqa: E402
-    NonFiniteGuard,
-    NonFiniteTrainingError,
-    last_checkpoint,
-    publish_checkpoint,
-    truncate_rollouts_after_step,
-)
-from stapo.train import _last_checkpoint  # noqa: E402
+from stapo.engines.trl.nonfinite import NonFiniteGuard, NonFiniteTrainingError  # noqa: E402
+from stapo.rundir import last_checkpoint  # noqa: E402
 
 
 def _reward(completions, completion_ids=None, **kwargs):
@@ -76,48 +70,7 @@ class ParamSnapshots(TrainerCallback):
         self.after[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-# ---- file-system pieces ------------------------------------------------------------------------
-
-
-def _fake_checkpoint(path: Path, complete: bool = True) -> Path:
-    path.mkdir(parents=True)
-    (path / "model.safetensors").write_bytes(b"w")
-    if complete:
-        (path / "trainer_state.json").write_text("{}")
-    return path
-
-
-def test_last_checkpoint_ignores_incomplete_and_staged_ones(tmp_path):
-    good = _fake_checkpoint(tmp_path / "checkpoint-2")
-    _fake_checkpoint(tmp_path / "checkpoint-10", complete=False)  # torn: no trainer_state.json
-    _fake_checkpoint(tmp_path / ".tmp-checkpoint-11" / "checkpoint-11")  # staged, never published
-    _fake_checkpoint(tmp_path / "checkpoint-x")
-    (tmp_path / "checkpoint-12").write_text("a file, not a directory")
-    assert _last_checkpoint(tmp_path) == good
-    assert last_checkpoint(tmp_path) == good
-    assert last_checkpoint(tmp_path / "missing") is None
-
-
-def test_publish_checkpoint_replaces_an_existing_step(tmp_path):
-    old = _fake_checkpoint(tmp_path / "checkpoint-3")
-    (old / "stale.bin").write_bytes(b"old")
-    staged = _fake_checkpoint(tmp_path / ".tmp-checkpoint-3" / "checkpoint-3")
-    (staged / "model.safetensors").write_bytes(b"new")
-    publish_checkpoint(staged, tmp_path / "checkpoint-3")
-    assert (tmp_path / "checkpoint-3" / "model.safetensors").read_bytes() == b"new"
-    assert not (tmp_path / "checkpoint-3" / "stale.bin").exists()
-    assert not staged.exists() and not (tmp_path / ".tmp-old-checkpoint-3").exists()
-
-
-def test_truncate_rollouts_after_step(tmp_path):
-    d = tmp_path / "rollouts"
-    d.mkdir()
-    for step in (1, 2, 3, 12):
-        (d / f"step_{step:08d}.parquet").write_bytes(b"x")
-    (d / "notes.txt").write_text("kept")
-    removed = truncate_rollouts_after_step(tmp_path, 2)
-    assert sorted(p.name for p in removed) == ["step_00000003.parquet", "step_00000012.parquet"]
-    assert sorted(p.name for p in d.iterdir()) == ["notes.txt", "step_00000001.parquet", "step_00000002.parquet"]
+# ---- non-finite guard ---------------------------------------------------------------------------
 
 
 def test_nonfinite_guard_counts_and_stops_at_k(tmp_path):
@@ -174,11 +127,11 @@ def test_crash_before_rename_leaves_no_checkpoint_and_resume_reproduces_it(tiny_
     staged = out / ".tmp-checkpoint-2" / "checkpoint-2"
     assert (staged / "model.safetensors").is_file() and (staged / "trainer_state.json").is_file()
     assert not (out / "checkpoint-2").exists()
-    assert _last_checkpoint(out) == out / "checkpoint-1"
+    assert last_checkpoint(out) == out / "checkpoint-1"
     assert [m["step"] for m in _metrics(out)] == [1, 2]  # step 2 was logged before its checkpoint
 
     resumed = _trainer(tiny_qwen3_dir, _args(out))
-    resumed.train(resume_from_checkpoint=str(_last_checkpoint(out)))
+    resumed.train(resume_from_checkpoint=str(last_checkpoint(out)))
     assert not staged.parent.exists()  # the leftover staging directory is cleaned up
     lines = _metrics(out)
     assert [(m["step"], m["kind"]) for m in lines] == [(1, "train"), (2, "train"), (3, "train"), (3, "summary")]
@@ -231,7 +184,7 @@ def test_k_nonfinite_steps_in_a_row_stop_with_the_last_good_checkpoint(tiny_qwen
     with pytest.raises(NonFiniteTrainingError, match=r"stopped at step 3: 2 consecutive step.*max_nonfinite_steps=2"):
         trainer.train()
     assert sorted(p.name for p in out.glob("*checkpoint-*")) == ["checkpoint-1"]
-    assert _last_checkpoint(out) == out / "checkpoint-1"
+    assert last_checkpoint(out) == out / "checkpoint-1"
     weights = load_file(str(out / "checkpoint-1" / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert [m["step"] for m in _metrics(out)] == [1, 2]  # the stopping step is reported by the error
@@ -355,7 +308,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_qwen3_dir, kill_se
     proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGKILL
 
-    assert _last_checkpoint(out) == out / f"checkpoint-{kill_step - 1}"
+    assert last_checkpoint(out) == out / f"checkpoint-{kill_step - 1}"
     assert not (out / f"checkpoint-{kill_step}").exists()
     if where == "checkpoint":  # step 3 was logged and captured, its checkpoint only staged
         assert (out / f".tmp-checkpoint-{kill_step}" / f"checkpoint-{kill_step}" / "model.safetensors").is_file()
@@ -392,3 +345,27 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_qwen3_dir, kill_se
     fa = load_file(str(ref / "checkpoint-4" / "model.safetensors"))
     fb = load_file(str(out / "checkpoint-4" / "model.safetensors"))
     assert all(torch.allclose(fa[k], fb[k], atol=1e-6) for k in fa)
+
+
+# ---- checkpoint rotation and the train_loss of a resumed run ---------------------------------------
+
+
+def test_rotation_never_deletes_checkpoints_this_run_did_not_write(tiny_qwen3_dir, tmp_path):
+    out = tmp_path / "run"
+    for step in (4, 5):  # another run's: higher steps, and older files than this run's
+        ckpt = out / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "trainer_state.json").write_text("{}")
+    trainer = _trainer(tiny_qwen3_dir, _args(out, max_steps=2, save_total_limit=1, capture_rollouts_every=0))
+    trainer.train()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-5"]
+
+
+def test_logged_loss_sum_weights_each_log_by_the_steps_it_covers():
+    from stapo.train import logged_loss_sum
+
+    history = [{"loss": 0.5, "step": 1}, {"loss": 0.2, "step": 3}, {"eval_heldout_accuracy": 0.9, "step": 3},
+               {"loss": 1.0, "step": 4}, {"train_loss": 7.0, "step": 4}]
+    assert logged_loss_sum(history, 3) == pytest.approx(0.5 * 1 + 0.2 * 2, abs=1e-15)
+    assert logged_loss_sum(history, 4) == pytest.approx(0.5 + 0.4 + 1.0, abs=1e-15)
+    assert logged_loss_sum(history, 0) == 0.0

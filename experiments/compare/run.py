@@ -186,10 +186,9 @@ def is_complete(d: Path) -> bool:
 def train_one(config_path: Path, out: Path, method: str, seed: int, log=print, threads: int | None = None) -> dict:
     """One run in a child process; returns (and writes into the run directory) its sweep record."""
     d = run_dir(out, method, seed)
-    cmd = [sys.executable, "-m", "stapo", "train", str(config_path), *run_overrides(out, method, seed)]
+    # --overwrite: the directory holds train.log, and maybe a crashed earlier attempt; start clean
+    cmd = [sys.executable, "-m", "stapo", "train", str(config_path), *run_overrides(out, method, seed), "--overwrite"]
     d.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl", "eval.json"):  # a crashed earlier attempt: start clean
-        (d / stale).unlink(missing_ok=True)
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
     if threads is not None:  # torch reads OMP_NUM_THREADS at start-up
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)

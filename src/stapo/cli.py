@@ -59,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"stapo {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a full disk anywhere else is the user's to fix, not a traceback
+        from stapo.rundir import is_disk_full
+
+        if not is_disk_full(err):
+            raise
+        where = getattr(err, "filename", None)
+        print(f"stapo {args.command}: error: {f'{where}: ' if where else ''}no space left on device", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

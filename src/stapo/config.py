@@ -272,6 +272,8 @@ def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
                 ok = False
             if not ok:
                 errors.append(f"{key}: {rule[1]}, got {value!r}")
+    if "train_data" not in values:  # a rule checks only fields that are present
+        errors.append(f"train_data: {_RULES['train_data'][1]}")
     if not errors:
         errors.extend(_cross_checks(values))
     if errors:
@@ -323,4 +325,6 @@ def load_config(path: str | os.PathLike, overrides: list[str] | dict[str, Any] |
 
 def dump_config(run: RunConfig, path: str | os.PathLike) -> None:
     """Write the resolved config (round-trips through `load_config`)."""
-    Path(path).write_text(yaml.safe_dump(run.to_flat_dict(), sort_keys=False), encoding="utf-8")
+    from stapo.rundir import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(run.to_flat_dict(), sort_keys=False))

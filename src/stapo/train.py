@@ -1,25 +1,21 @@
 """The `stapo train` recipe: config -> data -> reward -> STAPOTrainer -> run directory.
 
 Thin on purpose: TRL does generation, batching, logging and checkpointing; `stapo.core` does the
-math (through `stapo.engines.trl`); this file wires the pieces and writes the run directory:
-
-    <output_dir>/config.yaml        the resolved config (rerun with `stapo train <output_dir>/config.yaml`)
-    <output_dir>/metrics.jsonl      one line per logged step (the engine's callback)
-    <output_dir>/checkpoint-N/      TRL checkpoints (`--resume` continues from the last one)
-    <output_dir>/eval.json          held-out accuracy before and after training (when eval_data is set)
-    <output_dir>/plots/*.png        reward, accuracy, entropy and S2T masked fraction over steps
+math (through `stapo.engines.trl`); this file wires the pieces. The run directory's layout, its atomic
+writes and the rules for starting in an existing directory are `stapo.rundir`'s.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from transformers import TrainerCallback
 
+from stapo import rundir
 from stapo.config import ConfigError, RunConfig, dump_config
 
 Log = Callable[[str], None]
@@ -149,23 +145,78 @@ class HeldoutAccuracyCallback(TrainerCallback):
         return control
 
 
-def run_training(run: RunConfig, resume: bool = False, log: Log = _print) -> dict:
-    """Train as configured; returns a summary (also written to <output_dir>/summary.json)."""
+def logged_loss_sum(log_history: list[dict], up_to_step: int) -> float:
+    """Σ of the per-step training losses the logs of steps <= `up_to_step` stand for.
+
+    Each `loss` entry is the mean over the steps since the previous one, so it counts (step − previous
+    step) times; this is the Trainer's own running total (`_total_loss_scalar`) at the last log before
+    `up_to_step`.
+    """
+    total, previous = 0.0, 0
+    for entry in sorted((e for e in log_history if "loss" in e and "step" in e), key=lambda e: e["step"]):
+        if entry["step"] > up_to_step:
+            break
+        total += float(entry["loss"]) * (entry["step"] - previous)
+        previous = entry["step"]
+    return total
+
+
+class ResumedLossCallback(TrainerCallback):
+    """On resume at step k, start the Trainer's loss total at the logged losses of steps 1..k.
+
+    The Trainer restarts that total at 0 and divides it by every step at the end, so a resumed run
+    reported its post-resume losses over all steps as `train_loss` (the printed summary line, the
+    "summary" line of metrics.jsonl and summary.json); with this it equals an uninterrupted run's.
+    """
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step > 0:
+            self.trainer._total_loss_scalar += logged_loss_sum(state.log_history, state.global_step)
+
+
+def run_training(run: RunConfig, resume: bool = False, log: Log = _print, overwrite: bool = False) -> dict:
+    """Train as configured; returns a summary (also written to <output_dir>/summary.json).
+
+    A non-empty output directory is refused (`rundir.RunDirError`) unless `resume` continues the run
+    there or `overwrite` replaces it; a full disk becomes a `RunDirError` naming the path.
+    """
+    args = build_stapo_config(run)
+    out = Path(args.output_dir)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # accelerate/torchrun set RANK per process
+    if main_process:  # the other processes would see the files the main one writes next
+        rundir.check_output_dir(out, resume=resume, overwrite=overwrite)
+
+    train_rows = load_rows(run.train_data, run, **run.train_data_kwargs)
+    eval_rows = load_rows(run.eval_data, run, limit=run.eval_limit) if run.eval_data else None
+    try:
+        return _train(run, args, out, train_rows, eval_rows, resume, overwrite, main_process, log)
+    except Exception as err:
+        if rundir.is_disk_full(err):
+            path = getattr(err, "filename", None) or out
+            raise rundir.RunDirError(
+                f"{path}: no space left on device; free some space and continue with --resume "
+                "(the checkpoints, metrics and results already written are complete)"
+            ) from None
+        raise
+
+
+def _train(run, args, out: Path, train_rows, eval_rows, resume, overwrite, main_process, log) -> dict:
     import datasets
     import torch
 
     from stapo.engines.trl import STAPOTrainer
     from stapo.models import load_tokenizer, resolve_model
 
-    args = build_stapo_config(run)
-    out = Path(args.output_dir)
+    if main_process and overwrite:
+        removed = rundir.clear_run_files(out)
+        if removed:
+            log(f"stapo: --overwrite: removed the previous run's {', '.join(p.name for p in removed)} from {out}")
     out.mkdir(parents=True, exist_ok=True)
-    main_process = int(os.environ.get("RANK", "0")) == 0  # accelerate/torchrun set RANK per process
     if main_process:
-        dump_config(run, out / "config.yaml")
-
-    train_rows = load_rows(run.train_data, run, **run.train_data_kwargs)
-    eval_rows = load_rows(run.eval_data, run, limit=run.eval_limit) if run.eval_data else None
+        dump_config(run, out / rundir.CONFIG_FILE)
     log(f"stapo: method={args.method} model={run.model} train={len(train_rows)} rows"
         + (f" eval={len(eval_rows)} rows" if eval_rows else "") + f" -> {out}")
 
@@ -187,6 +238,7 @@ def run_training(run: RunConfig, resume: bool = False, log: Log = _print) -> dic
         )
     except ValueError as err:  # options the model cannot serve (e.g. fused_lm_head=true with softcapped logits)
         raise ConfigError([str(err).strip().splitlines()[0]], "config") from None
+    trainer.add_callback(ResumedLossCallback(trainer))
     summary: dict[str, Any] = {"method": args.method, "model": run.model, "output_dir": str(out)}
     eval_tokens = run.eval_max_new_tokens or args.max_completion_length
     if eval_rows and trainer.accelerator.num_processes > 1:
@@ -198,40 +250,60 @@ def run_training(run: RunConfig, resume: bool = False, log: Log = _print) -> dic
             trainer, run.eval_every,
             lambda model: evaluate_accuracy(model, tokenizer, eval_rows, run, eval_tokens, args.seed, "eval"),
         ))
-    last_checkpoint = _last_checkpoint(out) if resume else None
+    last_checkpoint = rundir.last_checkpoint(out) if resume else None
     if resume and last_checkpoint is None:
         log(f"stapo: --resume: no checkpoint in {out}; starting from scratch")
 
-    results = _read_json(out / "eval.json") if resume else {}
+    eval_path = out / rundir.EVAL_FILE
+    results = rundir.read_json(eval_path) if resume else {}
     if eval_rows and run.eval_before and "before" not in results:
         log(f"stapo: held-out accuracy before training ({len(eval_rows)} problems x {run.eval_samples} samples) ...")
         results["before"] = evaluate_accuracy(trainer.model, tokenizer, eval_rows, run, eval_tokens, args.seed, "eval before")
-        _write_json(out / "eval.json", results)
+        if main_process:
+            rundir.atomic_write_json(eval_path, results)
         log(f"stapo: before: accuracy {results['before']['accuracy']:.3f} ± {results['before']['stderr']:.3f}")
 
     t0 = time.time()
-    train_output = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+    try:
+        train_output = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+    except Exception:
+        _close_progress_bars(trainer)  # so the error line does not start after the bar
+        raise
     summary["train_seconds"] = round(time.time() - t0, 1)
     summary["global_step"] = trainer.state.global_step
     summary["train_loss"] = getattr(train_output, "training_loss", None)
-    trainer.save_model(str(out / "final"))
+    # final/ is staged and renamed into place, like the checkpoints: a failed save leaves the old one.
+    final, staged = out / rundir.FINAL_DIR, out / rundir.staged_name(rundir.FINAL_DIR)
     if main_process:
-        tokenizer.save_pretrained(str(out / "final"))
+        shutil.rmtree(staged, ignore_errors=True)  # left by a crash while saving
+    trainer.save_model(str(staged))
+    if main_process:
+        tokenizer.save_pretrained(str(staged))
+        rundir.publish_checkpoint(staged, final)
 
     if eval_rows and run.eval_after:
         log("stapo: held-out accuracy after training ...")
         results["after"] = evaluate_accuracy(trainer.model, tokenizer, eval_rows, run, eval_tokens, args.seed, "eval after")
-        _write_json(out / "eval.json", results)
+        if main_process:
+            rundir.atomic_write_json(eval_path, results)
         log(f"stapo: after: accuracy {results['after']['accuracy']:.3f} ± {results['after']['stderr']:.3f}")
     summary["eval"] = results
     if main_process:
         if run.plots:
             summary["plots"] = [str(p) for p in plot_run(out)]
-        _write_json(out / "summary.json", summary)
+        rundir.atomic_write_json(out / rundir.SUMMARY_FILE, summary)
     del trainer
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return summary
+
+
+def _close_progress_bars(trainer) -> None:
+    for callback in trainer.callback_handler.callbacks:
+        bar = getattr(callback, "training_bar", None)
+        if bar is not None:
+            bar.close()
+            callback.training_bar = None
 
 
 def plot_runs(run_dirs: list[Path], out_png: Path) -> Path | None:
@@ -243,37 +315,12 @@ def plot_runs(run_dirs: list[Path], out_png: Path) -> Path | None:
 
         panels = curve_panels(load_runs([str(d) for d in run_dirs]))
         out_png.parent.mkdir(parents=True, exist_ok=True)
-        out_png.write_bytes(curves_png(panels))
-        return out_png
+        return rundir.atomic_write_bytes(out_png, curves_png(panels))
     except Exception as err:  # noqa: BLE001 - plots are a convenience; never fail a finished run on them
         _print(f"stapo: could not draw {out_png.name}: {err}")
         return None
 
 
 def plot_run(run_dir: Path) -> list[Path]:
-    png = plot_runs([run_dir], run_dir / "plots" / "curves.png")
+    png = plot_runs([run_dir], run_dir / rundir.PLOTS_DIR / "curves.png")
     return [png] if png else []
-
-
-def _last_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint-N directory (TRL writes trainer_state.json last)."""
-    best = None
-    for p in out.glob("checkpoint-*"):
-        suffix = p.name.split("-", 1)[1]
-        if p.is_dir() and suffix.isdigit() and (p / "trainer_state.json").is_file():
-            if best is None or int(suffix) > int(best.name.split("-", 1)[1]):
-                best = p
-    return best
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)

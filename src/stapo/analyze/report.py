@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from stapo.analyze.tokens import Sweep, TokenSummary, format_summary
+from stapo.rundir import atomic_write_text
 
 DEFAULT_MAX_SAMPLES = 24
 MAX_TOKENS_PER_SAMPLE = 2048
@@ -275,10 +276,7 @@ def build_report(
 
 
 def write_report(path: str | Path, text: str) -> Path:
-    """Write atomically (temporary file + rename)."""
+    """Write atomically (`stapo.rundir.atomic_write_text`)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(p)
-    return p
+    return atomic_write_text(p, text)

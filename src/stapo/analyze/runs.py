@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.yaml"
+from stapo.rundir import CONFIG_FILE, METRICS_FILE
+
 
 # curve -> (title, candidate metric names in order of preference)
 CURVES: dict[str, tuple[str, tuple[str, ...]]] = {

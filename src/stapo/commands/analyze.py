@@ -17,6 +17,8 @@ import math
 import sys
 from pathlib import Path
 
+from stapo.rundir import CONFIG_FILE, METRICS_FILE, ROLLOUTS_DIR, atomic_write_bytes, atomic_write_text
+
 
 DEFAULT_NUM_PROMPTS = 16
 
@@ -140,7 +142,7 @@ TOKENS_DEFAULTS = {"template": "boxed", "group_size": 8, "max_new_tokens": 64, "
 def _run_base(path: Path) -> Path:
     """The run directory of a run directory, its rollouts/ directory or one of its step files."""
     base = path if path.is_dir() else path.parent
-    return base.parent if base.name == "rollouts" else base
+    return base.parent if base.name == ROLLOUTS_DIR else base
 
 
 def resolve_tokens_defaults(args) -> list[str]:
@@ -154,7 +156,7 @@ def resolve_tokens_defaults(args) -> list[str]:
     if args.run and not run_dir.is_dir():
         raise UserError(f"--run {args.run}: not a directory")
     cfg: dict = {}
-    cfg_path = run_dir / "config.yaml" if run_dir is not None else None
+    cfg_path = run_dir / CONFIG_FILE if run_dir is not None else None
     if cfg_path is not None and cfg_path.is_file():
         try:
             cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
@@ -332,32 +334,33 @@ def analyze_tokens(ro, tau_p, tau_h, tau_h_quantile, captured, out: Path, title:
         ("gradient proxy histogram", plots.grad_proxy_hist_png(ro.grad_proxy, mask)),
     ]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "p_vs_entropy.png").write_bytes(figures[0][1])
-    (out / "grad_proxy_hist.png").write_bytes(figures[1][1])
+    atomic_write_bytes(out / "p_vs_entropy.png", figures[0][1])
+    atomic_write_bytes(out / "grad_proxy_hist.png", figures[1][1])
     if tb.delta_h is not None:
         figures.append(("entropy change vs grad-norm^2",
                         plots.entropy_change_scatter_png(tb.delta_h.numpy(), ro.grad_proxy, adv, mask)))
-        (out / "entropy_change.png").write_bytes(figures[-1][1])
+        atomic_write_bytes(out / "entropy_change.png", figures[-1][1])
 
     curves, runs_text = None, None
     notes = []
     if run_dir is not None:  # a run directory with metrics: add its curves to the same report
         base = _run_base(run_dir)
-        if (base / "metrics.jsonl").is_file():
+        if (base / METRICS_FILE).is_file():
             from stapo.analyze.runs import RunError, curve_panels, format_runs_table, load_runs
 
             try:
                 runs = load_runs([base])
                 curves = plots.curves_png(curve_panels(runs), _titles())
                 runs_text = format_runs_table(runs)
-                (out / "curves.png").write_bytes(curves)
+                atomic_write_bytes(out / "curves.png", curves)
             except RunError as err:
                 notes.append(f"training curves not shown: {err}")
     html_text = report.build_report(title, summary, sweep, ro, mask, figures, curves, runs_text, notes,
                                     max_samples=max_samples_shown, from_run=captured)
     path = report.write_report(out / "tokens.html", html_text)
-    (out / "tokens_summary.json").write_text(
-        json.dumps({"summary": summary.as_dict(), "sweep": sweep.as_dict()}, indent=2, default=float)
+    atomic_write_text(
+        out / "tokens_summary.json",
+        json.dumps({"summary": summary.as_dict(), "sweep": sweep.as_dict()}, indent=2, default=float),
     )
     text = "\n".join([
         format_summary(summary),
@@ -390,7 +393,7 @@ def run_runs(args) -> int:
     png = plots.curves_png(panels, _titles())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "curves.png").write_bytes(png)
+    atomic_write_bytes(out / "curves.png", png)
     notes = config_differences(runs)
     text = format_runs_table(runs)
     html_text = report.build_report(

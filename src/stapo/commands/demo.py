@@ -4,6 +4,8 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
+    from stapo.commands.train import add_run_dir_flags
+
     p = subparsers.add_parser(
         "demo",
         help="train the embedded model with STAPO on an offline task (CPU, minutes)",
@@ -14,6 +16,7 @@ def register(subparsers) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override fields of the demo config")
     p.add_argument("--compare", action="store_true", help="train GRPO and STAPO (same seed) and plot both")
     p.add_argument("--out", default=None, help="run directory (default: the config's output_dir)")
+    add_run_dir_flags(p)
     p.set_defaults(func=run)
 
 
@@ -32,7 +35,7 @@ def run(args) -> int:
     except ConfigError as err:
         raise UserError(str(err)) from None
     if not args.compare:
-        return train_from_config(base)
+        return train_from_config(base, resume=args.resume, overwrite=args.overwrite)
 
     from stapo.train import plot_runs
 
@@ -44,7 +47,7 @@ def run(args) -> int:
         except ConfigError as err:
             raise UserError(str(err)) from None
         print(f"=== {method} ===", flush=True)
-        train_from_config(cfg)
+        train_from_config(cfg, resume=args.resume, overwrite=args.overwrite)
         dirs.append(root / method)
     png = plot_runs(dirs, root / "compare.png")
     if png:

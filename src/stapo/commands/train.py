@@ -1,4 +1,4 @@
-"""`stapo train CONFIG.yaml [key=value ...] [--resume]`."""
+"""`stapo train CONFIG.yaml [key=value ...] [--resume | --overwrite]`."""
 
 from __future__ import annotations
 
@@ -13,9 +13,17 @@ def register(subparsers) -> None:
     )
     p.add_argument("config", help="YAML config path or bundled config name")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config fields")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    add_run_dir_flags(p)
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
     p.set_defaults(func=run)
+
+
+def add_run_dir_flags(p) -> None:
+    """--resume / --overwrite: what to do with an output_dir that already holds files."""
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a non-empty output_dir, deleting the previous run's files there "
+                   "(checkpoints, metrics, rollouts, final model, plots, eval and summary; other files stay)")
 
 
 def run(args) -> int:
@@ -31,20 +39,23 @@ def run(args) -> int:
     if args.dry_run:
         print(yaml.safe_dump(cfg.to_flat_dict(), sort_keys=False), end="")
         return 0
-    return train_from_config(cfg, resume=args.resume)
+    return train_from_config(cfg, resume=args.resume, overwrite=args.overwrite)
 
 
-def train_from_config(cfg, resume: bool = False) -> int:
+def train_from_config(cfg, resume: bool = False, overwrite: bool = False) -> int:
     from stapo.cli import UserError
     from stapo.config import ConfigError
     from stapo.data import DataError
     from stapo.engines.trl import NonFiniteTrainingError
     from stapo.models import ModelLoadError
+    from stapo.rundir import RunDirError
     from stapo.train import run_training
 
+    if resume and overwrite:
+        raise UserError("--resume continues the run in output_dir and --overwrite replaces it; pass one of them")
     try:
-        summary = run_training(cfg, resume=resume)
-    except (ConfigError, DataError, ModelLoadError, NonFiniteTrainingError) as err:
+        summary = run_training(cfg, resume=resume, overwrite=overwrite)
+    except (ConfigError, DataError, ModelLoadError, NonFiniteTrainingError, RunDirError) as err:
         raise UserError(str(err)) from None
     ev = summary.get("eval", {})
     if "before" in ev and "after" in ev:

@@ -4,7 +4,7 @@ A trainer calls `write_rollouts(run_dir, step, records)` on capture steps; `stap
 them back with `read_rollouts(path)`.
 
 Layout: one file per capture step, `<run_dir>/rollouts/step_<step:08d>.parquet`, written atomically
-(temporary file + rename), zstd-compressed, dictionary-encoded strings. One row per *sample*, with
+(`stapo.rundir.atomic_write_bytes`), zstd-compressed, dictionary-encoded strings. One row per *sample*, with
 the per-token values as list columns (prompt and completion text are stored once per sample):
 
     column       type            meaning
@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,9 +47,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from stapo.rundir import ROLLOUTS_DIR, atomic_write_bytes, rollout_file, rollout_step
+
 SCHEMA_VERSION = 1
-ROLLOUTS_SUBDIR = "rollouts"
-FILE_PATTERN = re.compile(r"^step_(\d+)\.parquet$")
 DEFAULT_MAX_SAMPLES = 64
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 METADATA_PREFIX = "stapo."
@@ -93,7 +91,7 @@ def rollout_path(run_dir_or_path: str | os.PathLike, step: int) -> Path:
     p = Path(run_dir_or_path)
     if p.suffix == ".parquet":
         return p
-    return p / ROLLOUTS_SUBDIR / f"step_{int(step):08d}.parquet"
+    return rollout_file(p, step)
 
 
 def _to_numpy(x, name: str, where: str, dtype) -> np.ndarray:
@@ -189,7 +187,7 @@ def _run_bytes(directory: Path, exclude: Path) -> int:
     if not directory.is_dir():
         return 0
     return sum(
-        f.stat().st_size for f in directory.iterdir() if FILE_PATTERN.match(f.name) and f != exclude
+        f.stat().st_size for f in directory.iterdir() if rollout_step(f) is not None and f != exclude
     )
 
 
@@ -233,24 +231,19 @@ def write_rollouts(
     rows = kept_old + new_rows[:room]
     path.parent.mkdir(parents=True, exist_ok=True)
 
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = _table(step, rows, {**old_meta, **(metadata or {})})
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        pq.write_table(table, tmp, compression="zstd", use_dictionary=True)
-        size = tmp.stat().st_size
-        if max_bytes is not None and _run_bytes(path.parent, path) + size > max_bytes:
-            dropped = len(new_rows)
-            _warn(step, dropped, len(records), f"the run's rollout files would exceed max_bytes={max_bytes}")
-            return RolloutWriteResult(path if old_rows else None, 0, dropped, 0)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a capture is an ordinary file
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, compression="zstd", use_dictionary=True)
+    data = buffer.getvalue().to_pybytes()
+    size = len(data)
+    if max_bytes is not None and _run_bytes(path.parent, path) + size > max_bytes:
+        dropped = len(new_rows)
+        _warn(step, dropped, len(records), f"the run's rollout files would exceed max_bytes={max_bytes}")
+        return RolloutWriteResult(path if old_rows else None, 0, dropped, 0)
+    atomic_write_bytes(path, data)
     if dropped:
         _warn(step, dropped, len(records), f"max_samples={max_samples} per step")
     return RolloutWriteResult(path, len(rows) - len(kept_old), dropped, size)
@@ -280,12 +273,6 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     meta = next(iter(ro.metadata.values()), {})
     meta = {k: v for k, v in meta.items() if k != "rollouts.version"}
     return rows, meta
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _warn(step: int, dropped: int, total: int, why: str) -> None:
@@ -382,10 +369,10 @@ def rollout_files(path_or_dir: str | os.PathLike) -> list[Path]:
         if p.suffix != ".parquet":
             raise RolloutError(f"{p}: not a rollout file (expected a .parquet file or a directory)")
         return [p]
-    directory = p / ROLLOUTS_SUBDIR if (p / ROLLOUTS_SUBDIR).is_dir() else p
+    directory = p / ROLLOUTS_DIR if (p / ROLLOUTS_DIR).is_dir() else p
     files = sorted(
-        (f for f in directory.iterdir() if f.is_file() and FILE_PATTERN.match(f.name)),
-        key=lambda f: int(FILE_PATTERN.match(f.name).group(1)),
+        (f for f in directory.iterdir() if f.is_file() and rollout_step(f) is not None),
+        key=rollout_step,
     )
     if not files:
         raise RolloutError(
@@ -403,7 +390,7 @@ def read_rollouts(path_or_dir: str | os.PathLike, steps: Sequence[int] | None = 
     files = rollout_files(path_or_dir)
     if steps is not None:
         wanted = {int(s) for s in steps}
-        files = [f for f in files if not FILE_PATTERN.match(f.name) or int(FILE_PATTERN.match(f.name).group(1)) in wanted]
+        files = [f for f in files if rollout_step(f) is None or rollout_step(f) in wanted]
         if not files:
             raise RolloutError(f"{path_or_dir}: no rollout files for steps {sorted(wanted)}")
     tables, metadata = [], {}

@@ -20,7 +20,7 @@ from stapo.eval.metrics import (
 from stapo.eval.protocol import BENCHMARKS, DEFAULT_SAMPLES, SETTINGS, sample_seed
 from stapo.eval.report import compare_table, load_results, run_table
 from stapo.eval.runner import EvalConfig, EvalError, evaluate
-from stapo.eval.store import SampleLog, atomic_write_text
+from stapo.eval.store import SampleLog
 
 __all__ = [
     "BENCHMARKS",
@@ -35,7 +35,6 @@ __all__ = [
     "SeededSampler",
     "VLLMBackend",
     "aggregate_problems",
-    "atomic_write_text",
     "average_over_benchmarks",
     "avg_at_k",
     "compare_table",

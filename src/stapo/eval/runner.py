@@ -20,7 +20,8 @@ from pathlib import Path
 from stapo.eval import metrics
 from stapo.eval.protocol import BENCHMARKS, DEFAULT_SAMPLES, SETTINGS, sample_seed
 from stapo.eval.report import run_table
-from stapo.eval.store import SampleLog, atomic_write_text
+from stapo.eval.store import SampleLog
+from stapo.rundir import atomic_write_text, is_disk_full
 
 __all__ = ["EvalConfig", "EvalError", "Problem", "evaluate", "compute_results", "default_out_dir"]
 
@@ -288,7 +289,20 @@ def evaluate(config: EvalConfig, out=None, backend=None, tokenizer=None) -> dict
 
     `backend` / `tokenizer`: an already built generation backend (anything with `name`, `info`,
     `batch_size` and `generate(requests)`) and its tokenizer, instead of loading `config.model`.
+    A full disk is an `EvalError` naming the output directory (what is written stays whole).
     """
+    try:
+        return _evaluate(config, out, backend, tokenizer)
+    except Exception as err:
+        if is_disk_full(err):
+            raise EvalError(
+                f"{config.out_dir}: no space left on device; free some space and rerun the same command "
+                "(the samples already in samples.jsonl are kept and only the missing ones are generated)"
+            ) from None
+        raise
+
+
+def _evaluate(config: EvalConfig, out, backend, tokenizer) -> dict:
     from stapo import __version__
     from stapo.eval.backends import choose_backend
 

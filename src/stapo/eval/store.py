@@ -3,7 +3,7 @@
     samples.jsonl   one JSON object per generated sample, appended (flush + fsync per batch); on
                     restart it is read back, a torn last line (an interrupted write) is dropped, and
                     every (benchmark, setting, problem id, sample index) already present is skipped
-    results.json    written to a temporary file in the same directory, then os.replace'd, so an
+    results.json    written with `stapo.rundir.atomic_write_text` (a temporary sibling, fsync, rename), so an
     results.md      interrupted run leaves the previous complete file or none — never half of one
     run.json        the generation-relevant configuration; a rerun into the same directory must match
 """
@@ -12,32 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
-__all__ = ["SampleKey", "SampleLog", "atomic_write_text", "sample_key"]
+__all__ = ["SampleKey", "SampleLog", "sample_key"]
 
 SampleKey = tuple[str, str, str, int]
 
 
 def sample_key(record: dict) -> SampleKey:
     return (record["benchmark"], record["setting"], str(record["problem_id"]), int(record["sample_idx"]))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` via a temporary sibling file and os.replace (atomic on POSIX)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class SampleLog:

@@ -5,12 +5,12 @@
     STAPOTrainer(GRPOTrainer)  trainer.py      the loss step: log-probs/entropies -> token filter -> clipped
                                                loss -> metrics, all from `stapo.core`
     metrics.py                 per-step token sums, their reduction over processes, metrics.jsonl
-    checkpoints.py             atomic checkpoints, resume hygiene, the non-finite step guard
+    nonfinite.py               the non-finite step guard (checkpoints and resume: stapo.rundir)
     rollouts.py                token-level rollout captures for `stapo analyze`
     lm_head.py                 stapo's LM head in TRL's fused-head slot (`stapo_lm_head_in_trl`)
 """
 
-from stapo.engines.trl.checkpoints import NonFiniteTrainingError
+from stapo.engines.trl.nonfinite import NonFiniteTrainingError
 from stapo.engines.trl.config import STAPOConfig
 from stapo.engines.trl.lm_head import stapo_lm_head_in_trl
 from stapo.engines.trl.trainer import STAPOTrainer

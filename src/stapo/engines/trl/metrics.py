@@ -15,6 +15,8 @@ import os
 import torch
 from transformers import TrainerCallback
 
+from stapo.rundir import METRICS_FILE, truncate_metrics_after_step
+
 # Sums kept per window, in this order (one stacked tensor -> one all-reduce).
 SUM_KEYS = (
     "valid",  # valid completion tokens
@@ -101,7 +103,7 @@ class MetricsJsonlCallback(TrainerCallback):
     is being resumed) are dropped first, so the file never holds a step twice.
     """
 
-    def __init__(self, filename: str = "metrics.jsonl"):
+    def __init__(self, filename: str = METRICS_FILE):
         self.filename = filename
         self._file = None
 
@@ -114,7 +116,7 @@ class MetricsJsonlCallback(TrainerCallback):
         os.makedirs(args.output_dir, exist_ok=True)
         path = self._path(args)
         if os.path.exists(path):
-            truncate_after_step(path, state.global_step)
+            truncate_metrics_after_step(path, state.global_step)
         self._file = open(path, "a", encoding="utf-8")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -140,28 +142,3 @@ class MetricsJsonlCallback(TrainerCallback):
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def truncate_after_step(path: str, step: int) -> int:
-    """Keep only the lines of a metrics.jsonl whose step is <= `step`; returns how many were dropped.
-
-    A torn last line (a crash mid-write) is dropped as well.
-    """
-    kept, dropped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-                keep = int(record["step"]) <= step
-            except (ValueError, KeyError, TypeError):
-                keep = False
-            if keep:
-                kept.append(line if line.endswith("\n") else line + "\n")
-            else:
-                dropped += 1
-    if dropped:
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
-    return dropped

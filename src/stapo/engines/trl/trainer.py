@@ -8,7 +8,7 @@ and why (TRL / Trainer private methods in parentheses):
     step end                 (_clip_grad_norm, _get_grad_norm)  global step metrics, the deferred S2T
                              denominator, the non-finite guard
     checkpoints              (_save_checkpoint, _get_output_dir, _load_optimizer_and_scheduler)  written to
-                             a staging directory and published with one rename (`checkpoints.py`)
+                             a staging directory and published with one rename (`stapo.rundir`)
     reward metrics           (_calculate_rewards, _generate_and_score_completions)  accuracy, zero-variance
                              groups, and each row's reward carried with the batch for rollout captures
 
@@ -56,7 +56,6 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import rotate_checkpoints
 from trl import GRPOTrainer
 
 from stapo.core import (
@@ -69,11 +68,13 @@ from stapo.core import (
     zero_variance_group_fraction,
 )
 from stapo.core.monitor import PAPER_MASKED_FRACTION, InertS2TMonitor
-from stapo.engines.trl.checkpoints import (
-    NonFiniteGuard,
-    NonFiniteTrainingError,
+from stapo.engines.trl.nonfinite import NonFiniteGuard, NonFiniteTrainingError
+from stapo.rundir import (
+    checkpoint_name,
     publish_checkpoint,
     remove_stale_staging,
+    resumed_lineage,
+    rotate_checkpoints,
     staging_dir,
     truncate_rollouts_after_step,
 )
@@ -105,6 +106,7 @@ class STAPOTrainer(GRPOTrainer):
         self._inert = InertS2TMonitor(args.s2t_settings)  # warns when S2T silences nothing for K steps
         self._last_s2t = None  # the last training micro-batch's (entropies, S2T decision): the warning's suggestion
         self._staging_run_dir: str | None = None
+        self._run_checkpoints: set[int] = set()  # steps this run wrote or resumed from: the only ones rotated
         self.use_stapo_lm_head = self._resolve_fused_lm_head(args.fused_lm_head)
         if self._deferred_denominator() and self.is_deepspeed_enabled:
             raise ValueError(
@@ -363,7 +365,7 @@ class STAPOTrainer(GRPOTrainer):
             logger.warning("stapo: no checkpoint at step %d (its update was skipped)", self.state.global_step)
             return
         run_dir = self._get_output_dir(trial)
-        name = f"checkpoint-{self.state.global_step}"
+        name = checkpoint_name(self.state.global_step)
         staging = staging_dir(run_dir, self.state.global_step)
         if self.args.should_save:
             remove_stale_staging(run_dir)
@@ -384,17 +386,16 @@ class STAPOTrainer(GRPOTrainer):
             if best and Path(best) == staging / name:
                 self.state.best_model_checkpoint = str(final)
                 self.state.save_to_json(str(final / "trainer_state.json"))
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
+            self._run_checkpoints.add(self.state.global_step)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self._run_checkpoints,
+                               protect=self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         self._nonfinite.load(checkpoint)
+        if checkpoint is not None:
+            self._run_checkpoints |= resumed_lineage(checkpoint)
 
     # ---- rewards ------------------------------------------------------------------------------
 

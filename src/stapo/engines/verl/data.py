@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stapo.data import BENCHMARKS, build_messages, load_benchmark, load_prompts
+from stapo.rundir import atomic_write_bytes
 
 __all__ = ["prepare", "to_verl_rows", "write_parquet"]
 
@@ -47,10 +48,9 @@ def write_parquet(rows: list[dict], path: str | os.PathLike) -> Path:
         raise ValueError(f"{path}: no rows to write")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    os.replace(tmp, path)
-    return path
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    return atomic_write_bytes(path, buffer.getvalue().to_pybytes())
 
 
 def prepare(

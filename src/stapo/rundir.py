@@ -1,0 +1,360 @@
+"""The run directory of `stapo train`: where each file lives, how files are written into it, and what a
+resumed run keeps. The bottom layer: imports nothing from `stapo` (data, eval, analyze, engines and
+train import it).
+
+Layout:
+
+    <run>/config.yaml                   the resolved config (rerun with `stapo train <run>/config.yaml`)
+    <run>/metrics.jsonl                 one JSON line per logged step (appended)
+    <run>/checkpoint-N/                 complete checkpoints (`--resume` continues from the newest)
+    <run>/.tmp-checkpoint-N/            a checkpoint being written (published by one rename)
+    <run>/eval.json                     held-out accuracy before / after training
+    <run>/summary.json                  the run's summary (written last)
+    <run>/final/                        the trained model and tokenizer
+    <run>/plots/                        training curves
+    <run>/rollouts/step_<N:08d>.parquet rollout captures of step N
+
+Atomic writes (`atomic_write_bytes`, `atomic_write_text`, `atomic_write_json`): the data go to a
+temporary sibling file (hidden, `.<name>.<random>.tmp`), are fsync'ed, and replace the target with one
+`os.replace`; a failure (disk full, say) removes the temporary file and leaves the previous target
+untouched. The temporary file is created with mode 0666 minus the umask, like any file `open()` makes.
+
+Checkpoints are staged: the trainer writes `.tmp-checkpoint-N/checkpoint-N/`, and `publish_checkpoint`
+renames it to `checkpoint-N/` once every file is on disk. Nothing named `checkpoint-*` exists until it
+is complete. Rotation (`save_total_limit`) only ever deletes checkpoints of the run that is saving.
+
+Resume: whatever the interrupted run appended for steps after the checkpoint being resumed from
+(metrics lines, rollout files) is dropped (`truncate_metrics_after_step`, `truncate_rollouts_after_step`).
+
+A new run refuses an output directory that already holds files (`check_output_dir`), unless it resumes
+the run there or the user asked to overwrite it (`clear_run_files`).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+EVAL_FILE = "eval.json"
+FINAL_DIR = "final"
+PLOTS_DIR = "plots"
+ROLLOUTS_DIR = "rollouts"
+CHECKPOINT_PREFIX = "checkpoint"
+STAGING_PREFIX = ".tmp-"
+TRAINER_STATE_FILE = "trainer_state.json"  # the Trainer writes it last: its presence marks a whole checkpoint
+
+_CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
+_ROLLOUT_NAME = re.compile(r"^step_(\d+)\.parquet$")
+
+
+class RunDirError(ValueError):
+    """The output directory cannot be used (not a directory, another run's files, no space left); the
+    message names the path and the way out."""
+
+
+# ---- names ----------------------------------------------------------------------------------------
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}-{int(step)}"
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """N for a path named `checkpoint-N`, else None."""
+    m = _CHECKPOINT_NAME.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def rollout_file_name(step: int) -> str:
+    return f"step_{int(step):08d}.parquet"
+
+
+def rollout_step(path: str | os.PathLike) -> int | None:
+    """N for a path named `step_N.parquet`, else None."""
+    m = _ROLLOUT_NAME.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def rollout_file(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / ROLLOUTS_DIR / rollout_file_name(step)
+
+
+# ---- atomic writes ----------------------------------------------------------------------------------
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # directories cannot be opened on some platforms
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Replace `path` with `data` in one rename (see the module docstring); returns the path."""
+    path = Path(path)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"atomic_write_bytes needs bytes, got {type(data).__name__}")
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            # 0o666 through open(2): the umask applies, as for any new file (mkstemp would give 0600).
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_path(path.parent, directory=True)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    if not isinstance(text, str):
+        raise TypeError(f"atomic_write_text needs str, got {type(text).__name__}")
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
+    return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from `path`, or {} when it is missing or unreadable."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True for 'No space left on device' (an OSError, or a writer library's own error that quotes it)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------
+
+
+def checkpoints(run_dir: str | os.PathLike) -> dict[int, Path]:
+    """The complete checkpoints of `run_dir` by step (`checkpoint-N` directories with trainer_state.json)."""
+    found = {}
+    root = Path(run_dir)
+    if not root.is_dir():
+        return found
+    for p in root.iterdir():
+        step = checkpoint_step(p)
+        if step is not None and p.is_dir() and (p / TRAINER_STATE_FILE).is_file():
+            found[step] = p
+    return dict(sorted(found.items()))
+
+
+def last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of `run_dir` (staging directories are never considered)."""
+    found = checkpoints(run_dir)
+    return found[max(found)] if found else None
+
+
+def staged_name(name: str) -> str:
+    """The hidden name `name` is written under before it is renamed into place."""
+    return f"{STAGING_PREFIX}{name}"
+
+
+def staging_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    """The directory the Trainer writes checkpoint `step` into (it creates `checkpoint-<step>` inside)."""
+    return Path(run_dir) / staged_name(checkpoint_name(step))
+
+
+def remove_stale_staging(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete staging directories left by a crash while saving; returns what was removed."""
+    removed = []
+    for p in Path(run_dir).glob(f"{STAGING_PREFIX}{CHECKPOINT_PREFIX}-*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file (and directory entry) under `root` to disk, so the rename publishes data."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath), directory=True)
+
+
+def publish_checkpoint(staged: Path, final: Path) -> None:
+    """Move a complete checkpoint from its staging place to `final` with one rename.
+
+    An existing `final` (the same step saved again, e.g. after resuming from an older checkpoint)
+    is first renamed out of the way, then deleted once the new one is in place.
+    """
+    fsync_tree(staged)
+    old = None
+    if final.exists():
+        old = final.parent / f"{STAGING_PREFIX}old-{final.name}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(staged, final)
+    _fsync_path(final.parent, directory=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def rotate_checkpoints(run_dir: str | os.PathLike, keep: int | None, own_steps: Iterable[int],
+                       protect: str | os.PathLike | None = None) -> list[Path]:
+    """Delete the oldest checkpoints among `own_steps` (the saving run's) until `keep` of them remain.
+
+    Checkpoints of any other step are never touched, whatever their age; `protect` (the best model
+    checkpoint) is kept in addition. Returns what was deleted.
+    """
+    if not keep or keep <= 0:
+        return []
+    own = set(own_steps)
+    mine = [p for step, p in checkpoints(run_dir).items() if step in own]  # oldest first
+    protected = Path(protect).resolve() if protect else None
+    removed = []
+    for p in mine[: max(len(mine) - keep, 0)]:
+        if p.resolve() != protected:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def resumed_lineage(checkpoint: str | os.PathLike) -> set[int]:
+    """Steps of the checkpoints beside `checkpoint` up to its own step: the run being resumed wrote
+    them, so the resumed run may rotate them (newer ones, from an abandoned continuation, it may not)."""
+    step = checkpoint_step(checkpoint)
+    if step is None:
+        return set()
+    return {s for s in checkpoints(Path(checkpoint).parent) if s <= step}
+
+
+# ---- resume hygiene ---------------------------------------------------------------------------------
+
+
+def truncate_metrics_after_step(path: str | os.PathLike, step: int) -> int:
+    """Keep only the lines of a metrics.jsonl whose step is <= `step`; returns how many were dropped.
+
+    A torn last line (a crash mid-write) is dropped as well.
+    """
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                keep = int(record["step"]) <= step
+            except (ValueError, KeyError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(kept))
+    return dropped
+
+
+def truncate_rollouts_after_step(run_dir: str | os.PathLike, step: int) -> list[Path]:
+    """Delete rollout captures of steps > `step` (written by a run that is being resumed)."""
+    removed = []
+    directory = Path(run_dir) / ROLLOUTS_DIR
+    if not directory.is_dir():
+        return removed
+    for p in directory.iterdir():
+        n = rollout_step(p)
+        if n is not None and n > step:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+# ---- starting a run in an output directory ---------------------------------------------------------
+
+# What a run writes at the top of its directory (checkpoints and staging directories by pattern).
+RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, EVAL_FILE, FINAL_DIR, PLOTS_DIR, ROLLOUTS_DIR)
+
+
+def _is_run_entry(p: Path) -> bool:
+    name = p.name[len(STAGING_PREFIX):] if p.name.startswith(STAGING_PREFIX) else p.name
+    name = name[len("old-"):] if name.startswith("old-") else name  # publish_checkpoint's old copy
+    return name in RUN_ENTRIES or checkpoint_step(name) is not None
+
+
+def check_output_dir(out: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> None:
+    """Raise `RunDirError` unless a run may start in `out`. Creates and deletes nothing.
+
+    Allowed: a directory that does not exist yet (nor does any file stand in its path), an empty
+    one, one holding a run when resuming it, anything when `overwrite` is set (`clear_run_files`).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"output_dir {out}: exists and is not a directory; choose another output_dir=...")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RunDirError(f"output_dir {out}: {parent} is a file, not a directory; choose another output_dir=...")
+            break
+    writable = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise RunDirError(f"output_dir {out}: {writable} is not writable; choose another output_dir=...")
+    if not out.exists() or overwrite:
+        return
+    entries = sorted(out.iterdir())
+    if not entries:
+        return
+    if resume:
+        if any(_is_run_entry(p) for p in entries):
+            return
+        raise RunDirError(
+            f"output_dir {out} holds files but no stapo run to resume ({', '.join(p.name for p in entries[:3])}"
+            f"{', ...' if len(entries) > 3 else ''}); choose a new output_dir=..., or pass --overwrite to use it anyway"
+        )
+    shown = [p.name for p in entries if _is_run_entry(p)] or [p.name for p in entries]
+    what = "a previous run" if any(_is_run_entry(p) for p in entries) else "files"
+    raise RunDirError(
+        f"output_dir {out} is not empty (it holds {what}: {', '.join(shown[:4])}{', ...' if len(shown) > 4 else ''}); "
+        "continue that run with --resume, choose a new output_dir=..., or pass --overwrite to replace it"
+    )
+
+
+def clear_run_files(out: str | os.PathLike) -> list[Path]:
+    """Delete what a previous run wrote at the top of `out` (for `--overwrite`); other files stay."""
+    out = Path(out)
+    removed = []
+    if not out.is_dir():
+        return removed
+    for p in sorted(out.iterdir()):
+        if _is_run_entry(p):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p)
+    return removed
