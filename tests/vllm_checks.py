@@ -11,6 +11,7 @@ their tolerances live in the test file.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -23,10 +24,30 @@ SAMPLED_TOKENS = 24
 STORE_ARGS = dict(benchmarks=[BENCH], settings=["train"], samples=2, max_new_tokens=16, limit=2)
 
 
+def benchmark_dir(work: Path) -> Path:
+    """The real benchmark files (../shared/data/benchmarks or $STAPO_DATA_DIR), else six tiny problems
+    in the same format (a checkout without the shared data still runs every check)."""
+    from stapo.data import DataError, find_benchmark_dir
+
+    try:
+        folder = find_benchmark_dir()
+        if (folder / f"{BENCH}.jsonl").is_file():
+            return folder
+    except DataError:
+        pass
+    folder = work / "benchmarks"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"id": f"synthetic-{a}-{b}", "problem": f"What is {a} + {b}?", "answer": str(a + b)}
+            for a, b in [(2, 3), (17, 25), (40, 2), (9, 9), (123, 321), (7, 8)]]
+    (folder / f"{BENCH}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
 def _eval_cli(out_dir: Path, backend: str) -> int:
     from stapo.cli import main
 
     return main(["eval", "--model", "embedded", "--backend", backend, "--benchmarks", BENCH, "--setting", "train",
+                 "--data-dir", str(STORE_ARGS["data_dir"]),
                  "--samples", str(STORE_ARGS["samples"]), "--limit", str(STORE_ARGS["limit"]),
                  "--max-new-tokens", str(STORE_ARGS["max_new_tokens"]), "--out", str(out_dir), "--no-progress"])
 
@@ -51,8 +72,10 @@ def store_check(work: Path, backend: str, built: dict) -> dict:
 
     resumed, straight = work / f"store-{backend}-resumed", work / f"store-{backend}-straight"
     rc_first = _eval_cli(resumed, backend)
+    assert rc_first == 0, f"stapo eval --backend {backend}: exit {rc_first}"
     _interrupt(resumed, keep=1)
     rc_resume = _eval_cli(resumed, backend)
+    assert rc_resume == 0, f"stapo eval --backend {backend} (resumed): exit {rc_resume}"
     tokenizer, gen = built[backend]
     counting = _Counting(gen)
     evaluate(EvalConfig(model="embedded", out_dir=straight, progress=False, **STORE_ARGS),
@@ -158,7 +181,8 @@ def main(out_path: str, work_dir: str) -> None:
         return tokenizer, counting
 
     runner._make_backend = make_once
-    report: dict = {"store": {}}
+    STORE_ARGS["data_dir"] = str(benchmark_dir(work))
+    report: dict = {"store": {}, "data_dir": STORE_ARGS["data_dir"]}
     report["store"]["vllm"] = store_check(work, "vllm", built)
     report["store"]["hf"] = store_check(work, "hf", built)
 
@@ -167,7 +191,7 @@ def main(out_path: str, work_dir: str) -> None:
 
     tokenizer, vllm_backend = built["vllm"]
     hf_model = built["hf"][1].model
-    rows = load_benchmark(BENCH)[:GREEDY_PROBLEMS]
+    rows = load_benchmark(BENCH, data_dir=STORE_ARGS["data_dir"])[:GREEDY_PROBLEMS]
     prompts = [prompt_token_ids(tokenizer, r["problem"], "boxed") for r in rows]
     report["greedy"] = greedy_check(vllm_backend, hf_model, tokenizer, prompts)
     report["sampled"] = sampled_check(vllm_backend, prompts[:4])
@@ -180,5 +204,8 @@ def main(out_path: str, work_dir: str) -> None:
     Path(out_path).write_text(json.dumps(report, indent=1))
 
 
-if __name__ == "__main__":  # required: vLLM spawns its engine process
+if __name__ == "__main__":  # required where vLLM spawns its engine process
+    # The engine in this process: no second interpreter importing vLLM and torch (tens of seconds on a
+    # busy 2-core machine). The default, spawned engine is what benchmarks/bench_generation.py runs.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     main(*sys.argv[1:3])

