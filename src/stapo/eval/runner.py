@@ -164,7 +164,7 @@ def _make_backend(config: EvalConfig, backend_name: str):
     try:
         tokenizer = load_tokenizer(config.model)
         if backend_name == "vllm":
-            backend = VLLMBackend(resolve_model(config.model), tokenizer, dtype=config.dtype or "bfloat16")
+            backend = VLLMBackend(resolve_model(config.model), tokenizer, dtype=config.dtype)
         else:
             model = load_model(config.model, dtype=config.dtype)
             backend = HFBackend(model, tokenizer, batch_size=config.batch_size)
