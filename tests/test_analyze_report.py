@@ -121,7 +121,11 @@ def test_cli_tokens_bad_inputs(tmp_path, capsys):
     assert "no rollout files" in err_of(["--rollouts", str(tmp_path / "empty")])
     assert "no such rollout" in err_of(["--rollouts", str(tmp_path / "missing")])
     assert "--data needs --model" in err_of(["--data", "synthetic:add1?n=2"])
-    assert "--tau-p must be in [0, 1]" in err_of(["--rollouts", str(tmp_path), "--tau-p", "2"])
+    # the S2T flags are checked by stapo.core.settings, the message names the flag
+    assert "--tau-p must be a number in [0, 1]" in err_of(["--rollouts", str(tmp_path), "--tau-p", "2"])
+    assert "--tau-h must be a number >= 0" in err_of(["--rollouts", str(tmp_path), "--tau-h", "-1"])
+    assert "--tau-h-quantile must be a number in [0, 1]" in err_of(["--rollouts", str(tmp_path), "--tau-h-quantile",
+                                                                     "1.5"])
     write_rollouts(tmp_path / "r", 0, [{**_records(1)[0], "token_id": [], "token_text": [], "logprob": [],
                                          "entropy": [], "collision": [], "s2t": []}])
     assert "no completion tokens" in err_of(["--rollouts", str(tmp_path / "r")])

@@ -10,15 +10,13 @@ import pytest
 import torch
 
 from stapo.analyze.tokens import (
-    Thresholds,
     TokenBatch,
     format_summary,
     format_sweep,
     summarize,
-    tau_h_for_fraction,
     threshold_sweep,
 )
-from stapo.core import grad_norm_proxy, s2t_mask, token_logprobs_entropy
+from stapo.core import S2TSettings, grad_norm_proxy, s2t_mask, tau_h_for_fraction, token_logprobs_entropy
 from stapo.data.rollouts import rollouts_from_records
 
 PROMPTS = ["What is 1 + 1?", "Compute 2 + 3, please."]
@@ -172,7 +170,7 @@ def _hand_rollouts():
 
 def test_summary_hand_worked():
     ro = _hand_rollouts()
-    s = summarize(ro, Thresholds(tau_p=0.01, tau_h=0.5))
+    s = summarize(ro, S2TSettings(tau_p=0.01, tau_h=0.5))
     # A > 0, p < 0.01, H < 0.5: token 0 (0.005, 0.01), 2 (0.008, 0.3), 7 (0.0005, 0.002)
     assert s.count_s2t == 3 and s.frac_s2t == pytest.approx(0.3)
     assert s.count_low_prob == 5  # tokens 0, 2, 4, 7, 9
@@ -195,7 +193,7 @@ def test_summary_mask_is_core_s2t_mask():
     ro = _hand_rollouts()
     tb = TokenBatch(ro)
     pad = ro.padded()
-    for th in (Thresholds(0.01, 0.5), Thresholds(0.05, None, 0.5), Thresholds(0.001, None, 0.05)):
+    for th in (S2TSettings(0.01, 0.5), S2TSettings(0.05, None, 0.5), S2TSettings(0.001, None, 0.05)):
         core = s2t_mask(pad["logprobs"], pad["entropy"], pad["advantages"], pad["response_mask"],
                         tau_p=th.tau_p, tau_h=th.tau_h, tau_h_quantile=th.tau_h_quantile)
         assert tb.mask(th).tolist() == core[pad["response_mask"]].tolist()
@@ -253,12 +251,15 @@ def test_sweep_monotone_random(seed):
 def test_tau_h_for_fraction_hand_worked():
     tb = TokenBatch(_hand_rollouts())
     # candidates at tau_p 0.01 (A>0, p<0.01): tokens 0, 2, 7, 9 with entropies 0.01, 0.3, 0.002, 0.9
-    tau_h, ok, max_frac = tau_h_for_fraction(tb, 0.2, 0.01)  # k = 2 of 10 tokens -> just above 0.01
-    assert ok and max_frac == pytest.approx(0.4)
+    candidates = tb.decision(S2TSettings(tau_p=0.01)).candidates
+    tau_h = tau_h_for_fraction(tb.entropy, candidates, 10, 0.2)  # k = 2 of 10 tokens -> just above 0.01
+    assert int(candidates.sum()) == 4
     assert 0.01 < tau_h < 0.0100001
-    assert summarize(tb, Thresholds(0.01, tau_h)).count_s2t == 2
-    assert summarize(tb, Thresholds(0.01, 0.01)).count_s2t == 1  # strict H < tau_h
-    assert tau_h_for_fraction(tb, 0.5, 0.01)[:2] == (None, False)  # needs 5 of only 4 candidates
+    assert summarize(tb, S2TSettings(tau_p=0.01, tau_h=tau_h)).count_s2t == 2
+    assert summarize(tb, S2TSettings(tau_p=0.01, tau_h=0.01)).count_s2t == 1  # strict H < tau_h
+    assert tau_h_for_fraction(tb.entropy, candidates, 10, 0.5) is None  # needs 5 of only 4 candidates
+    s = summarize(tb, S2TSettings(tau_p=0.01, tau_h=0.01))
+    assert s.paper_fraction_reachable and s.max_frac_at_tau_p == pytest.approx(0.4)
 
 
 def test_no_tokens_is_an_error():
@@ -291,7 +292,7 @@ def test_entropy_change_collected_matches_float64_and_groups(tiny):
         p = pi[torch.arange(len(a)), a]
         ref = -float(ro.advantage[i]) * (p * (p.log() + h) - (pi * pi * (logp + h[:, None])).sum(-1))
         np.testing.assert_allclose(tb.delta_h[ro.token_slice(i)].numpy(), ref.numpy(), atol=2e-4, rtol=2e-3)
-    mask = tb.mask(Thresholds(tau_p=0.5, tau_h_quantile=0.5))
+    mask = tb.mask(S2TSettings(tau_p=0.5, tau_h_quantile=0.5))
     groups = tb.entropy_change_groups(mask)
     dh = tb.delta_h
     total = float(dh.abs().sum())
@@ -301,7 +302,7 @@ def test_entropy_change_collected_matches_float64_and_groups(tiny):
     assert groups["s2t"]["sum"] == pytest.approx(float(dh[mask].sum()))
     assert groups["pos_adv"]["share_abs"] == pytest.approx(float(dh[tb.adv_flat > 0].abs().sum()) / total)
     assert groups["neg_adv"]["count"] == int((tb.adv_flat < 0).sum())
-    s = summarize(tb, Thresholds(tau_p=0.5, tau_h_quantile=0.5))
+    s = summarize(tb, S2TSettings(tau_p=0.5, tau_h_quantile=0.5))
     assert s.entropy_change == groups
     assert "mean dH/eta" in format_summary(s)
 
@@ -335,6 +336,6 @@ def test_entropy_change_hand_worked_groups():
 
 
 def test_entropy_change_absent_for_captured_rollouts():
-    s = summarize(_hand_rollouts(), Thresholds(tau_p=0.01, tau_h=0.5))
+    s = summarize(_hand_rollouts(), S2TSettings(tau_p=0.01, tau_h=0.5))
     assert s.entropy_change is None
     assert "dH: n/a" in format_summary(s)

@@ -231,7 +231,8 @@ def test_analyze_tokens_defaults_to_the_runs_settings(tmp_path, capsys):
     # without a run: the built-in defaults
     args = parser.parse_args(["analyze", "tokens", "--data", "synthetic:add1?n=2"])
     resolve_tokens_defaults(args)
-    assert (args.template, args.group_size, args.tau_p, args.tau_h, args.tau_h_quantile) == ("boxed", 8, 0.01, None, 0.05)
+    # without a run the S2T flags stay unset: stapo.core.S2TSettings fills its defaults
+    assert (args.template, args.group_size, args.tau_p, args.tau_h, args.tau_h_quantile) == ("boxed", 8, None, None, None)
 
     # --rollouts RUN_DIR: the thresholds the run trained with
     out = tmp_path / "a"

@@ -283,7 +283,10 @@ def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
     # Record the thresholds the run uses (applied by stapo, measured by the other methods), so the
     # run's config.yaml says which S2T reading it had.
     s2t = resolve_s2t(values)
-    run.trl.update({name: getattr(s2t, name) for name in S2T_FIELDS if name in trl_fields})
+    recorded = {name: getattr(s2t, name) for name in S2T_FIELDS if name in trl_fields}
+    if s2t.tau_h is not None:  # an absolute tau_h: the quantile settings do not apply (and would conflict)
+        recorded.update(tau_h_quantile=None, tau_h_population=None)
+    run.trl.update(recorded)
     return run
 
 

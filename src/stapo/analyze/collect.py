@@ -73,6 +73,7 @@ def collect_rollouts(
     tau_p: float = 0.01,
     tau_h: float | None = None,
     tau_h_quantile: float = 0.05,
+    tau_h_population: str | None = None,
     advantage_scale: str = "group",
     seed: int = 0,
     grade: Callable[[list[str], list[str]], list[float]] | None = None,
@@ -146,7 +147,8 @@ def collect_rollouts(
     for i, s in enumerate(per_sample):
         n = len(s[1])
         lp[i, :n], ent[i, :n], valid[i, :n] = s[2], s[3], True
-    flags = s2t_mask(lp, ent, adv, valid, tau_p=tau_p, tau_h=tau_h, tau_h_quantile=tau_h_quantile)
+    flags = s2t_mask(lp, ent, adv, valid, tau_p=tau_p, tau_h=tau_h, tau_h_quantile=tau_h_quantile,
+                     tau_h_population=tau_h_population)
 
     records = []
     for i, (prompt, ids, l, e, c, _) in enumerate(per_sample):
@@ -158,7 +160,7 @@ def collect_rollouts(
             "logprob": l, "entropy": e, "collision": c, "s2t": flags[i, :n],
         })
     meta = {"source": "model", "group_size": group_size, "temperature": temperature,
-            "tau_p": tau_p, "tau_h": tau_h, "tau_h_quantile": tau_h_quantile}
+            "tau_p": tau_p, "tau_h": tau_h, "tau_h_quantile": tau_h_quantile, "tau_h_population": tau_h_population}
     ro = rollouts_from_records(records, step=0, metadata=meta)
     if return_collision_logp:
         return ro, torch.cat([s[5] for s in per_sample]).numpy().astype("float32")

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from stapo.core import group_advantages, s2t_mask
+from stapo.core import S2TSettings, group_advantages, s2t_decision
 from stapo.core.lm_head import causal_lm_hidden_states, causal_lm_head_params, lm_head_logprobs_entropy
 
 SETS = ("s2t", "random", "lowp_hiH", "all")
@@ -59,9 +59,7 @@ class CounterfactualConfig:
     group_size: int = 8
     max_new_tokens: int = 32
     temperature: float = 1.0
-    tau_p: float = 0.01
-    tau_h: float | None = None
-    tau_h_quantile: float = 0.05
+    s2t: S2TSettings = field(default_factory=S2TSettings)  # the S2T set's thresholds (set (i))
     sgd_lr: float = 1e-4
     adamw_lr: float = 1e-4
     warmup_steps: int = 3
@@ -77,12 +75,6 @@ class CounterfactualConfig:
             raise ValueError(f"group_size must be >= 2 (advantages need a group), got {self.group_size}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not 0.0 <= self.tau_p <= 1.0:
-            raise ValueError(f"tau_p must be in [0, 1], got {self.tau_p}")
-        if self.tau_h is not None and not math.isfinite(self.tau_h):
-            raise ValueError(f"tau_h must be a finite number of nats, got {self.tau_h}")
-        if not 0.0 <= self.tau_h_quantile <= 1.0:
-            raise ValueError(f"tau_h_quantile must be in [0, 1], got {self.tau_h_quantile}")
         for name in ("sgd_lr", "adamw_lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -164,21 +156,16 @@ def sample_batch(model, tokenizer, prompts, golds, group_size, max_new_tokens, t
     return hidden[cmask], comp[cmask], adv[:, None].expand_as(cmask)[cmask], rewards, cmask
 
 
-def score_batch(hidden, targets, adv, cmask, rewards, head, temperature, tau_p, tau_h, tau_h_quantile) -> ScoredBatch:
-    """Per-token statistics under the head, and the S2T set (core.s2t_mask on the padded layout)."""
+def score_batch(hidden, targets, adv, cmask, rewards, head, temperature, s2t: S2TSettings) -> ScoredBatch:
+    """Per-token statistics under the head, and the S2T set (core.s2t_decision on the padded layout)."""
     with torch.no_grad():
         lp, ent = lm_head_logprobs_entropy(hidden, head, targets, temperature=temperature)
     pad_lp = torch.zeros(cmask.shape)
     pad_ent = torch.zeros(cmask.shape)
     pad_adv = torch.zeros(cmask.shape)
     pad_lp[cmask], pad_ent[cmask], pad_adv[cmask] = lp, ent, adv.float()
-    flags = s2t_mask(pad_lp, pad_ent, pad_adv, cmask, tau_p=tau_p, tau_h=tau_h, tau_h_quantile=tau_h_quantile)
-    if tau_h is None:
-        from stapo.core import entropy_quantile
-
-        tau_used = float(entropy_quantile(pad_ent, cmask, tau_h_quantile))
-    else:
-        tau_used = float(tau_h)
+    decision = s2t_decision(pad_lp, pad_ent, pad_adv, cmask, s2t)
+    flags, tau_used = decision.spurious, float(decision.threshold)
     return ScoredBatch(hidden, targets, lp, ent, adv.float(), flags[cmask], tau_used, float(rewards.mean()),
                        int(cmask.shape[0]))
 
@@ -317,9 +304,8 @@ def run_counterfactual(model, tokenizer, train_rows, heldout_rows, cfg: Counterf
         prompts, golds = zip(*rows)
         hidden, targets, adv, rewards, cmask = sample_batch(model, tokenizer, prompts, golds, cfg.group_size,
                                                             cfg.max_new_tokens, cfg.temperature, grade=grade)
-        batch = score_batch(hidden, targets, adv, cmask, rewards, head, cfg.temperature, cfg.tau_p, cfg.tau_h,
-                            cfg.tau_h_quantile)
-        sets = token_sets(batch, cfg.tau_p, cfg.draws, gen)
+        batch = score_batch(hidden, targets, adv, cmask, rewards, head, cfg.temperature, cfg.s2t)
+        sets = token_sets(batch, cfg.s2t.tau_p, cfg.draws, gen)
         info = {"batch": b, "samples": batch.samples, "tokens": int(targets.numel()),
                 "tokens_pos_adv": int((batch.advantage > 0).sum()), "tokens_neg_adv": int((batch.advantage < 0).sum()),
                 "reward_mean": batch.reward_mean, "tau_h": batch.tau_h,
@@ -368,8 +354,7 @@ def run_counterfactual(model, tokenizer, train_rows, heldout_rows, cfg: Counterf
 
 
 def _threshold_label(cfg: CounterfactualConfig) -> str:
-    h = f"tau_h={cfg.tau_h:g} nats" if cfg.tau_h is not None else f"tau_h=q{cfg.tau_h_quantile:g}"
-    return f"tau_p={cfg.tau_p:g}, {h}"
+    return f"tau_p={cfg.s2t.tau_p:g}, tau_h: {cfg.s2t.threshold_reading}"
 
 
 def summarize_measurements(ms: list[Measurement]) -> dict:

@@ -234,6 +234,7 @@ def build_report(
     notes: list[str] | None = None,
     max_samples: int = DEFAULT_MAX_SAMPLES,
     from_run: bool = True,
+    populations=None,
 ) -> str:
     """The HTML text of the report (write it with `write_report`). `from_run`: the rollouts were
     captured in a training run (their step is shown), not sampled for this analysis."""
@@ -258,6 +259,14 @@ def build_report(
         parts.append(sweep_table_html(sweep, "frac", tau_p, default_label))
         parts.append("<p>Share of the total gradient-norm² (Σ 1 − 2p + Σπ²) carried by the S2T set:</p>")
         parts.append(sweep_table_html(sweep, "grad_share", tau_p, default_label))
+    if populations:
+        parts.append("<h2>The three τ_h readings</h2>")
+        parts.append(
+            "<p>τ_h = the q-quantile of the entropies of each population: <b>valid</b> (all valid tokens, the "
+            "literal reading), <b>low_prob</b> (p &lt; τ_p), <b>candidates</b> (p &lt; τ_p, A &gt; 0). "
+            "“pctl”: where τ_h falls among all valid entropies (% below it) — silenced tokens should sit at "
+            "confident positions.</p>")
+        parts.append(population_table_html(populations))
     if rollouts is not None and s2t_flat is not None:
         parts.append("<h2>Sample completions</h2>")
         parts.append(samples_html(rollouts, s2t_flat, max_samples, from_run=from_run))
@@ -273,6 +282,21 @@ def build_report(
         f"<title>{html.escape(title)}</title><style>{_CSS}</style><script>{_ERROR_HOOK}</script></head>"
         f'<body><div id="tip"></div>{body}\n<pre id="js-errors"></pre><script>{_TOOLTIP_JS}</script></body></html>\n'
     )
+
+
+def population_table_html(rows) -> str:
+    head = ("<tr><th>population</th><th>q</th><th>size</th><th>τ_h (nats)</th><th>pctl</th><th>masked</th>"
+            "<th>masked %</th><th>grad² share</th><th>A²·grad² share</th><th>silenced H mean / max</th></tr>")
+    body = []
+    for r in rows:
+        thr = "empty" if r.threshold is None else f"{r.threshold:.4g}"
+        pct = "—" if r.threshold_percentile is None else f"{r.threshold_percentile:.1f}"
+        sil = ("—" if r.silenced_entropy_mean is None
+               else f"{r.silenced_entropy_mean:.3g} / {r.silenced_entropy_max:.3g}")
+        cells = [r.population, f"{r.quantile:g}", str(r.population_size), thr, pct, str(r.masked),
+                 f"{100 * r.masked_frac:.4f}", f"{r.grad_share:.4f}", f"{r.grad_share_weighted:.4f}", sil]
+        body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    return f'<table class="sweep" id="populations">{head}{"".join(body)}</table>'
 
 
 def write_report(path: str | Path, text: str) -> Path:

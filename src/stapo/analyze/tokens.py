@@ -26,37 +26,17 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from stapo.core import entropy_change_first_order, entropy_quantile, s2t_mask, token_fractions
+from stapo.core import S2TSettings, entropy_change_first_order, s2t_decision, tau_h_for_fraction, token_fractions
+from stapo.core.monitor import PAPER_MASKED_FRACTION
 from stapo.data.rollouts import Rollouts
 
-DEFAULT_TAU_P = 0.01
-DEFAULT_TAU_H_QUANTILE = 0.05
 SWEEP_TAU_P = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1)
 SWEEP_TAU_H_QUANTILES = (0.01, 0.05, 0.1, 0.2, 0.5)
 SWEEP_TAU_H_ABSOLUTE = (0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0)
-PAPER_MASKED_FRACTION = 1e-4  # "≈ 0.01% of tokens"
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    """S2T thresholds: `tau_h` absolute (nats) when set, else the `tau_h_quantile` of the entropies."""
-
-    tau_p: float = DEFAULT_TAU_P
-    tau_h: float | None = None
-    tau_h_quantile: float = DEFAULT_TAU_H_QUANTILE
-
-    def __post_init__(self):
-        if not 0.0 <= self.tau_p <= 1.0:
-            raise ValueError(f"tau_p must be in [0, 1], got {self.tau_p}")
-        if self.tau_h is not None and not math.isfinite(self.tau_h):
-            raise ValueError(f"tau_h must be a finite number of nats, got {self.tau_h}")
-        if not 0.0 <= self.tau_h_quantile <= 1.0:
-            raise ValueError(f"tau_h_quantile must be in [0, 1], got {self.tau_h_quantile}")
-
-    def label(self) -> str:
-        if self.tau_h is not None:
-            return f"tau_p={self.tau_p:g}, tau_h={self.tau_h:g} nats"
-        return f"tau_p={self.tau_p:g}, tau_h=q{self.tau_h_quantile:g}"
+def thresholds_label(th: S2TSettings) -> str:
+    return f"tau_p={th.tau_p:g}, tau_h: {th.threshold_reading}"
 
 
 class TokenBatch:
@@ -92,18 +72,17 @@ class TokenBatch:
         """[S, T] -> the [N] values of the valid tokens in the Rollouts' flat order."""
         return padded[self._index]
 
-    def tau_h_value(self, th: Thresholds) -> float:
-        if th.tau_h is not None:
-            return float(th.tau_h)
-        return float(entropy_quantile(self.entropy, self.valid, th.tau_h_quantile))
+    def decision(self, th: S2TSettings):
+        """`core.s2t_decision` on the padded batch: nothing re-implemented."""
+        return s2t_decision(self.logprobs, self.entropy, self.advantages, self.valid, th)
 
-    def mask(self, th: Thresholds) -> torch.Tensor:
-        """The S2T set, flat [N] bool — `core.s2t_mask` on the padded batch, nothing re-implemented."""
-        m = s2t_mask(
-            self.logprobs, self.entropy, self.advantages, self.valid,
-            tau_p=th.tau_p, tau_h=th.tau_h, tau_h_quantile=th.tau_h_quantile,
-        )
-        return self.flat(m)
+    def tau_h_value(self, th: S2TSettings) -> float:
+        """τ_h in nats (-inf: an empty population, nothing silenced)."""
+        return float(self.decision(th).threshold)
+
+    def mask(self, th: S2TSettings) -> torch.Tensor:
+        """The S2T set, flat [N] bool."""
+        return self.flat(self.decision(th).spurious)
 
     def grad_shares(self, mask_flat: torch.Tensor) -> tuple[float, float]:
         g = self.grad_proxy
@@ -141,6 +120,7 @@ class TokenSummary:
     tau_p: float
     tau_h: float
     tau_h_quantile: float | None
+    tau_h_population: str | None
     samples: int
     tokens: int
     mean_length: float
@@ -176,12 +156,12 @@ class TokenSummary:
         return asdict(self)
 
 
-def summarize(rollouts: Rollouts | TokenBatch, thresholds: Thresholds = Thresholds(),
+def summarize(rollouts: Rollouts | TokenBatch, thresholds: S2TSettings = S2TSettings(),
               captured: bool = False) -> TokenSummary:
     """Summary statistics of the tokens and of the S2T set at `thresholds`."""
     tb = rollouts if isinstance(rollouts, TokenBatch) else TokenBatch(rollouts)
     ro = tb.rollouts
-    tau_h = tb.tau_h_value(thresholds)
+    tau_h = thresholds.tau_h if thresholds.tau_h is not None else tb.tau_h_value(thresholds)
     mask = tb.mask(thresholds)
     padded_mask = torch.zeros_like(tb.valid)
     padded_mask[tb._index] = mask
@@ -193,13 +173,16 @@ def summarize(rollouts: Rollouts | TokenBatch, thresholds: Thresholds = Threshol
     low_p, low_h = lp.exp() < thresholds.tau_p, ent < tau_h
     share, wshare = tb.grad_shares(mask)
     q = torch.quantile(ent.float(), torch.tensor([0.01, 0.05, 0.5])).tolist()
-    target_tau_h, reachable, max_frac = tau_h_for_fraction(tb, PAPER_MASKED_FRACTION, thresholds.tau_p)
+    candidates = tb.decision(thresholds).candidates
+    target_tau_h = tau_h_for_fraction(tb.entropy, candidates, ro.num_tokens, PAPER_MASKED_FRACTION)
+    reachable, max_frac = target_tau_h is not None, float(candidates.sum()) / ro.num_tokens
     rewards = ro.reward[np.isfinite(ro.reward)]
     return TokenSummary(
-        thresholds=thresholds.label(),
+        thresholds=thresholds_label(thresholds),
         tau_p=thresholds.tau_p,
         tau_h=tau_h,
         tau_h_quantile=None if thresholds.tau_h is not None else thresholds.tau_h_quantile,
+        tau_h_population=None if thresholds.tau_h is not None else thresholds.tau_h_population,
         samples=ro.num_samples,
         tokens=ro.num_tokens,
         mean_length=ro.num_tokens / max(ro.num_samples, 1),
@@ -230,26 +213,6 @@ def summarize(rollouts: Rollouts | TokenBatch, thresholds: Thresholds = Threshol
         max_frac_at_tau_p=max_frac,
         entropy_change=tb.entropy_change_groups(mask),
     )
-
-
-def tau_h_for_fraction(batch: TokenBatch, target: float, tau_p: float) -> tuple[float | None, bool, float]:
-    """The smallest absolute τ_h (nats) whose S2T set at `tau_p` holds ≥ `target` of the valid tokens.
-
-    Returns (τ_h or None, reachable, the largest fraction any τ_h reaches at this τ_p). The
-    candidates are the tokens with A > 0 and p < τ_p; τ_h is placed just above the k-th smallest
-    candidate entropy (k = ⌈target·N⌉), since the mask uses a strict H < τ_h.
-    """
-    ro = batch.rollouts
-    n = ro.num_tokens
-    lp = torch.as_tensor(ro.logprob, dtype=torch.float32)
-    cand = (batch.adv_flat > 0) & (lp.exp() < tau_p)
-    ent = torch.as_tensor(ro.entropy, dtype=torch.float32)[cand]
-    max_frac = float(cand.sum()) / n
-    k = max(1, math.ceil(target * n - 1e-9))
-    if ent.numel() < k:
-        return None, False, max_frac
-    kth = float(torch.sort(ent).values[k - 1])
-    return float(np.nextafter(np.float32(kth), np.float32(np.inf))), True, max_frac
 
 
 @dataclass
@@ -289,15 +252,15 @@ def threshold_sweep(
 ) -> Sweep:
     """Masked fraction and gradient share of the S2T set on a grid of thresholds."""
     tb = rollouts if isinstance(rollouts, TokenBatch) else TokenBatch(rollouts)
-    rows = [(f"q{q:g}", Thresholds(tau_h=None, tau_h_quantile=q)) for q in tau_h_quantiles]
-    rows += [(f"{h:g}", Thresholds(tau_h=h)) for h in tau_h_absolute]
+    rows = [(f"q{q:g}", S2TSettings(tau_h=None, tau_h_quantile=q)) for q in tau_h_quantiles]
+    rows += [(f"{h:g}", S2TSettings(tau_h=h)) for h in tau_h_absolute]
     n = tb.rollouts.num_tokens
     cells = []
     for label, base in rows:
         tau_h = tb.tau_h_value(base)
         for p in tau_p:
             # The quantile is resolved once per row, so every τ_p column uses the same τ_h.
-            m = tb.mask(Thresholds(tau_p=p, tau_h=tau_h))
+            m = tb.mask(S2TSettings(tau_p=p, tau_h=max(tau_h, 0.0)))  # -inf (no valid token): nothing
             share, wshare = tb.grad_shares(m)
             cnt = int(m.sum())
             cells.append(SweepCell(p, label, tau_h, cnt, cnt / n, share, wshare))

@@ -66,13 +66,7 @@ def register(subparsers) -> None:
     t.add_argument("--answer-key", default="answer")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=int, nargs="+", default=None, help="with --rollouts: only these capture steps")
-    t.add_argument("--tau-p", type=float, default=None,
-                   help=f"S2T probability threshold (default: the run's, else {TOKENS_DEFAULTS['tau_p']:g})")
-    h = t.add_mutually_exclusive_group()
-    h.add_argument("--tau-h", type=float, default=None, help="S2T absolute entropy threshold in nats")
-    h.add_argument("--tau-h-quantile", type=float, default=None,
-                   help="S2T entropy threshold as a quantile of the token entropies (default: the run's "
-                   f"threshold, else {TOKENS_DEFAULTS['tau_h_quantile']:g})")
+    add_s2t_arguments(t, "the run's, else ")
     t.add_argument("--out", default="analysis", help="output directory (default ./analysis). Config field: output_dir")
     t.add_argument("--max-samples-shown", type=int, default=24, help="completions shown in the report (default 24)")
     t.add_argument("--save-rollouts", action="store_true",
@@ -117,11 +111,7 @@ def register(subparsers) -> None:
     c.add_argument("--group-size", "-G", type=int, default=None, help="samples per prompt (default 8, quick 4)")
     c.add_argument("--max-new-tokens", type=int, default=None, help="default 32 (quick 8)")
     c.add_argument("--temperature", type=float, default=1.0)
-    c.add_argument("--tau-p", type=float, default=0.01, help="S2T probability threshold (default 0.01)")
-    ch = c.add_mutually_exclusive_group()
-    ch.add_argument("--tau-h", type=float, default=None, help="S2T absolute entropy threshold in nats")
-    ch.add_argument("--tau-h-quantile", type=float, default=0.05,
-                    help="S2T entropy threshold as a quantile of the batch's token entropies (default 0.05)")
+    add_s2t_arguments(c)
     c.add_argument("--sgd-lr", type=float, default=None, help="plain SGD step size (default 1e-4)")
     c.add_argument("--adamw-lr", type=float, default=None, help="AdamW learning rate (default 1e-4)")
     c.add_argument("--warmup-steps", type=int, default=None, help="AdamW warm-up steps on all tokens (default 3)")
@@ -134,9 +124,37 @@ def register(subparsers) -> None:
 
 # `analyze tokens` option -> the field of a run's config.yaml it defaults to, and the defaults without a run.
 RUN_FIELDS = {"template": "prompt_template", "group_size": "num_generations",
-              "max_new_tokens": "max_completion_length", "temperature": "temperature", "tau_p": "tau_p"}
-TOKENS_DEFAULTS = {"template": "boxed", "group_size": 8, "max_new_tokens": 64, "temperature": 1.0,
-                   "tau_p": 0.01, "tau_h": None, "tau_h_quantile": 0.05}
+              "max_new_tokens": "max_completion_length", "temperature": "temperature", "tau_p": "tau_p",
+              "tau_h_population": "tau_h_population"}
+TOKENS_DEFAULTS = {"template": "boxed", "group_size": 8, "max_new_tokens": 64, "temperature": 1.0}
+
+
+def add_s2t_arguments(parser, default_prefix: str = "") -> None:
+    """--tau-p, --tau-h | --tau-h-quantile, --tau-h-population (defaults: stapo.core.S2TSettings)."""
+    from stapo.core import S2T_DEFAULTS, TAU_H_POPULATIONS
+
+    parser.add_argument("--tau-p", type=float, default=None,
+                        help=f"S2T probability threshold (default: {default_prefix}{S2T_DEFAULTS['tau_p']:g})")
+    h = parser.add_mutually_exclusive_group()
+    h.add_argument("--tau-h", type=float, default=None, help="S2T absolute entropy threshold in nats")
+    h.add_argument("--tau-h-quantile", type=float, default=None,
+                   help="S2T entropy threshold as a quantile of the entropies of --tau-h-population "
+                   f"(default: {default_prefix}{S2T_DEFAULTS['tau_h_quantile']:g})")
+    parser.add_argument("--tau-h-population", choices=TAU_H_POPULATIONS, default=None,
+                        help="the tokens the quantile is taken over: valid, low_prob (p < tau_p) or candidates "
+                        f"(p < tau_p, A > 0) (default: {default_prefix}{S2T_DEFAULTS['tau_h_population']})")
+
+
+def s2t_settings_from_args(args):
+    """The S2TSettings of --tau-* (None: the defaults); one error naming the flag."""
+    from stapo.cli import UserError
+    from stapo.core import S2TSettings, s2t_errors
+
+    values = {"tau_p": args.tau_p, "tau_h": args.tau_h, "tau_h_quantile": args.tau_h_quantile,
+              "tau_h_population": args.tau_h_population}
+    for name, problem in s2t_errors(values).items():
+        raise UserError(f"--{name.replace('_', '-')} {problem}, got {values[name]!r}")
+    return S2TSettings.resolve(values)
 
 
 def _run_base(path: Path) -> Path:
@@ -173,7 +191,7 @@ def resolve_tokens_defaults(args) -> list[str]:
                 setattr(args, name, cfg[field])
                 from_run.append(f"{name}={cfg[field]}")
             else:
-                setattr(args, name, TOKENS_DEFAULTS[name])
+                setattr(args, name, TOKENS_DEFAULTS.get(name))  # None: stapo.core.S2TSettings' default
     # the entropy threshold is one choice: absolute tau_h or a quantile, never a mix of the two sources
     if args.tau_h is None and args.tau_h_quantile is None:
         if cfg.get("tau_h") is not None:
@@ -182,8 +200,6 @@ def resolve_tokens_defaults(args) -> list[str]:
         elif cfg.get("tau_h_quantile") is not None:
             args.tau_h_quantile = float(cfg["tau_h_quantile"])
             from_run.append(f"tau_h_quantile={args.tau_h_quantile:g}")
-    if args.tau_h_quantile is None:
-        args.tau_h_quantile = TOKENS_DEFAULTS["tau_h_quantile"]
     if args.run and not args.rollouts and not args.data:
         if (run_dir / "rollouts").is_dir():
             args.rollouts = str(run_dir)
@@ -243,10 +259,12 @@ def _load_model_rollouts(args):
 
     print(f"sampling {args.group_size} completions for each of {len(prompts)} prompts "
           f"(max {args.max_new_tokens} new tokens, T={args.temperature:g})", file=sys.stderr)
+    s2t = s2t_settings_from_args(args)
     return collect_rollouts(
         model, tokenizer, prompts, [r["answer"] for r in rows], group_size=args.group_size,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_prompts=args.batch_prompts,
-        tau_p=args.tau_p, tau_h=args.tau_h, tau_h_quantile=args.tau_h_quantile, seed=args.seed,
+        tau_p=s2t.tau_p, tau_h=s2t.tau_h, tau_h_quantile=s2t.tau_h_quantile,
+        tau_h_population=s2t.tau_h_population, seed=args.seed,
         progress=not args.no_progress, return_collision_logp=True,
     )
 
@@ -257,12 +275,7 @@ def run_tokens(args) -> int:
 
     for note in resolve_tokens_defaults(args):
         print(f"setting {note}", file=sys.stderr)
-    if not 0 <= args.tau_p <= 1:
-        raise UserError(f"--tau-p must be in [0, 1], got {args.tau_p}")
-    if args.tau_h is not None and not math.isfinite(args.tau_h):
-        raise UserError(f"--tau-h must be a finite number of nats, got {args.tau_h}")
-    if not 0 <= args.tau_h_quantile <= 1:
-        raise UserError(f"--tau-h-quantile must be in [0, 1], got {args.tau_h_quantile}")
+    s2t = s2t_settings_from_args(args)
     _positive("--max-samples-shown", args.max_samples_shown, allow_zero=True)
     if args.rollouts:
         if args.model:
@@ -286,7 +299,7 @@ def run_tokens(args) -> int:
         records = _records(ro)
         write_rollouts(out, 0, records, max_samples=None, max_bytes=None, append=False,
                        metadata=next(iter(ro.metadata.values()), {}))
-    result = analyze_tokens(ro, args.tau_p, args.tau_h, args.tau_h_quantile, captured, out, title,
+    result = analyze_tokens(ro, s2t, captured, out, title,
                             args.max_samples_shown, run_dir=Path(args.rollouts) if args.rollouts else None,
                             collision_logp=collision_logp)
     print(result["text"])
@@ -307,15 +320,15 @@ def _records(ro):
     return recs
 
 
-def analyze_tokens(ro, tau_p, tau_h, tau_h_quantile, captured, out: Path, title: str,
+def analyze_tokens(ro, th, captured, out: Path, title: str,
                    max_samples_shown: int = 24, run_dir: Path | None = None, collision_logp=None) -> dict:
     """Summary, sweep, figures and report for a Rollouts; returns the printed text and paths.
     `collision_logp` (Σπ² log π per token, flat) adds the first-order entropy change ΔH."""
     import numpy as np
 
     from stapo.analyze import plots, report
+    from stapo.analyze.populations import format_population_table, population_table
     from stapo.analyze.tokens import (
-        Thresholds,
         TokenBatch,
         format_summary,
         format_sweep,
@@ -323,10 +336,11 @@ def analyze_tokens(ro, tau_p, tau_h, tau_h_quantile, captured, out: Path, title:
         threshold_sweep,
     )
 
-    th = Thresholds(tau_p=tau_p, tau_h=tau_h, tau_h_quantile=tau_h_quantile)
     tb = TokenBatch(ro, collision_logp=collision_logp)
     summary = summarize(tb, th, captured=captured)
     sweep = threshold_sweep(tb)
+    populations = population_table(tb, th.tau_p)
+    population_lines = format_population_table(populations)
     mask = tb.mask(th).numpy()
     adv = np.repeat(ro.advantage, ro.lengths())
     figures = [
@@ -356,14 +370,18 @@ def analyze_tokens(ro, tau_p, tau_h, tau_h_quantile, captured, out: Path, title:
             except RunError as err:
                 notes.append(f"training curves not shown: {err}")
     html_text = report.build_report(title, summary, sweep, ro, mask, figures, curves, runs_text, notes,
-                                    max_samples=max_samples_shown, from_run=captured)
+                                    max_samples=max_samples_shown, from_run=captured, populations=populations)
     path = report.write_report(out / "tokens.html", html_text)
     atomic_write_text(
         out / "tokens_summary.json",
-        json.dumps({"summary": summary.as_dict(), "sweep": sweep.as_dict()}, indent=2, default=float),
+        json.dumps({"summary": summary.as_dict(), "sweep": sweep.as_dict(),
+                    "populations": [r.as_dict() for r in populations]}, indent=2, default=float),
     )
     text = "\n".join([
         format_summary(summary),
+        "",
+        f"the three tau_h readings (tau_p = {th.tau_p:g}): tau_h = the q-quantile of the entropies of each population",
+        *population_lines,
         "",
         "threshold sweep: masked fraction of tokens (count); rows tau_h, columns tau_p",
         format_sweep(sweep, "frac"),
@@ -371,7 +389,8 @@ def analyze_tokens(ro, tau_p, tau_h, tau_h_quantile, captured, out: Path, title:
         "threshold sweep: share of the total grad-norm^2 carried by the S2T set",
         format_sweep(sweep, "grad_share"),
     ])
-    return {"text": text, "report": path, "summary": summary, "sweep": sweep, "mask": mask}
+    return {"text": text, "report": path, "summary": summary, "sweep": sweep, "mask": mask,
+            "populations": populations}
 
 
 def _titles():
@@ -423,8 +442,8 @@ def run_counterfactual_cmd(args) -> int:
     given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     base = dict(QUICK) if args.quick else {}
     try:
-        cfg = CounterfactualConfig(**{**base, **given}, temperature=args.temperature, tau_p=args.tau_p,
-                                   tau_h=args.tau_h, tau_h_quantile=args.tau_h_quantile, seed=args.seed)
+        cfg = CounterfactualConfig(**{**base, **given}, temperature=args.temperature,
+                                   s2t=s2t_settings_from_args(args), seed=args.seed)
     except (TypeError, ValueError) as err:
         raise UserError(f"counterfactual: {err}") from None
     need = cfg.batches * cfg.prompts_per_batch + cfg.heldout_prompts
