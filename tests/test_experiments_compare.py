@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import yaml
 
+from stapo.core import get_preset
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "compare" / "run.py"
 
@@ -122,7 +124,8 @@ def test_report_from_runs_hand_worked(compare, tmp_path):
     # entropy: first / last 10% of 4 steps = the first / last step; grpo seeds 1 and 3 -> mean 2, 4 and 6 -> 5
     assert s["grpo"]["entropy"]["first10"]["mean"] == pytest.approx(2.0)
     assert s["grpo"]["entropy"]["last10"]["mean"] == pytest.approx(5.0)
-    assert results["s2t_thresholds"] == {"tau_p": 0.02, "tau_h": None, "tau_h_quantile": 0.05}
+    assert results["s2t_thresholds"] == {"tau_p": 0.02, "tau_h": None, "tau_h_quantile": 0.05,
+                                         "tau_h_population": get_preset("stapo").s2t_settings.tau_h_population}
     assert results["total_run_wall_s"] == pytest.approx(4 * 10.0 + 2 * 1.0)
     text = report.read_text()
     table = text.split("## Held-out accuracy", 1)[1].split("##", 1)[0]
@@ -175,7 +178,8 @@ def test_report_only_without_runs(compare, tmp_path, capsys):
 
 
 def test_methods_differ_only_in_method(compare, tmp_path):
-    """The resolved run configs of the sweep (base.yaml as shipped) differ only in method and output_dir."""
+    """The resolved run configs of the sweep (base.yaml as shipped) differ only in method and output_dir;
+    the stapo-valid variant is the stapo preset with the literal tau_h reading, nothing else."""
     from stapo.config import load_config
 
     cfg = compare.shared_config(compare.build_parser().parse_args([]))
@@ -184,6 +188,9 @@ def test_methods_differ_only_in_method(compare, tmp_path):
     flats = {m: load_config(path, compare.run_overrides(tmp_path, m, 0)).to_flat_dict() for m in compare.METHODS}
     for m, flat in flats.items():
         diff = {k for k in set(flat) | set(flats["stapo"]) if flat.get(k) != flats["stapo"].get(k)}
+        if m == "stapo-valid":
+            assert diff <= {"output_dir", "tau_h_population"} and flat["tau_h_population"] == "valid", diff
+            continue
         assert diff <= {"method", "output_dir"}, (m, diff)
         assert flat["seed"] == 0 and flat["method"] == m
     # off-policy second step: without it the clip range never acts and grpo == justrl exactly

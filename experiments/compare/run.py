@@ -39,7 +39,12 @@ import yaml
 HERE = Path(__file__).resolve().parent
 BASE_CONFIG = HERE / "configs" / "base.yaml"
 QUICK_CONFIG = HERE / "configs" / "quick.yaml"
-METHODS = ("grpo", "20-entropy", "justrl", "stapo")
+METHODS = ("grpo", "20-entropy", "justrl", "stapo", "stapo-valid")
+# Sweep entries that are a preset plus overrides: the literal reading of "tau_h = the 5th percentile of
+# the token entropies" (over all valid tokens), next to the stapo preset's default reading.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "stapo-valid": ("stapo", {"tau_h_population": "valid"}),
+}
 PER_RUN_KEYS = ("method", "seed", "output_dir")  # set by the sweep, never shared
 RUN_INFO = "sweep_run.json"  # written by this script into each run directory (command, wall time, exit code)
 SWEEP_INFO = "sweep.json"  # written into --out by the last invocation that trained (its command, wall time)
@@ -87,8 +92,8 @@ def parse_methods(text: str) -> list[str]:
 
     methods = parse_list(text, "methods")
     for m in methods:
-        if m not in PRESETS:
-            raise SweepError(f"--methods: unknown method {m!r}; known: {', '.join(PRESETS)}")
+        if m not in PRESETS and m not in VARIANTS:
+            raise SweepError(f"--methods: unknown method {m!r}; known: {', '.join([*PRESETS, *VARIANTS])}")
     return methods
 
 
@@ -158,7 +163,9 @@ def run_dir(out: Path, method: str, seed: int) -> Path:
 
 
 def run_overrides(out: Path, method: str, seed: int) -> list[str]:
-    return [f"method={method}", f"seed={seed}", f"output_dir={run_dir(out, method, seed)}"]
+    preset, extra = VARIANTS.get(method, (method, {}))
+    return [f"method={preset}", *(f"{k}={v}" for k, v in extra.items()), f"seed={seed}",
+            f"output_dir={run_dir(out, method, seed)}"]
 
 
 def validate_runs(config_path: Path, out: Path, methods: list[str], seeds: list[int]) -> None:
@@ -359,7 +366,8 @@ def s2t_thresholds(runs: list[RunData]) -> dict:
 
     cfg = next((r.config for r in runs if r.method == "stapo"), {})
     s = S2TSettings.resolve({k: cfg.get(k) for k in S2T_FIELDS}, base=get_preset("stapo").s2t_settings)
-    return {"tau_p": s.tau_p, "tau_h": s.tau_h, "tau_h_quantile": None if s.tau_h is not None else s.tau_h_quantile}
+    return {"tau_p": s.tau_p, "tau_h": s.tau_h, "tau_h_quantile": None if s.tau_h is not None else s.tau_h_quantile,
+            "tau_h_population": None if s.tau_h is not None else s.tau_h_population}
 
 
 def summarize(runs: list[RunData], methods: list[str]) -> dict:
