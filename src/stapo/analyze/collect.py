@@ -2,7 +2,7 @@
 
     generate (HF, temperature T, full vocabulary)  ->  grade (stapo.rewards.grade_batch)
       ->  advantages (core.group_advantages)  ->  one forward pass over prompt + completion
-      ->  log-prob, entropy, collision Σπ², Σπ² log π (core.token_logprobs_entropy)  ->  S2T flags (core.s2t_mask)
+      ->  log-prob, entropy, collision Σπ², Σπ² log π (core.token_logprobs_entropy)  ->  S2T flags (core.s2t_decision)
 
 The result is an in-memory `Rollouts` — the same shape as a trainer's capture — so `stapo analyze`
 treats a model and a training run alike. Statistics are those of the sampling distribution
@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from stapo.core import group_advantages, s2t_mask, token_logprobs_entropy
+from stapo.core import S2TSettings, group_advantages, s2t_decision, token_logprobs_entropy
 from stapo.data.rollouts import Rollouts, rollouts_from_records
 
 
@@ -70,9 +70,9 @@ def collect_rollouts(
     max_new_tokens: int = 64,
     temperature: float = 1.0,
     batch_prompts: int = 4,
-    tau_p: float = 0.01,
+    tau_p: float | None = None,  # S2T thresholds; None: stapo.core.S2TSettings' defaults
     tau_h: float | None = None,
-    tau_h_quantile: float = 0.05,
+    tau_h_quantile: float | None = None,
     tau_h_population: str | None = None,
     advantage_scale: str = "group",
     seed: int = 0,
@@ -147,8 +147,8 @@ def collect_rollouts(
     for i, s in enumerate(per_sample):
         n = len(s[1])
         lp[i, :n], ent[i, :n], valid[i, :n] = s[2], s[3], True
-    flags = s2t_mask(lp, ent, adv, valid, tau_p=tau_p, tau_h=tau_h, tau_h_quantile=tau_h_quantile,
-                     tau_h_population=tau_h_population)
+    s2t = S2TSettings.resolve(tau_p=tau_p, tau_h=tau_h, tau_h_quantile=tau_h_quantile, tau_h_population=tau_h_population)
+    flags = s2t_decision(lp, ent, adv, valid, s2t).spurious
 
     records = []
     for i, (prompt, ids, l, e, c, _) in enumerate(per_sample):
@@ -160,7 +160,8 @@ def collect_rollouts(
             "logprob": l, "entropy": e, "collision": c, "s2t": flags[i, :n],
         })
     meta = {"source": "model", "group_size": group_size, "temperature": temperature,
-            "tau_p": tau_p, "tau_h": tau_h, "tau_h_quantile": tau_h_quantile, "tau_h_population": tau_h_population}
+            "tau_p": s2t.tau_p, "tau_h": s2t.tau_h, "tau_h_quantile": s2t.tau_h_quantile,
+            "tau_h_population": s2t.tau_h_population}
     ro = rollouts_from_records(records, step=0, metadata=meta)
     if return_collision_logp:
         return ro, torch.cat([s[5] for s in per_sample]).numpy().astype("float32")
