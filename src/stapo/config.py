@@ -291,7 +291,6 @@ def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
         errors.append(f"train_data: {_RULES['train_data'][1]}")
     if not errors:
         errors.extend(_cross_checks(values))
-        errors.extend(missing_packages(values))
     if errors:
         raise ConfigError(errors, source)
     run = RunConfig(**{k: v for k, v in values.items() if k in RUN_FIELDS})
@@ -376,6 +375,15 @@ def missing_packages(values: dict[str, Any]) -> list[str]:
         errors.append('use_peft: LoRA needs the peft package, which is not installed; pip install "stapo[peft]" '
                       "(or set use_peft=false)")
     return errors
+
+
+def check_packages(run: RunConfig) -> None:
+    """`missing_packages` of a validated config as one `ConfigError`: `stapo train` (and --dry-run) calls
+    it before anything loads. Not part of `load_config`: a config is valid on a machine without the
+    loggers or vLLM it names (the paper configs are checked on CPU-only machines)."""
+    errors = missing_packages(run.to_flat_dict())
+    if errors:
+        raise ConfigError(errors, "config")
 
 
 def ignored_option_notes(values: dict[str, Any]) -> list[str]:

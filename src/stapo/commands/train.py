@@ -32,10 +32,11 @@ def run(args) -> int:
     import yaml
 
     from stapo.cli import UserError
-    from stapo.config import ConfigError, load_config
+    from stapo.config import ConfigError, check_packages, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
+        check_packages(cfg)
     except ConfigError as err:
         raise UserError(str(err)) from None
     if args.dry_run:
@@ -48,7 +49,7 @@ def run(args) -> int:
 
 def train_from_config(cfg, resume: bool = False, overwrite: bool = False) -> int:
     from stapo.cli import UserError
-    from stapo.config import ConfigError
+    from stapo.config import ConfigError, check_packages
     from stapo.data import DataError
     from stapo.engines.trl import NonFiniteTrainingError
     from stapo.models import ModelLoadError
@@ -57,6 +58,10 @@ def train_from_config(cfg, resume: bool = False, overwrite: bool = False) -> int
 
     if resume and overwrite:
         raise UserError("--resume continues the run in output_dir and --overwrite replaces it; pass one of them")
+    try:
+        check_packages(cfg)  # `stapo demo` comes here directly
+    except ConfigError as err:
+        raise UserError(str(err)) from None
     main_process = is_main_process()
     if main_process:
         for note in cfg.notes:
