@@ -28,7 +28,7 @@ def test_train_one_step_then_resume(tiny_qwen3_dir, tmp_path, capsys):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steps = [x["step"] for x in lines if "stapo/s2t_masked_frac" in x]
     assert steps == [1]
-    first = next(x for x in lines if x["step"] == 1)
+    first = next(x for x in lines if x["step"] == 1 and x["kind"] == "train")
     for key in ("stapo/s2t_masked_count", "stapo/s2t_masked_frac", "stapo/frac_low_prob", "stapo/frac_low_entropy",
                 "entropy", "reward", "clip_ratio/low_mean", "clip_ratio/high_mean", "grad_norm", "learning_rate",
                 "stapo/zero_variance_group_frac", "completions/mean_length", "step_time"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import os
 import types
@@ -71,6 +72,12 @@ class RunConfig:
     eval_limit: int | None = None
     eval_every: int = 0  # also evaluate every N optimizer steps (0: only before/after; single process only)
     plots: bool = True
+    # LoRA (peft.LoraConfig, passed to TRL as `peft_config`); the names are TRL's ModelConfig's.
+    use_peft: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | str | None = None  # None: peft's default for the architecture
     trl: dict[str, Any] = field(default_factory=dict)  # STAPOConfig fields (incl. method, tau_*, output_dir)
 
     @property
@@ -81,6 +88,10 @@ class RunConfig:
     def method(self) -> str:
         return self.trl.get("method", "stapo")
 
+    # One line each, printed once at the start of a run (and by --dry-run): options that are accepted
+    # but do nothing here. Not a field: config.yaml does not store it.
+    notes: typing.ClassVar[tuple[str, ...]] = ()
+
     def to_flat_dict(self) -> dict[str, Any]:
         """The resolved config as one flat mapping (what `config.yaml` in the run directory holds)."""
         flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "trl"}
@@ -88,6 +99,7 @@ class RunConfig:
         return flat
 
 
+LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - {"trl"}
 
 # Range rules: name -> (predicate, description). Applied to run fields and TRL fields alike.
@@ -119,6 +131,9 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "eval_top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "eval_limit": (lambda v: v is None or v >= 1, "must be >= 1"),
     "eval_every": (lambda v: v >= 0, "must be >= 0 (0 = off)"),
+    "lora_r": (lambda v: v >= 1, "(the LoRA rank) must be >= 1"),
+    "lora_alpha": (lambda v: v > 0, "must be > 0"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "method": (lambda v: v in PRESETS, f"must be one of {', '.join(PRESETS)}"),
     "model": (lambda v: bool(v.strip()), "must be 'embedded', a local directory or a hub id"),
     "train_data": (lambda v: bool(v.strip()), "is required: a JSONL/Parquet path, a hub id, benchmark:<name> or synthetic:<task>"),
@@ -279,6 +294,7 @@ def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
     if errors:
         raise ConfigError(errors, source)
     run = RunConfig(**{k: v for k, v in values.items() if k in RUN_FIELDS})
+    run.notes = tuple(ignored_option_notes(values))
     run.trl = {k: v for k, v in values.items() if k in trl_fields}
     # Record the thresholds the run uses (applied by stapo, measured by the other methods), so the
     # run's config.yaml says which S2T reading it had.
@@ -315,6 +331,78 @@ def _cross_checks(values: dict[str, Any]) -> list[str]:
             f"gradient_accumulation_steps) must be a multiple of num_generations ({g})"
         )
     return errors
+
+
+# report_to integration -> the importable packages that serve it (any one of them).
+REPORT_TO_PACKAGES: dict[str, tuple[str, ...]] = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "wandb": ("wandb",),
+    "trackio": ("trackio",),
+    "mlflow": ("mlflow",),
+    "comet_ml": ("comet_ml",),
+    "clearml": ("clearml",),
+    "dvclive": ("dvclive",),
+    "neptune": ("neptune",),
+    "swanlab": ("swanlab",),
+    "codecarbon": ("codecarbon",),
+    "azure_ml": ("azureml",),
+}
+LOGGING_EXTRA = ("tensorboard", "wandb")  # what `pip install "stapo[logging]"` installs
+
+
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a broken or half-removed install
+        return False
+
+
+def missing_packages(values: dict[str, Any]) -> list[str]:
+    """One error per option whose package is not importable (report_to loggers, use_vllm, use_peft):
+    found here, before any model loads, instead of as a traceback from inside the Trainer."""
+    errors = []
+    report_to = values.get("report_to")
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in names:
+        packages = REPORT_TO_PACKAGES.get(name)
+        if packages is None or any(_installed(p) for p in packages):
+            continue  # "all" / "none" / an integration transformers checks itself
+        fix = 'pip install "stapo[logging]"' if name in LOGGING_EXTRA else f"pip install {packages[0]}"
+        errors.append(f"report_to: {name!r} needs the {packages[0]} package, which is not installed; {fix} "
+                      f"(or remove {name!r} from report_to)")
+    if values.get("use_vllm") and not _installed("vllm"):
+        errors.append("use_vllm: vLLM is not importable in this environment; it lives in its own venv "
+                      "(scripts/setup.sh vllm, docs/eval.md \"vLLM on a CPU\"; on a GPU: pip install 'vllm>=0.22,<0.32'), "
+                      "or set use_vllm=false")
+    if values.get("use_peft") and not _installed("peft"):
+        errors.append('use_peft: LoRA needs the peft package, which is not installed; pip install "stapo[peft]" '
+                      "(or set use_peft=false)")
+    return errors
+
+
+def check_packages(run: RunConfig) -> None:
+    """`missing_packages` of a validated config as one `ConfigError`: `stapo train` (and --dry-run) calls
+    it before anything loads. Not part of `load_config`: a config is valid on a machine without the
+    loggers or vLLM it names (the paper configs are checked on CPU-only machines)."""
+    errors = missing_packages(run.to_flat_dict())
+    if errors:
+        raise ConfigError(errors, "config")
+
+
+def ignored_option_notes(values: dict[str, Any]) -> list[str]:
+    """Notes on options that are accepted but have no effect with this config."""
+    notes = []
+    method = values.get("method", "stapo")
+    s2t_set = [name for name in S2T_FIELDS if values.get(name) is not None]
+    if PRESETS[method].token_filter != "s2t" and s2t_set:
+        notes.append(f"{', '.join(s2t_set)} {'applies' if len(s2t_set) == 1 else 'apply'} only to method=stapo; "
+                     f"here (method={method}) S2T is only measured (the stapo/s2t_* metrics), not applied")
+    if not values.get("use_peft"):
+        lora_set = [name for name in LORA_FIELDS if name in values]
+        if lora_set:
+            notes.append(f"{', '.join(lora_set)} {'applies' if len(lora_set) == 1 else 'apply'} only with "
+                         "use_peft=true; this run trains all weights")
+    return notes
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:

@@ -25,6 +25,20 @@ def _print(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _quiet(msg: str) -> None:
+    pass
+
+
+def lora_config(run: RunConfig):
+    """The run's `peft.LoraConfig` (TRL's `peft_config`), or None without use_peft."""
+    if not run.use_peft:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=run.lora_r, lora_alpha=run.lora_alpha, lora_dropout=run.lora_dropout,
+                      target_modules=run.lora_target_modules, task_type="CAUSAL_LM")
+
+
 def build_stapo_config(run: RunConfig):
     """`STAPOConfig` from the run's TRL fields, with CPU-safe defaults when no GPU is present."""
     import torch
@@ -125,23 +139,53 @@ def evaluate_accuracy(model, tokenizer, rows: list[dict], run: RunConfig, max_ne
 
 
 class HeldoutAccuracyCallback(TrainerCallback):
-    """Held-out accuracy every `every` optimizer steps, logged through the trainer's callbacks (so it
-    lands in metrics.jsonl as its own `eval_heldout_accuracy` line of kind "eval", and in report_to)."""
+    """Held-out accuracy before training, every `every` optimizer steps and after the last step.
 
-    def __init__(self, trainer, every: int, evaluate: Callable[[Any], dict]):
-        self.trainer, self.every, self.evaluate = trainer, every, evaluate
+    Each measurement is logged through the trainer's callbacks at its step (step 0 = before), so it
+    lands in metrics.jsonl as an `eval_heldout_accuracy` line of kind "eval", in report_to
+    (TensorBoard / W&B: eval/heldout_accuracy), on the console line of that step and in curves.png.
+    "before" and "after" also go to `results` (eval.json, written by `save`).
+    """
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every == 0 and state.global_step < state.max_steps:
-            res = self.evaluate(self.trainer.model)
-            logs = {"eval_heldout_accuracy": res["accuracy"], "eval_heldout_stderr": res["stderr"]}
-            # Straight to the callbacks (metrics.jsonl, progress bar, report_to), not Trainer.log:
-            # that would take TRL's accumulated training metrics into this line and clear
-            # `should_log`, dropping this step's own training log (loss, grad_norm).
-            state.log_history.append({**logs, "step": state.global_step})
-            should_log = control.should_log
-            control = self.trainer.callback_handler.on_log(args, state, control, logs) or control
-            control.should_log = should_log
+    def __init__(self, trainer, evaluate: Callable[[Any, str], dict], results: dict, save: Callable[[], None],
+                 every: int = 0, before: bool = True, after: bool = True, log: Log = _print):
+        self.trainer, self.evaluate, self.results, self.save = trainer, evaluate, results, save
+        self.every, self.before, self.after, self.log = every, before, after, log
+
+    def _measure(self, when: str) -> dict:
+        self.log(f"stapo: held-out accuracy {when} ...")
+        return self.evaluate(self.trainer.model, f"eval {when.split()[0]}")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not self.before or "before" in self.results:
+            return  # a resumed run measured it already (and its metrics.jsonl has the line)
+        res = self.results["before"] = self._measure("before training")
+        self.save()
+        self.log(f"stapo: before: accuracy {res['accuracy']:.3f} ± {res['stderr']:.3f}")
+        if state.global_step == 0:
+            self._log(args, state, control, res)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        last = state.global_step >= state.max_steps
+        if last and self.after:
+            res = self.results["after"] = self._measure("after training")
+            self.save()
+            self.log(f"stapo: after: accuracy {res['accuracy']:.3f} ± {res['stderr']:.3f}")
+        elif self.every and state.global_step % self.every == 0:
+            res = self.evaluate(self.trainer.model, "eval")
+        else:
+            return control
+        return self._log(args, state, control, res)
+
+    def _log(self, args, state, control, res):
+        logs = {"eval_heldout_accuracy": res["accuracy"], "eval_heldout_stderr": res["stderr"]}
+        # Straight to the callbacks (metrics.jsonl, console, report_to), not Trainer.log: that would take
+        # TRL's accumulated training metrics into this line and clear `should_log`, dropping this step's
+        # own training log (loss, grad_norm).
+        state.log_history.append({**logs, "step": state.global_step})
+        should_log = control.should_log
+        control = self.trainer.callback_handler.on_log(args, state, control, logs) or control
+        control.should_log = should_log
         return control
 
 
@@ -186,8 +230,13 @@ def run_training(run: RunConfig, resume: bool = False, log: Log = _print, overwr
     args = build_stapo_config(run)
     out = Path(args.output_dir)
     main_process = int(os.environ.get("RANK", "0")) == 0  # accelerate/torchrun set RANK per process
+    if not main_process:  # one console for the run: the other processes print warnings and errors only
+        log = _quiet
     if main_process:  # the other processes would see the files the main one writes next
         rundir.check_output_dir(out, resume=resume, overwrite=overwrite)
+    # args.world_size / args.device start the process group: the launch is visible before anything loads.
+    log(f"stapo: {args.world_size} process{'es' if args.world_size > 1 else ''} (world size {args.world_size}), "
+        f"device {args.device.type}" + (f", {args.n_gpu} GPU(s) per process" if args.n_gpu > 1 else ""))
 
     train_rows = load_rows(run.train_data, run, **run.train_data_kwargs)
     eval_rows = load_rows(run.eval_data, run, limit=run.eval_limit) if run.eval_data else None
@@ -235,6 +284,7 @@ def _train(run, args, out: Path, train_rows, eval_rows, resume, overwrite, main_
             args=args,
             train_dataset=train_ds,
             processing_class=tokenizer,
+            peft_config=lora_config(run),
         )
     except ValueError as err:  # options the model cannot serve (e.g. fused_lm_head=true with softcapped logits)
         raise ConfigError([str(err).strip().splitlines()[0]], "config") from None
@@ -245,23 +295,22 @@ def _train(run, args, out: Path, train_rows, eval_rows, resume, overwrite, main_
         # HF generation on a sharded model would need every process; evaluate checkpoints instead.
         log("stapo: eval_data is evaluated in single-process runs only; use `stapo eval` on the checkpoints")
         eval_rows = None
-    if eval_rows and run.eval_every:
-        trainer.add_callback(HeldoutAccuracyCallback(
-            trainer, run.eval_every,
-            lambda model: evaluate_accuracy(model, tokenizer, eval_rows, run, eval_tokens, args.seed, "eval"),
-        ))
     last_checkpoint = rundir.last_checkpoint(out) if resume else None
     if resume and last_checkpoint is None:
         log(f"stapo: --resume: no checkpoint in {out}; starting from scratch")
 
     eval_path = out / rundir.EVAL_FILE
     results = rundir.read_json(eval_path) if resume else {}
-    if eval_rows and run.eval_before and "before" not in results:
-        log(f"stapo: held-out accuracy before training ({len(eval_rows)} problems x {run.eval_samples} samples) ...")
-        results["before"] = evaluate_accuracy(trainer.model, tokenizer, eval_rows, run, eval_tokens, args.seed, "eval before")
-        if main_process:
-            rundir.atomic_write_json(eval_path, results)
-        log(f"stapo: before: accuracy {results['before']['accuracy']:.3f} ± {results['before']['stderr']:.3f}")
+    if eval_rows and (run.eval_before or run.eval_after or run.eval_every):
+        def save_results():
+            if main_process:
+                rundir.atomic_write_json(eval_path, results)
+
+        trainer.add_callback(HeldoutAccuracyCallback(
+            trainer,
+            lambda model, desc: evaluate_accuracy(model, tokenizer, eval_rows, run, eval_tokens, args.seed, desc),
+            results, save_results, every=run.eval_every, before=run.eval_before, after=run.eval_after, log=log,
+        ))
 
     t0 = time.time()
     try:
@@ -281,14 +330,11 @@ def _train(run, args, out: Path, train_rows, eval_rows, resume, overwrite, main_
         tokenizer.save_pretrained(str(staged))
         rundir.publish_checkpoint(staged, final)
 
-    if eval_rows and run.eval_after:
-        log("stapo: held-out accuracy after training ...")
-        results["after"] = evaluate_accuracy(trainer.model, tokenizer, eval_rows, run, eval_tokens, args.seed, "eval after")
-        if main_process:
-            rundir.atomic_write_json(eval_path, results)
-        log(f"stapo: after: accuracy {results['after']['accuracy']:.3f} ± {results['after']['stderr']:.3f}")
     summary["eval"] = results
     if main_process:
+        from stapo.engines.trl.model_card import write_model_card
+
+        write_model_card(trainer, final)  # now with the held-out results; also final/README.md
         if run.plots:
             summary["plots"] = [str(p) for p in plot_run(out)]
         rundir.atomic_write_json(out / rundir.SUMMARY_FILE, summary)

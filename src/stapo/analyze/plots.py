@@ -3,7 +3,8 @@
     p_vs_entropy_png    token probability vs entropy (log axes), coloured by advantage sign,
                         the S2T region shaded and the S2T tokens highlighted
     grad_proxy_hist_png histogram of the gradient-norm² proxy 1 − 2p + Σπ², S2T vs other tokens
-    curves_png          training curves of several runs overlaid, one panel per curve
+    curves_png          training curves of several runs overlaid, one panel per curve (held-out
+                        accuracy included: step 0 = before training), integer step ticks
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ def grad_proxy_hist_png(grad_proxy, s2t) -> bytes:
 def curves_png(panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], titles: dict[str, str] | None = None) -> bytes:
     """`panels[curve][run] = (steps, values)`: one panel per curve, one line per run, a legend each."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     names = list(panels)
     cols = min(3, max(1, len(names)))
     rows = (len(names) + cols - 1) // cols
@@ -130,6 +133,7 @@ def curves_png(panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], titl
             ax.plot(steps, values, marker="." if len(steps) < 30 else None, lw=1.4, label=run)
         ax.set_title((titles or {}).get(name, name), fontsize=10)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # optimizer steps: no "1.5" ticks
         ax.ticklabel_format(axis="y", useOffset=False)  # absolute values, not "1e-6 + 11.92"
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)

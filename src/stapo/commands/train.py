@@ -27,16 +27,21 @@ def add_run_dir_flags(p) -> None:
 
 
 def run(args) -> int:
+    import sys
+
     import yaml
 
     from stapo.cli import UserError
-    from stapo.config import ConfigError, load_config
+    from stapo.config import ConfigError, check_packages, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
+        check_packages(cfg)
     except ConfigError as err:
         raise UserError(str(err)) from None
     if args.dry_run:
+        for note in cfg.notes:  # stderr: stdout stays the YAML
+            print(f"stapo: note: {note}", file=sys.stderr)
         print(yaml.safe_dump(cfg.to_flat_dict(), sort_keys=False), end="")
         return 0
     return train_from_config(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -44,7 +49,7 @@ def run(args) -> int:
 
 def train_from_config(cfg, resume: bool = False, overwrite: bool = False) -> int:
     from stapo.cli import UserError
-    from stapo.config import ConfigError
+    from stapo.config import ConfigError, check_packages
     from stapo.data import DataError
     from stapo.engines.trl import NonFiniteTrainingError
     from stapo.models import ModelLoadError
@@ -54,12 +59,29 @@ def train_from_config(cfg, resume: bool = False, overwrite: bool = False) -> int
     if resume and overwrite:
         raise UserError("--resume continues the run in output_dir and --overwrite replaces it; pass one of them")
     try:
+        check_packages(cfg)  # `stapo demo` comes here directly
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+    main_process = is_main_process()
+    if main_process:
+        for note in cfg.notes:
+            print(f"stapo: note: {note}", flush=True)
+    try:
         summary = run_training(cfg, resume=resume, overwrite=overwrite)
     except (ConfigError, DataError, ModelLoadError, NonFiniteTrainingError, RunDirError) as err:
         raise UserError(str(err)) from None
+    if not main_process:  # one summary for the run, not one per process
+        return 0
     ev = summary.get("eval", {})
     if "before" in ev and "after" in ev:
         b, a = ev["before"], ev["after"]
         print(f"held-out accuracy: {b['accuracy']:.3f} ± {b['stderr']:.3f} -> {a['accuracy']:.3f} ± {a['stderr']:.3f}")
     print(f"run directory: {summary['output_dir']}")
     return 0
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a multi-process launch (torchrun and accelerate set RANK per process), or a single process."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0

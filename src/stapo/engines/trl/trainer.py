@@ -79,6 +79,7 @@ from stapo.rundir import (
     truncate_rollouts_after_step,
 )
 from stapo.engines.trl.config import STAPOConfig
+from stapo.engines.trl.console import install_console
 from stapo.engines.trl.lm_head import stapo_lm_head_in_trl, trl_has_fused_head_slot
 from stapo.engines.trl.metrics import MetricsJsonlCallback, TokenStats, reduce_window, window_metrics
 from stapo.engines.trl.rollouts import capture_due, capture_metadata, collision_probabilities, rollout_records
@@ -117,6 +118,7 @@ class STAPOTrainer(GRPOTrainer):
         if args.metrics_jsonl:
             self.add_callback(MetricsJsonlCallback())
         self.add_callback(_RunDirectoryCallback())
+        install_console(self)  # one readable line per logging step instead of the Trainer's dict
 
     # ---- the loss step ------------------------------------------------------------------------
 
@@ -320,6 +322,12 @@ class STAPOTrainer(GRPOTrainer):
         if "loss" in logs and self.model.training:
             logs = {**logs, "stapo/nonfinite_steps": float(self._nonfinite.total)}
         return super().log(logs, *args, **kwargs)
+
+    def create_model_card(self, *args, **kwargs):
+        """stapo's card (base model, method, S2T thresholds, data, steps, held-out results): model_card.py."""
+        from stapo.engines.trl.model_card import write_model_card
+
+        write_model_card(self)
 
     # ---- non-finite steps, checkpoints ---------------------------------------------------------
 
