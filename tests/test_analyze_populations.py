@@ -49,7 +49,7 @@ def _reference(records, population, q, tau_p=0.01):
 
 def test_population_table_against_plain_python():
     records = _records()
-    rows = population_table(TokenBatch(rollouts_from_records(records)), tau_p=0.01)
+    rows = population_table(TokenBatch(rollouts_from_records(records)), tau_p=0.01)  # uncapped (inf)
     assert [(r.population, r.quantile) for r in rows][:4] == [("valid", q) for q in (0.01, 0.05, 0.1, 0.2)]
     n = sum(len(r["logprob"]) for r in records)
     for row in rows:

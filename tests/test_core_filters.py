@@ -39,7 +39,7 @@ def ref_filter(name, lp, ent, adv, valid, s2t: S2TSettings, rho):
     else:
         pop = {"valid": set(cells), "low_prob": low_prob, "candidates": cand}[s2t.tau_h_population]
         thr = ref_quantile([float(ent[c]) for c in pop], s2t.tau_h_quantile)
-        thr = -math.inf if thr is None else thr
+        thr = -math.inf if thr is None else min(thr, s2t.tau_h_max)
     spurious = torch.zeros(B, T, dtype=torch.bool)
     for c in cand:
         spurious[c] = float(ent[c]) < thr
@@ -73,6 +73,7 @@ def test_filters_against_float64_reference(name, population, seed):
                                                                                           dtype=torch.float64)
     valid = torch.rand(B, T, generator=g) > 0.25
     for s2t in (S2TSettings(tau_p=0.2, tau_h_quantile=0.3, tau_h_population=population),
+                S2TSettings(tau_p=0.2, tau_h_quantile=0.6, tau_h_population=population, tau_h_max=math.inf),
                 S2TSettings(tau_p=0.1, tau_h=0.7, tau_h_population=population),
                 S2TSettings(tau_p=0.0)):
         got = apply_token_filter(name, lp.float(), ent.float(), adv.float(), valid, FilterParams(s2t, 0.3))
@@ -111,15 +112,25 @@ def hand_batch():
 )
 def test_population_readings_hand_worked(population, q, threshold, silenced):
     lp, ent, adv, valid = hand_batch()
-    s2t = S2TSettings(tau_p=0.01, tau_h_quantile=q, tau_h_population=population)
+    s2t = S2TSettings(tau_p=0.01, tau_h_quantile=q, tau_h_population=population, tau_h_max=math.inf)
     out = apply_token_filter("s2t", lp, ent, adv, valid, FilterParams(s2t))
     assert float(out.s2t.threshold) == pytest.approx(threshold, rel=1e-6)
     assert out.s2t.spurious.nonzero().tolist() == [list(c) for c in silenced]
     assert (int(out.s2t.n_low_prob), int(out.s2t.n_candidates)) == (5, 3)
     assert torch.equal(out.loss_mask, valid & ~out.s2t.spurious)
     # the public mask and the loss take the same keyword
-    assert torch.equal(s2t_mask(lp, ent, adv, valid, tau_p=0.01, tau_h_quantile=q, tau_h_population=population),
-                       out.s2t.spurious)
+    assert torch.equal(s2t_mask(lp, ent, adv, valid, tau_p=0.01, tau_h_quantile=q, tau_h_population=population,
+                                tau_h_max=math.inf), out.s2t.spurious)
+
+
+def test_tau_h_max_caps_a_quantile_threshold():
+    lp, ent, adv, valid = hand_batch()
+    # candidates q.75 -> 1.15 nats, silencing (0, 0) and (0, 1) (H .05, .8); capped at ln 2 only (0, 0) stays
+    out = apply_token_filter("s2t", lp, ent, adv, valid, FilterParams(S2TSettings(tau_h_quantile=0.75)))
+    assert float(out.s2t.threshold) == pytest.approx(math.log(2)) and out.s2t.spurious.nonzero().tolist() == [[0, 0]]
+    # an absolute tau_h is not capped
+    out = apply_token_filter("s2t", lp, ent, adv, valid, FilterParams(S2TSettings(tau_h=1.0, tau_h_max=0.1)))
+    assert float(out.s2t.threshold) == 1.0
 
 
 def test_masked_fraction_ordering_of_the_three_readings():
@@ -138,7 +149,7 @@ def test_masked_fraction_ordering_of_the_three_readings():
     valid = torch.ones(B, T, dtype=torch.bool)
     counts = {}
     for population in ("valid", "low_prob", "candidates"):
-        _, m = stapo_loss(p.log(), p.log(), adv, valid, ent, tau_h_population=population)
+        _, m = stapo_loss(p.log(), p.log(), adv, valid, ent, tau_h_population=population, tau_h_max=math.inf)
         counts[population] = int(m["s2t_masked_count"])
     # valid: the bound H >= h_b(p) leaves no rare token under the 5th percentile of all entropies;
     # low_prob's 5th percentile sits above candidates' here (the candidates are a subset)

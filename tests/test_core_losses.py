@@ -14,6 +14,9 @@ from stapo.core import (
     stapo_loss,
 )
 
+# The references below take the quantile over all valid tokens, uncapped: the literal reading.
+LITERAL = dict(tau_h_population="valid", tau_h_max=math.inf)
+
 
 # ---- independent float64 reference ------------------------------------------------------
 
@@ -156,9 +159,9 @@ def test_stapo_gradcheck_and_masked_grads_exactly_zero():
 @pytest.mark.parametrize("seed", range(4))
 def test_stapo_equals_policy_loss_on_unmasked_tokens(seed):
     lp, old, adv, mask, ent = random_batch(seed, B=6, T=12)
-    spurious = s2t_mask(lp, ent, adv, mask, tau_p=0.3, tau_h_quantile=0.5)
+    spurious = s2t_mask(lp, ent, adv, mask, tau_p=0.3, tau_h_quantile=0.5, **LITERAL)
     assert spurious.any()
-    got, m = stapo_loss(lp, old, adv, mask, ent, tau_p=0.3, tau_h_quantile=0.5, clip_high=0.28)
+    got, m = stapo_loss(lp, old, adv, mask, ent, tau_p=0.3, tau_h_quantile=0.5, **LITERAL, clip_high=0.28)
     want = ref_loss(lp.double(), old.double(), adv.double(), mask & ~spurious, 0.2, 0.28)
     assert float(got) == pytest.approx(want, rel=1e-5)
     # the denominator counts only unmasked valid tokens

@@ -7,6 +7,9 @@ from hypothesis import strategies as st
 
 from stapo.core import entropy_quantile, high_entropy_mask, quantile_linear, s2t_mask
 
+# The references below take the quantile over all valid tokens, uncapped: the literal reading.
+LITERAL = dict(tau_h_population="valid", tau_h_max=math.inf)
+
 
 def ref_quantile(values, q):
     v = sorted(float(x) for x in values)
@@ -45,9 +48,9 @@ def test_quantile_threshold_hand_worked():
     # valid entropies [0.0, 1.0, 2.0, 3.0, 4.0]; q = 0.25 -> threshold 1.0 (linear), strict "<"
     ent = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])
     lp = torch.full((1, 5), math.log(0.001))
-    m = s2t_mask(lp, ent, torch.tensor([1.0]), torch.ones(1, 5), tau_p=0.01, tau_h_quantile=0.25)
+    m = s2t_mask(lp, ent, torch.tensor([1.0]), torch.ones(1, 5), tau_p=0.01, tau_h_quantile=0.25, **LITERAL)
     assert m.tolist() == [[True, False, False, False, False]]
-    m = s2t_mask(lp, ent, torch.tensor([1.0]), torch.ones(1, 5), tau_p=0.01, tau_h_quantile=0.3)
+    m = s2t_mask(lp, ent, torch.tensor([1.0]), torch.ones(1, 5), tau_p=0.01, tau_h_quantile=0.3, **LITERAL)
     assert m.tolist() == [[True, True, False, False, False]]  # threshold 1.2
 
 
@@ -61,7 +64,7 @@ def test_against_reference_random(seed, per_token_adv):
     adv = torch.randn(B, T, generator=g) if per_token_adv else torch.randn(B, generator=g)
     valid = torch.rand(B, T, generator=g) > 0.2
     for tau_p, tau_h, q in [(0.01, None, 0.05), (0.1, None, 0.5), (0.05, 1.0, 0.05), (0.2, None, 1.0)]:
-        got = s2t_mask(lp, ent, adv, valid, tau_p=tau_p, tau_h=tau_h, tau_h_quantile=q)
+        got = s2t_mask(lp, ent, adv, valid, tau_p=tau_p, tau_h=tau_h, tau_h_quantile=q, **LITERAL)
         assert torch.equal(got, ref_s2t(lp.double(), ent.double(), adv.double(), valid, tau_p, tau_h, q))
 
 
@@ -103,7 +106,7 @@ def test_all_invalid_masks_nothing():
         (dict(logprobs=torch.full((2, 3), float("nan"))), "logprobs contains non-finite"),
         (dict(entropy=torch.full((2, 3), float("inf"))), "entropy contains non-finite"),
         (dict(tau_p=1.5), "tau_p must be a number in"),
-        (dict(tau_h_quantile=-0.1), "tau_h_quantile must be a number in"),
+        (dict(tau_h_quantile=-0.1, **LITERAL), "tau_h_quantile must be a number in"),
         (dict(tau_h=float("nan")), "tau_h must be a number >= 0"),
         (dict(logprobs=torch.zeros(2, 3, dtype=torch.long)), "logprobs must be a floating-point"),
     ],
@@ -153,8 +156,8 @@ def test_mask_monotone_and_never_nonpositive_advantage(data, p1, p2, h1, h2):
         assert not (m & (adv <= 0)).any()
         assert not (m & ~valid).any()
     # quantile thresholds are monotone too
-    q_lo = s2t_mask(**base, tau_p=hi_p, tau_h_quantile=lo_h / 5)
-    q_hi = s2t_mask(**base, tau_p=hi_p, tau_h_quantile=hi_h / 5)
+    q_lo = s2t_mask(**base, tau_p=hi_p, tau_h_quantile=lo_h / 5, **LITERAL)
+    q_hi = s2t_mask(**base, tau_p=hi_p, tau_h_quantile=hi_h / 5, **LITERAL)
     assert not (q_lo & ~q_hi).any()
 
 

@@ -11,6 +11,7 @@ BAD = [
     ("tau_h", -1.0), ("tau_h", float("inf")), ("tau_h", "low"),
     ("tau_h_quantile", 1.01), ("tau_h_quantile", -0.5), ("tau_h_quantile", None),
     ("tau_h_population", "all"), ("tau_h_population", None),
+    ("tau_h_max", -0.1), ("tau_h_max", float("nan")), ("tau_h_max", None),
     ("inert_warning_steps", -1), ("inert_warning_steps", 2.5), ("inert_warning_steps", None),
 ]
 
@@ -18,6 +19,8 @@ BAD = [
 def test_defaults_are_the_papers():
     s = S2TSettings()
     assert (s.tau_p, s.tau_h, s.tau_h_quantile) == (0.01, None, 0.05)
+    # the reading chosen by measurement (docs/analyze.md): the candidates' 5th percentile, at most ln 2 nats
+    assert (s.tau_h_population, s.tau_h_max) == ("candidates", math.log(2))
     assert S2T_DEFAULTS["tau_p"] == 0.01 and S2T_DEFAULTS["tau_h_population"] == s.tau_h_population
     assert PRESETS["stapo"].s2t == s
 

@@ -367,7 +367,8 @@ def s2t_thresholds(runs: list[RunData]) -> dict:
     cfg = next((r.config for r in runs if r.method == "stapo"), {})
     s = S2TSettings.resolve({k: cfg.get(k) for k in S2T_FIELDS}, base=get_preset("stapo").s2t_settings)
     return {"tau_p": s.tau_p, "tau_h": s.tau_h, "tau_h_quantile": None if s.tau_h is not None else s.tau_h_quantile,
-            "tau_h_population": None if s.tau_h is not None else s.tau_h_population}
+            "tau_h_population": None if s.tau_h is not None else s.tau_h_population,
+            "tau_h_max": None if s.tau_h is not None else s.tau_h_max}
 
 
 def summarize(runs: list[RunData], methods: list[str]) -> dict:

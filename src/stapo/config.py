@@ -301,7 +301,7 @@ def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
     s2t = resolve_s2t(values)
     recorded = {name: getattr(s2t, name) for name in S2T_FIELDS if name in trl_fields}
     if s2t.tau_h is not None:  # an absolute tau_h: the quantile settings do not apply (and would conflict)
-        recorded.update(tau_h_quantile=None, tau_h_population=None)
+        recorded.update(tau_h_quantile=None, tau_h_population=None, tau_h_max=None)
     run.trl.update(recorded)
     return run
 

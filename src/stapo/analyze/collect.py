@@ -74,6 +74,7 @@ def collect_rollouts(
     tau_h: float | None = None,
     tau_h_quantile: float | None = None,
     tau_h_population: str | None = None,
+    tau_h_max: float | None = None,
     advantage_scale: str = "group",
     seed: int = 0,
     grade: Callable[[list[str], list[str]], list[float]] | None = None,
@@ -147,7 +148,8 @@ def collect_rollouts(
     for i, s in enumerate(per_sample):
         n = len(s[1])
         lp[i, :n], ent[i, :n], valid[i, :n] = s[2], s[3], True
-    s2t = S2TSettings.resolve(tau_p=tau_p, tau_h=tau_h, tau_h_quantile=tau_h_quantile, tau_h_population=tau_h_population)
+    s2t = S2TSettings.resolve(tau_p=tau_p, tau_h=tau_h, tau_h_quantile=tau_h_quantile, tau_h_population=tau_h_population,
+                              tau_h_max=tau_h_max)
     flags = s2t_decision(lp, ent, adv, valid, s2t).spurious
 
     records = []
@@ -161,7 +163,7 @@ def collect_rollouts(
         })
     meta = {"source": "model", "group_size": group_size, "temperature": temperature,
             "tau_p": s2t.tau_p, "tau_h": s2t.tau_h, "tau_h_quantile": s2t.tau_h_quantile,
-            "tau_h_population": s2t.tau_h_population}
+            "tau_h_population": s2t.tau_h_population, "tau_h_max": s2t.tau_h_max}
     ro = rollouts_from_records(records, step=0, metadata=meta)
     if return_collision_logp:
         return ro, torch.cat([s[5] for s in per_sample]).numpy().astype("float32")

@@ -3,7 +3,7 @@
 For each population the quantile is taken over (`stapo.core.TAU_H_POPULATIONS`: valid, low_prob,
 candidates) and each q, the S2T decision of `stapo.core.s2t_decision` on the batch gives:
 
-    threshold             τ_h in nats
+    threshold             τ_h in nats (capped at `tau_h_max` when given)
     threshold_percentile  where τ_h falls among all valid entropies (% of valid tokens with H < τ_h):
                           the paper's premise is that silenced tokens sit at *confident* positions, so
                           a reading whose τ_h lands above the batch median no longer means "low entropy"
@@ -42,14 +42,16 @@ class PopulationRow:
         return asdict(self)
 
 
-def population_table(batch, tau_p: float, quantiles=POPULATION_QUANTILES) -> list[PopulationRow]:
-    """One `PopulationRow` per (population, q) on a `stapo.analyze.tokens.TokenBatch`."""
+def population_table(batch, tau_p: float, quantiles=POPULATION_QUANTILES,
+                     tau_h_max: float = float("inf")) -> list[PopulationRow]:
+    """One `PopulationRow` per (population, q) on a `stapo.analyze.tokens.TokenBatch`; each quantile
+    τ_h is capped at `tau_h_max` (the S2T setting; inf: uncapped)."""
     valid_ent = batch.flat(batch.entropy).double()
     n_valid = valid_ent.numel()
     rows = []
     for population in TAU_H_POPULATIONS:
         for q in quantiles:
-            settings = S2TSettings(tau_p=tau_p, tau_h_quantile=q, tau_h_population=population)
+            settings = S2TSettings(tau_p=tau_p, tau_h_quantile=q, tau_h_population=population, tau_h_max=tau_h_max)
             d = s2t_decision(batch.logprobs, batch.entropy, batch.advantages, batch.valid, settings)
             size = {"valid": d.n_valid, "low_prob": d.n_low_prob, "candidates": d.n_candidates}[population]
             mask = batch.flat(d.spurious)

@@ -125,7 +125,7 @@ def register(subparsers) -> None:
 # `analyze tokens` option -> the field of a run's config.yaml it defaults to, and the defaults without a run.
 RUN_FIELDS = {"template": "prompt_template", "group_size": "num_generations",
               "max_new_tokens": "max_completion_length", "temperature": "temperature", "tau_p": "tau_p",
-              "tau_h_population": "tau_h_population"}
+              "tau_h_population": "tau_h_population", "tau_h_max": "tau_h_max"}
 TOKENS_DEFAULTS = {"template": "boxed", "group_size": 8, "max_new_tokens": 64, "temperature": 1.0}
 
 
@@ -143,6 +143,9 @@ def add_s2t_arguments(parser, default_prefix: str = "") -> None:
     parser.add_argument("--tau-h-population", choices=TAU_H_POPULATIONS, default=None,
                         help="the tokens the quantile is taken over: valid, low_prob (p < tau_p) or candidates "
                         f"(p < tau_p, A > 0) (default: {default_prefix}{S2T_DEFAULTS['tau_h_population']})")
+    parser.add_argument("--tau-h-max", type=float, default=None,
+                        help="cap of a quantile tau_h in nats, inf: none (default: "
+                        f"{default_prefix}{S2T_DEFAULTS['tau_h_max']:.4g} = ln 2)")
 
 
 def s2t_settings_from_args(args):
@@ -151,7 +154,7 @@ def s2t_settings_from_args(args):
     from stapo.core import S2TSettings, s2t_errors
 
     values = {"tau_p": args.tau_p, "tau_h": args.tau_h, "tau_h_quantile": args.tau_h_quantile,
-              "tau_h_population": args.tau_h_population}
+              "tau_h_population": args.tau_h_population, "tau_h_max": args.tau_h_max}
     for name, problem in s2t_errors(values).items():
         raise UserError(f"--{name.replace('_', '-')} {problem}, got {values[name]!r}")
     return S2TSettings.resolve(values)
@@ -264,7 +267,7 @@ def _load_model_rollouts(args):
         model, tokenizer, prompts, [r["answer"] for r in rows], group_size=args.group_size,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_prompts=args.batch_prompts,
         tau_p=s2t.tau_p, tau_h=s2t.tau_h, tau_h_quantile=s2t.tau_h_quantile,
-        tau_h_population=s2t.tau_h_population, seed=args.seed,
+        tau_h_population=s2t.tau_h_population, tau_h_max=s2t.tau_h_max, seed=args.seed,
         progress=not args.no_progress, return_collision_logp=True,
     )
 
@@ -339,7 +342,7 @@ def analyze_tokens(ro, th, captured, out: Path, title: str,
     tb = TokenBatch(ro, collision_logp=collision_logp)
     summary = summarize(tb, th, captured=captured)
     sweep = threshold_sweep(tb)
-    populations = population_table(tb, th.tau_p)
+    populations = population_table(tb, th.tau_p, tau_h_max=th.tau_h_max)
     population_lines = format_population_table(populations)
     mask = tb.mask(th).numpy()
     adv = np.repeat(ro.advantage, ro.lengths())
@@ -380,7 +383,8 @@ def analyze_tokens(ro, th, captured, out: Path, title: str,
     text = "\n".join([
         format_summary(summary),
         "",
-        f"the three tau_h readings (tau_p = {th.tau_p:g}): tau_h = the q-quantile of the entropies of each population",
+        f"the three tau_h readings (tau_p = {th.tau_p:g}): tau_h = min(tau_h_max = {th.tau_h_max:.4g} nats, "
+        "the q-quantile of the entropies of each population)",
         *population_lines,
         "",
         "threshold sweep: masked fraction of tokens (count); rows tau_h, columns tau_p",

@@ -104,8 +104,8 @@ def s2t_decision(logprobs, entropy, advantages, response_mask, settings: S2TSett
 
         low_prob   = valid ∧ p < τ_p           (as logprob < log τ_p: no exp)
         candidate  = low_prob ∧ A > 0
-        τ_h        = settings.tau_h, or the tau_h_quantile of the entropies of
-                     valid | low_prob | candidate  (settings.tau_h_population)
+        τ_h        = settings.tau_h, or min(tau_h_max, the tau_h_quantile of the entropies of
+                     valid | low_prob | candidate  (settings.tau_h_population))
         M          = candidate ∧ H < τ_h
     """
     lp = check_float("logprobs", logprobs, ndim=2)
@@ -129,6 +129,7 @@ def s2t_decision(logprobs, entropy, advantages, response_mask, settings: S2TSett
             threshold = entropy_quantile(e, population, settings.tau_h_quantile, group)
             if torch.isnan(threshold):  # an empty population: nothing is silenced
                 threshold = torch.tensor(float("-inf"), device=e.device)
+            threshold = torch.clamp(threshold, max=settings.tau_h_max)
         low_entropy = valid & (e < threshold)
         spurious = candidate & low_entropy
         n = lambda m: m.sum(dtype=torch.float32)  # noqa: E731
@@ -222,14 +223,14 @@ def keep_high_entropy(logprobs, entropy, advantages, response_mask, params: Filt
 
 
 def s2t_mask(logprobs, entropy, advantages, response_mask, tau_p=None, tau_h=None, tau_h_quantile=None,
-             tau_h_population=None, group=None) -> torch.Tensor:
+             tau_h_population=None, tau_h_max=None, group=None) -> torch.Tensor:
     """STAPO's spurious-token mask (True = silenced): valid ∧ A > 0 ∧ p < τ_p ∧ H < τ_h.
 
     Thresholds left None take `S2TSettings`' defaults; `tau_h` None means the `tau_h_quantile` of the
-    entropies of `tau_h_population` (valid | low_prob | candidates). Returns a bool [B, T].
+    entropies of `tau_h_population` (valid | low_prob | candidates), capped at `tau_h_max`. Returns a bool [B, T].
     """
     settings = S2TSettings.resolve(tau_p=tau_p, tau_h=tau_h, tau_h_quantile=tau_h_quantile,
-                                   tau_h_population=tau_h_population)
+                                   tau_h_population=tau_h_population, tau_h_max=tau_h_max)
     return s2t_decision(logprobs, entropy, advantages, response_mask, settings, group).spurious
 
 

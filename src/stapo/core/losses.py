@@ -182,6 +182,7 @@ def stapo_loss(
     tau_h: float | None = None,
     tau_h_quantile: float | None = None,
     tau_h_population: str | None = None,
+    tau_h_max: float | None = None,
     group=None,
     **policy_loss_kwargs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -205,7 +206,7 @@ def stapo_loss(
         raise TypeError(f"stapo_loss got unexpected keyword arguments {sorted(unknown)}")
     kw.update(policy_loss_kwargs)
     settings = S2TSettings.resolve(tau_p=tau_p, tau_h=tau_h, tau_h_quantile=tau_h_quantile,
-                                   tau_h_population=tau_h_population)
+                                   tau_h_population=tau_h_population, tau_h_max=tau_h_max)
     kept = apply_token_filter("s2t", lp, entropy, adv, valid, FilterParams(s2t=settings), group)
     loss, metrics = _clipped_loss(lp, old, adv, kept.loss_mask, **kw)
     metrics.update(s2t_metrics(kept.s2t))

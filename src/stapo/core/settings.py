@@ -7,6 +7,8 @@
                         valid       all valid tokens of the batch (the literal reading of the paper)
                         low_prob    valid tokens with p < tau_p
                         candidates  valid tokens with p < tau_p and A > 0 (the ones S2T could silence)
+    tau_h_max         a quantile tau_h is capped at this many nats (default ln 2: no more uncertain than a
+                      fair coin, so silenced tokens stay at confident positions); inf: no cap
     inert_warning_steps  warn once when S2T silenced nothing for this many optimizer steps in a row (0: off)
 
 Why three populations. A token of probability p sits at a position of entropy H >= h_b(p) (binary
@@ -15,6 +17,12 @@ entropy, nats): the mass 1 - p elsewhere cannot be more concentrated than on one
 silenced fraction is at most q * h_b^-1(tau_h) — about 0.0065% at 0.01 nats. On the embedded model
 the 5th percentile over valid tokens silences nothing at all (docs/analyze.md). A quantile over the
 low-probability tokens, or over the candidates, selects the least uncertain of the tokens S2T is about.
+
+Why the default is `candidates` capped at ln 2 (measured in docs/analyze.md "The three readings"): on
+the embedded model the 5th percentile of the candidates' entropies silences 0.008-0.013% of the tokens
+(the paper's ~0.01%) once capped; uncapped it lands at 1.5 nats on the demo task, where the silenced
+tokens sit at positions as uncertain as a choice among four (mean H 1.1 nats). On long-CoT models the
+cap is not expected to bind (about half of all tokens have H < 0.01 nats).
 
 Every consumer (the presets, `stapo train`'s run config, the TRL `STAPOConfig`, the verl `stapo`
 config, `stapo analyze`) takes its defaults from `S2TSettings` and its checks from `s2t_field_error`.
@@ -52,6 +60,11 @@ def _check_tau_h_quantile(value):
     return None if v is not None and 0.0 <= v <= 1.0 else "must be a number in [0, 1]"
 
 
+def _check_tau_h_max(value):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value) and value >= 0
+    return None if ok else "must be a number >= 0 (nats; inf: no cap)"
+
+
 def _check_population(value):
     return None if value in TAU_H_POPULATIONS else f"must be one of {', '.join(TAU_H_POPULATIONS)}"
 
@@ -66,6 +79,7 @@ _CHECKS = {
     "tau_h": _check_tau_h,
     "tau_h_quantile": _check_tau_h_quantile,
     "tau_h_population": _check_population,
+    "tau_h_max": _check_tau_h_max,
     "inert_warning_steps": _check_inert_steps,
 }
 
@@ -77,7 +91,8 @@ class S2TSettings:
     tau_p: float = 0.01
     tau_h: float | None = None
     tau_h_quantile: float = 0.05
-    tau_h_population: str = "valid"
+    tau_h_population: str = "candidates"
+    tau_h_max: float = math.log(2.0)
     inert_warning_steps: int = 20
 
     def __post_init__(self):
@@ -85,7 +100,7 @@ class S2TSettings:
                   for name, msg in s2t_errors(asdict(self), none_means_default=False).items()]
         if errors:
             raise ValueError("; ".join(errors))
-        for name in ("tau_p", "tau_h_quantile") + (("tau_h",) if self.tau_h is not None else ()):
+        for name in ("tau_p", "tau_h_quantile", "tau_h_max") + (("tau_h",) if self.tau_h is not None else ()):
             object.__setattr__(self, name, float(getattr(self, name)))
 
     @classmethod
@@ -108,7 +123,8 @@ class S2TSettings:
         """How tau_h is obtained, in words (for logs and model cards)."""
         if self.tau_h is not None:
             return f"H < {self.tau_h:g} nats"
-        return f"H < q{self.tau_h_quantile:g} of {self.tau_h_population} entropies"
+        cap = f", at most {self.tau_h_max:.3g} nats" if math.isfinite(self.tau_h_max) else ""
+        return f"H < q{self.tau_h_quantile:g} of {self.tau_h_population} entropies{cap}"
 
 
 S2T_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(S2TSettings))
