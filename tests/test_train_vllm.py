@@ -8,6 +8,7 @@ writes the raw observations these tests judge. STAPO_VLLM_PYTHON selects another
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -27,11 +28,19 @@ FOLLOW_TOL = 2e-3
 # The rollout gap is a mean over a step's completion tokens (~1e-5 measured with working syncs).
 ROLLOUT_GAP_TOL = 1e-3
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not VLLM_PYTHON.exists(),
-                       reason=f"no vLLM venv at {VLLM_PYTHON}: run scripts/setup.sh vllm (setup.sh dev builds it)"),
-]
+needs_vllm_venv = pytest.mark.skipif(
+    not VLLM_PYTHON.exists(), reason=f"no vLLM venv at {VLLM_PYTHON}: run scripts/setup.sh vllm (setup.sh dev builds it)")
+
+
+def test_use_vllm_without_vllm_is_one_clear_error_before_the_model_loads(tmp_path):
+    """In a venv without vLLM (the main one): a ValueError naming the fix, before the model path is read."""
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed in this venv")
+    from stapo.engines.trl import STAPOConfig, STAPOTrainer
+
+    args = STAPOConfig(output_dir=str(tmp_path), use_vllm=True, use_cpu=True, bf16=False, report_to=[])
+    with pytest.raises(ValueError, match=r"use_vllm=true needs vLLM .*scripts/setup.sh vllm"):
+        STAPOTrainer(model=str(tmp_path / "no-such-model"), reward_funcs=[lambda **_: [0.0]], args=args)
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +64,8 @@ def _max_gap(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) for x, y in zip(a, b))
 
 
+@pytest.mark.slow
+@needs_vllm_venv
 def test_the_run_took_real_optimizer_steps(report):
     assert report["rc"] == 0
     assert report["global_step"] == 2
@@ -67,11 +78,15 @@ def test_the_run_took_real_optimizer_steps(report):
     assert _max_gap(lp["before"]["trainer"], lp["after"]["trainer"]) > 50 * FOLLOW_TOL
 
 
+@pytest.mark.slow
+@needs_vllm_venv
 def test_weights_are_synced_before_each_rollout_and_after_the_last_step(report):
     # TRL: before the rollouts of steps 1 and 2 (global step 0, 1); stapo: at the end of the run (2)
     assert report["sync_steps"] == [0, 1, 2]
 
 
+@pytest.mark.slow
+@needs_vllm_venv
 def test_vllm_log_probs_follow_the_trained_model(report):
     lp = report["logprobs"]
     assert _max_gap(lp["before"]["vllm"], lp["before"]["trainer"]) < FOLLOW_TOL
@@ -79,6 +94,8 @@ def test_vllm_log_probs_follow_the_trained_model(report):
     assert _max_gap(lp["before"]["vllm"], lp["after"]["vllm"]) > 50 * FOLLOW_TOL
 
 
+@pytest.mark.slow
+@needs_vllm_venv
 def test_rollout_logprob_gap_is_logged_per_step(report):
     steps = [m for m in report["metrics"] if "loss" in m]
     for m in steps:
@@ -87,3 +104,9 @@ def test_rollout_logprob_gap_is_logged_per_step(report):
         assert math.isfinite(gap) and 0.0 <= gap < ROLLOUT_GAP_TOL, m
     # the S2T statistics still come from the trainer's own log-probs/entropies
     assert all(m["stapo/s2t_applied"] == 1 and m["stapo/completion_tokens"] > 0 for m in steps)
+
+
+@pytest.mark.slow
+@needs_vllm_venv
+def test_server_mode_is_refused_on_the_cpu_build(report):
+    assert "needs CUDA" in report["server_mode_error"] and "vllm_mode=colocate" in report["server_mode_error"]

@@ -99,6 +99,15 @@ def main(out_path: str, work_dir: str) -> None:
         return result
 
     STAPOTrainer.train = train
+    from stapo.engines.trl import STAPOConfig
+    from stapo.engines.trl.vllm import check_vllm_args
+
+    try:  # no engine needed: refused before the model loads
+        check_vllm_args(STAPOConfig(output_dir=str(work / "server"), use_vllm=True, vllm_mode="server",
+                                    use_cpu=True, bf16=False))
+        report["server_mode_error"] = None
+    except ValueError as err:
+        report["server_mode_error"] = str(err)
     out_dir = work / "run"
     t0 = time.perf_counter()
     report["rc"] = stapo_main(["train", "demo", *TRAIN_ARGS, f"output_dir={out_dir}"])
