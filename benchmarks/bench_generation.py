@@ -4,6 +4,7 @@ HF against vLLM side by side.
     python benchmarks/bench_generation.py                       # embedded model, CPU
     python benchmarks/bench_generation.py --batch-sizes 1,4,16 --new-tokens 64 --prompts 16
     .venv-vllm/bin/python benchmarks/bench_generation.py --vs-vllm --prompts 16 --samples 8 --new-tokens 64
+    .venv-vllm/bin/python benchmarks/bench_generation.py --vs-vllm-train --train-steps 4
 
 --vs-vllm: the same requests (prompts x samples, per-sample seeds, T = 1.0) through HFBackend and
 through VLLMBackend (eager, the CPU default; and with torch.compile, vLLM's own default), each in a
@@ -12,6 +13,13 @@ from process start to exit (imports, model load / engine start, generation), the
 alone, new tokens/s over the generation, and the peak RSS summed over the process tree (vLLM's
 engine runs in its own process), sampled every 0.2 s. The load average before and after is printed:
 on a shared machine it says how much the numbers are worth.
+
+--vs-vllm-train: `stapo train demo` (no held-out eval, no plots) for --train-steps optimizer steps,
+rollouts by HF generate (use_vllm=false) and by vLLM colocated with the trainer (use_vllm=true,
+stapo.engines.trl.vllm), each as a fresh `python -m stapo train` child of this interpreter. Per
+side: wall time from process start to exit (imports, model load / engine start, training, final
+save), the training time (summary.json), the mean step time and rollout tokens/s = the completion
+tokens of all steps / their step time (from metrics.jsonl), and the peak RSS of the process tree.
 
 Generation: the embedded model (SmolLM2-135M-Instruct, fp32) through `HFBackend` at T = 1.0,
 top-p = 1.0; MATH500 problems rendered with the model's chat template; every batch size generates
@@ -112,21 +120,14 @@ def run_side(args, data_dir: Path) -> None:
                                "samples": len(out), "tokens_per_s": n_tok / gen_s}), flush=True)
 
 
-def bench_vs_vllm(args) -> list[dict]:
-    """Each side in a child process; wall time and peak RSS of its process tree."""
+def run_measured(cmd: list[str]) -> tuple[int, str, float, float]:
+    """Run `cmd`; its exit code, stdout, wall seconds and the peak RSS (MB) of its process tree."""
     import subprocess
-    import sys
 
     import psutil
 
-    rows = []
-    for side in args.sides:
-        cmd = [sys.executable, __file__, "--side", side, "--model", args.model, "--data-dir", args.data_dir,
-               "--prompts", str(args.prompts), "--samples", str(args.samples), "--new-tokens", str(args.new_tokens),
-               "--threads", str(args.threads), "--hf-batch-size", str(args.hf_batch_size)]
-        load_before = os.getloadavg()[0]
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    t0 = time.perf_counter()
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
         root, peak = psutil.Process(proc.pid), 0
         while proc.poll() is None:
             try:
@@ -135,16 +136,60 @@ def bench_vs_vllm(args) -> list[dict]:
             except psutil.Error:
                 pass
             time.sleep(0.2)
-        wall = time.perf_counter() - t0
-        line = next((ln for ln in proc.stdout.read().splitlines() if ln.startswith("SIDE ")), None)
-        if proc.returncode != 0 or line is None:
-            raise SystemExit(f"{side}: exit {proc.returncode}; rerun: {' '.join(cmd)}")
-        row = {**json.loads(line[5:]), "wall_s": wall, "peak_rss_mb": peak / 2**20,
+        return proc.returncode, proc.stdout.read(), time.perf_counter() - t0, peak / 2**20
+
+
+def bench_vs_vllm(args) -> list[dict]:
+    """Each side in a child process; wall time and peak RSS of its process tree."""
+    import sys
+
+    rows = []
+    for side in args.sides:
+        cmd = [sys.executable, __file__, "--side", side, "--model", args.model, "--data-dir", args.data_dir,
+               "--prompts", str(args.prompts), "--samples", str(args.samples), "--new-tokens", str(args.new_tokens),
+               "--threads", str(args.threads), "--hf-batch-size", str(args.hf_batch_size)]
+        load_before = os.getloadavg()[0]
+        rc, stdout, wall, peak = run_measured(cmd)
+        line = next((ln for ln in stdout.splitlines() if ln.startswith("SIDE ")), None)
+        if rc != 0 or line is None:
+            raise SystemExit(f"{side}: exit {rc}; rerun: {' '.join(cmd)}")
+        row = {**json.loads(line[5:]), "wall_s": wall, "peak_rss_mb": peak,
                "load_before": load_before, "load_after": os.getloadavg()[0]}
         rows.append(row)
         print(f"  {side:15s} wall {wall:6.1f} s (ready after {row['start_s']:6.1f} s), generate {row['gen_s']:6.1f} s, "
               f"{row['new_tokens']} new tokens = {row['tokens_per_s']:6.1f} tok/s, peak RSS {row['peak_rss_mb']:6.0f} MB, "
               f"load {load_before:.1f} -> {row['load_after']:.1f}", flush=True)
+    return rows
+
+
+def bench_train_vs_vllm(args) -> list[dict]:
+    """`stapo train demo` with HF rollouts, then with vLLM rollouts, each in a child process."""
+    import sys
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_train_vllm_") as tmp:
+        for side in ("hf", "vllm"):
+            out = Path(tmp) / side
+            cmd = [sys.executable, "-m", "stapo", "train", "demo", f"max_steps={args.train_steps}", "eval_data=null",
+                   "plots=false", f"use_vllm={'true' if side == 'vllm' else 'false'}", f"output_dir={out}"]
+            load_before = os.getloadavg()[0]
+            rc, _stdout, wall, peak = run_measured(cmd)
+            if rc != 0:
+                raise SystemExit(f"{side}: exit {rc}; rerun: {' '.join(cmd)}")
+            steps = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+            steps = [m for m in steps if "loss" in m and "step_time" in m]
+            step_s = sum(m["step_time"] for m in steps)
+            tokens = sum(m["stapo/completion_tokens"] for m in steps)
+            summary = json.loads((out / "summary.json").read_text())
+            row = {"side": side, "steps": len(steps), "wall_s": wall, "train_s": summary["train_seconds"],
+                   "startup_s": wall - summary["train_seconds"], "step_s": step_s / len(steps),
+                   "completion_tokens": tokens, "tokens_per_s": tokens / step_s, "peak_rss_mb": peak,
+                   "load_before": load_before, "load_after": os.getloadavg()[0]}
+            rows.append(row)
+            print(f"  {side:5s} wall {wall:6.1f} s (train {row['train_s']:6.1f} s, rest {row['startup_s']:5.1f} s), "
+                  f"{row['step_s']:5.1f} s/step, {tokens} completion tokens = {row['tokens_per_s']:5.1f} tok/s, "
+                  f"peak RSS {peak:6.0f} MB, load {load_before:.1f} -> {row['load_after']:.1f}", flush=True)
     return rows
 
 
@@ -185,10 +230,19 @@ def main() -> None:
     ap.add_argument("--sides", default="hf,vllm-eager,vllm-compiled", help="--vs-vllm: which sides to run")
     ap.add_argument("--samples", type=int, default=8, help="--vs-vllm: samples per prompt")
     ap.add_argument("--hf-batch-size", type=int, default=16, help="--vs-vllm: HF rows per generate call")
+    ap.add_argument("--vs-vllm-train", action="store_true",
+                    help="`stapo train demo` with HF rollouts against vLLM rollouts (run with the vLLM venv)")
+    ap.add_argument("--train-steps", type=int, default=4, help="--vs-vllm-train: optimizer steps per side")
     ap.add_argument("--side", default=None, choices=("hf", "vllm-eager", "vllm-compiled"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
         return run_side(args, Path(args.data_dir))
+    if args.vs_vllm_train:
+        print(f"stapo train demo, {args.train_steps} steps, HF vs vLLM rollouts, {os.cpu_count()} CPUs:", flush=True)
+        rows = bench_train_vs_vllm(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return None
     if args.vs_vllm:
         args.sides = args.sides.split(",")
         print(f"HF vs vLLM, model {args.model}, {args.prompts} prompts x {args.samples} samples x "

@@ -9,6 +9,8 @@ and why (TRL / Trainer private methods in parentheses):
                              denominator, the non-finite guard
     checkpoints              (_save_checkpoint, _get_output_dir, _load_optimizer_and_scheduler)  written to
                              a staging directory and published with one rename (`stapo.rundir`)
+    vLLM on a CPU            (__init__, _generate_and_score_completions)  TRL's colocated engine made to run on
+                             vLLM's CPU build, the rollout log-prob gap (`vllm.py`)
     reward metrics           (_calculate_rewards, _generate_and_score_completions)  accuracy, zero-variance
                              groups, and each row's reward carried with the batch for rollout captures
 
@@ -83,6 +85,7 @@ from stapo.engines.trl.console import install_console
 from stapo.engines.trl.lm_head import stapo_lm_head_in_trl, trl_has_fused_head_slot
 from stapo.engines.trl.metrics import MetricsJsonlCallback, TokenStats, reduce_window, window_metrics
 from stapo.engines.trl.rollouts import capture_due, capture_metadata, collision_probabilities, rollout_records
+from stapo.engines.trl.vllm import check_vllm_args, cpu_engine_options, record_rollout_gap, use_cpu_weight_sync
 
 logger = logging.getLogger(__name__)
 __all__ = ["STAPOTrainer", "NonFiniteTrainingError"]
@@ -96,7 +99,10 @@ class STAPOTrainer(GRPOTrainer):
             args = STAPOConfig()
         if not isinstance(args, STAPOConfig):
             raise ValueError(f"STAPOTrainer needs args=STAPOConfig(...), got {type(args).__name__}")
-        super().__init__(model, reward_funcs, args, *more, **kwargs)
+        check_vllm_args(args)
+        with cpu_engine_options(args):  # use_vllm on vLLM's CPU build: see vllm.py
+            super().__init__(model, reward_funcs, args, *more, **kwargs)
+        use_cpu_weight_sync(self)
         self.preset = get_preset(args.method)
         self.token_filter = self.preset.token_filter
         self.filter_params = FilterParams(s2t=args.s2t_settings, top_entropy_quantile=self.top_entropy_quantile)
@@ -425,6 +431,8 @@ class STAPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
+        if self.use_vllm:
+            record_rollout_gap(self._metrics["train" if self.model.training else "eval"])
         rows = out["completion_ids"].shape[0]
         start = self.accelerator.process_index * rows
         # The scalar reward of each row travels with the batch (shuffled and split with it) for captures.
