@@ -21,7 +21,7 @@ low-probability tokens, or over the candidates, selects the least uncertain of t
 Why the default is `candidates` capped at ln 2 (measured in docs/analyze.md "The three readings"): on
 the embedded model the 5th percentile of the candidates' entropies silences 0.008-0.013% of the tokens
 (the paper's ~0.01%) once capped; uncapped it lands at 1.5 nats on the demo task, where the silenced
-tokens sit at positions as uncertain as a choice among four (mean H 1.1 nats). On long-CoT models the
+tokens sit at positions as uncertain as a choice among three (mean H 1.1 nats). On long-CoT models the
 cap is not expected to bind (about half of all tokens have H < 0.01 nats).
 
 Every consumer (the presets, `stapo train`'s run config, the TRL `STAPOConfig`, the verl `stapo`
