@@ -19,6 +19,8 @@ from stapo.analyze.tokens import (
 from stapo.core import S2TSettings, grad_norm_proxy, s2t_mask, tau_h_for_fraction, token_logprobs_entropy
 from stapo.data.rollouts import rollouts_from_records
 
+# The quantile over all valid tokens, uncapped (the literal reading): what these references compute.
+LITERAL = dict(tau_h_population="valid", tau_h_max=math.inf)
 PROMPTS = ["What is 1 + 1?", "Compute 2 + 3, please."]
 GROUP = 3
 
@@ -47,7 +49,7 @@ def scored(tiny):
     model, tok = tiny
     for seed in (2, 1, 0, 3, 4):  # a seed whose groups have reward variance (non-zero advantages)
         ro = collect_rollouts(model, tok, PROMPTS, ["2", "5"], group_size=GROUP, max_new_tokens=6,
-                              tau_p=0.5, tau_h=None, tau_h_quantile=0.5, seed=seed,
+                              tau_p=0.5, tau_h=None, tau_h_quantile=0.5, **LITERAL, seed=seed,
                               grade=_fake_grade, progress=False, rows_per_pass=4)  # 2 scoring passes
         if (ro.advantage > 0).any() and ro.s2t.any():
             return ro
@@ -193,9 +195,11 @@ def test_summary_mask_is_core_s2t_mask():
     ro = _hand_rollouts()
     tb = TokenBatch(ro)
     pad = ro.padded()
-    for th in (S2TSettings(0.01, 0.5), S2TSettings(0.05, None, 0.5), S2TSettings(0.001, None, 0.05)):
+    for th in (S2TSettings(0.01, 0.5), S2TSettings(0.05, None, 0.5), S2TSettings(0.001, None, 0.05),
+               S2TSettings(0.05, None, 0.5, "valid"), S2TSettings(0.05, None, 0.5, "low_prob", 0.3)):
         core = s2t_mask(pad["logprobs"], pad["entropy"], pad["advantages"], pad["response_mask"],
-                        tau_p=th.tau_p, tau_h=th.tau_h, tau_h_quantile=th.tau_h_quantile)
+                        tau_p=th.tau_p, tau_h=th.tau_h, tau_h_quantile=th.tau_h_quantile,
+                        tau_h_population=th.tau_h_population, tau_h_max=th.tau_h_max)
         assert tb.mask(th).tolist() == core[pad["response_mask"]].tolist()
         assert summarize(tb, th).count_s2t == int(core.sum())
 
@@ -279,7 +283,7 @@ def test_entropy_change_collected_matches_float64_and_groups(tiny):
 
     model, tok = tiny
     ro, clp = collect_rollouts(model, tok, PROMPTS, ["2", "5"], group_size=GROUP, max_new_tokens=6, tau_p=0.5,
-                               tau_h_quantile=0.5, seed=2, grade=_fake_grade, progress=False,
+                               tau_h_quantile=0.5, **LITERAL, seed=2, grade=_fake_grade, progress=False,
                                return_collision_logp=True)
     assert clp.shape == (ro.num_tokens,) and clp.dtype == np.float32
     tb = TokenBatch(ro, collision_logp=clp)
@@ -292,7 +296,7 @@ def test_entropy_change_collected_matches_float64_and_groups(tiny):
         p = pi[torch.arange(len(a)), a]
         ref = -float(ro.advantage[i]) * (p * (p.log() + h) - (pi * pi * (logp + h[:, None])).sum(-1))
         np.testing.assert_allclose(tb.delta_h[ro.token_slice(i)].numpy(), ref.numpy(), atol=2e-4, rtol=2e-3)
-    mask = tb.mask(S2TSettings(tau_p=0.5, tau_h_quantile=0.5))
+    mask = tb.mask(S2TSettings(tau_p=0.5, tau_h_quantile=0.5, **LITERAL))
     groups = tb.entropy_change_groups(mask)
     dh = tb.delta_h
     total = float(dh.abs().sum())
@@ -302,7 +306,7 @@ def test_entropy_change_collected_matches_float64_and_groups(tiny):
     assert groups["s2t"]["sum"] == pytest.approx(float(dh[mask].sum()))
     assert groups["pos_adv"]["share_abs"] == pytest.approx(float(dh[tb.adv_flat > 0].abs().sum()) / total)
     assert groups["neg_adv"]["count"] == int((tb.adv_flat < 0).sum())
-    s = summarize(tb, S2TSettings(tau_p=0.5, tau_h_quantile=0.5))
+    s = summarize(tb, S2TSettings(tau_p=0.5, tau_h_quantile=0.5, **LITERAL))
     assert s.entropy_change == groups
     assert "mean dH/eta" in format_summary(s)
 

@@ -252,7 +252,9 @@ def threshold_sweep(
 ) -> Sweep:
     """Masked fraction and gradient share of the S2T set on a grid of thresholds."""
     tb = rollouts if isinstance(rollouts, TokenBatch) else TokenBatch(rollouts)
-    rows = [(f"q{q:g}", S2TSettings(tau_h=None, tau_h_quantile=q)) for q in tau_h_quantiles]
+    # quantile rows: of all valid tokens' entropies, uncapped (the three readings have their own table)
+    rows = [(f"q{q:g}", S2TSettings(tau_h_quantile=q, tau_h_population="valid", tau_h_max=math.inf))
+            for q in tau_h_quantiles]
     rows += [(f"{h:g}", S2TSettings(tau_h=h)) for h in tau_h_absolute]
     n = tb.rollouts.num_tokens
     cells = []
