@@ -271,13 +271,13 @@ def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
                 value = values[key] = float(value)
             except ValueError:
                 pass
-        if not _type_ok(value, annotation):
-            errors.append(f"{key}: expected {_describe(annotation)}, got {type(value).__name__} {value!r}")
-            continue
-        if key in S2T_FIELDS:  # the S2T thresholds: stapo.core.settings holds their ranges
+        if key in S2T_FIELDS:  # the S2T thresholds: stapo.core.settings holds their types and ranges
             problem = None if value is None else s2t_field_error(key, value)
             if problem:
                 errors.append(f"{key}: {problem}, got {value!r}")
+            continue
+        if not _type_ok(value, annotation):
+            errors.append(f"{key}: expected {_describe(annotation)}, got {type(value).__name__} {value!r}")
             continue
         rule = _RULES.get(key)
         if rule is not None and value is not None:
