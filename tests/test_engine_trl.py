@@ -131,6 +131,7 @@ def _run_args(out, **kw):
         output_dir=str(out),
         method="stapo",
         tau_h_quantile=0.25,  # a random model puts every token at p < tau_p: H decides, mask ~25% of A > 0
+        tau_h_population="valid", tau_h_max=math.inf,  # the reference below: quantile of all valid tokens, uncapped
         per_device_train_batch_size=4,
         num_generations=2,
         max_completion_length=6,

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -146,13 +148,16 @@ def _tensors(trainer, batch):
 
 
 def test_stapo_equals_core_stapo_loss(tiny_qwen3_dir, tmp_path):
-    trainer = _trainer(STAPOTrainer, STAPOConfig, tiny_qwen3_dir, tmp_path, method="stapo", tau_h_quantile=0.3)
+    # a random model's entropies are near log V: the uncapped quantile over all valid tokens lets H decide
+    literal = dict(tau_h_population="valid", tau_h_max=math.inf)
+    trainer = _trainer(STAPOTrainer, STAPOConfig, tiny_qwen3_dir, tmp_path, method="stapo", tau_h_quantile=0.3,
+                       **literal)
     batch = _with_old(trainer, _batch(trainer.model.config.vocab_size, seed=2, with_old=False))
     loss = trainer._compute_loss(trainer.model, batch).detach()
     logps, ent = _tensors(trainer, batch)
     valid = batch["completion_mask"].bool()
     ref, m = stapo_loss(logps.double(), logps.double(), batch["advantages"].double(), valid, ent.double(),
-                        tau_p=0.01, tau_h=None, tau_h_quantile=0.3)
+                        tau_p=0.01, tau_h=None, tau_h_quantile=0.3, **literal)
     assert m["s2t_masked_count"] > 0  # the random model puts every token at p < 0.01: H decides
     assert torch.allclose(loss.double(), ref, atol=1e-6), (float(loss), float(ref))
     trainer._finish_window(trainer.model)
