@@ -125,7 +125,8 @@ def test_report_from_runs_hand_worked(compare, tmp_path):
     assert s["grpo"]["entropy"]["first10"]["mean"] == pytest.approx(2.0)
     assert s["grpo"]["entropy"]["last10"]["mean"] == pytest.approx(5.0)
     assert results["s2t_thresholds"] == {"tau_p": 0.02, "tau_h": None, "tau_h_quantile": 0.05,
-                                         "tau_h_population": get_preset("stapo").s2t_settings.tau_h_population}
+                                         "tau_h_population": get_preset("stapo").s2t_settings.tau_h_population,
+                                         "tau_h_max": get_preset("stapo").s2t_settings.tau_h_max}
     assert results["total_run_wall_s"] == pytest.approx(4 * 10.0 + 2 * 1.0)
     text = report.read_text()
     table = text.split("## Held-out accuracy", 1)[1].split("##", 1)[0]
@@ -213,7 +214,7 @@ def test_quick_sweep_end_to_end(tiny_qwen3_dir, tmp_path):
     # two runs at a time, each single-threaded (the way the full sweep is run on a 2-core machine)
     proc = _run_script("--quick", "--model", tiny_qwen3_dir, "--out", out, "--jobs", "2")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    for m in ("grpo", "20-entropy", "justrl", "stapo"):
+    for m in ("grpo", "20-entropy", "justrl", "stapo", "stapo-valid"):
         info = json.loads((out / "runs" / f"{m}-seed0" / "sweep_run.json").read_text())
         assert info["completed"] and info["threads"] == str(max(1, (os.cpu_count() or 1) // 2))
     for name in ("report.md", "results.json", "config.yaml", "analyze/runs.html", "plots/overview.png",
@@ -222,7 +223,7 @@ def test_quick_sweep_end_to_end(tiny_qwen3_dir, tmp_path):
     text = (out / "report.md").read_text()
     table = text.split("## Held-out accuracy", 1)[1].split("##", 1)[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
-    assert [r.split("|")[1].strip() for r in rows] == ["grpo", "20-entropy", "justrl", "stapo"]
+    assert [r.split("|")[1].strip() for r in rows] == ["grpo", "20-entropy", "justrl", "stapo", "stapo-valid"]
     results = json.loads((out / "results.json").read_text())
     assert results["missing_runs"] == []
     # each run's resolved config differs from the others only in method / output_dir
@@ -286,7 +287,9 @@ def test_trl_8gpu_has_a_preset_per_method():
 
 @pytest.mark.parametrize("method", ["grpo", "stapo"])  # the script is the same for every method
 def test_trl_8gpu_dry_run_command(method):
-    proc = _bash("run_trl_8gpu.sh", method, "max_steps=3", DRY_RUN="1", SEED="1")
+    # use_vllm=false: the dry run checks that the packages a run needs import, and this test venv has no
+    # vLLM (its own venv, .venv-vllm); without the override the script stops there (tested below)
+    proc = _bash("run_trl_8gpu.sh", method, "max_steps=3", "use_vllm=false", DRY_RUN="1", SEED="1")
     assert proc.returncode == 0, proc.stderr
     cmd = proc.stdout.split()
     assert cmd[:2] == ["accelerate", "launch"]
@@ -294,6 +297,15 @@ def test_trl_8gpu_dry_run_command(method):
     assert Path(cmd[cmd.index("--config_file") + 1]).is_file()
     assert cmd[cmd.index("-m") + 1 : cmd.index("-m") + 4] == ["stapo", "train", f"paper/qwen3-1.7b-{method}"]
     assert f"output_dir=runs/compare-gpu/{method}-seed1" in cmd and "seed=1" in cmd and "max_steps=3" in cmd
+
+
+def test_trl_8gpu_dry_run_refuses_without_vllm():
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is importable here")
+    proc = _bash("run_trl_8gpu.sh", "stapo", DRY_RUN="1")
+    assert proc.returncode != 0 and "use_vllm: vLLM is not importable" in proc.stderr and "accelerate" not in proc.stdout
 
 
 def test_trl_8gpu_refuses_bad_method_and_bad_override():
