@@ -49,6 +49,7 @@ def _fields(model_dir, out, **extra) -> list[str]:
                   max_completion_length=4, per_device_train_batch_size=4, num_generations=2,
                   train_data="synthetic:add1?n=16&seed=0", eval_data="null", plots="false",
                   learning_rate=1e-3, lr_scheduler_type="constant", tau_h="null", tau_h_quantile=0.25,
+                  tau_h_population="valid", tau_h_max=".inf",  # a random model: H ~ log V, so no cap
                   dataloader_num_workers=0)
     fields.update(extra)
     return [f"{k}={v}" for k, v in fields.items()]

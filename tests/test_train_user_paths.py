@@ -75,10 +75,11 @@ def test_installed_logger_passes(capsys):
 def test_s2t_threshold_with_a_method_without_s2t_is_noted(capsys):
     assert main(["train", "demo", "method=grpo", "tau_p=0.02", "--dry-run"]) == 0
     err = capsys.readouterr().err
-    # the demo config sets tau_h too: one note names both
     notes = [line for line in err.splitlines() if line.startswith("stapo: note:")]
-    assert notes == ["stapo: note: tau_p, tau_h apply only to method=stapo; here (method=grpo) S2T is only "
+    assert notes == ["stapo: note: tau_p applies only to method=stapo; here (method=grpo) S2T is only "
                      "measured (the stapo/s2t_* metrics), not applied"]
+    assert main(["train", "demo", "method=grpo", "tau_p=0.02", "tau_h=0.3", "--dry-run"]) == 0
+    assert "note: tau_p, tau_h apply only to method=stapo" in capsys.readouterr().err
     assert main(["train", "demo", "method=stapo", "tau_p=0.02", "--dry-run"]) == 0
     assert "note:" not in capsys.readouterr().err
 
@@ -171,7 +172,8 @@ def test_model_card_states_the_run(finished_run, tiny_qwen3_dir):
         assert "None" not in text and "trained with GRPO" not in text
         assert f"**Base model:** `{tiny_qwen3_dir}` (a local directory)" in text
         assert "**Method:** `stapo`: STAPO:" in text
-        assert "S2T thresholds (applied):** tokens with A > 0, p < tau_p = 0.01 and H below tau_h = 0.2 nats" in text
+        assert ("S2T thresholds (applied):** tokens with A > 0, p < tau_p = 0.01 and H below tau_h = the 0.05 "
+                "quantile of the candidates tokens' entropies, at most 0.6931 nats") in text
         assert "**Training data:** `synthetic:add1?n=16&seed=0`" in text
         assert "**Steps:** 2 of 2" in text
         assert f"| before training | {ev['before']['accuracy']:.3f} ± {ev['before']['stderr']:.3f} | 2 | 1 |" in text

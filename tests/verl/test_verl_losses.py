@@ -135,7 +135,9 @@ def test_quantile_threshold_and_20_entropy_keep_set():
     lp[mask] = torch.log(torch.tensor(0.001, dtype=torch.float64))  # every token has low p
     adv = adv.abs() + 0.1
     q = torch.quantile(ent[mask], 0.3)  # torch's linear quantile as the independent reference
-    cfg = with_info(make_actor_config("stapo", stapo={"tau_p": 0.01, "tau_h_quantile": 0.3}), {})
+    # the quantile over all valid tokens, uncapped (torch.quantile's reading)
+    cfg = with_info(make_actor_config("stapo", stapo={"tau_p": 0.01, "tau_h_quantile": 0.3, "tau_h_population": "valid",
+                                                      "tau_h_max": float("inf")}), {})
     _, grad, metrics = run_loss("stapo", cfg, lp, old, adv, mask, "token-mean", entropy=ent)
     silenced = mask & (ent < q)
     assert metrics["actor/s2t_entropy_threshold"] == pytest.approx(q.item(), rel=1e-6)

@@ -17,6 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from stapo.core import S2T_FIELDS
+
 import yaml
 
 from stapo.core import PRESETS
@@ -61,7 +63,7 @@ def model_card_facts(trainer) -> dict[str, Any]:
         "base_model": base,
         "method": args.method,
         "s2t_applied": PRESETS[args.method].token_filter == "s2t",
-        "s2t": {name: getattr(settings, name) for name in ("tau_p", "tau_h", "tau_h_quantile", "tau_h_population")},
+        "s2t": {name: getattr(settings, name) for name in S2T_FIELDS if name != "inert_warning_steps"},
         "options": {
             "loss_type": args.loss_type, "epsilon": args.epsilon, "epsilon_high": args.epsilon_high,
             "clip_ratio_c": args.clip_ratio_c, "scale_rewards": args.scale_rewards,
@@ -126,9 +128,10 @@ def render_model_card(facts: dict[str, Any]) -> str:
         lines.append("- **Weights trained:** all")
     lines.append(f"- **Method:** `{method}`: {preset.description}")
     s2t = facts["s2t"]
+    cap = s2t.get("tau_h_max")
     threshold_h = (f"tau_h = {s2t['tau_h']} nats" if s2t.get("tau_h") is not None
                    else f"tau_h = the {s2t['tau_h_quantile']} quantile of the {s2t['tau_h_population']} tokens' "
-                        "entropies")
+                        "entropies" + (f", at most {cap:.4g} nats" if cap is not None and cap != float("inf") else ""))
     if facts["s2t_applied"]:
         lines.append(f"- **S2T thresholds (applied):** tokens with A > 0, p < tau_p = {s2t['tau_p']} and H below "
                      f"{threshold_h} are silenced and the loss renormalised over the remaining tokens")
