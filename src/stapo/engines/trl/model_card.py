@@ -17,11 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from stapo.core import S2T_FIELDS
-
 import yaml
 
-from stapo.core import PRESETS
+from stapo.core import PRESETS, S2T_FIELDS
 from stapo.rundir import CONFIG_FILE, EVAL_FILE, atomic_write_text, read_json
 
 __all__ = ["MODEL_CARD_FILE", "model_card_facts", "render_model_card", "write_model_card"]
