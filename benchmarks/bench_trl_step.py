@@ -71,6 +71,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fused-lm-head", choices=("auto", "on", "off"), default="auto",
+                    help="STAPOTrainer's LM head: auto (stapo's memory-lean head where possible), on, or off "
+                    "(TRL's own head, as GRPOTrainer: the ratio is then the S2T step's own cost)")
     args = ap.parse_args()
 
     import torch
@@ -110,7 +113,8 @@ def main() -> None:
         return trainer
 
     trl_grpo = build(GRPOTrainer, GRPOConfig, "trl")
-    stapo = build(STAPOTrainer, STAPOConfig, "stapo", method="stapo", metrics_jsonl=False)
+    fused = {"auto": None, "on": True, "off": False}[args.fused_lm_head]
+    stapo = build(STAPOTrainer, STAPOConfig, "stapo", method="stapo", metrics_jsonl=False, fused_lm_head=fused)
 
     batch = fixed_batch(args.rows, args.prompt_len, args.completion_len, len(tok))
     completion_mask = batch["completion_mask"]
