@@ -71,3 +71,12 @@ def test_inert_monitor_warns_once_per_streak():
     assert all(off.update(0, **quiet) is None for _ in range(50))
     busy = InertS2TMonitor(S2TSettings(inert_warning_steps=1))
     assert busy.update(1, **quiet) is None
+
+
+def test_inert_monitor_names_no_threshold_without_candidates():
+    from stapo.core.monitor import InertS2TMonitor
+
+    mon = InertS2TMonitor(S2TSettings(inert_warning_steps=1))
+    line = mon.update(0, n_valid=128, n_low_prob=0, n_candidates=0, threshold=0.0, suggest_tau_h=lambda: None)
+    assert "of candidates entropies, at most 0.693 nats);" in line and "= 0 nats" not in line
+    assert "no tau_h reaches" in line

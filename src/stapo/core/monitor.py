@@ -43,7 +43,8 @@ class InertS2TMonitor:
                  f"no tau_h reaches ~{100 * PAPER_MASKED_FRACTION:g}% at tau_p = {s.tau_p:g} (too few candidates)")
         return (
             f"S2T has silenced no token for {self.streak} optimizer steps in a row (tau_p = {s.tau_p:g}, "
-            f"tau_h: {s.threshold_reading} = {threshold:.4g} nats); last step: {int(n_valid)} valid tokens, "
+            f"tau_h: {s.threshold_reading}{'' if n_candidates == 0 and s.tau_h is None else f' = {threshold:.4g} nats'}); "
+            f"last step: {int(n_valid)} valid tokens, "
             f"{int(n_low_prob)} with p < tau_p, {int(n_candidates)} candidates (A > 0); {would}. "
             "STAPO is training like JustRL: see tau_h_population in docs/analyze.md "
             "(inert_warning_steps = 0 turns this warning off)"
