@@ -209,7 +209,7 @@ def test_changed_shared_config_refuses_to_mix(compare, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_quick_sweep_end_to_end(tiny_qwen3_dir, tmp_path):
+def test_quick_sweep_end_to_end(compare, tiny_qwen3_dir, tmp_path):
     out = tmp_path / "quick"
     # two runs at a time, each single-threaded (the way the full sweep is run on a 2-core machine)
     proc = _run_script("--quick", "--model", tiny_qwen3_dir, "--out", out, "--jobs", "2")
@@ -228,21 +228,24 @@ def test_quick_sweep_end_to_end(tiny_qwen3_dir, tmp_path):
     assert results["missing_runs"] == []
     # each run's resolved config differs from the others only in method / output_dir
     flats = {m: yaml.safe_load((out / "runs" / f"{m}-seed0" / "config.yaml").read_text())
-             for m in ("grpo", "20-entropy", "justrl", "stapo")}
+             for m in compare.METHODS}
     for m, flat in flats.items():
-        assert flat["max_steps"] == 2 and flat["method"] == m
-        assert {k for k in flat if flat[k] != flats["grpo"].get(k)} <= {"method", "output_dir"}
+        preset, extra = compare.VARIANTS.get(m, (m, {}))
+        assert flat["max_steps"] == 2 and flat["method"] == preset
+        assert {k for k in flat if flat[k] != flats["grpo"].get(k)} <= {"method", "output_dir", *extra}
         metrics = [json.loads(x) for x in (out / "runs" / f"{m}-seed0" / "metrics.jsonl").read_text().splitlines()]
         assert {x["step"] for x in metrics if "entropy" in x} == {1, 2}
         # the in-training evaluation (step 1) is a line of its own; the step's training line survives it
         assert [x["step"] for x in metrics if x["kind"] == "train" and "loss" in x] == [1, 2]
         evals = [x for x in metrics if x["kind"] == "eval"]
-        assert [x["step"] for x in evals] == [1] and "loss" not in evals[0] and "entropy" not in evals[0]
+        # held-out accuracy before training (step 0), at eval_every (step 1) and after the last step (2)
+        assert [x["step"] for x in evals] == [0, 1, 2]
+        assert all("loss" not in x and "entropy" not in x for x in evals)
     # resumable: a second invocation skips the completed runs and rewrites only the report
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
     again = _run_script("--quick", "--model", tiny_qwen3_dir, "--out", out)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert again.stdout.count("already complete, skipped") == 4
+    assert again.stdout.count("already complete, skipped") == len(compare.METHODS)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     # --report-only keeps the sweep's own command and wall time in the report
     sweep = json.loads((out / "sweep.json").read_text())
