@@ -13,7 +13,6 @@ Heavy imports (torch, transformers, matplotlib) happen inside the handlers.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -230,8 +229,7 @@ def _positive(name: str, value, allow_zero=False) -> None:
 
 def _load_model_rollouts(args):
     from stapo.cli import UserError
-    from stapo.data import DataError, format_prompt, load_prompts
-    from stapo.models import ModelLoadError, load_model, load_tokenizer
+    from stapo.data import DataError, load_prompts
 
     if not args.model:
         raise UserError("--data needs --model (e.g. --model embedded)")
@@ -249,15 +247,7 @@ def _load_model_rollouts(args):
         raise UserError(str(err)) from None
     if not rows:
         raise UserError(f"{args.data}: no prompts")
-    try:
-        tokenizer = load_tokenizer(args.model)
-        model = load_model(args.model)
-    except ModelLoadError as err:
-        raise UserError(str(err)) from None
-    try:
-        prompts = [format_prompt(r["problem"], tokenizer, template=args.template) for r in rows]
-    except ValueError as err:
-        raise UserError(f"--template: {err}") from None
+    model, tokenizer, prompts = model_and_prompts(args, rows)
     from stapo.analyze.collect import collect_rollouts
 
     print(f"sampling {args.group_size} completions for each of {len(prompts)} prompts "
@@ -270,6 +260,23 @@ def _load_model_rollouts(args):
         tau_h_population=s2t.tau_h_population, tau_h_max=s2t.tau_h_max, seed=args.seed,
         progress=not args.no_progress, return_collision_logp=True,
     )
+
+
+def model_and_prompts(args, rows):
+    """--model's model and tokenizer, and the rows' problems in --template; one UserError otherwise."""
+    from stapo.cli import UserError
+    from stapo.data import format_prompt
+    from stapo.models import ModelLoadError, load_model, load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(args.model)
+        model = load_model(args.model)
+    except ModelLoadError as err:
+        raise UserError(str(err)) from None
+    try:
+        return model, tokenizer, [format_prompt(r["problem"], tokenizer, template=args.template) for r in rows]
+    except ValueError as err:
+        raise UserError(f"--template: {err}") from None
 
 
 def run_tokens(args) -> int:
@@ -438,8 +445,7 @@ QUICK = dict(batches=2, draws=5, prompts_per_batch=2, heldout_prompts=2, heldout
 def run_counterfactual_cmd(args) -> int:
     from stapo.analyze.counterfactual import CounterfactualConfig, format_table, run_counterfactual, write_outputs
     from stapo.cli import UserError
-    from stapo.data import DataError, format_prompt, load_prompts
-    from stapo.models import ModelLoadError, load_model, load_tokenizer
+    from stapo.data import DataError, load_prompts
 
     names = ("batches", "draws", "prompts_per_batch", "heldout_prompts", "heldout_positions", "group_size",
              "max_new_tokens", "sgd_lr", "adamw_lr", "warmup_steps")
@@ -458,15 +464,8 @@ def run_counterfactual_cmd(args) -> int:
     if len(rows) < need:
         raise UserError(f"{args.data}: {len(rows)} prompts, the configuration needs {need} "
                         f"(batches x prompts-per-batch + heldout-prompts)")
-    try:
-        tokenizer = load_tokenizer(args.model)
-        model = load_model(args.model)
-    except ModelLoadError as err:
-        raise UserError(str(err)) from None
-    try:
-        pairs = [(format_prompt(r["problem"], tokenizer, template=args.template), r["answer"]) for r in rows]
-    except ValueError as err:
-        raise UserError(f"--template: {err}") from None
+    model, tokenizer, prompts = model_and_prompts(args, rows)
+    pairs = list(zip(prompts, [r["answer"] for r in rows]))
     split = cfg.batches * cfg.prompts_per_batch
     res = run_counterfactual(model, tokenizer, pairs[:split], pairs[split:], cfg,
                              log=lambda m: print(m, file=sys.stderr))
