@@ -161,8 +161,9 @@ def summarize(rollouts: Rollouts | TokenBatch, thresholds: S2TSettings = S2TSett
     """Summary statistics of the tokens and of the S2T set at `thresholds`."""
     tb = rollouts if isinstance(rollouts, TokenBatch) else TokenBatch(rollouts)
     ro = tb.rollouts
-    tau_h = thresholds.tau_h if thresholds.tau_h is not None else tb.tau_h_value(thresholds)
-    mask = tb.mask(thresholds)
+    decision = tb.decision(thresholds)  # one S2T decision: threshold, mask and candidates
+    tau_h = thresholds.tau_h if thresholds.tau_h is not None else float(decision.threshold)
+    mask = tb.flat(decision.spurious)
     padded_mask = torch.zeros_like(tb.valid)
     padded_mask[tb._index] = mask
     fr = token_fractions(tb.logprobs, tb.entropy, tb.valid, thresholds.tau_p, tau_h, spurious=padded_mask)
@@ -173,7 +174,7 @@ def summarize(rollouts: Rollouts | TokenBatch, thresholds: S2TSettings = S2TSett
     low_p, low_h = lp.exp() < thresholds.tau_p, ent < tau_h
     share, wshare = tb.grad_shares(mask)
     q = torch.quantile(ent.float(), torch.tensor([0.01, 0.05, 0.5])).tolist()
-    candidates = tb.decision(thresholds).candidates
+    candidates = decision.candidates
     target_tau_h = tau_h_for_fraction(tb.entropy, candidates, ro.num_tokens, PAPER_MASKED_FRACTION)
     reachable, max_frac = target_tau_h is not None, float(candidates.sum()) / ro.num_tokens
     rewards = ro.reward[np.isfinite(ro.reward)]
