@@ -36,14 +36,18 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from stapo.core.settings import S2T_READINGS
+
 HERE = Path(__file__).resolve().parent
 BASE_CONFIG = HERE / "configs" / "base.yaml"
 QUICK_CONFIG = HERE / "configs" / "quick.yaml"
-METHODS = ("grpo", "20-entropy", "justrl", "stapo", "stapo-valid")
-# Sweep entries that are a preset plus overrides: the literal reading of "tau_h = the 5th percentile of
-# the token entropies" (over all valid tokens), next to the stapo preset's default reading.
+METHODS = ("grpo", "20-entropy", "justrl", "stapo", "stapo-former")
+# Sweep entries that are a preset plus overrides: stapo with the S2T reading it shipped before it followed
+# the paper (tau_p 0.01, the 5% quantile of the candidates' entropies capped at ln 2), next to the paper's.
+_FORMER = S2T_READINGS["former"]
 VARIANTS: dict[str, tuple[str, dict]] = {
-    "stapo-valid": ("stapo", {"tau_h_population": "valid"}),
+    "stapo-former": ("stapo", {"tau_p": _FORMER.tau_p, "tau_h_quantile": _FORMER.tau_h_quantile,
+                               "tau_h_max": _FORMER.tau_h_max}),
 }
 PER_RUN_KEYS = ("method", "seed", "output_dir")  # set by the sweep, never shared
 RUN_INFO = "sweep_run.json"  # written by this script into each run directory (command, wall time, exit code)

@@ -44,7 +44,16 @@ from stapo.core.losses import (
     stapo_loss,
 )
 from stapo.core.presets import PRESETS, MethodPreset, get_preset
-from stapo.core.settings import S2T_DEFAULTS, S2T_FIELDS, TAU_H_POPULATIONS, S2TSettings, s2t_errors, s2t_field_error
+from stapo.core.settings import (
+    S2T_DEFAULTS,
+    S2T_FIELDS,
+    S2T_READINGS,
+    TAU_H_POPULATIONS,
+    TAU_H_SCOPES,
+    S2TSettings,
+    s2t_errors,
+    s2t_field_error,
+)
 from stapo.core.stats import entropy_change_first_order, grad_norm_proxy, masked_summary, token_fractions
 
 __all__ = [
@@ -58,6 +67,8 @@ __all__ = [
     "S2TSettings",
     "S2T_DEFAULTS",
     "S2T_FIELDS",
+    "S2T_READINGS",
+    "TAU_H_SCOPES",
     "TAU_H_POPULATIONS",
     "TOKEN_FILTERS",
     "aggregate",

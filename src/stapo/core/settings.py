@@ -4,25 +4,25 @@
     tau_h             absolute entropy threshold in nats (H < tau_h); None: use the quantile below    >= 0 or None
     tau_h_quantile    tau_h = this quantile of the entropies of `tau_h_population`      [0, 1]
     tau_h_population  the tokens the quantile is taken over:
-                        valid       all valid tokens of the batch (the literal reading of the paper)
+                        valid       all valid tokens of the batch
                         low_prob    valid tokens with p < tau_p
                         candidates  valid tokens with p < tau_p and A > 0 (the ones S2T could silence)
-    tau_h_max         a quantile tau_h is capped at this many nats (default ln 2: no more uncertain than a
-                      fair coin, so silenced tokens stay at confident positions); inf: no cap
+    tau_h_max         a quantile tau_h is capped at this many nats; inf: no cap
+    tau_h_scope       the batch the quantile is taken over:
+                        mini_batch   one optimizer step's whole batch (every micro-batch of its
+                                     gradient-accumulation window, every data-parallel rank)
+                        micro_batch  each micro-batch on its own (gathered across ranks)
     inert_warning_steps  warn once when S2T silenced nothing for this many optimizer steps in a row (0: off)
 
-Why three populations. A token of probability p sits at a position of entropy H >= h_b(p) (binary
-entropy, nats): the mass 1 - p elsewhere cannot be more concentrated than on one token. A quantile of
-*all* valid entropies near zero therefore admits only tokens of tiny p; with the q-quantile the
-silenced fraction is at most q * h_b^-1(tau_h) — about 0.0065% at 0.01 nats. On the embedded model
-the 5th percentile over valid tokens silences nothing at all (docs/analyze.md). A quantile over the
-low-probability tokens, or over the candidates, selects the least uncertain of the tokens S2T is about.
+The defaults are the paper's rule (STAPO, section 3 and its hyper-parameter table): tau_p = 0.002 and
+tau_h = the 75% quantile of the candidates' entropies per PPO mini-batch, no cap -- the bottom 75% of
+the low-probability tokens of correct responses are silenced, the top 25% kept as exploration.
+`S2T_READINGS` names this rule and the one stapo shipped before (tau_p 0.01, the 5% quantile capped at
+ln 2); docs/analyze.md "The S2T readings" has what each silences on the embedded model.
 
-Why the default is `candidates` capped at ln 2 (measured in docs/analyze.md "The three readings"): on
-the embedded model the 5th percentile of the candidates' entropies silences 0.008-0.013% of the tokens
-(the paper's ~0.01%) once capped; uncapped it lands at 1.5 nats on the demo task, where the silenced
-tokens sit at positions as uncertain as a choice among three (mean H 1.1 nats). On long-CoT models the
-cap is not expected to bind (about half of all tokens have H < 0.01 nats).
+Why a population at all. A token of probability p sits at a position of entropy H >= h_b(p) (binary
+entropy, nats): the mass 1 - p elsewhere cannot be more concentrated than on one token. A quantile of
+*all* valid entropies near zero therefore admits only tokens of tiny p, and silences next to nothing.
 
 Every consumer (the presets, `stapo train`'s run config, the TRL `STAPOConfig`, the verl `stapo`
 config, `stapo analyze`) takes its defaults from `S2TSettings` and its checks from `s2t_field_error`.
@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 TAU_H_POPULATIONS = ("valid", "low_prob", "candidates")
+TAU_H_SCOPES = ("mini_batch", "micro_batch")
 
 
 def _number(value: Any) -> float | None:
@@ -69,6 +70,10 @@ def _check_population(value):
     return None if value in TAU_H_POPULATIONS else f"must be one of {', '.join(TAU_H_POPULATIONS)}"
 
 
+def _check_scope(value):
+    return None if value in TAU_H_SCOPES else f"must be one of {', '.join(TAU_H_SCOPES)}"
+
+
 def _check_inert_steps(value):
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
     return None if ok else "must be an int >= 0 (0: never warn)"
@@ -80,6 +85,7 @@ _CHECKS = {
     "tau_h_quantile": _check_tau_h_quantile,
     "tau_h_population": _check_population,
     "tau_h_max": _check_tau_h_max,
+    "tau_h_scope": _check_scope,
     "inert_warning_steps": _check_inert_steps,
 }
 
@@ -88,11 +94,12 @@ _CHECKS = {
 class S2TSettings:
     """STAPO's spurious-token thresholds (see the module docstring); validated on construction."""
 
-    tau_p: float = 0.01
+    tau_p: float = 0.002
     tau_h: float | None = None
-    tau_h_quantile: float = 0.05
+    tau_h_quantile: float = 0.75
     tau_h_population: str = "candidates"
-    tau_h_max: float = math.log(2.0)
+    tau_h_max: float = math.inf
+    tau_h_scope: str = "mini_batch"
     inert_warning_steps: int = 20
 
     def __post_init__(self):
@@ -124,7 +131,8 @@ class S2TSettings:
         if self.tau_h is not None:
             return f"H < {self.tau_h:g} nats"
         cap = f", at most {self.tau_h_max:.3g} nats" if math.isfinite(self.tau_h_max) else ""
-        return f"H < q{self.tau_h_quantile:g} of {self.tau_h_population} entropies{cap}"
+        scope = self.tau_h_scope.replace("_", "-")
+        return f"H < q{self.tau_h_quantile:g} of {self.tau_h_population} entropies per {scope}{cap}"
 
 
 S2T_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(S2TSettings))
@@ -146,3 +154,11 @@ def s2t_errors(values: Mapping[str, Any], none_means_default: bool = True) -> di
         if name in _CHECKS and not (value is None and none_means_default)
         and (msg := s2t_field_error(name, value)) is not None
     }
+
+
+# Named readings of the S2T rule. "paper": the defaults. "former": what stapo shipped before it
+# followed the paper's full text (taken from a secondary write-up).
+S2T_READINGS: dict[str, S2TSettings] = {
+    "paper": S2TSettings(),
+    "former": S2TSettings(tau_p=0.01, tau_h_quantile=0.05, tau_h_max=math.log(2.0)),
+}

@@ -13,8 +13,8 @@ preset's value"; any value the user passes (even one equal to TRL's default) is 
 `clip_ratio_c` (dual clip for A < 0) is not a TRL option: None takes the preset's (justrl, stapo: 10;
 the others: none), and `STAPOTrainer` passes it to `stapo.core.policy_loss`.
 
-S2T thresholds (`tau_p`, `tau_h`, `tau_h_quantile`, `tau_h_population`, `tau_h_max`, `inert_warning_steps`): None
-takes `method`'s `preset.s2t_settings`, the defaults of `stapo.core.S2TSettings`, which also checks
+S2T thresholds (`tau_p`, `tau_h`, `tau_h_quantile`, `tau_h_population`, `tau_h_max`, `tau_h_scope`,
+`inert_warning_steps`): None takes `method`'s `preset.s2t_settings`, the defaults of `stapo.core.S2TSettings`, which also checks
 them. Methods other than stapo do not apply S2T: their thresholds only measure what it would silence
 (logged as stapo/s2t_*), so the configs of a comparison can differ only in `method`.
 """
@@ -72,7 +72,12 @@ class STAPOConfig(GRPOConfig):
     tau_h_max: float | None = field(
         default=None,
         metadata={"help": f"A quantile tau_h is capped at this many nats (inf: no cap; "
-                  f"None: {S2T_DEFAULTS['tau_h_max']:.4g} = ln 2)."},
+                  f"None: {S2T_DEFAULTS['tau_h_max']:.4g})."},
+    )
+    tau_h_scope: str | None = field(
+        default=None,
+        metadata={"help": f"The batch the tau_h quantile is taken over: mini_batch (one optimizer step, every "
+                  f"micro-batch and rank) | micro_batch (None: {S2T_DEFAULTS['tau_h_scope']})."},
     )
     inert_warning_steps: int | None = field(
         default=None,

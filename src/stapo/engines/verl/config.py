@@ -24,7 +24,9 @@ from stapo.core import S2TSettings, get_preset, s2t_errors
 LOSS_MODES = ("stapo", "20-entropy")
 POLICY_LOSS_TARGET = "stapo.engines.verl.config.StapoPolicyLossConfig"
 # The S2T settings a verl loss reads (inert_warning_steps counts loss calls = micro-batches on a rank here).
-S2T_KEYS = ("tau_p", "tau_h", "tau_h_quantile", "tau_h_population", "tau_h_max", "inert_warning_steps")
+S2T_KEYS = (
+    "tau_p", "tau_h", "tau_h_quantile", "tau_h_population", "tau_h_max", "tau_h_scope", "inert_warning_steps",
+)
 STAPO_KEYS = S2T_KEYS + ("top_entropy_quantile",)
 
 _S2T = get_preset("stapo").s2t_settings
@@ -35,7 +37,7 @@ _HIGH_ENTROPY = get_preset("20-entropy")
 class StapoConfig(BaseConfig):
     """Thresholds of the two token filters.
 
-    tau_p, tau_h, tau_h_quantile, tau_h_population, tau_h_max   STAPO's S2T settings (`stapo.core.S2TSettings`);
+    tau_p, tau_h, tau_h_quantile, tau_h_population, tau_h_max, tau_h_scope   STAPO's S2T settings (`stapo.core.S2TSettings`);
                           the quantile is taken over every data-parallel rank.
     inert_warning_steps   warn (rank 0) when S2T silenced nothing in this many loss calls (micro-batches)
                           in a row; 0: never.
@@ -48,6 +50,7 @@ class StapoConfig(BaseConfig):
     tau_h_quantile: float = _S2T.tau_h_quantile
     tau_h_population: str = _S2T.tau_h_population
     tau_h_max: float = _S2T.tau_h_max
+    tau_h_scope: str = _S2T.tau_h_scope
     inert_warning_steps: int = _S2T.inert_warning_steps
     top_entropy_quantile: float = _HIGH_ENTROPY.top_entropy_quantile
 
