@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from stapo.core import policy_loss, stapo_loss
+from stapo.core import S2TSettings, policy_loss, stapo_loss
 
 
 def main() -> None:
@@ -49,13 +49,13 @@ def main() -> None:
 
     def run_stapo(**kw):
         lp = lp0.clone().requires_grad_()
-        loss, _ = stapo_loss(lp, old, adv, mask, ent, clip_high=0.28, **kw)
+        loss, _ = stapo_loss(lp, old, adv, mask, ent, S2TSettings(**kw), clip_high=0.28)
         loss.backward()
 
     cases = {
         "policy_loss": run_policy,
-        "stapo_loss (tau_h quantile 0.05)": lambda: run_stapo(tau_p=0.01, tau_h_quantile=0.05),
-        "stapo_loss (absolute tau_h)": lambda: run_stapo(tau_p=0.01, tau_h=0.5),
+        "stapo_loss (tau_h quantile 0.75)": lambda: run_stapo(),
+        "stapo_loss (absolute tau_h)": lambda: run_stapo(tau_h=0.5),
     }
     for fn in cases.values():  # warm-up
         fn()
@@ -70,8 +70,8 @@ def main() -> None:
             times[k].append(time.perf_counter() - t0)
     base = statistics.median(times["policy_loss"])
     print(f"B={B} T={T} valid tokens={int(mask.sum())} threads={torch.get_num_threads()} reps={args.reps}")
-    for k, kw in (("quantile", dict(tau_h_quantile=0.05)), ("absolute", dict(tau_h=0.5))):
-        _, m = stapo_loss(lp0, old, adv, mask, ent, tau_p=0.01, **kw)
+    for k, kw in (("quantile", {}), ("absolute", dict(tau_h=0.5))):
+        _, m = stapo_loss(lp0, old, adv, mask, ent, S2TSettings(**kw))
         print(f"S2T ({k} tau_h): masked {int(m['s2t_masked_count'])} tokens ({float(m['s2t_masked_frac']):.2%}),"
               f" p < tau_p {float(m['frac_low_prob']):.2%}, H < {float(m['entropy_threshold']):.3f}: "
               f"{float(m['frac_low_entropy']):.2%}")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from stapo.cli import main
-from stapo.core import s2t_mask
+from stapo.core import S2TSettings, s2t_mask
 from stapo.data.rollouts import read_rollouts, write_rollouts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def test_report_marks_exactly_core_s2t_mask(run_dir, tmp_path, capsys):
     ro = read_rollouts(run_dir)
     pad = ro.padded()
     core = s2t_mask(pad["logprobs"], pad["entropy"], pad["advantages"], pad["response_mask"],
-                    tau_p=0.2, tau_h_quantile=0.3)
+                    settings=S2TSettings.resolve(tau_p=0.2, tau_h_quantile=0.3))
     expected = {(int(i), int(t)) for i, t in torch.nonzero(core).tolist()}
     assert expected, "the data must contain S2T tokens for this test to mean something"
 

@@ -49,7 +49,7 @@ def scored(tiny):
     model, tok = tiny
     for seed in (2, 1, 0, 3, 4):  # a seed whose groups have reward variance (non-zero advantages)
         ro = collect_rollouts(model, tok, PROMPTS, ["2", "5"], group_size=GROUP, max_new_tokens=6,
-                              tau_p=0.5, tau_h=None, tau_h_quantile=0.5, **LITERAL, seed=seed,
+                              s2t=S2TSettings(tau_p=0.5, tau_h_quantile=0.5, **LITERAL), seed=seed,
                               grade=_fake_grade, progress=False, rows_per_pass=4)  # 2 scoring passes
         if (ro.advantage > 0).any() and ro.s2t.any():
             return ro
@@ -198,8 +198,7 @@ def test_summary_mask_is_core_s2t_mask():
     for th in (S2TSettings(0.01, 0.5), S2TSettings(0.05, None, 0.5), S2TSettings(0.001, None, 0.05),
                S2TSettings(0.05, None, 0.5, "valid"), S2TSettings(0.05, None, 0.5, "low_prob", 0.3)):
         core = s2t_mask(pad["logprobs"], pad["entropy"], pad["advantages"], pad["response_mask"],
-                        tau_p=th.tau_p, tau_h=th.tau_h, tau_h_quantile=th.tau_h_quantile,
-                        tau_h_population=th.tau_h_population, tau_h_max=th.tau_h_max)
+                        settings=S2TSettings.resolve(tau_p=th.tau_p, tau_h=th.tau_h, tau_h_quantile=th.tau_h_quantile, tau_h_population=th.tau_h_population, tau_h_max=th.tau_h_max))
         assert tb.mask(th).tolist() == core[pad["response_mask"]].tolist()
         assert summarize(tb, th).count_s2t == int(core.sum())
 
@@ -282,8 +281,8 @@ def test_entropy_change_collected_matches_float64_and_groups(tiny):
     from stapo.analyze.collect import collect_rollouts
 
     model, tok = tiny
-    ro, clp = collect_rollouts(model, tok, PROMPTS, ["2", "5"], group_size=GROUP, max_new_tokens=6, tau_p=0.5,
-                               tau_h_quantile=0.5, **LITERAL, seed=2, grade=_fake_grade, progress=False,
+    ro, clp = collect_rollouts(model, tok, PROMPTS, ["2", "5"], group_size=GROUP, max_new_tokens=6,
+                               s2t=S2TSettings(tau_p=0.5, tau_h_quantile=0.5, **LITERAL), seed=2, grade=_fake_grade, progress=False,
                                return_collision_logp=True)
     assert clp.shape == (ro.num_tokens,) and clp.dtype == np.float32
     tb = TokenBatch(ro, collision_logp=clp)

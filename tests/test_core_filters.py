@@ -119,17 +119,17 @@ def test_population_readings_hand_worked(population, q, threshold, silenced):
     assert (int(out.s2t.n_low_prob), int(out.s2t.n_candidates)) == (5, 3)
     assert torch.equal(out.loss_mask, valid & ~out.s2t.spurious)
     # the public mask and the loss take the same keyword
-    assert torch.equal(s2t_mask(lp, ent, adv, valid, tau_p=0.01, tau_h_quantile=q, tau_h_population=population,
-                                tau_h_max=math.inf), out.s2t.spurious)
+    assert torch.equal(s2t_mask(lp, ent, adv, valid, settings=S2TSettings.resolve(tau_p=0.01, tau_h_quantile=q, tau_h_population=population, tau_h_max=math.inf)), out.s2t.spurious)
 
 
 def test_tau_h_max_caps_a_quantile_threshold():
     lp, ent, adv, valid = hand_batch()
     # candidates q.75 -> 1.15 nats, silencing (0, 0) and (0, 1) (H .05, .8); capped at ln 2 only (0, 0) stays
-    out = apply_token_filter("s2t", lp, ent, adv, valid, FilterParams(S2TSettings(tau_h_quantile=0.75)))
+    out = apply_token_filter("s2t", lp, ent, adv, valid, FilterParams(S2TSettings(tau_p=0.01, tau_h_quantile=0.75,
+                                                                                     tau_h_max=math.log(2))))
     assert float(out.s2t.threshold) == pytest.approx(math.log(2)) and out.s2t.spurious.nonzero().tolist() == [[0, 0]]
     # an absolute tau_h is not capped
-    out = apply_token_filter("s2t", lp, ent, adv, valid, FilterParams(S2TSettings(tau_h=1.0, tau_h_max=0.1)))
+    out = apply_token_filter("s2t", lp, ent, adv, valid, FilterParams(S2TSettings(tau_p=0.01, tau_h=1.0, tau_h_max=0.1)))
     assert float(out.s2t.threshold) == 1.0
 
 
@@ -149,7 +149,8 @@ def test_masked_fraction_ordering_of_the_three_readings():
     valid = torch.ones(B, T, dtype=torch.bool)
     counts = {}
     for population in ("valid", "low_prob", "candidates"):
-        _, m = stapo_loss(p.log(), p.log(), adv, valid, ent, tau_h_population=population, tau_h_max=math.inf)
+        _, m = stapo_loss(p.log(), p.log(), adv, valid, ent, s2t=S2TSettings(tau_p=0.01, tau_h_quantile=0.05,
+                                                                      tau_h_population=population, tau_h_max=math.inf))
         counts[population] = int(m["s2t_masked_count"])
     # valid: the bound H >= h_b(p) leaves no rare token under the 5th percentile of all entropies;
     # low_prob's 5th percentile sits above candidates' here (the candidates are a subset)
@@ -179,12 +180,12 @@ def test_tau_h_for_fraction_is_the_smallest_threshold_reaching_the_target():
     from stapo.core import tau_h_for_fraction
 
     lp, ent, adv, valid = hand_batch()
-    cand = apply_token_filter("s2t", lp, ent, adv, valid).s2t
+    cand = apply_token_filter("s2t", lp, ent, adv, valid, FilterParams(S2TSettings(tau_p=0.01))).s2t
     candidates = valid & (lp < math.log(0.01)) & (adv[:, None] > 0)
     # 8 valid tokens; candidates' entropies .05 .8 1.5. 1/8 -> k = 1: just above .05
     t = tau_h_for_fraction(ent, candidates, 8, 1 / 8)
     assert 0.05 < t < 0.0500001
-    out = apply_token_filter("s2t", lp, ent, adv, valid, FilterParams(S2TSettings(tau_h=t)))
+    out = apply_token_filter("s2t", lp, ent, adv, valid, FilterParams(S2TSettings(tau_p=0.01, tau_h=t)))
     assert int(out.s2t.n_spurious) == 1 and int(cand.n_candidates) == 3
     assert tau_h_for_fraction(ent, candidates, 8, 2 / 8) > 0.8
     assert tau_h_for_fraction(ent, candidates, 8, 4 / 8) is None  # only 3 candidates

@@ -73,7 +73,7 @@ def test_presets_follow_method():
     # STAPO = JustRL's objective + the S2T mask
     assert (s.clip_low, s.clip_high, s.agg, s.advantage_scale, s.clip_ratio_c) == (
         j.clip_low, j.clip_high, j.agg, j.advantage_scale, j.clip_ratio_c)
-    assert (s.token_filter, s.s2t.tau_p, s.s2t.tau_h, s.s2t.tau_h_quantile) == ("s2t", 0.01, None, 0.05)
+    assert (s.token_filter, s.s2t.tau_p, s.s2t.tau_h, s.s2t.tau_h_quantile) == ("s2t", 0.002, None, 0.75)
     # JustRL's public script: clip 0.2 / 0.28, dual clip c = 10
     assert (j.clip_low, j.clip_high, j.clip_ratio_c, j.s2t) == (0.2, 0.28, 10.0, None)
     assert get_preset("grpo").clip_ratio_c is None

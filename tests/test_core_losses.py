@@ -5,6 +5,7 @@ import torch
 
 from stapo.core import (
     AGGREGATIONS,
+    S2TSettings,
     global_token_count,
     entropy_quantile,
     high_entropy_loss,
@@ -141,15 +142,15 @@ def test_stapo_gradcheck_and_masked_grads_exactly_zero():
     lp, old, adv, mask, ent = random_batch(4, B=4, T=8, dtype=torch.float64)
     adv = torch.tensor([1.0, 1.0, -1.0, 0.5], dtype=torch.float64)
     lp = lp.clone().requires_grad_()
-    spurious = s2t_mask(lp, ent, adv, mask, tau_p=0.5, tau_h=1.5)
+    spurious = s2t_mask(lp, ent, adv, mask, settings=S2TSettings.resolve(tau_p=0.5, tau_h=1.5))
     assert spurious.any() and (mask & ~spurious).any()
-    loss, m = stapo_loss(lp, old, adv, mask, ent, tau_p=0.5, tau_h=1.5)
+    loss, m = stapo_loss(lp, old, adv, mask, ent, s2t=S2TSettings.resolve(tau_p=0.5, tau_h=1.5))
     loss.backward()
     assert torch.equal(lp.grad[spurious], torch.zeros(int(spurious.sum()), dtype=torch.float64))
     assert torch.equal(lp.grad[~mask], torch.zeros(int((~mask).sum()), dtype=torch.float64))
     assert int(m["s2t_masked_count"]) == int(spurious.sum())
     torch.autograd.gradcheck(
-        lambda x: stapo_loss(x, old, adv, mask, ent, tau_p=0.5, tau_h=1.5)[0], (lp.detach().requires_grad_(),),
+        lambda x: stapo_loss(x, old, adv, mask, ent, s2t=S2TSettings.resolve(tau_p=0.5, tau_h=1.5))[0], (lp.detach().requires_grad_(),),
         eps=1e-7, atol=1e-6,
     )
 
@@ -159,9 +160,9 @@ def test_stapo_gradcheck_and_masked_grads_exactly_zero():
 @pytest.mark.parametrize("seed", range(4))
 def test_stapo_equals_policy_loss_on_unmasked_tokens(seed):
     lp, old, adv, mask, ent = random_batch(seed, B=6, T=12)
-    spurious = s2t_mask(lp, ent, adv, mask, tau_p=0.3, tau_h_quantile=0.5, **LITERAL)
+    spurious = s2t_mask(lp, ent, adv, mask, settings=S2TSettings.resolve(tau_p=0.3, tau_h_quantile=0.5, **LITERAL))
     assert spurious.any()
-    got, m = stapo_loss(lp, old, adv, mask, ent, tau_p=0.3, tau_h_quantile=0.5, **LITERAL, clip_high=0.28)
+    got, m = stapo_loss(lp, old, adv, mask, ent, s2t=S2TSettings.resolve(tau_p=0.3, tau_h_quantile=0.5, **LITERAL), clip_high=0.28)
     want = ref_loss(lp.double(), old.double(), adv.double(), mask & ~spurious, 0.2, 0.28)
     assert float(got) == pytest.approx(want, rel=1e-5)
     # the denominator counts only unmasked valid tokens
@@ -177,7 +178,7 @@ def test_stapo_equals_policy_loss_on_unmasked_tokens(seed):
 def test_stapo_with_mask_off_equals_policy_loss():
     lp, old, adv, mask, ent = random_batch(7)
     for agg in AGGREGATIONS:
-        a, _ = stapo_loss(lp, old, adv, mask, ent, tau_p=0.0, agg=agg)
+        a, _ = stapo_loss(lp, old, adv, mask, ent, s2t=S2TSettings.resolve(tau_p=0.0), agg=agg)
         b, _ = policy_loss(lp, old, adv, mask, agg=agg)
         assert float(a) == float(b)
 
@@ -200,7 +201,7 @@ def test_everything_masked_or_empty_gives_zero_loss_and_zero_grad(fn, agg):
 
 def test_every_valid_token_spurious_gives_zero_loss():
     lp = torch.full((2, 3), math.log(0.001), requires_grad=True)
-    loss, m = stapo_loss(lp, lp.detach(), torch.ones(2), torch.ones(2, 3), torch.zeros(2, 3), tau_p=0.01, tau_h=1.0)
+    loss, m = stapo_loss(lp, lp.detach(), torch.ones(2), torch.ones(2, 3), torch.zeros(2, 3), s2t=S2TSettings.resolve(tau_p=0.01, tau_h=1.0))
     loss.backward()
     assert float(loss) == 0.0 and torch.equal(lp.grad, torch.zeros(2, 3))
     assert float(m["s2t_masked_frac"]) == 1.0
@@ -213,9 +214,9 @@ def test_every_valid_token_spurious_gives_zero_loss():
 def test_micro_batches_sum_to_full_batch(agg, split):
     lp, old, adv, mask, ent = random_batch(11, B=6, T=10)
     thr = float(entropy_quantile(ent, mask, 0.3))  # one threshold for the whole batch
-    spurious = s2t_mask(lp, ent, adv, mask, tau_p=0.3, tau_h=thr)
+    spurious = s2t_mask(lp, ent, adv, mask, settings=S2TSettings.resolve(tau_p=0.3, tau_h=thr))
     assert spurious.any()
-    kw = dict(tau_p=0.3, tau_h=thr, agg=agg, num_tokens=global_token_count(mask & ~spurious),
+    kw = dict(s2t=S2TSettings(tau_p=0.3, tau_h=thr), agg=agg, num_tokens=global_token_count(mask & ~spurious),
               num_seqs=int(((mask & ~spurious).sum(-1) > 0).sum()), horizon=10)
     lp_full = lp.clone().requires_grad_()
     full, _ = stapo_loss(lp_full, old, adv, mask, ent, **kw)
@@ -276,4 +277,4 @@ def test_stapo_errors():
     with pytest.raises(ValueError, match="entropy contains non-finite"):
         stapo_loss(z, z, torch.ones(2), torch.ones(2, 3), torch.full((2, 3), float("nan")))
     with pytest.raises(ValueError, match="tau_p must be a number in"):
-        stapo_loss(z, z, torch.ones(2), torch.ones(2, 3), z, tau_p=2.0)
+        stapo_loss(z, z, torch.ones(2), torch.ones(2, 3), z, s2t=S2TSettings.resolve(tau_p=2.0))

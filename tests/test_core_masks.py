@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stapo.core import entropy_quantile, high_entropy_mask, quantile_linear, s2t_mask
+from stapo.core import S2TSettings, entropy_quantile, high_entropy_mask, quantile_linear, s2t_mask
 
 # The references below take the quantile over all valid tokens, uncapped: the literal reading.
 LITERAL = dict(tau_h_population="valid", tau_h_max=math.inf)
@@ -38,7 +38,7 @@ def test_hand_worked_mask():
     ent = torch.tensor([[0.1, 0.1, 2.0, 0.1], [0.1, 0.1, 0.1, 0.1]])
     adv = torch.tensor([1.0, -1.0])
     valid = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
-    m = s2t_mask(lp, ent, adv, valid, tau_p=0.01, tau_h=0.5)
+    m = s2t_mask(lp, ent, adv, valid, settings=S2TSettings.resolve(tau_p=0.01, tau_h=0.5))
     # row 0: token 0 spurious; token 1 too likely; token 2 too uncertain; token 3 padding.
     # row 1: negative advantage -> never spurious.
     assert m.tolist() == [[True, False, False, False], [False, False, False, False]]
@@ -48,9 +48,9 @@ def test_quantile_threshold_hand_worked():
     # valid entropies [0.0, 1.0, 2.0, 3.0, 4.0]; q = 0.25 -> threshold 1.0 (linear), strict "<"
     ent = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])
     lp = torch.full((1, 5), math.log(0.001))
-    m = s2t_mask(lp, ent, torch.tensor([1.0]), torch.ones(1, 5), tau_p=0.01, tau_h_quantile=0.25, **LITERAL)
+    m = s2t_mask(lp, ent, torch.tensor([1.0]), torch.ones(1, 5), settings=S2TSettings.resolve(tau_p=0.01, tau_h_quantile=0.25, **LITERAL))
     assert m.tolist() == [[True, False, False, False, False]]
-    m = s2t_mask(lp, ent, torch.tensor([1.0]), torch.ones(1, 5), tau_p=0.01, tau_h_quantile=0.3, **LITERAL)
+    m = s2t_mask(lp, ent, torch.tensor([1.0]), torch.ones(1, 5), settings=S2TSettings.resolve(tau_p=0.01, tau_h_quantile=0.3, **LITERAL))
     assert m.tolist() == [[True, True, False, False, False]]  # threshold 1.2
 
 
@@ -64,7 +64,7 @@ def test_against_reference_random(seed, per_token_adv):
     adv = torch.randn(B, T, generator=g) if per_token_adv else torch.randn(B, generator=g)
     valid = torch.rand(B, T, generator=g) > 0.2
     for tau_p, tau_h, q in [(0.01, None, 0.05), (0.1, None, 0.5), (0.05, 1.0, 0.05), (0.2, None, 1.0)]:
-        got = s2t_mask(lp, ent, adv, valid, tau_p=tau_p, tau_h=tau_h, tau_h_quantile=q, **LITERAL)
+        got = s2t_mask(lp, ent, adv, valid, settings=S2TSettings.resolve(tau_p=tau_p, tau_h=tau_h, tau_h_quantile=q, **LITERAL))
         assert torch.equal(got, ref_s2t(lp.double(), ent.double(), adv.double(), valid, tau_p, tau_h, q))
 
 
@@ -85,7 +85,7 @@ def test_quantile_matches_torch(n, q):
 def test_no_gradient_and_half_inputs():
     lp = (torch.log(torch.tensor([[0.001, 0.5]])).bfloat16()).requires_grad_()
     ent = torch.tensor([[0.01, 0.02]], dtype=torch.float16)
-    m = s2t_mask(lp, ent, torch.tensor([1.0]), torch.ones(1, 2), tau_p=0.01, tau_h=0.5)
+    m = s2t_mask(lp, ent, torch.tensor([1.0]), torch.ones(1, 2), settings=S2TSettings.resolve(tau_p=0.01, tau_h=0.5))
     assert m.dtype == torch.bool and not m.requires_grad
     assert m.tolist() == [[True, False]]
 
@@ -117,14 +117,15 @@ def test_errors_name_the_argument(kwargs, match):
         response_mask=torch.ones(2, 3), tau_p=0.01, tau_h=None, tau_h_quantile=0.05,
     )
     args.update(kwargs)
+    s2t = {k: args.pop(k) for k in list(args) if k.startswith("tau_")}
     with pytest.raises(ValueError, match=match):
-        s2t_mask(**args)
+        s2t_mask(**args, settings=S2TSettings.resolve(s2t))
 
 
 def test_non_finite_on_padding_is_ignored():
     lp = torch.tensor([[math.log(0.001), float("nan")]])
     ent = torch.tensor([[0.0, float("inf")]])
-    m = s2t_mask(lp, ent, torch.ones(1), torch.tensor([[1, 0]]), tau_p=0.01, tau_h=0.5)
+    m = s2t_mask(lp, ent, torch.ones(1), torch.tensor([[1, 0]]), settings=S2TSettings.resolve(tau_p=0.01, tau_h=0.5))
     assert m.tolist() == [[True, False]]
 
 
@@ -147,17 +148,17 @@ def test_mask_monotone_and_never_nonpositive_advantage(data, p1, p2, h1, h2):
     lo_p, hi_p = sorted((p1, p2))
     lo_h, hi_h = sorted((h1, h2))
     base = dict(logprobs=lp, entropy=ent, advantages=adv, response_mask=valid)
-    m_lo_p = s2t_mask(**base, tau_p=lo_p, tau_h=lo_h)
-    m_hi_p = s2t_mask(**base, tau_p=hi_p, tau_h=lo_h)
-    m_hi_h = s2t_mask(**base, tau_p=lo_p, tau_h=hi_h)
+    m_lo_p = s2t_mask(**base, settings=S2TSettings.resolve(tau_p=lo_p, tau_h=lo_h))
+    m_hi_p = s2t_mask(**base, settings=S2TSettings.resolve(tau_p=hi_p, tau_h=lo_h))
+    m_hi_h = s2t_mask(**base, settings=S2TSettings.resolve(tau_p=lo_p, tau_h=hi_h))
     assert not (m_lo_p & ~m_hi_p).any()  # monotone in tau_p
     assert not (m_lo_p & ~m_hi_h).any()  # monotone in tau_h
     for m in (m_lo_p, m_hi_p, m_hi_h):
         assert not (m & (adv <= 0)).any()
         assert not (m & ~valid).any()
     # quantile thresholds are monotone too
-    q_lo = s2t_mask(**base, tau_p=hi_p, tau_h_quantile=lo_h / 5, **LITERAL)
-    q_hi = s2t_mask(**base, tau_p=hi_p, tau_h_quantile=hi_h / 5, **LITERAL)
+    q_lo = s2t_mask(**base, settings=S2TSettings.resolve(tau_p=hi_p, tau_h_quantile=lo_h / 5, **LITERAL))
+    q_hi = s2t_mask(**base, settings=S2TSettings.resolve(tau_p=hi_p, tau_h_quantile=hi_h / 5, **LITERAL))
     assert not (q_lo & ~q_hi).any()
 
 

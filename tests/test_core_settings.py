@@ -1,10 +1,11 @@
 """S2TSettings: one set of defaults and ranges, one message per bad value naming the field."""
 
+import dataclasses
 import math
 
 import pytest
 
-from stapo.core import PRESETS, S2T_DEFAULTS, S2TSettings, s2t_errors
+from stapo.core import PRESETS, S2T_DEFAULTS, S2T_READINGS, S2TSettings, s2t_errors
 
 BAD = [
     ("tau_p", -0.1), ("tau_p", 1.5), ("tau_p", float("nan")), ("tau_p", True), ("tau_p", "0.01"),
@@ -18,10 +19,10 @@ BAD = [
 
 def test_defaults_are_the_papers():
     s = S2TSettings()
-    assert (s.tau_p, s.tau_h, s.tau_h_quantile) == (0.01, None, 0.05)
-    # the reading chosen by measurement (docs/analyze.md): the candidates' 5th percentile, at most ln 2 nats
-    assert (s.tau_h_population, s.tau_h_max) == ("candidates", math.log(2))
-    assert S2T_DEFAULTS["tau_p"] == 0.01 and S2T_DEFAULTS["tau_h_population"] == s.tau_h_population
+    assert (s.tau_p, s.tau_h, s.tau_h_quantile) == (0.002, None, 0.75)
+    # the paper's rule: the bottom 75% of the candidates' entropies per mini-batch, no cap
+    assert (s.tau_h_population, s.tau_h_max, s.tau_h_scope) == ("candidates", math.inf, "mini_batch")
+    assert S2T_DEFAULTS["tau_p"] == 0.002 and S2T_DEFAULTS["tau_h_population"] == s.tau_h_population
     assert PRESETS["stapo"].s2t == s
 
 
@@ -40,7 +41,7 @@ def test_config_level_errors(name, value):
 def test_none_means_default_in_configs():
     assert s2t_errors({"tau_p": None, "tau_h": None, "tau_h_quantile": None, "tau_h_population": None}) == {}
     s = S2TSettings.resolve({"tau_p": None, "tau_h_quantile": 0.2})
-    assert (s.tau_p, s.tau_h_quantile) == (0.01, 0.2)
+    assert (s.tau_p, s.tau_h_quantile) == (0.002, 0.2)
 
 
 def test_edges_are_accepted():
@@ -76,7 +77,7 @@ def test_inert_monitor_warns_once_per_streak():
 def test_inert_monitor_names_no_threshold_without_candidates():
     from stapo.core.monitor import InertS2TMonitor
 
-    mon = InertS2TMonitor(S2TSettings(inert_warning_steps=1))
+    mon = InertS2TMonitor(dataclasses.replace(S2T_READINGS["former"], inert_warning_steps=1))
     line = mon.update(0, n_valid=128, n_low_prob=0, n_candidates=0, threshold=0.0, suggest_tau_h=lambda: None)
-    assert "of candidates entropies, at most 0.693 nats);" in line and "= 0 nats" not in line
+    assert "of candidates entropies per mini-batch, at most 0.693 nats);" in line and "= 0 nats" not in line
     assert "no tau_h reaches" in line

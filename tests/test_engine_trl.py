@@ -39,7 +39,7 @@ def test_presets_map_to_trl_options(tmp_path, method):
     assert got == EXPECTED[method]
     assert cfg.beta == 0.0 and cfg.explicit_options == ()
     # every method carries STAPO's default thresholds: applied by stapo, diagnostic for the others
-    assert (cfg.tau_p, cfg.tau_h, cfg.tau_h_quantile) == (0.01, None, 0.05)
+    assert (cfg.tau_p, cfg.tau_h, cfg.tau_h_quantile, cfg.tau_h_scope) == (0.002, None, 0.75, "mini_batch")
     assert cfg.s2t_settings == PRESETS[method].s2t_settings == S2TSettings()
     assert cfg.clip_ratio_c == PRESETS[method].clip_ratio_c  # dual clip: 10 for justrl / stapo, else none
 

@@ -20,7 +20,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from stapo.core import stapo_loss  # noqa: E402
+from stapo.core import S2TSettings, stapo_loss  # noqa: E402
 from stapo.engines.trl import STAPOConfig, STAPOTrainer  # noqa: E402
 
 MAX_LEN = 6
@@ -157,8 +157,8 @@ def test_stapo_equals_core_stapo_loss(tiny_qwen3_dir, tmp_path):
     logps, ent = _tensors(trainer, batch)
     valid = batch["completion_mask"].bool()
     ref, m = stapo_loss(logps.double(), logps.double(), batch["advantages"].double(), valid, ent.double(),
-                        tau_p=0.01, tau_h=None, tau_h_quantile=0.3, **literal)
-    assert m["s2t_masked_count"] > 0  # the random model puts every token at p < 0.01: H decides
+                        s2t=S2TSettings(tau_h_quantile=0.3, **literal))
+    assert m["s2t_masked_count"] > 0  # the random model puts every token at p < 0.002: H decides
     assert torch.allclose(loss.double(), ref, atol=1e-6), (float(loss), float(ref))
     trainer._finish_window(trainer.model)
     assert trainer._metrics["train"]["stapo/s2t_masked_count"][-1] == float(m["s2t_masked_count"])
@@ -198,3 +198,53 @@ def test_denominator_same_for_one_or_two_micro_batches(tiny_qwen3_dir, tmp_path)
     assert torch.allclose(one._tr_loss, two._tr_loss, atol=1e-6)
     for (name, p1), (_, p2) in zip(one.model.named_parameters(), two.model.named_parameters()):
         assert torch.allclose(p1.grad, p2.grad, atol=1e-6, rtol=1e-5), name
+
+
+def _window_step(trainer, batch, parts):
+    """One optimizer step of `batch` split into `parts` micro-batches, as TRL feeds them (buffered slices)."""
+    rows = batch["completion_ids"].shape[0]
+    slices = [slice(i * rows // parts, (i + 1) * rows // parts) for i in range(parts)]
+    micro = [{k: (v[sl] if k != "num_items_in_batch" else v) for k, v in batch.items()} for sl in slices]
+    trainer._buffered_inputs = micro
+    trainer._tr_loss = torch.zeros(())
+    for i, mb in enumerate(micro):
+        trainer._step = i  # TRL's micro-batch counter: the step starts where it is a multiple of GA
+        loss = trainer._compute_loss(trainer.model, mb)
+        loss.backward()
+        trainer._tr_loss += loss.detach()
+    trainer._clip_grad_norm(trainer.model)
+    m = trainer._metrics["train"]
+    return m["stapo/s2t_masked_count"][-1], m["stapo/entropy_threshold"][-1]
+
+
+def test_mini_batch_scope_same_decision_for_1_2_4_micro_batches(tiny_qwen3_dir, tmp_path):
+    """The paper's scope: tau_h (the 75% quantile of the candidates' entropies) over the optimizer step.
+    Split into 1, 2 or 4 micro-batches, the step silences the same tokens with the same threshold and
+    gives the same gradients; the per-micro-batch scope does not (so the check can fail)."""
+    rows = 8
+    results = {}
+    for scope in ("mini_batch", "micro_batch"):
+        for parts in (1, 2, 4):
+            t = _trainer(STAPOTrainer, STAPOConfig, tiny_qwen3_dir, tmp_path / f"{scope}{parts}", tau_h_scope=scope,
+                         per_device_train_batch_size=rows // parts, gradient_accumulation_steps=parts,
+                         max_grad_norm=1e9)
+            batch = _batch(t.model.config.vocab_size, seed=5, rows=rows, with_old=False)
+            t.model.zero_grad()
+            masked, threshold = _window_step(t, batch, parts)
+            grads = {n: p.grad.detach().clone() for n, p in t.model.named_parameters() if p.grad is not None}
+            results[scope, parts] = (masked, threshold, grads)
+    masked, threshold, grads = results["mini_batch", 1]
+    assert masked > 0
+    for parts in (2, 4):
+        m, thr, g = results["mini_batch", parts]
+        assert m == masked and thr == pytest.approx(threshold, rel=1e-5)
+        for name in grads:
+            assert torch.allclose(g[name], grads[name], atol=1e-6, rtol=1e-5), name
+    assert results["micro_batch", 1][:2] == pytest.approx((masked, threshold), rel=1e-5)  # one part: the same
+    assert results["micro_batch", 4][1] != pytest.approx(threshold, rel=1e-5)
+
+
+def test_mini_batch_scope_needs_whole_steps_per_generation(tmp_path):
+    with pytest.raises(ValueError, match="steps_per_generation .3. must be a multiple of gradient_accumulation_steps .2."):
+        STAPOConfig(**_common(tmp_path, gradient_accumulation_steps=2, steps_per_generation=3))
+    STAPOConfig(**_common(tmp_path, gradient_accumulation_steps=2, steps_per_generation=3, tau_h_scope="micro_batch"))

@@ -6,7 +6,7 @@ A config names what to train and how:
     train_data: synthetic:add1?n=512&seed=0
     eval_data: synthetic:add1?n=64&split=heldout
     method: stapo                   # grpo | dapo | dr_grpo | 20-entropy | justrl | stapo
-    tau_p: 0.01                     # S2T thresholds (stapo.core.S2TSettings; null = the preset's)
+    tau_p: 0.002                    # S2T thresholds (stapo.core.S2TSettings; null = the preset's)
     output_dir: runs/demo
     max_steps: 40                   # ... and any other field of TRL's GRPOConfig
 
@@ -315,7 +315,7 @@ def resolve_s2t(values: dict[str, Any]) -> S2TSettings:
 def _cross_checks(values: dict[str, Any]) -> list[str]:
     errors = []
     preset = PRESETS[values.get("method", "stapo")]
-    if preset.token_filter != "high_entropy" and values.get("top_entropy_quantile") not in (None, 1.0):
+    if not preset.filter.uses_top_entropy_quantile and values.get("top_entropy_quantile") not in (None, 1.0):
         errors.append(f"top_entropy_quantile: applies only to method '20-entropy' (method is {values.get('method')!r})")
     if values.get("tau_h") is not None and values.get("tau_h_quantile") is not None:
         errors.append("tau_h_quantile: set tau_h (an absolute threshold in nats) or tau_h_quantile, not both "
@@ -394,7 +394,7 @@ def ignored_option_notes(values: dict[str, Any]) -> list[str]:
     notes = []
     method = values.get("method", "stapo")
     s2t_set = [name for name in S2T_FIELDS if values.get(name) is not None]
-    if PRESETS[method].token_filter != "s2t" and s2t_set:
+    if not PRESETS[method].filter.applies_s2t and s2t_set:
         notes.append(f"{', '.join(s2t_set)} {'applies' if len(s2t_set) == 1 else 'apply'} only to method=stapo; "
                      f"here (method={method}) S2T is only measured (the stapo/s2t_* metrics), not applied")
     if not values.get("use_peft"):

@@ -70,11 +70,7 @@ def collect_rollouts(
     max_new_tokens: int = 64,
     temperature: float = 1.0,
     batch_prompts: int = 4,
-    tau_p: float | None = None,  # S2T thresholds; None: stapo.core.S2TSettings' defaults
-    tau_h: float | None = None,
-    tau_h_quantile: float | None = None,
-    tau_h_population: str | None = None,
-    tau_h_max: float | None = None,
+    s2t: S2TSettings | None = None,  # S2T's thresholds; None: S2TSettings() (the paper's rule)
     advantage_scale: str = "group",
     seed: int = 0,
     grade: Callable[[list[str], list[str]], list[float]] | None = None,
@@ -85,7 +81,7 @@ def collect_rollouts(
     """Sample `group_size` completions of each (already formatted) prompt and score every token.
 
     `grade(completions, golds) -> rewards` defaults to `stapo.rewards.grade_batch`. The S2T flags
-    are `core.s2t_mask` over all collected tokens at the given thresholds. `rows_per_pass`
+    are `core.s2t_mask` over all collected tokens (one batch: the quantile over all of them) at `s2t`. `rows_per_pass`
     sequences go through the scoring forward pass at a time. With `return_collision_logp`, returns
     (Rollouts, Σπ² log π as a float32 numpy array [N] in the Rollouts' flat token order) — the extra
     statistic of the first-order entropy change, which the rollout files do not store.
@@ -148,9 +144,7 @@ def collect_rollouts(
     for i, s in enumerate(per_sample):
         n = len(s[1])
         lp[i, :n], ent[i, :n], valid[i, :n] = s[2], s[3], True
-    s2t = S2TSettings.resolve(tau_p=tau_p, tau_h=tau_h, tau_h_quantile=tau_h_quantile, tau_h_population=tau_h_population,
-                              tau_h_max=tau_h_max)
-    flags = s2t_decision(lp, ent, adv, valid, s2t).spurious
+    flags = s2t_decision(lp, ent, adv, valid, s2t or S2TSettings()).spurious
 
     records = []
     for i, (prompt, ids, l, e, c, _) in enumerate(per_sample):

@@ -256,8 +256,7 @@ def _load_model_rollouts(args):
     return collect_rollouts(
         model, tokenizer, prompts, [r["answer"] for r in rows], group_size=args.group_size,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_prompts=args.batch_prompts,
-        tau_p=s2t.tau_p, tau_h=s2t.tau_h, tau_h_quantile=s2t.tau_h_quantile,
-        tau_h_population=s2t.tau_h_population, tau_h_max=s2t.tau_h_max, seed=args.seed,
+        s2t=s2t, seed=args.seed,
         progress=not args.no_progress, return_collision_logp=True,
     )
 

@@ -1,9 +1,11 @@
 """The STAPO math, once, in pure PyTorch (no engine imports).
 
     group_advantages   GRPO / Dr.GRPO / batch-scaled outcome advantages
-    S2TSettings        STAPO's thresholds (tau_p, tau_h, tau_h_quantile, tau_h_population): defaults, ranges
-    TOKEN_FILTERS      the token-filter registry: none | s2t | high_entropy -> (loss mask, S2T decision)
+    S2TSettings        STAPO's thresholds (tau_p, tau_h quantile, population, scope): defaults, ranges
+    TOKEN_FILTERS      the token-filter registry: none | s2t | high_entropy -> (loss mask, S2T decision),
+                       each with its properties (applies S2T, denominator)
     s2t_mask           STAPO's spurious-token mask (A > 0, p < tau_p, H < tau_h)
+    s2t_threshold      tau_h over a whole optimizer step (the mini-batch scope)
     high_entropy_mask  20-Entropy's top-rho entropy mask
     policy_loss        PPO-clip loss with verl's aggregation modes and global denominators
     stapo_loss         policy_loss over the valid tokens S2T does not silence
@@ -14,10 +16,12 @@
 
 from stapo.core.advantages import ADVANTAGE_SCALES, group_advantages, zero_variance_group_fraction
 from stapo.core.filters import (
+    DENOMINATORS,
     TOKEN_FILTERS,
     FilterParams,
     FilterResult,
     S2TDecision,
+    TokenFilterSpec,
     apply_token_filter,
     entropy_quantile,
     get_token_filter,
@@ -26,6 +30,8 @@ from stapo.core.filters import (
     register_token_filter,
     s2t_decision,
     s2t_mask,
+    s2t_population,
+    s2t_threshold,
     tau_h_for_fraction,
 )
 from stapo.core.head import token_logprobs_entropy
@@ -54,11 +60,12 @@ from stapo.core.settings import (
     s2t_errors,
     s2t_field_error,
 )
-from stapo.core.stats import entropy_change_first_order, grad_norm_proxy, masked_summary, token_fractions
+from stapo.core.stats import entropy_change_first_order, grad_norm_proxy, token_fractions
 
 __all__ = [
     "ADVANTAGE_SCALES",
     "AGGREGATIONS",
+    "DENOMINATORS",
     "FilterParams",
     "FilterResult",
     "MethodPreset",
@@ -71,6 +78,7 @@ __all__ = [
     "TAU_H_SCOPES",
     "TAU_H_POPULATIONS",
     "TOKEN_FILTERS",
+    "TokenFilterSpec",
     "aggregate",
     "apply_token_filter",
     "causal_lm_head_params",
@@ -85,7 +93,6 @@ __all__ = [
     "high_entropy_loss",
     "high_entropy_mask",
     "lm_head_logprobs_entropy",
-    "masked_summary",
     "policy_loss",
     "quantile_linear",
     "register_token_filter",
@@ -94,6 +101,8 @@ __all__ = [
     "s2t_field_error",
     "s2t_mask",
     "s2t_metrics",
+    "s2t_population",
+    "s2t_threshold",
     "stapo_loss",
     "tau_h_for_fraction",
     "token_fractions",

@@ -1,24 +1,31 @@
 """Token filters: which valid tokens of a batch get gradient. A registry of pure functions with one
 signature, like verl's `core_algos` policy losses:
 
-    filter(logprobs, entropy, advantages, response_mask, params, group=None) -> FilterResult
+    filter(logprobs, entropy, advantages, response_mask, params, group=None, s2t_threshold=None) -> FilterResult
 
-    none          loss mask = valid                                     (GRPO, DAPO, Dr.GRPO, JustRL)
-    s2t           loss mask = valid ∧ ¬M,  M = A > 0 ∧ p < τ_p ∧ H < τ_h  (STAPO)
-    high_entropy  loss mask = valid ∧ H ≥ τ_ρ, τ_ρ = (1 − ρ)-quantile    (20-Entropy)
+    name          loss mask                                                applies S2T  denominator
+    none          valid                                                    no           kept (= valid)
+    s2t           valid ∧ ¬M,  M = A > 0 ∧ p < τ_p ∧ H < τ_h               yes          kept
+    high_entropy  valid ∧ H ≥ τ_ρ, τ_ρ = (1 − ρ)-quantile                  no           valid
+
+(none: GRPO, DAPO, Dr.GRPO, JustRL; s2t: STAPO; high_entropy: 20-Entropy.) Each registry entry is a
+`TokenFilterSpec` carrying these properties, which engines read instead of comparing names:
+`denominator` "kept" averages the loss over the tokens that get gradient (silenced tokens leave the
+denominator), "valid" over all valid tokens.
 
 `logprobs`, `entropy`: the current policy's per-token values [B, T]; `advantages` [B] or [B, T];
 `response_mask` [B, T] (bool or 0/1); `params` a `FilterParams`. Every filter also returns the S2T
 decision on the batch (what STAPO would silence), so runs of every method log the same diagnostics.
 Entropy quantiles are taken over the tokens passed in, gathered across the ranks of `group` when
-torch.distributed is initialised. Nothing here carries gradient.
+torch.distributed is initialised; `s2t_threshold` (from `s2t_threshold` over a whole optimizer step)
+replaces S2T's quantile, which is how an engine takes it per mini-batch. Nothing here carries gradient.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -99,37 +106,74 @@ class S2TDecision(NamedTuple):
     candidates: torch.Tensor     # bool [B, T]: valid ∧ p < τ_p ∧ A > 0 (what some τ_h could silence)
 
 
-def s2t_decision(logprobs, entropy, advantages, response_mask, settings: S2TSettings, group=None) -> S2TDecision:
-    """The S2T mask and its counts (checked inputs; see the module docstring for shapes).
+def _s2t_masks(lp, e, adv, valid, settings: S2TSettings):
+    log_tau_p = math.log(settings.tau_p) if settings.tau_p > 0 else -math.inf
+    low_prob = valid & (lp < log_tau_p)
+    return low_prob, low_prob & (adv > 0)
 
-        low_prob   = valid ∧ p < τ_p           (as logprob < log τ_p: no exp)
-        candidate  = low_prob ∧ A > 0
-        τ_h        = settings.tau_h, or min(tau_h_max, the tau_h_quantile of the entropies of
-                     valid | low_prob | candidate  (settings.tau_h_population))
-        M          = candidate ∧ H < τ_h
-    """
+
+def _checked(logprobs, entropy, advantages, response_mask):
     lp = check_float("logprobs", logprobs, ndim=2)
     ent = check_float("entropy", entropy, ndim=2)
     check_same_shape("entropy", ent, "logprobs", lp)
     valid = check_mask("response_mask", response_mask, lp.shape)
     adv = broadcast_advantages(advantages, lp.shape)
+    lp = lp.detach() if lp.dtype == torch.float64 else lp.detach().float()
+    e = ent.detach().float()
+    check_finite("logprobs", lp, valid)
+    check_finite("entropy", e, valid)
+    check_finite("advantages", adv, valid)
+    return lp, e, adv, valid
+
+
+def s2t_population(logprobs, entropy, advantages, response_mask, settings: S2TSettings) -> torch.Tensor:
+    """The entropies (1-D float32, this rank) of the tokens S2T's tau_h quantile is taken over:
+    valid | low_prob (valid ∧ p < τ_p) | candidates (low_prob ∧ A > 0), per `settings.tau_h_population`."""
     with torch.no_grad():
-        lp = lp.detach() if lp.dtype == torch.float64 else lp.detach().float()
-        e = ent.detach().float()
-        check_finite("logprobs", lp, valid)
-        check_finite("entropy", e, valid)
-        check_finite("advantages", adv, valid)
-        log_tau_p = math.log(settings.tau_p) if settings.tau_p > 0 else -math.inf
-        low_prob = valid & (lp < log_tau_p)
-        candidate = low_prob & (adv > 0)
-        if settings.tau_h is not None:
-            threshold = torch.tensor(settings.tau_h, dtype=torch.float32, device=e.device)
-        else:
+        lp, e, adv, valid = _checked(logprobs, entropy, advantages, response_mask)
+        low_prob, candidate = _s2t_masks(lp, e, adv, valid, settings)
+        population = {"valid": valid, "low_prob": low_prob, "candidates": candidate}[settings.tau_h_population]
+        return e[population]
+
+
+def s2t_threshold(populations: torch.Tensor | Sequence[torch.Tensor], settings: S2TSettings, group=None) -> torch.Tensor:
+    """S2T's τ_h (float32 0-d, nats) over the `s2t_population`s of one batch's parts, on every rank of `group`:
+
+        τ_h = settings.tau_h, or min(tau_h_max, the tau_h_quantile of the concatenated populations)
+
+    -inf when the population is empty everywhere (nothing is silenced). Passing the populations of all
+    micro-batches of an optimizer step gives the mini-batch scope: the decision is then the same however
+    the step is split into micro-batches or ranks.
+    """
+    parts = [populations] if isinstance(populations, torch.Tensor) else list(populations)
+    device = parts[0].device if parts else torch.device("cpu")
+    if settings.tau_h is not None:
+        return torch.tensor(settings.tau_h, dtype=torch.float32, device=device)
+    with torch.no_grad():
+        local = torch.cat([p.detach().float().reshape(-1) for p in parts]) if parts else torch.zeros(0, device=device)
+        threshold = quantile_linear(gather_valid(local, group), settings.tau_h_quantile)
+        if torch.isnan(threshold):  # an empty population: nothing is silenced
+            threshold = torch.tensor(float("-inf"), device=device)
+        return torch.clamp(threshold, max=settings.tau_h_max)
+
+
+def s2t_decision(logprobs, entropy, advantages, response_mask, settings: S2TSettings, group=None,
+                 threshold: torch.Tensor | float | None = None) -> S2TDecision:
+    """The S2T mask and its counts (checked inputs; see the module docstring for shapes).
+
+        low_prob   = valid ∧ p < τ_p           (as logprob < log τ_p: no exp)
+        candidate  = low_prob ∧ A > 0
+        τ_h        = `threshold` when given (e.g. `s2t_threshold` over the whole optimizer step), else
+                     `s2t_threshold` of this batch's `s2t_population`
+        M          = candidate ∧ H < τ_h
+    """
+    with torch.no_grad():
+        lp, e, adv, valid = _checked(logprobs, entropy, advantages, response_mask)
+        low_prob, candidate = _s2t_masks(lp, e, adv, valid, settings)
+        if threshold is None:
             population = {"valid": valid, "low_prob": low_prob, "candidates": candidate}[settings.tau_h_population]
-            threshold = entropy_quantile(e, population, settings.tau_h_quantile, group)
-            if torch.isnan(threshold):  # an empty population: nothing is silenced
-                threshold = torch.tensor(float("-inf"), device=e.device)
-            threshold = torch.clamp(threshold, max=settings.tau_h_max)
+            threshold = s2t_threshold(e[population], settings, group)
+        threshold = torch.as_tensor(threshold, dtype=torch.float32, device=e.device).reshape(())
         low_entropy = valid & (e < threshold)
         spurious = candidate & low_entropy
         n = lambda m: m.sum(dtype=torch.float32)  # noqa: E731
@@ -169,69 +213,92 @@ class FilterParams:
 
 class FilterResult(NamedTuple):
     loss_mask: torch.Tensor  # bool [B, T]: the tokens that get gradient (⊆ valid)
-    s2t: S2TDecision         # measured for every filter; applied only by "s2t"
+    s2t: S2TDecision         # measured for every filter; applied only where the filter's applies_s2t
 
 
 TokenFilter = Callable[..., FilterResult]
-TOKEN_FILTERS: dict[str, TokenFilter] = {}
+DENOMINATORS = ("kept", "valid")
 
 
-def register_token_filter(name: str):
+@dataclass(frozen=True)
+class TokenFilterSpec:
+    """A registered token filter and the properties engines read (never its name)."""
+
+    name: str
+    fn: TokenFilter
+    applies_s2t: bool                # the loss mask leaves out S2T's spurious tokens
+    denominator: str                 # "kept": token-mean over the tokens that get gradient; "valid": over all valid
+    uses_top_entropy_quantile: bool = False  # reads params.top_entropy_quantile (20-Entropy's rho)
+
+    def __post_init__(self):
+        if self.denominator not in DENOMINATORS:
+            raise ValueError(f"denominator must be one of {DENOMINATORS}, got {self.denominator!r}")
+
+    def __call__(self, logprobs, entropy, advantages, response_mask, params: FilterParams | None = None,
+                 group=None, s2t_threshold=None) -> FilterResult:
+        return self.fn(logprobs, entropy, advantages, response_mask, params or FilterParams(), group, s2t_threshold)
+
+
+TOKEN_FILTERS: dict[str, TokenFilterSpec] = {}
+
+
+def register_token_filter(name: str, *, applies_s2t: bool, denominator: str, uses_top_entropy_quantile: bool = False):
     def decorator(fn: TokenFilter) -> TokenFilter:
-        TOKEN_FILTERS[name] = fn
+        TOKEN_FILTERS[name] = TokenFilterSpec(name, fn, applies_s2t, denominator, uses_top_entropy_quantile)
         return fn
 
     return decorator
 
 
-def get_token_filter(name: str) -> TokenFilter:
+def get_token_filter(name: str) -> TokenFilterSpec:
     try:
         return TOKEN_FILTERS[name]
     except KeyError:
         raise ValueError(f"unknown token filter {name!r}; known: {', '.join(TOKEN_FILTERS)}") from None
 
 
-def apply_token_filter(name, logprobs, entropy, advantages, response_mask, params: FilterParams | None = None,
-                       group=None) -> FilterResult:
+def apply_token_filter(name: str, logprobs, entropy, advantages, response_mask, params: FilterParams | None = None,
+                       group=None, s2t_threshold=None) -> FilterResult:
     """`TOKEN_FILTERS[name](...)`: the one place engines and analyze decide which tokens learn."""
-    return get_token_filter(name)(logprobs, entropy, advantages, response_mask, params or FilterParams(), group)
+    return get_token_filter(name)(logprobs, entropy, advantages, response_mask, params, group, s2t_threshold)
 
 
-@register_token_filter("none")
-def keep_valid(logprobs, entropy, advantages, response_mask, params: FilterParams, group=None) -> FilterResult:
+@register_token_filter("none", applies_s2t=False, denominator="kept")
+def keep_valid(logprobs, entropy, advantages, response_mask, params: FilterParams, group=None,
+               s2t_threshold=None) -> FilterResult:
     """loss mask = valid."""
-    s2t = s2t_decision(logprobs, entropy, advantages, response_mask, params.s2t, group)
+    s2t = s2t_decision(logprobs, entropy, advantages, response_mask, params.s2t, group, s2t_threshold)
     return FilterResult(check_mask("response_mask", response_mask, logprobs.shape), s2t)
 
 
-@register_token_filter("s2t")
-def silence_spurious(logprobs, entropy, advantages, response_mask, params: FilterParams, group=None) -> FilterResult:
+@register_token_filter("s2t", applies_s2t=True, denominator="kept")
+def silence_spurious(logprobs, entropy, advantages, response_mask, params: FilterParams, group=None,
+                     s2t_threshold=None) -> FilterResult:
     """STAPO: loss mask = valid ∧ ¬M with M = A > 0 ∧ p < τ_p ∧ H < τ_h (`s2t_decision`)."""
-    s2t = s2t_decision(logprobs, entropy, advantages, response_mask, params.s2t, group)
+    s2t = s2t_decision(logprobs, entropy, advantages, response_mask, params.s2t, group, s2t_threshold)
     valid = check_mask("response_mask", response_mask, logprobs.shape)
     return FilterResult(valid & ~s2t.spurious, s2t)
 
 
-@register_token_filter("high_entropy")
-def keep_high_entropy(logprobs, entropy, advantages, response_mask, params: FilterParams, group=None) -> FilterResult:
+@register_token_filter("high_entropy", applies_s2t=False, denominator="valid", uses_top_entropy_quantile=True)
+def keep_high_entropy(logprobs, entropy, advantages, response_mask, params: FilterParams, group=None,
+                      s2t_threshold=None) -> FilterResult:
     """20-Entropy: loss mask = valid ∧ H ≥ τ_ρ, τ_ρ = the (1 − ρ) quantile of the valid entropies."""
-    s2t = s2t_decision(logprobs, entropy, advantages, response_mask, params.s2t, group)
+    s2t = s2t_decision(logprobs, entropy, advantages, response_mask, params.s2t, group, s2t_threshold)
     return FilterResult(high_entropy_mask(entropy, response_mask, params.top_entropy_quantile, group=group), s2t)
 
 
 # ---- the public masks ------------------------------------------------------------------------
 
 
-def s2t_mask(logprobs, entropy, advantages, response_mask, tau_p=None, tau_h=None, tau_h_quantile=None,
-             tau_h_population=None, tau_h_max=None, group=None) -> torch.Tensor:
-    """STAPO's spurious-token mask (True = silenced): valid ∧ A > 0 ∧ p < τ_p ∧ H < τ_h.
+def s2t_mask(logprobs, entropy, advantages, response_mask, settings: S2TSettings | None = None, group=None,
+             threshold=None) -> torch.Tensor:
+    """STAPO's spurious-token mask (True = silenced): valid ∧ A > 0 ∧ p < τ_p ∧ H < τ_h, bool [B, T].
 
-    Thresholds left None take `S2TSettings`' defaults; `tau_h` None means the `tau_h_quantile` of the
-    entropies of `tau_h_population` (valid | low_prob | candidates), capped at `tau_h_max`. Returns a bool [B, T].
+    `settings` None: `S2TSettings()` (the paper's rule); `threshold` replaces the batch's own τ_h.
     """
-    settings = S2TSettings.resolve(tau_p=tau_p, tau_h=tau_h, tau_h_quantile=tau_h_quantile,
-                                   tau_h_population=tau_h_population, tau_h_max=tau_h_max)
-    return s2t_decision(logprobs, entropy, advantages, response_mask, settings, group).spurious
+    return s2t_decision(logprobs, entropy, advantages, response_mask, settings or S2TSettings(), group,
+                        threshold).spurious
 
 
 def high_entropy_mask(entropy, response_mask, top_quantile: float = 0.2, threshold=None, group=None) -> torch.Tensor:

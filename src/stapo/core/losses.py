@@ -178,23 +178,21 @@ def stapo_loss(
     advantages: torch.Tensor,
     response_mask,
     entropy: torch.Tensor,
-    tau_p: float | None = None,
-    tau_h: float | None = None,
-    tau_h_quantile: float | None = None,
-    tau_h_population: str | None = None,
-    tau_h_max: float | None = None,
+    s2t: S2TSettings | None = None,
+    s2t_threshold: torch.Tensor | float | None = None,
     group=None,
     **policy_loss_kwargs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """STAPO: `policy_loss` over the valid tokens that the "s2t" token filter does not silence.
 
-        M   = s2t_mask(logprobs, entropy, A, response_mask, tau_p, tau_h, tau_h_quantile, tau_h_population)
+        M   = s2t_mask(logprobs, entropy, A, response_mask, s2t, threshold=s2t_threshold)
         J   = 1/Σ(valid ∧ ¬M) · Σ_{valid ∧ ¬M} min(r·A, clip(r)·A)          (token-mean)
 
-    Thresholds left None take `S2TSettings`' defaults. Silenced tokens get exactly zero gradient and
-    are not counted in the denominators; with a global `num_tokens` (micro-batching, several ranks)
-    pass the global count of *unmasked* valid tokens. The entropy quantile is taken over the tokens
-    passed in (gathered across `group`'s ranks when distributed).
+    `s2t` None: `S2TSettings()` (the paper's rule). Silenced tokens get exactly zero gradient and are not
+    counted in the denominators; with a global `num_tokens` (micro-batching, several ranks) pass the
+    global count of *unmasked* valid tokens. τ_h is `s2t_threshold` when given (`s2t_threshold` over the
+    whole optimizer step: the mini-batch scope), else the quantile over the tokens passed in (gathered
+    across `group`'s ranks when distributed).
     Metrics add s2t_masked_count, s2t_masked_frac, s2t_candidates, frac_low_prob (p < tau_p),
     frac_low_entropy (H < threshold) and entropy_threshold, all over the valid tokens.
     """
@@ -205,9 +203,8 @@ def stapo_loss(
     if unknown:
         raise TypeError(f"stapo_loss got unexpected keyword arguments {sorted(unknown)}")
     kw.update(policy_loss_kwargs)
-    settings = S2TSettings.resolve(tau_p=tau_p, tau_h=tau_h, tau_h_quantile=tau_h_quantile,
-                                   tau_h_population=tau_h_population, tau_h_max=tau_h_max)
-    kept = apply_token_filter("s2t", lp, entropy, adv, valid, FilterParams(s2t=settings), group)
+    kept = apply_token_filter("s2t", lp, entropy, adv, valid, FilterParams(s2t=s2t or S2TSettings()), group,
+                              s2t_threshold)
     loss, metrics = _clipped_loss(lp, old, adv, kept.loss_mask, **kw)
     metrics.update(s2t_metrics(kept.s2t))
     return loss, metrics

@@ -1,14 +1,14 @@
 """Method presets: the paper's comparison is the same config with a different `method`.
 
 Each preset fixes the advantage scaling, the clip range, the loss aggregation and the token
-filter; everything else (lr, group size, lengths) is the run's config. Sources: METHOD.md.
+filter; everything else (lr, group size, lengths) is the run's config. Sources: each method's paper or public script (see the descriptions).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from stapo.core.filters import TOKEN_FILTERS
+from stapo.core.filters import TOKEN_FILTERS, TokenFilterSpec
 from stapo.core.settings import S2TSettings
 
 
@@ -34,8 +34,10 @@ class MethodPreset:
         """The thresholds S2T applies (stapo) or only measures (every other method: the defaults)."""
         return self.s2t if self.s2t is not None else S2TSettings()
 
-    def with_overrides(self, **kwargs) -> "MethodPreset":
-        return replace(self, **{k: v for k, v in kwargs.items() if v is not None})
+    @property
+    def filter(self) -> TokenFilterSpec:
+        """The token filter's registry entry: what it does (applies S2T, denominator), not its name."""
+        return TOKEN_FILTERS[self.token_filter]
 
 
 PRESETS: dict[str, MethodPreset] = {

@@ -20,15 +20,6 @@ def grad_norm_proxy(logprobs: torch.Tensor, collision: torch.Tensor) -> torch.Te
     return 1.0 - 2.0 * logprobs.float().exp() + collision.float()
 
 
-def masked_summary(values: torch.Tensor, mask) -> dict[str, float]:
-    """mean / min / max / count of `values` over the True positions of `mask`."""
-    m = check_mask("mask", mask, values.shape)
-    v = values.detach().float()[m]
-    if v.numel() == 0:
-        return {"mean": 0.0, "min": 0.0, "max": 0.0, "count": 0}
-    return {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max()), "count": int(v.numel())}
-
-
 def token_fractions(
     logprobs: torch.Tensor,
     entropy: torch.Tensor,

@@ -125,7 +125,7 @@ class STAPOConfig(GRPOConfig):
             "epsilon_high": preset.clip_high,
             "scale_rewards": preset.advantage_scale,
             "beta": 0.0,
-            "top_entropy_quantile": preset.top_entropy_quantile if preset.token_filter == "high_entropy" else 1.0,
+            "top_entropy_quantile": preset.top_entropy_quantile if preset.filter.uses_top_entropy_quantile else 1.0,
         }
         for name, value in defaults.items():
             if getattr(self, name) is None:
@@ -156,16 +156,24 @@ class STAPOConfig(GRPOConfig):
         if _number("beta", self.beta) != 0.0:
             raise ValueError(f"beta must be 0 (the GRPO-family methods here use no KL term), got {self.beta}")
         rho = _number("top_entropy_quantile", self.top_entropy_quantile)
-        if preset.token_filter == "high_entropy":
+        if preset.filter.uses_top_entropy_quantile:
             if not 0.0 < rho <= 1.0:
                 raise ValueError(f"top_entropy_quantile must be in (0, 1], got {rho}")
-            if self.loss_type == "grpo":
+            if self.loss_type == "grpo" and preset.filter.denominator == "valid":
                 raise ValueError(
                     "loss_type='grpo' cannot keep 20-Entropy's denominator (all valid tokens); "
                     "use dapo, bnpo or dr_grpo with method='20-entropy'"
                 )
         elif rho != 1.0:
             raise ValueError(f"top_entropy_quantile applies only to method='20-entropy' (method is {self.method!r})")
+        ga, spg = self.gradient_accumulation_steps, self.steps_per_generation or self.gradient_accumulation_steps
+        if (preset.filter.applies_s2t and self.tau_h_scope == "mini_batch" and self.tau_h is None and ga > 1
+                and spg % ga != 0):
+            raise ValueError(
+                f"tau_h_scope='mini_batch' takes S2T's tau_h over each optimizer step's micro-batches, which must all "
+                f"come from one generation: steps_per_generation ({spg}) must be a multiple of "
+                f"gradient_accumulation_steps ({ga}); or set tau_h_scope='micro_batch'"
+            )
         unsupported = {
             "importance_sampling_level": (self.importance_sampling_level, "token"),
             "delta": (self.delta, None),

@@ -60,7 +60,7 @@ def model_card_facts(trainer) -> dict[str, Any]:
     return {
         "base_model": base,
         "method": args.method,
-        "s2t_applied": PRESETS[args.method].token_filter == "s2t",
+        "s2t_applied": PRESETS[args.method].filter.applies_s2t,
         "s2t": {name: getattr(settings, name) for name in S2T_FIELDS if name != "inert_warning_steps"},
         "options": {
             "loss_type": args.loss_type, "epsilon": args.epsilon, "epsilon_high": args.epsilon_high,

@@ -42,10 +42,14 @@ exist only inside the loss, one micro-batch at a time; silenced tokens must leav
 
 `bnpo`, `grpo` need no correction (their denominators are local); `dr_grpo`'s is a constant.
 
-Entropy thresholds (S2T's tau_h quantile, 20-Entropy's top-rho) are quantiles over the tokens of the
-micro-batch on *every* process (`stapo.core.apply_token_filter` gathers across ranks when
-torch.distributed is initialised), the same scope as TRL's own `top_entropy_quantile`. A micro-batch
-with no valid token trains with loss 0 (the quantile of an empty population silences nothing).
+Entropy thresholds are quantiles over every process (gathered when torch.distributed is initialised).
+S2T's tau_h (where S2T is applied, `tau_h_scope = mini_batch`, the default) is taken over the whole
+optimizer step, the paper's PPO mini-batch: with several micro-batches per step, a no-grad forward over
+the step's micro-batches at its first one (`_step_s2t_threshold`; one extra forward per micro-batch) —
+the decision is then the same however the step is split. `tau_h_scope = micro_batch`, and the
+S2T statistics that other methods only measure, take the quantile per micro-batch, as does 20-Entropy's
+top-rho (the scope of TRL's own `top_entropy_quantile`). A micro-batch with no valid token trains with
+loss 0 (the quantile of an empty population silences nothing).
 """
 
 from __future__ import annotations
@@ -62,10 +66,11 @@ from trl import GRPOTrainer
 
 from stapo.core import (
     FilterParams,
-    apply_token_filter,
     get_preset,
     policy_loss,
     s2t_metrics,
+    s2t_population,
+    s2t_threshold,
     tau_h_for_fraction,
     zero_variance_group_fraction,
 )
@@ -104,7 +109,8 @@ class STAPOTrainer(GRPOTrainer):
             super().__init__(model, reward_funcs, args, *more, **kwargs)
         use_cpu_weight_sync(self)
         self.preset = get_preset(args.method)
-        self.token_filter = self.preset.token_filter
+        self.token_filter = self.preset.filter  # a TokenFilterSpec: the engine reads its properties
+        self._step_threshold = None  # S2T's tau_h of the current optimizer step (tau_h_scope = mini_batch)
         self.filter_params = FilterParams(s2t=args.s2t_settings, top_entropy_quantile=self.top_entropy_quantile)
         self._window: TokenStats | None = None
         self._window_loss = 0.0  # global loss sum of the last finished window (non-finite check)
@@ -130,26 +136,18 @@ class STAPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        valid = (completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]).bool()
+        valid = _valid_tokens(inputs)
 
         # 1. The current policy's per-token log-probs and entropies (TRL's forward, stapo's head if fused_lm_head).
-        logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-            model,
-            torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
-            torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
-            completion_ids.size(1),
-            compute_entropy=True,
-            compute_aux_loss=self.aux_loss_enabled,
-            **{k: inputs.get(k) for k in _MULTIMODAL_KEYS},
-        )
+        logps, entropies, aux_loss = self._policy_forward(model, inputs, compute_aux_loss=self.aux_loss_enabled)
         old_logps = inputs.get("old_per_token_logps")
         old_logps = logps.detach() if old_logps is None else old_logps
-        advantages = inputs["advantages"]
-        advantages = advantages if advantages.dim() == 2 else advantages.unsqueeze(1).expand_as(logps)
+        advantages = _token_advantages(inputs, logps)
 
-        # 2. The token filter: which valid tokens learn. The S2T decision is measured for every method.
-        filtered = apply_token_filter(self.token_filter, logps, entropies, advantages, valid, self.filter_params)
+        # 2. The token filter: which valid tokens learn. The S2T decision is measured for every method;
+        # where S2T is applied, tau_h is the optimizer step's (tau_h_scope = mini_batch).
+        threshold = self._step_s2t_threshold(model) if mode == "train" else None
+        filtered = self.token_filter(logps, entropies, advantages, valid, self.filter_params, s2t_threshold=threshold)
 
         # 3. The clipped policy loss (dual clip where A < 0 when the preset has one) with the run's denominator.
         # TRL multiplies the per-token loss by the vLLM importance weight w >= 0; max(-rA, -clip(r)A)·w equals
@@ -179,11 +177,46 @@ class STAPOTrainer(GRPOTrainer):
             self._capture_rollouts(inputs, logps, entropies, advantages, valid, filtered.s2t, model)
         return loss
 
+    def _policy_forward(self, model, inputs, compute_aux_loss=False):
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        return self._get_per_token_logps_and_entropies(
+            model,
+            torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
+            torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
+            completion_ids.size(1),
+            compute_entropy=True,
+            compute_aux_loss=compute_aux_loss,
+            **{k: inputs.get(k) for k in _MULTIMODAL_KEYS},
+        )
+
+    def _step_s2t_threshold(self, model):
+        """S2T's tau_h over the whole optimizer step (`tau_h_scope = mini_batch`), or None (the micro-batch's own).
+
+        The step's micro-batches are TRL's buffered slices [i, i + GA) of the generation batch; the
+        decision uses the current policy, which does not change within the step, so a no-grad forward
+        over those slices gives exactly the values each micro-batch's loss will see. Needed only when the
+        step has several micro-batches; methods that only measure S2T keep the per-micro-batch quantile
+        (no extra forward for a diagnostic)."""
+        s2t = self.filter_params.s2t
+        ga = self.current_gradient_accumulation_steps
+        if not self.token_filter.applies_s2t or s2t.tau_h_scope != "mini_batch" or s2t.tau_h is not None or ga == 1:
+            return None
+        if self._step % ga == 0 or self._step_threshold is None:  # the first micro-batch of the step
+            start = self._step % self.args.steps_per_generation
+            populations = []
+            with torch.no_grad():
+                for part in self._buffered_inputs[start : start + ga]:
+                    logps, entropies, _ = self._policy_forward(model, part)
+                    populations.append(s2t_population(logps, entropies, _token_advantages(part, logps),
+                                                      _valid_tokens(part), s2t))
+            self._step_threshold = s2t_threshold(populations, s2t)  # gathered over every process
+        return self._step_threshold
+
     def _single_micro_batch_steps(self) -> bool:
         return self.args.gradient_accumulation_steps == 1 and self.args.steps_per_generation == 1
 
     def _deferred_denominator(self) -> bool:
-        return self.token_filter == "s2t" and self.loss_type == "dapo" and not self._single_micro_batch_steps()
+        return self.token_filter.applies_s2t and self.loss_type == "dapo" and not self._single_micro_batch_steps()
 
     def _aggregation(self, inputs, valid, loss_mask, mode) -> tuple[dict, float]:
         """core aggregation kwargs for this micro-batch, and the divisor applied afterwards (GA)."""
@@ -193,13 +226,13 @@ class STAPOTrainer(GRPOTrainer):
             normaliser = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 normaliser = normaliser * ga / self.args.steps_per_generation
-            if self.token_filter == "s2t" and (mode == "eval" or self._single_micro_batch_steps()):
+            if self.token_filter.applies_s2t and (mode == "eval" or self._single_micro_batch_steps()):
                 # Exact: the step is this micro-batch (on every process); drop the silenced tokens.
                 masked = self.accelerator.reduce((valid & ~loss_mask).sum().float(), reduction="sum")
                 normaliser = (inputs["num_items_in_batch"].float() - masked) / self.accelerator.num_processes
             return {"agg": "token-mean", "num_tokens": normaliser}, 1.0
         if self.loss_type == "bnpo":
-            counted = loss_mask if self.token_filter == "s2t" else valid
+            counted = loss_mask if self.token_filter.denominator == "kept" else valid
             return {"agg": "token-mean", "num_tokens": counted.sum().float()}, ga
         if self.loss_type == "grpo":
             return {"agg": "seq-mean-token-mean", "num_seqs": float(rows)}, ga
@@ -274,6 +307,8 @@ class STAPOTrainer(GRPOTrainer):
     def _finish_window(self, model, mode: str = "train") -> None:
         """End of an optimizer step: global statistics, the deferred S2T denominator, step metrics."""
         w, self._window = self._window, None
+        if mode == "train":
+            self._step_threshold = None
         if w is None:
             return
         g = reduce_window(w, self.accelerator)
@@ -286,9 +321,9 @@ class STAPOTrainer(GRPOTrainer):
                     p.grad.mul_(scale)
             if getattr(self, "_tr_loss", None) is not None and math.isfinite(w.get("loss")):
                 self._tr_loss += (scale - 1.0) * w.get("loss")
-        metrics = window_metrics(g, s2t_applied=self.token_filter == "s2t")
+        metrics = window_metrics(g, s2t_applied=self.token_filter.applies_s2t)
         metrics["stapo/denominator_scale"] = scale
-        if self.token_filter == "high_entropy":
+        if self.token_filter.uses_top_entropy_quantile:
             metrics["stapo/entropy_kept_frac"] = g["loss_tokens"] / max(g["valid"], 1.0)
         step_times = self._metrics[mode].get("step_time") if mode == "train" else None
         if step_times:
@@ -300,7 +335,7 @@ class STAPOTrainer(GRPOTrainer):
 
     def _warn_if_inert(self, g) -> None:
         """One warning line when S2T has silenced nothing for `inert_warning_steps` optimizer steps in a row."""
-        if self.token_filter != "s2t" or g["valid"] == 0:
+        if not self.token_filter.applies_s2t or g["valid"] == 0:
             return
 
         def suggest():  # from this process's last micro-batch: the step's data, not a global quantile
@@ -460,8 +495,18 @@ class STAPOTrainer(GRPOTrainer):
         records = rollout_records(inputs, self.processing_class, rows, step, self._captured_count, logps, entropies,
                                   advantages, valid, s2t.spurious, collision)
         self._captured_count += len(rows)
-        metadata = capture_metadata(self.args.method, self.token_filter == "s2t", self.filter_params.s2t, s2t.threshold)
+        metadata = capture_metadata(self.args.method, self.token_filter.applies_s2t, self.filter_params.s2t, s2t.threshold)
         write_rollouts(self.args.output_dir, step, records, max_samples=self.args.capture_max_samples, metadata=metadata)
+
+
+def _valid_tokens(inputs) -> torch.Tensor:
+    mask = inputs["completion_mask"]
+    return (mask if "tool_mask" not in inputs else mask * inputs["tool_mask"]).bool()
+
+
+def _token_advantages(inputs, like: torch.Tensor) -> torch.Tensor:
+    advantages = inputs["advantages"]
+    return advantages if advantages.dim() == 2 else advantages.unsqueeze(1).expand_as(like)
 
 
 class _RunDirectoryCallback(TrainerCallback):
