@@ -227,7 +227,7 @@ def test_mini_batch_scope_same_decision_for_1_2_4_micro_batches(tiny_qwen3_dir, 
         for parts in (1, 2, 4):
             t = _trainer(STAPOTrainer, STAPOConfig, tiny_qwen3_dir, tmp_path / f"{scope}{parts}", tau_h_scope=scope,
                          per_device_train_batch_size=rows // parts, gradient_accumulation_steps=parts,
-                         max_grad_norm=1e9)
+                         max_grad_norm=1e9, temperature=0.05)  # sharpened: entropies spread, not all ~log V
             batch = _batch(t.model.config.vocab_size, seed=5, rows=rows, with_old=False)
             t.model.zero_grad()
             masked, threshold = _window_step(t, batch, parts)
@@ -238,10 +238,11 @@ def test_mini_batch_scope_same_decision_for_1_2_4_micro_batches(tiny_qwen3_dir, 
     for parts in (2, 4):
         m, thr, g = results["mini_batch", parts]
         assert m == masked and thr == pytest.approx(threshold, rel=1e-5)
-        for name in grads:
-            assert torch.allclose(g[name], grads[name], atol=1e-6, rtol=1e-5), name
+        for name in grads:  # float32 noise of different batch shapes, relative to the gradient's scale
+            scale = float(grads[name].abs().max())
+            assert torch.allclose(g[name], grads[name], atol=1e-5 * scale, rtol=1e-4), name
     assert results["micro_batch", 1][:2] == pytest.approx((masked, threshold), rel=1e-5)  # one part: the same
-    assert results["micro_batch", 4][1] != pytest.approx(threshold, rel=1e-5)
+    assert results["micro_batch", 4][1] != pytest.approx(threshold, rel=1e-3)
 
 
 def test_mini_batch_scope_needs_whole_steps_per_generation(tmp_path):
