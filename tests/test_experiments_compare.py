@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -180,7 +181,7 @@ def test_report_only_without_runs(compare, tmp_path, capsys):
 
 def test_methods_differ_only_in_method(compare, tmp_path):
     """The resolved run configs of the sweep (base.yaml as shipped) differ only in method and output_dir;
-    the stapo-valid variant is the stapo preset with the literal tau_h reading, nothing else."""
+    the stapo-former variant is the stapo preset with the former S2T reading, nothing else."""
     from stapo.config import load_config
 
     cfg = compare.shared_config(compare.build_parser().parse_args([]))
@@ -189,8 +190,9 @@ def test_methods_differ_only_in_method(compare, tmp_path):
     flats = {m: load_config(path, compare.run_overrides(tmp_path, m, 0)).to_flat_dict() for m in compare.METHODS}
     for m, flat in flats.items():
         diff = {k for k in set(flat) | set(flats["stapo"]) if flat.get(k) != flats["stapo"].get(k)}
-        if m == "stapo-valid":
-            assert diff <= {"output_dir", "tau_h_population"} and flat["tau_h_population"] == "valid", diff
+        if m == "stapo-former":
+            assert diff <= {"output_dir", "tau_p", "tau_h_quantile", "tau_h_max"}, diff
+            assert (flat["tau_p"], flat["tau_h_quantile"], flat["tau_h_max"]) == (0.01, 0.05, pytest.approx(math.log(2)))
             continue
         assert diff <= {"method", "output_dir"}, (m, diff)
         assert flat["seed"] == 0 and flat["method"] == m
@@ -214,7 +216,7 @@ def test_quick_sweep_end_to_end(compare, tiny_qwen3_dir, tmp_path):
     # two runs at a time, each single-threaded (the way the full sweep is run on a 2-core machine)
     proc = _run_script("--quick", "--model", tiny_qwen3_dir, "--out", out, "--jobs", "2")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    for m in ("grpo", "20-entropy", "justrl", "stapo", "stapo-valid"):
+    for m in ("grpo", "20-entropy", "justrl", "stapo", "stapo-former"):
         info = json.loads((out / "runs" / f"{m}-seed0" / "sweep_run.json").read_text())
         assert info["completed"] and info["threads"] == str(max(1, (os.cpu_count() or 1) // 2))
     for name in ("report.md", "results.json", "config.yaml", "analyze/runs.html", "plots/overview.png",
@@ -223,7 +225,7 @@ def test_quick_sweep_end_to_end(compare, tiny_qwen3_dir, tmp_path):
     text = (out / "report.md").read_text()
     table = text.split("## Held-out accuracy", 1)[1].split("##", 1)[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
-    assert [r.split("|")[1].strip() for r in rows] == ["grpo", "20-entropy", "justrl", "stapo", "stapo-valid"]
+    assert [r.split("|")[1].strip() for r in rows] == ["grpo", "20-entropy", "justrl", "stapo", "stapo-former"]
     results = json.loads((out / "results.json").read_text())
     assert results["missing_runs"] == []
     # each run's resolved config differs from the others only in method / output_dir
