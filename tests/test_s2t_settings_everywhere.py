@@ -17,6 +17,7 @@ BAD = {
     "tau_h_quantile": [-0.1, 2.0],
     "tau_h_population": ["everything"],
     "tau_h_max": [-1.0, float("nan")],
+    "tau_h_scope": ["step"],
     "inert_warning_steps": [-3],
 }
 CASES = [(name, value) for name, values in BAD.items() for value in values]

@@ -13,6 +13,7 @@ from verl_fakes import make_actor_config
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
 import stapo.core as core
+from stapo.core import S2TSettings
 from stapo.engines.verl import core_loss_kwargs, entropy_context
 
 AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
@@ -96,7 +97,7 @@ def test_known_spurious_set_equals_core_and_hand_mask():
         # stapo.core with verl's global batch info mapped onto core's denominators
         leaf = lp.clone().requires_grad_(True)
         core_loss, _ = core.stapo_loss(
-            leaf, old, adv, mask, ent, tau_p=0.05, tau_h=0.5, **core_loss_kwargs(cfg, "token-mean")
+            leaf, old, adv, mask, ent, s2t=S2TSettings(tau_p=0.05, tau_h=0.5), **core_loss_kwargs(cfg, "token-mean")
         )
         core_loss.backward()
         assert loss.item() == pytest.approx(core_loss.item(), rel=1e-6)

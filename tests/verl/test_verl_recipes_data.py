@@ -9,6 +9,7 @@ from verl_fakes import VERL_MODULE, VERL_SKIP_REASON
 pytest.importorskip(VERL_MODULE, reason=VERL_SKIP_REASON)
 
 import asyncio
+import dataclasses
 import json
 import os
 import subprocess
@@ -64,10 +65,11 @@ def test_paper_recipe_is_accepted_by_verls_schema(method, model):
         assert actor.policy_loss.loss_mode == method
         if method == "stapo":
             s2t = actor.policy_loss.stapo
-            assert (s2t.tau_p, s2t.tau_h, s2t.tau_h_quantile) == (0.01, None, 0.05)
+            assert (s2t.tau_p, s2t.tau_h, s2t.tau_h_quantile) == (0.002, None, 0.75)
             assert (s2t.tau_h_population, s2t.tau_h_max) == (get_preset("stapo").s2t.tau_h_population,
                                                           get_preset("stapo").s2t.tau_h_max)
-            assert s2t.s2t == preset.s2t_settings
+            # verl takes the quantile per micro-batch (VERL_TAU_H_SCOPE); the rest is the preset's
+            assert s2t.s2t == dataclasses.replace(preset.s2t_settings, tau_h_scope="micro_batch")
         else:
             assert actor.policy_loss.stapo.top_entropy_quantile == 0.2
         assert "stapo.engines.verl" in list(cfg.actor_rollout_ref.model.external_lib) + [cfg.actor_rollout_ref.model.external_lib]
@@ -91,7 +93,7 @@ def test_bad_stapo_values_are_rejected_naming_the_key():
         apply_stapo_defaults(compose([f"+{a}.stapo.tau_p=0.1"]))
     cfg = apply_stapo_defaults(compose([f"{a}.loss_mode=stapo"]))  # defaults from the preset
     assert cfg.actor_rollout_ref.actor.policy_loss._target_ == POLICY_LOSS_TARGET
-    assert cfg.actor_rollout_ref.actor.policy_loss.stapo.tau_p == 0.01
+    assert cfg.actor_rollout_ref.actor.policy_loss.stapo.tau_p == 0.002
 
 
 @pytest.mark.slow  # ~20 s: a fresh interpreter imports verl

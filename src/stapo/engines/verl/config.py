@@ -30,6 +30,10 @@ S2T_KEYS = (
 STAPO_KEYS = S2T_KEYS + ("top_entropy_quantile",)
 
 _S2T = get_preset("stapo").s2t_settings
+# verl calls the loss once per micro-batch and this plugin has no pass over the whole PPO mini-batch
+# yet, so the paper's mini-batch scope of the tau_h quantile is not available here: the quantile is
+# taken per micro-batch (gathered over the data-parallel ranks), and mini_batch is refused.
+VERL_TAU_H_SCOPE = "micro_batch"
 _HIGH_ENTROPY = get_preset("20-entropy")
 
 
@@ -50,7 +54,7 @@ class StapoConfig(BaseConfig):
     tau_h_quantile: float = _S2T.tau_h_quantile
     tau_h_population: str = _S2T.tau_h_population
     tau_h_max: float = _S2T.tau_h_max
-    tau_h_scope: str = _S2T.tau_h_scope
+    tau_h_scope: str = VERL_TAU_H_SCOPE
     inert_warning_steps: int = _S2T.inert_warning_steps
     top_entropy_quantile: float = _HIGH_ENTROPY.top_entropy_quantile
 
@@ -58,6 +62,10 @@ class StapoConfig(BaseConfig):
         values = {name: getattr(self, name) for name in S2T_KEYS}
         errors = [f"stapo.{name} {msg}, got {values[name]!r}"
                   for name, msg in s2t_errors(values, none_means_default=False).items()]
+        if not errors and self.tau_h_scope != VERL_TAU_H_SCOPE:
+            errors.append(f"stapo.tau_h_scope={self.tau_h_scope!r} is not available with verl yet (the loss sees one "
+                          f"micro-batch at a time); set stapo.tau_h_scope={VERL_TAU_H_SCOPE}, or make a PPO "
+                          f"mini-batch one micro-batch per rank (the scopes then agree)")
         if errors:
             raise ValueError("; ".join(errors))
         _check_range("stapo.top_entropy_quantile", self.top_entropy_quantile, 0.0, 1.0, low_open=True)

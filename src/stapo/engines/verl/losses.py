@@ -185,11 +185,7 @@ def compute_policy_loss_stapo(
         advantages,
         response_mask.bool(),
         ctx.entropy,
-        tau_p=s2t.tau_p,
-        tau_h=s2t.tau_h,
-        tau_h_quantile=s2t.tau_h_quantile,
-        tau_h_population=s2t.tau_h_population,
-        tau_h_max=s2t.tau_h_max,
+        s2t,
         group=ctx.dp_group,
         **core_loss_kwargs(config, loss_agg_mode),
     )

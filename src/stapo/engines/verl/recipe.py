@@ -14,11 +14,11 @@ Shared JustRL settings: G = 8, lr 1e-6 with 10 warm-up steps, weight decay 0.1, 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from stapo.core import get_preset
 from stapo.data import BENCHMARKS
-from stapo.engines.verl.config import S2T_KEYS
+from stapo.engines.verl.config import S2T_KEYS, VERL_TAU_H_SCOPE
 
 METHODS = ("grpo", "20-entropy", "justrl", "stapo")
 
@@ -64,7 +64,7 @@ def loss_overrides(method: str) -> list[str]:
     if p.token_filter == "none":
         out.append(f"{a}.policy_loss.loss_mode=vanilla")
     elif p.token_filter == "s2t":
-        s2t = p.s2t_settings
+        s2t = replace(p.s2t_settings, tau_h_scope=VERL_TAU_H_SCOPE)  # see VERL_TAU_H_SCOPE
         out.append(f"{a}.policy_loss.loss_mode=stapo")
         for name in S2T_KEYS:
             value = getattr(s2t, name)
