@@ -9,18 +9,20 @@ from verl_fakes import VERL_MODULE, VERL_SKIP_REASON
 pytest.importorskip(VERL_MODULE, reason=VERL_SKIP_REASON)
 
 import asyncio
-import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 import verl
-from stapo.engines.verl.config import POLICY_LOSS_TARGET, StapoPolicyLossConfig
+from stapo.core import get_preset
+from stapo.engines.verl.config import POLICY_LOSS_TARGET, VERL_TAU_H_SCOPE, StapoPolicyLossConfig
 from stapo.engines.verl.main import apply_stapo_defaults
 from stapo.engines.verl.recipe import METHODS, MODELS, loss_overrides, paper_overrides
 
@@ -50,14 +52,14 @@ def test_paper_recipe_is_accepted_by_verls_schema(method, model):
     validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
     actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
     omega_conf_to_dataclass(cfg.algorithm)
-    from stapo.core import get_preset
-
     preset = get_preset(method)
     assert (actor.clip_ratio_low, actor.clip_ratio_high, actor.loss_agg_mode) == (preset.clip_low, preset.clip_high, preset.agg)
     assert cfg.actor_rollout_ref.rollout.n == 8 and actor.optim.lr == 1e-6 and actor.entropy_coeff == 0
-    assert (actor.optim.lr_warmup_steps, actor.optim.weight_decay) == (10, 0.1)  # JustRL's optimizer, every method
+    assert (actor.optim.lr_warmup_steps, actor.optim.weight_decay) == (10, 0.1)  # the table's optimizer, every method
+    assert (actor.optim.clip_grad, actor.optim.lr_scheduler_type) == (1.0, "constant")
     assert actor.clip_ratio_c == (preset.clip_ratio_c or 3.0)  # the preset's dual clip; else verl's default
-    assert cfg.data.max_response_length == MODELS[model].max_response_length
+    assert cfg.data.max_response_length == MODELS[model].max_response_length == 15360  # the paper's 15k
+    assert cfg.algorithm.filter_groups.enable is False and cfg.trainer.test_freq == 20
     assert len(cfg.data.val_files) == 6
     if method in ("stapo", "20-entropy"):
         assert actor.calculate_entropy is True
@@ -65,11 +67,10 @@ def test_paper_recipe_is_accepted_by_verls_schema(method, model):
         assert actor.policy_loss.loss_mode == method
         if method == "stapo":
             s2t = actor.policy_loss.stapo
-            assert (s2t.tau_p, s2t.tau_h, s2t.tau_h_quantile) == (0.002, None, 0.75)
-            assert (s2t.tau_h_population, s2t.tau_h_max) == (get_preset("stapo").s2t.tau_h_population,
-                                                          get_preset("stapo").s2t.tau_h_max)
-            # verl takes the quantile per micro-batch (VERL_TAU_H_SCOPE); the rest is the preset's
-            assert s2t.s2t == dataclasses.replace(preset.s2t_settings, tau_h_scope="micro_batch")
+            assert (s2t.tau_p, s2t.tau_h, s2t.tau_h_quantile) == (0.002, None, 0.75)  # the paper's rule
+            assert (s2t.tau_h_population, s2t.tau_h_max) == ("candidates", math.inf)  # Hydra reads `inf`
+            # the preset's settings, but per micro-batch: verl's loss sees one micro-batch at a time
+            assert s2t.s2t == replace(preset.s2t_settings, tau_h_scope=VERL_TAU_H_SCOPE)
         else:
             assert actor.policy_loss.stapo.top_entropy_quantile == 0.2
         assert "stapo.engines.verl" in list(cfg.actor_rollout_ref.model.external_lib) + [cfg.actor_rollout_ref.model.external_lib]
@@ -93,7 +94,7 @@ def test_bad_stapo_values_are_rejected_naming_the_key():
         apply_stapo_defaults(compose([f"+{a}.stapo.tau_p=0.1"]))
     cfg = apply_stapo_defaults(compose([f"{a}.loss_mode=stapo"]))  # defaults from the preset
     assert cfg.actor_rollout_ref.actor.policy_loss._target_ == POLICY_LOSS_TARGET
-    assert cfg.actor_rollout_ref.actor.policy_loss.stapo.tau_p == 0.002
+    assert cfg.actor_rollout_ref.actor.policy_loss.stapo.tau_p == get_preset("stapo").s2t_settings.tau_p == 0.002
 
 
 @pytest.mark.slow  # ~20 s: a fresh interpreter imports verl
