@@ -217,7 +217,7 @@ def test_two_step_run_writes_checkpoints_and_rollouts(two_step_run):
 
     r = read_rollouts(out)
     assert sorted(r.metadata) == [1, 2]
-    assert r.metadata[1]["method"] == "stapo" and r.metadata[1]["tau_p"] == 0.01
+    assert r.metadata[1]["method"] == "stapo" and r.metadata[1]["tau_p"] == 0.002
     import pyarrow.parquet as pq
 
     table = pq.read_table(out / "rollouts" / "step_00000001.parquet").to_pylist()
