@@ -125,7 +125,8 @@ def test_report_from_runs_hand_worked(compare, tmp_path):
     # entropy: first / last 10% of 4 steps = the first / last step; grpo seeds 1 and 3 -> mean 2, 4 and 6 -> 5
     assert s["grpo"]["entropy"]["first10"]["mean"] == pytest.approx(2.0)
     assert s["grpo"]["entropy"]["last10"]["mean"] == pytest.approx(5.0)
-    assert results["s2t_thresholds"] == {"tau_p": 0.02, "tau_h": None, "tau_h_quantile": 0.05,
+    assert results["s2t_thresholds"] == {"tau_p": 0.02, "tau_h": None,
+                                         "tau_h_quantile": get_preset("stapo").s2t_settings.tau_h_quantile,
                                          "tau_h_population": get_preset("stapo").s2t_settings.tau_h_population,
                                          "tau_h_max": get_preset("stapo").s2t_settings.tau_h_max}
     assert results["total_run_wall_s"] == pytest.approx(4 * 10.0 + 2 * 1.0)
@@ -133,7 +134,7 @@ def test_report_from_runs_hand_worked(compare, tmp_path):
     table = text.split("## Held-out accuracy", 1)[1].split("##", 1)[0]
     assert "| grpo | 2 | 0.200 [0.200, 0.200] | 0.400 [0.300, 0.500] | 0.200 [0.100, 0.300] |" in table
     assert "| stapo | 2 | 0.150 [0.100, 0.200] | 0.500 [0.400, 0.600] |" in table
-    assert "tau_p = 0.02" in text and "0.05 quantile" in text
+    assert "tau_p = 0.02" in text and "0.75 quantile" in text
     for name in ("heldout_accuracy", "entropy", "s2t_masked_frac", "clip_low", "clip_high", "response_length",
                  "overview"):
         png = tmp_path / "plots" / f"{name}.png"
