@@ -1,5 +1,6 @@
-"""The actor-loss hook: a fake verl actor micro-batch (tensors only) through verl's own `ppo_loss`
-as the engine worker calls it, with stapo.engines.verl installed."""
+"""The engine hook: a fake verl actor micro-batch (tensors only) through verl's own `ppo_loss` bound as the
+engine worker binds it, wrapped by `with_entropy` as the hooked `BaseEngine.train_batch` wraps it (the
+real engine runs in test_verl_engine.py)."""
 
 from __future__ import annotations
 
@@ -9,30 +10,47 @@ from verl_fakes import VERL_MODULE, VERL_SKIP_REASON
 pytest.importorskip(VERL_MODULE, reason=VERL_SKIP_REASON)
 
 import math
+import os
+import subprocess
 import sys
+from functools import partial
 
 import torch
 from verl_fakes import make_actor_config, make_micro_batch
 
 import stapo.engines.verl  # noqa: F401 - installs the hook
 import verl.workers.utils.losses as verl_losses
+from stapo.engines.verl import MiniBatchS2T, with_entropy
 
 
-def test_hook_is_what_the_engine_worker_binds(monkeypatch):
-    """The engine worker does `from verl.workers.utils.losses import ppo_loss`: imported after the
-    plugin it gets the hook; imported before, install_actor_loss_hook replaces its binding. (The
-    real worker module needs the rollout server stack, so a stand-in module plays it here.)"""
-    import types
+def ppo_loss(cfg, out, data, mini_batch=None):
+    """verl's ppo_loss as the hooked engine calls it for one micro-batch."""
+    return with_entropy(partial(verl_losses.ppo_loss, config=cfg), mini_batch)(model_output=out, data=data,
+                                                                                dp_group=None)
 
-    assert verl_losses.ppo_loss is stapo.engines.verl.stapo_actor_loss
-    original = stapo.engines.verl.losses._VERL_PPO_LOSS
-    assert original is not None and original.__module__ == "verl.workers.utils.losses"
-    worker = types.ModuleType("verl.workers.engine_workers")
-    worker.ppo_loss = original
-    monkeypatch.setitem(sys.modules, "verl.workers.engine_workers", worker)
-    stapo.engines.verl.install_actor_loss_hook()
-    assert worker.ppo_loss is stapo.engines.verl.stapo_actor_loss
-    assert stapo.engines.verl.losses._VERL_PPO_LOSS is original  # idempotent: never wraps itself
+
+def test_the_hook_wraps_every_engines_train_batch_and_leaves_ppo_loss_alone():
+    """Importing the plugin does not import verl's engines (that would resolve verl's accelerator platform
+    before other plugins register theirs); once they are imported, `BaseEngine.train_batch`, which every
+    engine inherits, is the plugin's wrapper. verl's ppo_loss is not replaced. (A fresh interpreter.)"""
+    code = (
+        "import sys\n"
+        "import stapo.engines.verl\n"
+        "import verl.plugin.platform.platform_manager as pm\n"
+        "assert 'verl.workers.engine' not in sys.modules and pm._current_platform is None\n"
+        "import verl.workers.utils.losses as L\n"
+        "assert L.ppo_loss.__module__ == 'verl.workers.utils.losses'\n"
+        "from verl.workers.engine.base import BaseEngine\n"
+        "from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead\n"
+        "assert BaseEngine.train_batch is FSDPEngineWithLMHead.train_batch\n"
+        "assert getattr(BaseEngine.train_batch, '_stapo_hook', False)\n"
+        "stapo.engines.verl.install_engine_hook()\n"
+        "assert stapo.engines.verl.losses._VERL_TRAIN_BATCH.__module__ == 'verl.workers.engine.base'\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
 def mini_batch(seed=0, bsz=6, resp_len=6):
@@ -57,7 +75,7 @@ def test_spurious_tokens_get_zero_gradient_through_the_wrapper():
     assert expected.sum() == 3
     cfg = make_actor_config("stapo", stapo={"tau_p": 0.01, "tau_h": 0.5})
     data, out, flat = make_micro_batch(lp, old, adv, ent, mask)
-    loss, metrics = verl_losses.ppo_loss(cfg, out, data)
+    loss, metrics = ppo_loss(cfg, out, data)
     loss.backward()
     # map the padded [B, T] positions to the flat leaf: position of token (i, t)
     from verl.workers.utils.padding import no_padding_2_padding
@@ -67,7 +85,7 @@ def test_spurious_tokens_get_zero_gradient_through_the_wrapper():
     assert torch.all(grads[expected] == 0)
     vanilla_cfg = make_actor_config("vanilla")
     data2, out2, flat2 = make_micro_batch(lp, old, adv, ent, mask)
-    verl_losses.ppo_loss(vanilla_cfg, out2, data2)[0].backward()
+    ppo_loss(vanilla_cfg, out2, data2)[0].backward()
     assert torch.all(flat2.grad[index][expected] != 0)  # without STAPO they do get gradient
     count = metrics["actor/s2t_masked_count"]  # reaches verl's metrics (a verl Metric)
     assert count.aggregate() == 3.0
@@ -87,7 +105,7 @@ def split_run(lp, old, adv, ent, mask, bounds, cfg, dp_size=1, global_tokens=Non
         # a shared parameter: every token's log-prob moves with θ (times a token-specific weight)
         weight = 1.0 + 0.5 * torch.cos(7.0 * flat.detach())  # a function of the token, not of the split
         out["log_probs"] = flat.detach() + theta * weight
-        loss, _ = verl_losses.ppo_loss(cfg, out, data)
+        loss, _ = ppo_loss(cfg, out, data)
         loss.backward()
         total += loss.item()
     return total, theta.grad.item()
@@ -115,10 +133,14 @@ def test_other_loss_modes_pass_through_unchanged():
     lp, old, adv, ent, mask, _ = mini_batch()
     cfg = make_actor_config("vanilla")
     data, out, _ = make_micro_batch(lp, old, adv, ent, mask)
-    hooked, _ = verl_losses.ppo_loss(cfg, out, data)
+    hooked, _ = ppo_loss(cfg, out, data)
     data, out, _ = make_micro_batch(lp, old, adv, ent, mask)
-    original, _ = stapo.engines.verl.losses._VERL_PPO_LOSS(cfg, out, data)
+    original, _ = verl_losses.ppo_loss(cfg, out, data)
     assert hooked.item() == original.item()
+    # verl's logits-processor use of the same function (no model_output) goes straight through
+    seen = []
+    wrapped = with_entropy(lambda **kw: seen.append(kw) or "through")
+    assert wrapped(student_logits=1, data=None) == "through" and seen == [{"student_logits": 1, "data": None}]
 
 
 def test_missing_entropy_names_the_setting():
@@ -126,4 +148,41 @@ def test_missing_entropy_names_the_setting():
     data, out, _ = make_micro_batch(lp, old, adv, ent, mask)
     del out["entropy"]
     with pytest.raises(ValueError, match="calculate_entropy"):
-        verl_losses.ppo_loss(make_actor_config("stapo"), out, data)
+        ppo_loss(make_actor_config("stapo"), out, data)
+
+
+def test_one_micro_batch_per_rank_renormalises_over_the_kept_tokens():
+    """With verl's global info, a mini-batch that is one micro-batch on this rank (what the hook tells the
+    loss) gets STAPO's exact denominator: the valid tokens minus the silenced ones (all-reduced over the
+    ranks; one rank here), i.e. verl's vanilla on the kept tokens with verl's own count of them."""
+    lp, old, adv, ent, mask, expected = mini_batch()
+    cfg = make_actor_config("stapo", stapo={"tau_p": 0.01, "tau_h": 0.5})
+    info = {"dp_size": 1, "batch_num_tokens": int(mask.sum()), "global_batch_size": 6}
+    data, out, flat = make_micro_batch(lp, old, adv, ent, mask, global_info=info)
+    loss, _ = ppo_loss(cfg, out, data, MiniBatchS2T(micro_batches=1))
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+    vanilla = make_actor_config("vanilla")
+    vanilla.global_batch_info.update(info, batch_num_tokens=int((mask & ~expected).sum()))
+    ref, _ = get_policy_loss_fn("vanilla")(old, lp, adv, mask & ~expected, "token-mean", vanilla)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    # without the hook's word on the split, verl's count of every valid token stays the denominator
+    data3, out3, _ = make_micro_batch(lp, old, adv, ent, mask, global_info=info)
+    unknown, _ = ppo_loss(cfg, out3, data3)
+    n, m = int(mask.sum()), int(expected.sum())
+    assert unknown.item() == pytest.approx(ref.item() * (n - m) / n, rel=1e-6)
+
+
+def test_mini_batch_scope_refuses_several_micro_batches_without_a_pre_pass():
+    """A hooked engine that did not take the mini-batch's tau_h (it could not find the config, or split
+    differently) must not silently fall back to per-micro-batch quantiles."""
+    lp, old, adv, ent, mask, _ = mini_batch()
+    cfg = make_actor_config("stapo", stapo={"tau_p": 0.01})
+    state = MiniBatchS2T(micro_batches=None)
+    data, out, _ = make_micro_batch(lp[:3], old[:3], adv[:3], ent[:3], mask[:3])
+    ppo_loss(cfg, out, data, state)  # the first call cannot know yet
+    data, out, _ = make_micro_batch(lp[3:], old[3:], adv[3:], ent[3:], mask[3:])
+    with pytest.raises(RuntimeError, match="tau_h_scope=micro_batch"):
+        ppo_loss(cfg, out, data, state)
+    micro = make_actor_config("stapo", stapo={"tau_p": 0.01, "tau_h_scope": "micro_batch"})
+    ppo_loss(micro, out, data, MiniBatchS2T(micro_batches=2, loss_calls=1))  # micro_batch scope: fine

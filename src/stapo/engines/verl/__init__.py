@@ -4,9 +4,11 @@ Importing this module (verl does it in every process through the `verl.plugins` 
 through `actor_rollout_ref.model.external_lib=stapo.engines.verl`)
 
   - registers the policy losses `stapo` and `20-entropy` with verl's registry
-    (`verl.trainer.ppo.core_algos.register_policy_loss`), computed by `stapo.core`;
-  - routes verl's actor loss through `stapo_actor_loss`, which hands the micro-batch's entropies to
-    those two losses (verl's loss signature has none) and changes nothing for other loss modes.
+    (`verl.trainer.ppo.core_algos.register_policy_loss`), computed with `stapo.core`'s token filters;
+  - wraps verl's per-mini-batch engine call (`BaseEngine.train_batch`, `install_engine_hook`): each
+    micro-batch's loss call gets its entropies (verl's policy-loss signature has none), and with
+    `stapo.tau_h_scope=mini_batch` over several micro-batches a forward-only pass first takes S2T's
+    tau_h over the whole mini-batch. Other loss modes run as before.
 
 Launch with `python -m stapo.engines.verl.main <verl overrides>`: verl's `main_ppo` plus entropy switched on
 and the `stapo` config block selected when `loss_mode` is `stapo` / `20-entropy`. See docs/verl.md.
@@ -18,14 +20,24 @@ import warnings
 
 import verl
 
-from stapo.engines.verl.config import LOSS_MODES, POLICY_LOSS_TARGET, StapoConfig, StapoPolicyLossConfig, stapo_settings
+from stapo.engines.verl.config import (
+    LOSS_MODE_FILTERS,
+    LOSS_MODES,
+    POLICY_LOSS_TARGET,
+    StapoConfig,
+    StapoPolicyLossConfig,
+    loss_mode_filter,
+    stapo_settings,
+)
 from stapo.engines.verl.losses import (
+    MiniBatchS2T,
     compute_policy_loss_high_entropy,
     compute_policy_loss_stapo,
     core_loss_kwargs,
     entropy_context,
-    install_actor_loss_hook,
-    stapo_actor_loss,
+    install_engine_hook,
+    mini_batch_s2t,
+    with_entropy,
 )
 
 SUPPORTED_VERL_VERSIONS = ("0.9.1",)
@@ -33,15 +45,17 @@ SUPPORTED_VERL_VERSIONS = ("0.9.1",)
 if getattr(verl, "__version__", None) not in SUPPORTED_VERL_VERSIONS:
     warnings.warn(
         f"stapo.engines.verl is tested with verl {', '.join(SUPPORTED_VERL_VERSIONS)}; found verl "
-        f"{getattr(verl, '__version__', 'unknown')}. The actor-loss hook relies on verl's engine "
-        "workers' `ppo_loss`; check docs/verl.md.",
+        f"{getattr(verl, '__version__', 'unknown')}. The engine hook wraps verl's "
+        "`BaseEngine.train_batch`; check docs/verl.md.",
         stacklevel=2,
     )
 
-install_actor_loss_hook()
+install_engine_hook()
 
 __all__ = [
     "LOSS_MODES",
+    "LOSS_MODE_FILTERS",
+    "MiniBatchS2T",
     "POLICY_LOSS_TARGET",
     "SUPPORTED_VERL_VERSIONS",
     "StapoConfig",
@@ -50,7 +64,9 @@ __all__ = [
     "compute_policy_loss_stapo",
     "core_loss_kwargs",
     "entropy_context",
-    "install_actor_loss_hook",
-    "stapo_actor_loss",
+    "install_engine_hook",
+    "loss_mode_filter",
+    "mini_batch_s2t",
     "stapo_settings",
+    "with_entropy",
 ]

@@ -7,7 +7,9 @@ verl builds `actor.policy_loss` from its Hydra node with `_target_`, so the extr
 stapo.engines.verl.config.StapoPolicyLossConfig` when it sets any `stapo.*` key.
 
 The S2T thresholds' defaults, ranges and meanings are `stapo.core.S2TSettings`' (checked by its
-validator, errors prefixed `stapo.`); 20-Entropy's rho defaults to its preset's.
+validator, errors prefixed `stapo.`), the paper's rule included: tau_h per PPO mini-batch
+(`tau_h_scope=mini_batch`, which the engine hook in `stapo.engines.verl.losses` provides); 20-Entropy's
+rho defaults to its preset's.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ from typing import Any, Optional
 from verl.base_config import BaseConfig
 from verl.workers.config import PolicyLossConfig
 
-from stapo.core import S2TSettings, get_preset, s2t_errors
+from stapo.core import S2TSettings, TokenFilterSpec, get_preset, get_token_filter, s2t_errors
 
-LOSS_MODES = ("stapo", "20-entropy")
+# verl's policy-loss modes this plugin registers, and the stapo.core token filter each one applies. What a
+# loss does (S2T or not, its denominator, whether it reads rho) comes from the filter's properties.
+LOSS_MODE_FILTERS = {"stapo": get_preset("stapo").token_filter, "20-entropy": get_preset("20-entropy").token_filter}
+LOSS_MODES = tuple(LOSS_MODE_FILTERS)
 POLICY_LOSS_TARGET = "stapo.engines.verl.config.StapoPolicyLossConfig"
 # The S2T settings a verl loss reads (inert_warning_steps counts loss calls = micro-batches on a rank here).
 S2T_KEYS = (
@@ -30,11 +35,17 @@ S2T_KEYS = (
 STAPO_KEYS = S2T_KEYS + ("top_entropy_quantile",)
 
 _S2T = get_preset("stapo").s2t_settings
-# verl calls the loss once per micro-batch and this plugin has no pass over the whole PPO mini-batch
-# yet, so the paper's mini-batch scope of the tau_h quantile is not available here: the quantile is
-# taken per micro-batch (gathered over the data-parallel ranks), and mini_batch is refused.
-VERL_TAU_H_SCOPE = "micro_batch"
+# The tau_h scope a verl run takes by default: the paper's (per PPO mini-batch), S2TSettings' default.
+# With several micro-batches per mini-batch it costs one forward-only pass over the mini-batch per
+# optimizer step (docs/verl.md); `micro_batch` takes each micro-batch's own quantile instead.
+VERL_TAU_H_SCOPE = _S2T.tau_h_scope
 _HIGH_ENTROPY = get_preset("20-entropy")
+
+
+def loss_mode_filter(loss_mode: str) -> TokenFilterSpec | None:
+    """The token filter (`stapo.core.TOKEN_FILTERS` entry) a verl loss mode applies; None for verl's own modes."""
+    name = LOSS_MODE_FILTERS.get(loss_mode)
+    return None if name is None else get_token_filter(name)
 
 
 @dataclass
@@ -42,7 +53,8 @@ class StapoConfig(BaseConfig):
     """Thresholds of the two token filters.
 
     tau_p, tau_h, tau_h_quantile, tau_h_population, tau_h_max, tau_h_scope   STAPO's S2T settings (`stapo.core.S2TSettings`);
-                          the quantile is taken over every data-parallel rank.
+                          the quantile is taken over every data-parallel rank, per PPO mini-batch
+                          (`mini_batch`) or per micro-batch (`micro_batch`).
     inert_warning_steps   warn (rank 0) when S2T silenced nothing in this many loss calls (micro-batches)
                           in a row; 0: never.
     top_entropy_quantile  20-Entropy: the fraction rho of highest-entropy tokens that keep a
@@ -62,10 +74,6 @@ class StapoConfig(BaseConfig):
         values = {name: getattr(self, name) for name in S2T_KEYS}
         errors = [f"stapo.{name} {msg}, got {values[name]!r}"
                   for name, msg in s2t_errors(values, none_means_default=False).items()]
-        if not errors and self.tau_h_scope != VERL_TAU_H_SCOPE:
-            errors.append(f"stapo.tau_h_scope={self.tau_h_scope!r} is not available with verl yet (the loss sees one "
-                          f"micro-batch at a time); set stapo.tau_h_scope={VERL_TAU_H_SCOPE}, or make a PPO "
-                          f"mini-batch one micro-batch per rank (the scopes then agree)")
         if errors:
             raise ValueError("; ".join(errors))
         _check_range("stapo.top_entropy_quantile", self.top_entropy_quantile, 0.0, 1.0, low_open=True)

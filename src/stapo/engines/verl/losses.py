@@ -1,12 +1,24 @@
-"""STAPO and 20-Entropy as verl policy losses, and the actor-loss hook that hands them entropies.
+"""STAPO and 20-Entropy as verl policy losses, and the engine hook that hands them entropies.
 
 verl's policy-loss signature is
     fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
-and carries no entropy. The actor's loss function (`verl.workers.utils.losses.ppo_loss`) is the one
-place where the current policy's log-probs, entropies and advantages of a micro-batch are together.
-`stapo_actor_loss` wraps it: for `loss_mode` `stapo` / `20-entropy` it puts the micro-batch's
-entropies (and the data-parallel group) in a context variable, then runs verl's own `ppo_loss`,
-which calls the registered loss below; for every other loss mode it is verl's `ppo_loss`, unchanged.
+and carries no entropy. The actor's loss function (verl's `ppo_loss`, bound by the engine worker) gets
+the micro-batch's `model_output`, entropies included when `actor.calculate_entropy=True`, and calls the
+registered policy loss without them. The hook (`install_engine_hook`) wraps verl's per-mini-batch call,
+`BaseEngine.train_batch(data, loss_function)` (zero grad, the micro-batches' forward/backward, one
+optimizer step; every verl engine inherits it):
+
+  - each call of `loss_function` runs with that micro-batch's entropies (and the data-parallel group)
+    in a context variable, which the two registered losses read; verl's `ppo_loss` runs unchanged;
+  - with `stapo.tau_h_scope=mini_batch` (the default) and a mini-batch that splits into several
+    micro-batches, a forward-only pass over the mini-batch first (`mini_batch_s2t`) takes S2T's tau_h
+    over all its micro-batches and data-parallel ranks (`stapo.core.s2t_threshold`) and counts the
+    tokens it silences; every micro-batch's loss then applies that threshold to its own current
+    log-probs and entropies. The decision is the one on the whole mini-batch at once, however it is
+    split. One micro-batch per rank needs no pre-pass (its quantile, gathered over the ranks, is the
+    mini-batch's). `micro_batch` scope: each micro-batch's own quantile, no pre-pass.
+
+Nothing else changes for other loss modes (their loss functions run as before, with an unused context).
 
 Aggregation. verl's `agg_loss` returns, per micro-batch on one of `dp` ranks,
 
@@ -21,30 +33,43 @@ and no dp factor, so the same number is core's loss with
     num_tokens = 1 / dp                    (token-sum: token-mean with a unit denominator)
     num_seqs   = global_batch_size / dp    (seq modes),   horizon = loss_scale_factor.
 
-Without global batch info (dp = 1) both use the micro-batch's own counts, so STAPO renormalises
-over the valid tokens it does not silence, exactly as `stapo.core.stapo_loss`. With verl's global
-batch info the denominators are verl's (all valid tokens of the mini-batch on every rank): the S2T
-mask is decided per micro-batch on the current policy, after the counts were taken, so the silenced
-tokens stay in the denominator — a relative change of the step's gradient scale equal to the masked
-fraction (logged as `actor/s2t_masked_frac`, ~1e-4 in the paper).
+STAPO's token-mean denominator leaves the silenced tokens out ("kept", the filter's `denominator`):
+`batch_num_tokens` counts every valid token of the mini-batch (verl takes it before the forwards), so
+the loss uses batch_num_tokens − (silenced tokens of the mini-batch, all ranks) wherever that count is
+known before the micro-batch's loss: from the pre-pass, or when the mini-batch is one micro-batch per
+rank (all-reduced in the loss). Only with `micro_batch` scope and several micro-batches per rank is it
+unknown; the silenced tokens then stay in the denominator (a relative change of the step's gradient
+scale equal to the masked fraction, `actor/s2t_masked_frac`).
 """
 
 from __future__ import annotations
 
 import contextvars
+import functools
+import importlib.abc
 import logging
 import sys
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from verl.trainer.ppo.core_algos import register_policy_loss
 
-from stapo.core import S2TSettings, high_entropy_loss, s2t_decision, stapo_loss, tau_h_for_fraction
+from stapo.core import (
+    FilterParams,
+    S2TSettings,
+    TokenFilterSpec,
+    policy_loss,
+    s2t_decision,
+    s2t_metrics,
+    s2t_population,
+    s2t_threshold,
+    tau_h_for_fraction,
+)
 from stapo.core.monitor import PAPER_MASKED_FRACTION, InertS2TMonitor
-from stapo.engines.verl.config import LOSS_MODES, stapo_settings
+from stapo.engines.verl.config import StapoConfig, loss_mode_filter, stapo_settings
 
 logger = logging.getLogger(__name__)
 __all__ = [
@@ -52,45 +77,73 @@ __all__ = [
     "compute_policy_loss_stapo",
     "core_loss_kwargs",
     "entropy_context",
-    "install_actor_loss_hook",
-    "stapo_actor_loss",
+    "install_engine_hook",
+    "mini_batch_s2t",
+    "with_entropy",
 ]
 
 
+# ---------------------------------------------------------------------------------------------
+# What a loss call knows beyond verl's signature.
+
+
+@dataclass
+class MiniBatchS2T:
+    """One `train_batch` call (one optimizer step) on this rank, as the losses of its micro-batches see it.
+
+    micro_batches  how many micro-batches this rank's mini-batch splits into (None: not known)
+    threshold      S2T's tau_h over the whole mini-batch, every rank (the pre-pass); None: not taken
+    masked         tokens S2T silences in the whole mini-batch, summed over the ranks (the pre-pass)
+    loss_calls     loss calls so far in this mini-batch
+    """
+
+    micro_batches: Optional[int] = None
+    threshold: Optional[torch.Tensor] = None
+    masked: Optional[float] = None
+    loss_calls: int = 0
+
+
 @dataclass(frozen=True)
-class _TokenEntropy:
+class _LossInputs:
     entropy: torch.Tensor  # [B, T], aligned with log_prob / response_mask, detached
     dp_group: Any = None
+    mini_batch: Optional[MiniBatchS2T] = None
 
 
-_ENTROPY: contextvars.ContextVar[Optional[_TokenEntropy]] = contextvars.ContextVar("stapo_entropy", default=None)
+_INPUTS: contextvars.ContextVar[Optional[_LossInputs]] = contextvars.ContextVar("stapo_loss_inputs", default=None)
 
 
 class entropy_context:
-    """`with entropy_context(entropy, dp_group): ...` — the entropies the registered losses read."""
+    """`with entropy_context(entropy, dp_group): ...` — the entropies [B, T] the registered losses read
+    (what the engine hook provides for each micro-batch; tests call the losses under it directly)."""
 
-    def __init__(self, entropy: torch.Tensor, dp_group=None):
-        self._value = _TokenEntropy(entropy.detach(), dp_group)
+    def __init__(self, entropy: torch.Tensor, dp_group=None, mini_batch: MiniBatchS2T | None = None):
+        self._value = _LossInputs(entropy.detach(), dp_group, mini_batch)
         self._token = None
 
     def __enter__(self):
-        self._token = _ENTROPY.set(self._value)
+        self._token = _INPUTS.set(self._value)
         return self._value
 
     def __exit__(self, *exc):
-        _ENTROPY.reset(self._token)
+        _INPUTS.reset(self._token)
         return False
 
 
-def _current_entropy(loss_mode: str) -> _TokenEntropy:
-    value = _ENTROPY.get()
+def _current_inputs(loss_mode: str) -> _LossInputs:
+    value = _INPUTS.get()
     if value is None:
         raise ValueError(
             f"policy_loss.loss_mode={loss_mode} needs per-token entropies: set "
             "actor_rollout_ref.actor.calculate_entropy=True and import stapo.engines.verl in the workers "
-            "(launch with `python -m stapo.engines.verl.main`, which does both)"
+            "(launch with `python -m stapo.engines.verl.main`, which does both); the loss runs inside verl's "
+            "engine `train_batch`"
         )
     return value
+
+
+# ---------------------------------------------------------------------------------------------
+# verl's aggregation in stapo.core's terms.
 
 
 def core_loss_kwargs(config, loss_agg_mode: str) -> dict:
@@ -110,13 +163,11 @@ def core_loss_kwargs(config, loss_agg_mode: str) -> dict:
     clip_ratio_c = config.get("clip_ratio_c", 3.0)
     if not clip_ratio_c > 1.0:
         raise ValueError(f"actor.clip_ratio_c must be > 1 (dual clip), got {clip_ratio_c}")
-    info = dict(config.get("global_batch_info", None) or {})
-    dp = int(info.get("dp_size", 1) or 1)
-    batch_num_tokens = info.get("batch_num_tokens", None)
-    global_batch_size = info.get("global_batch_size", None)
-    scale = info.get("loss_scale_factor", None)
-    if scale is None:
-        scale = config.get("loss_scale_factor", None)
+    info = _global_info(config)
+    dp = info["dp_size"]
+    batch_num_tokens = info["batch_num_tokens"]
+    global_batch_size = info["global_batch_size"]
+    scale = info["loss_scale_factor"]
     kwargs: dict[str, Any] = dict(clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c)
     if loss_agg_mode == "token-mean":
         if batch_num_tokens is None and dp > 1:
@@ -135,12 +186,33 @@ def core_loss_kwargs(config, loss_agg_mode: str) -> dict:
     return kwargs
 
 
+def _global_info(config) -> dict:
+    info = dict(config.get("global_batch_info", None) or {})
+    scale = info.get("loss_scale_factor", None)
+    return {
+        "dp_size": int(info.get("dp_size", 1) or 1),
+        "batch_num_tokens": info.get("batch_num_tokens", None),
+        "global_batch_size": info.get("global_batch_size", None),
+        "loss_scale_factor": config.get("loss_scale_factor", None) if scale is None else scale,
+    }
+
+
 def _check_no_weights(rollout_is_weights, loss_mode: str) -> None:
     if rollout_is_weights is not None:
         raise ValueError(
             f"policy_loss.loss_mode={loss_mode} does not support rollout-correction importance weights "
             "(algorithm.rollout_correction); disable them for this loss"
         )
+
+
+def _all_reduce_sum(value: torch.Tensor, group) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# The registered losses: a token filter (stapo.core.TOKEN_FILTERS) in front of verl's clipped loss.
 
 
 def _verl_metrics(metrics: dict[str, torch.Tensor], names: dict[str, str]) -> dict[str, float]:
@@ -154,6 +226,86 @@ _COMMON_METRICS = {
     "approx_kl": "ppo_kl",
     "ratio_mean": "ratio_mean",
 }
+_S2T_METRICS = {
+    "s2t_candidates": "s2t_candidates",
+    "s2t_masked_count": "s2t_masked_count",
+    "s2t_masked_frac": "s2t_masked_frac",
+    "frac_low_prob": "s2t_frac_low_prob",
+    "frac_low_entropy": "s2t_frac_low_entropy",
+    "entropy_threshold": "s2t_entropy_threshold",
+}
+_HIGH_ENTROPY_METRICS = {"entropy_kept_count": "entropy_kept_count", "entropy_kept_frac": "entropy_kept_frac"}
+
+
+def _step_threshold(spec: TokenFilterSpec, s2t: S2TSettings, mini_batch: MiniBatchS2T | None):
+    """S2T's tau_h for this micro-batch: the mini-batch's (pre-pass), or None (its own quantile).
+
+    Refuses a mini-batch scope it cannot honour: several micro-batches and no pre-pass threshold."""
+    if mini_batch is None:
+        return None
+    mini_batch.loss_calls += 1
+    if mini_batch.threshold is not None:
+        return mini_batch.threshold
+    several = (mini_batch.micro_batches or 1) > 1 or mini_batch.loss_calls > 1
+    if spec.applies_s2t and s2t.tau_h_scope == "mini_batch" and s2t.tau_h is None and several:
+        raise RuntimeError(
+            "stapo.tau_h_scope=mini_batch: this PPO mini-batch has several micro-batches but no pre-pass "
+            "threshold (the engine hook did not find the actor config on the loss function, or the engine "
+            "split the mini-batch differently from verl's FSDP engine); set "
+            "actor_rollout_ref.actor.policy_loss.stapo.tau_h_scope=micro_batch"
+        )
+    return None
+
+
+def _token_filter_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                       rollout_is_weights):
+    _check_no_weights(rollout_is_weights, loss_mode)
+    inputs = _current_inputs(loss_mode)
+    spec = loss_mode_filter(loss_mode)
+    settings = stapo_settings(config)
+    s2t = settings.s2t
+    valid = response_mask.bool()
+    threshold = _step_threshold(spec, s2t, inputs.mini_batch)
+    params = FilterParams(s2t=s2t, top_entropy_quantile=settings.top_entropy_quantile)
+    filtered = spec(log_prob, inputs.entropy, advantages, valid, params, group=inputs.dp_group,
+                    s2t_threshold=threshold if spec.applies_s2t else None)
+    kwargs = core_loss_kwargs(config, loss_agg_mode)
+    if loss_agg_mode == "token-mean":
+        kwargs["num_tokens"] = _token_mean_denominator(spec, config, valid, filtered, inputs)
+    loss, metrics = policy_loss(log_prob, old_log_prob, advantages, filtered.loss_mask, **kwargs)
+    # The S2T decision is measured for every filter (applied only where the filter applies S2T).
+    metrics.update(s2t_metrics(filtered.s2t))
+    names = dict(_COMMON_METRICS, **_S2T_METRICS)
+    if spec.applies_s2t:
+        _watch_inert(s2t, filtered.s2t, log_prob, inputs.entropy, advantages, valid)
+    if spec.uses_top_entropy_quantile:
+        with torch.no_grad():
+            kept = filtered.loss_mask.sum().float()
+            metrics.update(entropy_kept_count=kept, entropy_kept_frac=kept / valid.sum().clamp(min=1).float())
+        names.update(_HIGH_ENTROPY_METRICS)
+    return loss, _verl_metrics(metrics, names)
+
+
+def _token_mean_denominator(spec: TokenFilterSpec, config, valid, filtered, inputs: _LossInputs):
+    """core's `num_tokens` for verl's token-mean: the filter's denominator over the whole mini-batch and
+    every rank, per rank (÷ dp); see the module docstring."""
+    info = _global_info(config)
+    dp, batch_num_tokens = info["dp_size"], info["batch_num_tokens"]
+    if batch_num_tokens is None:  # no global info: this micro-batch is the batch
+        counted = filtered.loss_mask if spec.denominator == "kept" else valid
+        return counted.sum().float()
+    if spec.denominator != "kept":
+        return float(batch_num_tokens) / dp
+    mini_batch = inputs.mini_batch
+    left_out = None
+    if mini_batch is not None and mini_batch.masked is not None:  # the pre-pass counted them
+        left_out = mini_batch.masked
+    elif mini_batch is not None and mini_batch.micro_batches == 1:  # this micro-batch is the rank's mini-batch
+        local = (valid & ~filtered.loss_mask).sum().float()
+        left_out = float(_all_reduce_sum(local, inputs.dp_group).item())
+    if left_out is None:
+        return float(batch_num_tokens) / dp
+    return max(float(batch_num_tokens) - left_out, 0.0) / dp
 
 
 @register_policy_loss("stapo")
@@ -172,53 +324,13 @@ def compute_policy_loss_stapo(
         loss = agg( max(-A r, -A clip(r, 1-ε_low, 1+ε_high)) [dual clip where A < 0], valid ∧ ¬M )
 
     with π_θ, H the current policy's (detached) values of this micro-batch and tau_h absolute
-    (`stapo.tau_h`) or the `stapo.tau_h_quantile` quantile of the entropies of `stapo.tau_h_population`
-    gathered over the data-parallel group (an empty population silences nothing). Computed by
-    `stapo.core.stapo_loss`, which applies the "s2t" token filter.
+    (`stapo.tau_h`) or `min(tau_h_max, the tau_h_quantile quantile of the entropies of tau_h_population)`
+    over the PPO mini-batch (`tau_h_scope=mini_batch`: every micro-batch and data-parallel rank) or over
+    this micro-batch gathered across the ranks (`micro_batch`); an empty population silences nothing.
+    The token-mean denominator leaves the silenced tokens out (see the module docstring).
     """
-    _check_no_weights(rollout_is_weights, "stapo")
-    ctx = _current_entropy("stapo")
-    s2t = stapo_settings(config).s2t
-    loss, metrics = stapo_loss(
-        log_prob,
-        old_log_prob,
-        advantages,
-        response_mask.bool(),
-        ctx.entropy,
-        s2t,
-        group=ctx.dp_group,
-        **core_loss_kwargs(config, loss_agg_mode),
-    )
-    _watch_inert(s2t, metrics, log_prob, ctx.entropy, advantages, response_mask)
-    names = dict(
-        _COMMON_METRICS,
-        s2t_candidates="s2t_candidates",
-        s2t_masked_count="s2t_masked_count",
-        s2t_masked_frac="s2t_masked_frac",
-        frac_low_prob="s2t_frac_low_prob",
-        frac_low_entropy="s2t_frac_low_entropy",
-        entropy_threshold="s2t_entropy_threshold",
-    )
-    return loss, _verl_metrics(metrics, names)
-
-
-_INERT: dict[S2TSettings, InertS2TMonitor] = {}
-
-
-def _watch_inert(s2t: S2TSettings, metrics, log_prob, entropy, advantages, response_mask) -> None:
-    """The silently-inert guard: verl calls the loss once per micro-batch, so K counts micro-batches
-    (this rank's; the warning is logged on rank 0)."""
-    monitor = _INERT.setdefault(s2t, InertS2TMonitor(s2t))
-    n_valid = float(metrics["num_tokens"] + metrics["s2t_masked_count"])
-
-    def suggest():  # the candidates do not depend on tau_h: no collective needed
-        d = s2t_decision(log_prob, entropy, advantages, response_mask.bool(), replace(s2t, tau_h=0.0))
-        return tau_h_for_fraction(entropy, d.candidates, d.n_valid, PAPER_MASKED_FRACTION)
-
-    message = monitor.update(float(metrics["s2t_masked_count"]), n_valid, float(metrics["frac_low_prob"]) * n_valid,
-                             float(metrics["s2t_candidates"]), float(metrics["entropy_threshold"]), suggest)
-    if message and (not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0):
-        logger.warning("stapo: %s (verl: counted in micro-batches)", message)
+    return _token_filter_loss("stapo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                              rollout_is_weights)
 
 
 @register_policy_loss("20-entropy")
@@ -236,69 +348,207 @@ def compute_policy_loss_high_entropy(
         keep_t = valid_t ∧ H_t ≥ τ_ρ,   τ_ρ = (1 - ρ) quantile of the valid tokens' entropies
         loss   = Σ keep ℓ / (all valid tokens)                  (token-mean; other modes likewise)
 
-    ρ = `stapo.top_entropy_quantile`; τ_ρ over the data-parallel group. Computed by
-    `stapo.core.high_entropy_loss`.
+    ρ = `stapo.top_entropy_quantile`; τ_ρ per micro-batch, gathered across the data-parallel ranks.
     """
-    _check_no_weights(rollout_is_weights, "20-entropy")
-    ctx = _current_entropy("20-entropy")
-    kwargs = core_loss_kwargs(config, loss_agg_mode)
-    num_tokens = kwargs.pop("num_tokens", None)
-    loss, metrics = high_entropy_loss(
-        log_prob,
-        old_log_prob,
-        advantages,
-        response_mask.bool(),
-        ctx.entropy,
-        top_entropy_quantile=stapo_settings(config).top_entropy_quantile,
-        num_tokens=num_tokens,
-        group=ctx.dp_group,
-        **kwargs,
-    )
-    names = dict(_COMMON_METRICS, entropy_kept_count="entropy_kept_count", entropy_kept_frac="entropy_kept_frac")
-    return loss, _verl_metrics(metrics, names)
+    return _token_filter_loss("20-entropy", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
+                              config, rollout_is_weights)
+
+
+_INERT: dict[S2TSettings, InertS2TMonitor] = {}
+
+
+def _watch_inert(s2t: S2TSettings, decision, log_prob, entropy, advantages, valid) -> None:
+    """The silently-inert guard: verl calls the loss once per micro-batch, so K counts micro-batches
+    (this rank's; the warning is logged on rank 0)."""
+    monitor = _INERT.setdefault(s2t, InertS2TMonitor(s2t))
+
+    def suggest():  # the candidates do not depend on tau_h: no collective needed
+        d = s2t_decision(log_prob, entropy, advantages, valid, replace(s2t, tau_h=0.0))
+        return tau_h_for_fraction(entropy, d.candidates, d.n_valid, PAPER_MASKED_FRACTION)
+
+    threshold = float(torch.nan_to_num(decision.threshold.float(), neginf=0.0))
+    message = monitor.update(float(decision.n_spurious), float(decision.n_valid), float(decision.n_low_prob),
+                             float(decision.n_candidates), threshold, suggest)
+    if message and (not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0):
+        logger.warning("stapo: %s (verl: counted in micro-batches)", message)
 
 
 # ---------------------------------------------------------------------------------------------
-# The actor-loss hook.
-
-_VERL_PPO_LOSS = None
+# The engine hook.
 
 
-def stapo_actor_loss(config, model_output, data, dp_group=None):
-    """verl's actor loss (`ppo_loss`), with the micro-batch's entropies made available to the
-    `stapo` / `20-entropy` policy losses. Other loss modes go straight to verl's `ppo_loss`."""
-    if _VERL_PPO_LOSS is None:
-        raise RuntimeError("stapo.engines.verl.install_actor_loss_hook() has not run")
-    loss_mode = config.policy_loss.get("loss_mode", "vanilla")
-    if loss_mode not in LOSS_MODES:
-        return _VERL_PPO_LOSS(config, model_output, data, dp_group=dp_group)
-    entropy = model_output.get("entropy", None)
-    if entropy is None:
-        raise ValueError(
-            f"policy_loss.loss_mode={loss_mode} needs per-token entropies but the actor did not compute "
-            "them: set actor_rollout_ref.actor.calculate_entropy=True (python -m stapo.engines.verl.main does)"
-        )
+def _actor_config(loss_function):
+    """The actor config bound to a verl loss function (`partial(ppo_loss, config=...)`, as the engine
+    worker builds it), or None."""
+    seen = 0
+    fn = loss_function
+    while fn is not None and seen < 4:
+        if isinstance(fn, functools.partial):
+            config = fn.keywords.get("config", None)
+            if config is not None:
+                return config
+            fn = fn.func
+        else:
+            fn = getattr(fn, "__wrapped__", None)
+        seen += 1
+    return None
+
+
+def _padded(tensor, data) -> torch.Tensor:
     from verl.workers.utils.padding import no_padding_2_padding
 
-    with entropy_context(no_padding_2_padding(entropy, data), dp_group):
-        return _VERL_PPO_LOSS(config, model_output, data, dp_group=dp_group)
+    return no_padding_2_padding(tensor, data)
 
 
-stapo_actor_loss._stapo_hook = True  # type: ignore[attr-defined]
+def with_entropy(loss_function: Callable, mini_batch: MiniBatchS2T | None = None) -> Callable:
+    """`loss_function` (a verl engine loss: `(model_output, data, dp_group)`), called with each
+    micro-batch's entropies in the context the registered losses read. Any other call (e.g. verl's
+    logits-processor use of the same function) goes straight through."""
+
+    @functools.wraps(loss_function)
+    def call(*args, **kwargs):
+        model_output, data = kwargs.get("model_output", None), kwargs.get("data", None)
+        entropy = model_output.get("entropy", None) if isinstance(model_output, dict) else None
+        if entropy is None or data is None:
+            return loss_function(*args, **kwargs)
+        with entropy_context(_padded(entropy, data), kwargs.get("dp_group", None), mini_batch):
+            return loss_function(*args, **kwargs)
+
+    call._stapo_with_entropy = True  # type: ignore[attr-defined]
+    return call
 
 
-def install_actor_loss_hook() -> None:
-    """Route verl's actor loss through `stapo_actor_loss` (idempotent).
+def _micro_batch_count(engine, data) -> int:
+    """How many micro-batches this rank's mini-batch splits into: verl's own split
+    (`prepare_micro_batches`, as the FSDP engine's `forward_backward_batch` calls it)."""
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.engine.utils import prepare_micro_batches
 
-    The engine worker binds `ppo_loss` from `verl.workers.utils.losses` when it builds the actor;
-    both names are replaced, so it works whether or not the worker module was imported first."""
-    global _VERL_PPO_LOSS
-    import verl.workers.utils.losses as verl_losses
+    if not tu.get_non_tensor_data(data=data, key="use_dynamic_bsz", default=True):
+        size = data["micro_batch_size_per_gpu"]
+        group = tu.get_non_tensor_data(data=data, key="force_group_size", default=1)
+        return max(1, len(data) // (size * group))
+    sp = getattr(engine, "ulysses_sequence_parallel_size", None)
+    if sp is not None:
+        tu.assign_non_tensor(data, sp_size=sp)
+    micro_batches, _ = prepare_micro_batches(data=data, dp_group=engine.get_data_parallel_group(),
+                                             same_micro_num_in_dp=True)
+    return len(micro_batches)
 
-    current = verl_losses.ppo_loss
-    if not getattr(current, "_stapo_hook", False):
-        _VERL_PPO_LOSS = current
-        verl_losses.ppo_loss = stapo_actor_loss
-    workers = sys.modules.get("verl.workers.engine_workers")
-    if workers is not None and getattr(workers, "ppo_loss", None) is _VERL_PPO_LOSS:
-        workers.ppo_loss = stapo_actor_loss
+
+def mini_batch_s2t(engine, data, s2t: S2TSettings) -> tuple[torch.Tensor, float]:
+    """S2T's (tau_h, silenced tokens) over a whole PPO mini-batch on the current policy: a forward-only
+    pass of `engine` over `data` (verl's `infer_batch`, the same micro-batches as the training pass),
+    each micro-batch's `s2t_population` and candidates collected, then `s2t_threshold` over all of them
+    and all data-parallel ranks; the count is summed over the ranks."""
+    populations, candidates = [], []
+    as_candidates = replace(s2t, tau_h_population="candidates")
+
+    def collect(model_output=None, data=None, dp_group=None, **_):
+        if model_output is None:  # verl's logits-processor call (top-k distillation): nothing to add
+            return {}
+        if model_output.get("entropy", None) is None:
+            raise ValueError("stapo.tau_h_scope=mini_batch: the pre-pass got no entropies; set "
+                             "actor_rollout_ref.actor.calculate_entropy=True (python -m stapo.engines.verl.main does)")
+        lp = _padded(model_output["log_probs"], data)
+        ent = _padded(model_output["entropy"], data)
+        fields = data.select("response_mask", "advantages").to_padded_tensor()
+        valid, adv = fields["response_mask"].bool(), fields["advantages"]
+        populations.append(s2t_population(lp, ent, adv, valid, s2t))
+        candidates.append(populations[-1] if s2t.tau_h_population == "candidates"
+                          else s2t_population(lp, ent, adv, valid, as_candidates))
+        return torch.zeros((), device=lp.device), {}
+
+    engine.infer_batch(data, loss_function=collect)
+    group = engine.get_data_parallel_group()
+    threshold = s2t_threshold(populations, s2t, group=group)
+    local = sum((c < threshold).sum() for c in candidates) if candidates else torch.zeros(())
+    masked = _all_reduce_sum(torch.as_tensor(local, dtype=torch.float32, device=threshold.device).reshape(()), group)
+    return threshold, float(masked.item())
+
+
+def _field(obj, key):
+    getter = getattr(obj, "get", None)
+    return getter(key, None) if callable(getter) else getattr(obj, key, None)
+
+
+def _stapo_settings_for(config) -> tuple[TokenFilterSpec | None, StapoConfig | None]:
+    """The token filter and settings of an actor config whose loss mode is the plugin's, else (None, None)."""
+    policy_loss = None if config is None else _field(config, "policy_loss")
+    spec = None if policy_loss is None else loss_mode_filter(_field(policy_loss, "loss_mode") or "vanilla")
+    return (spec, stapo_settings(config)) if spec is not None else (None, None)
+
+
+_VERL_TRAIN_BATCH = None
+
+
+def _train_batch(self, data, loss_function):
+    """verl's `BaseEngine.train_batch`, with the micro-batches' entropies handed to the stapo losses and,
+    for S2T with `tau_h_scope=mini_batch` over several micro-batches, the mini-batch's tau_h taken first."""
+    config = _actor_config(loss_function)
+    spec, settings = _stapo_settings_for(config)
+    if spec is None and config is not None:  # one of verl's own loss modes: untouched
+        return _VERL_TRAIN_BATCH(self, data, loss_function=loss_function)
+    mini_batch = MiniBatchS2T()
+    if spec is not None:
+        mini_batch.micro_batches = _micro_batch_count(self, data)
+        s2t = settings.s2t
+        if spec.applies_s2t and s2t.tau_h_scope == "mini_batch" and mini_batch.micro_batches > 1:
+            mini_batch.threshold, mini_batch.masked = mini_batch_s2t(self, data, s2t)
+    return _VERL_TRAIN_BATCH(self, data, loss_function=with_entropy(loss_function, mini_batch))
+
+
+_train_batch._stapo_hook = True  # type: ignore[attr-defined]
+
+_ENGINE_BASE = "verl.workers.engine.base"
+
+
+def _patch_base_engine(module) -> None:
+    global _VERL_TRAIN_BATCH
+    engine = module.BaseEngine
+    current = engine.train_batch
+    if getattr(current, "_stapo_hook", False):
+        return
+    _VERL_TRAIN_BATCH = current
+    engine.train_batch = _train_batch
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Runs `_patch_base_engine` right after verl's engine base module executes (the first import)."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _ENGINE_BASE:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                spec.loader = _PatchingLoader(spec.loader)
+                return spec
+        return None
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        _patch_base_engine(module)
+
+
+def install_engine_hook() -> None:
+    """Wrap verl's `BaseEngine.train_batch` (idempotent): what every verl engine runs once per PPO
+    mini-batch (`TrainingWorker.train_batch` calls it with the worker's loss function).
+
+    Done when `verl.workers.engine.base` is imported (now, if it already is): importing verl's engines
+    from the plugin would resolve verl's accelerator platform before other plugins could register theirs."""
+    module = sys.modules.get(_ENGINE_BASE)
+    if module is not None and hasattr(module, "BaseEngine"):
+        _patch_base_engine(module)
+    elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport())
