@@ -39,42 +39,6 @@ def _run_script(*args, timeout=600):
                           timeout=timeout, cwd=ROOT, env=env)
 
 
-# ------------------------------------------------------------------------------ pure pieces
-
-
-def test_moving_average_hand_worked(compare):
-    got = compare.moving_average(np.array([1.0, 3.0, 5.0, 7.0]), 2)
-    np.testing.assert_allclose(got, [1.0, 2.0, 4.0, 6.0])
-    got = compare.moving_average(np.array([4.0, 0.0, 2.0, 6.0]), 3)
-    np.testing.assert_allclose(got, [4.0, 2.0, 2.0, 8.0 / 3.0])
-    np.testing.assert_allclose(compare.moving_average(np.array([1.0, 9.0]), 1), [1.0, 9.0])
-
-
-def test_aggregate_over_seeds_uses_common_steps(compare):
-    a = (np.array([1, 2, 3]), np.array([1.0, 2.0, 3.0]))
-    b = (np.array([1, 2, 3, 4]), np.array([3.0, 4.0, 5.0, 6.0]))  # step 4 only in one seed: dropped
-    band = compare.aggregate([a, b])
-    np.testing.assert_array_equal(band.steps, [1, 2, 3])
-    np.testing.assert_allclose(band.mean, [2.0, 3.0, 4.0])
-    np.testing.assert_allclose(band.lo, [1.0, 2.0, 3.0])
-    np.testing.assert_allclose(band.hi, [3.0, 4.0, 5.0])
-    assert band.seeds == 2
-    # smoothing happens per seed before aggregation: a -> [1, 1.5, 2.5], b -> [3, 3.5, 4.5, 5.5]
-    band = compare.aggregate([a, b], window=2)
-    np.testing.assert_allclose(band.mean, [2.0, 2.5, 3.5])
-    assert compare.aggregate([]) is None
-    assert compare.aggregate([(np.array([1]), np.array([1.0])), (np.array([2]), np.array([1.0]))]) is None
-
-
-def test_spread_hand_worked(compare):
-    s = compare.spread([0.2, 0.4, 0.9])
-    assert s["mean"] == pytest.approx(0.5) and s["min"] == 0.2 and s["max"] == 0.9 and s["n"] == 3
-    assert s["std"] == pytest.approx(((0.09 + 0.01 + 0.16) / 2) ** 0.5)
-    assert compare.spread([0.3])["std"] == 0.0
-    assert compare.fmt_spread(s) == "0.500 [0.200, 0.900]"
-    assert compare.fmt_spread(compare.spread([0.25])) == "0.250"
-
-
 # --------------------------------------------------------------- report from hand-written runs
 
 
@@ -96,7 +60,7 @@ def _fake_run(root: Path, method: str, seed: int, entropy, masked, before, after
     }))
     cfg = {"model": "embedded", "method": method, "seed": seed, "max_steps": len(entropy)}
     if method == "stapo":
-        cfg.update(tau_p=0.02, tau_h=None, tau_h_quantile=None)  # tau_h_quantile null: the preset's 0.05
+        cfg.update(tau_p=0.02, tau_h=None, tau_h_quantile=None)  # tau_h_quantile null: the preset's
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     (d / "summary.json").write_text(json.dumps({"method": method}))
     (d / "sweep_run.json").write_text(json.dumps({"method": method, "seed": seed, "wall_s": 10.0 + seed,
@@ -125,25 +89,76 @@ def test_report_from_runs_hand_worked(compare, tmp_path):
     # entropy: first / last 10% of 4 steps = the first / last step; grpo seeds 1 and 3 -> mean 2, 4 and 6 -> 5
     assert s["grpo"]["entropy"]["first10"]["mean"] == pytest.approx(2.0)
     assert s["grpo"]["entropy"]["last10"]["mean"] == pytest.approx(5.0)
-    assert results["s2t_thresholds"] == {"tau_p": 0.02, "tau_h": None,
-                                         "tau_h_quantile": get_preset("stapo").s2t_settings.tau_h_quantile,
-                                         "tau_h_population": get_preset("stapo").s2t_settings.tau_h_population,
-                                         "tau_h_max": get_preset("stapo").s2t_settings.tau_h_max}
+    preset = get_preset("stapo").s2t_settings  # tau_h_quantile null in the run's config: the preset's
+    assert results["s2t_thresholds"] == {"tau_p": 0.02, "tau_h": None, "tau_h_quantile": preset.tau_h_quantile,
+                                         "tau_h_population": preset.tau_h_population,
+                                         "tau_h_max": preset.tau_h_max}
     assert results["total_run_wall_s"] == pytest.approx(4 * 10.0 + 2 * 1.0)
     text = report.read_text()
     table = text.split("## Held-out accuracy", 1)[1].split("##", 1)[0]
     assert "| grpo | 2 | 0.200 [0.200, 0.200] | 0.400 [0.300, 0.500] | 0.200 [0.100, 0.300] |" in table
     assert "| stapo | 2 | 0.150 [0.100, 0.200] | 0.500 [0.400, 0.600] |" in table
-    assert "tau_p = 0.02" in text and "0.75 quantile" in text
-    for name in ("heldout_accuracy", "entropy", "s2t_masked_frac", "clip_low", "clip_high", "response_length",
-                 "overview"):
+    assert "tau_p = 0.02" in text and f"{preset.tau_h_quantile:g} quantile" in text
+    for name in ("heldout_accuracy", "reward", "entropy", "s2t_masked_frac", "clip_low", "clip_high",
+                 "response_length", "overview"):
         png = tmp_path / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    assert (tmp_path / "analyze" / "runs.html").is_file()
-    # the held-out curve: step 0 = before, the eval_every point, the last step = after
-    grpo0 = compare.load_run_data(tmp_path / "runs" / "grpo-seed0", "grpo", 0)
-    steps, values = grpo0.curves[compare.HELDOUT]
+    assert not (tmp_path / "plots" / "accuracy.png").exists()  # no run logged training accuracy
+    html = (tmp_path / "analyze" / "runs.html").read_text()
+    assert "grpo-seed0" in html and "groups (runs named" not in html  # a line per run (--no-group)
+    assert "![overview](plots/overview.png)" in text and "[analyze/runs.html](analyze/runs.html)" in text
+    # the held-out curve (stapo.analyze.runs): step 0 = before, the eval_every point, the last step = after
+    from stapo.analyze.runs import load_run
+
+    _, steps, values = load_run(tmp_path / "runs" / "grpo-seed0").curves["heldout_accuracy"]
     assert steps.tolist() == [0, 2, 4] and values.tolist() == [0.2, 0.25, 0.3]
+    assert results["summary"]["grpo"]["heldout_after_stderr"] == [0.02, 0.02]
+    # stapo is the run that applies S2T; the other methods only log it
+    assert "| stapo (applied) |" in text and "| grpo (diagnostic) |" in text
+
+
+def test_report_bands_are_the_mean_min_max_over_seeds(compare, tmp_path, monkeypatch):
+    """The figures get, per curve and method, the mean / min / max over seeds at the steps every seed
+    logged, smoothed per seed (hand-worked), and held-out accuracy unsmoothed."""
+    _fake_run(tmp_path, "grpo", 0, [1.0, 2.0, 3.0, 4.0], [0.0] * 4, 0.2, 0.3, [(2, 0.25)])
+    _fake_run(tmp_path, "grpo", 1, [3.0, 4.0, 5.0, 6.0], [0.0] * 4, 0.2, 0.5, [(2, 0.35)])
+    _fake_run(tmp_path, "stapo", 0, [1.0, 1.0, 1.0], [0.0] * 3, 0.1, 0.4)
+    seen = {}
+
+    def fake_write_figures(bands, plots_dir, window):
+        seen.update(bands=bands, window=window)
+        return []
+
+    monkeypatch.setattr(compare, "write_figures", fake_write_figures)
+    compare.build_report(tmp_path, ["run.py"], ["grpo", "stapo"], [0, 1], window=2, log=lambda s: None, html=False)
+    assert seen["window"] == 2
+    ent = seen["bands"]["entropy"]["grpo"]
+    # smoothed over 2 steps: seed 0 -> 1, 1.5, 2.5, 3.5; seed 1 -> 3, 3.5, 4.5, 5.5
+    assert ent.n == 2 and ent.steps.tolist() == [1, 2, 3, 4]
+    np.testing.assert_allclose(ent.mean, [2.0, 2.5, 3.5, 4.5])
+    np.testing.assert_allclose(ent.lo, [1.0, 1.5, 2.5, 3.5])
+    np.testing.assert_allclose(ent.hi, [3.0, 3.5, 4.5, 5.5])
+    assert seen["bands"]["entropy"]["stapo"].n == 1  # the missing stapo seed 1 is not in the band
+    held = seen["bands"]["heldout_accuracy"]["grpo"]
+    assert held.steps.tolist() == [0, 2, 4]
+    np.testing.assert_allclose(held.mean, [0.2, 0.3, 0.4])
+    np.testing.assert_allclose(held.lo, [0.2, 0.25, 0.3])
+    np.testing.assert_allclose(held.hi, [0.2, 0.35, 0.5])
+
+
+def test_report_only_on_a_finished_sweep(compare, tmp_path):
+    """--report-only over a sweep directory: the report, results, figures and HTML from its runs alone."""
+    _fake_run(tmp_path, "grpo", 0, [1.0, 2.0, 3.0], [0.0, 0.1, 0.0], 0.2, 0.3)
+    _fake_run(tmp_path, "grpo", 1, [2.0, 2.0, 2.0], [0.0, 0.0, 0.0], 0.2, 0.5)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": "embedded", "max_steps": 3}))
+    (tmp_path / "sweep.json").write_text(json.dumps({"command": "python experiments/compare/run.py", "wall_s": 60.0}))
+    assert compare.main(["--report-only", "--methods", "grpo", "--seeds", "0,1", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["sweep_wall_s"] == 60.0 and results["missing_runs"] == []
+    assert results["summary"]["grpo"]["heldout_after"]["values"] == [0.3, 0.5]
+    assert results["smoothing_window"] == 1  # 3 steps // 10, at least 1
+    for name in ("report.md", "plots/overview.png", "plots/entropy.png", "analyze/runs.html"):
+        assert (tmp_path / name).is_file(), name
 
 
 def test_report_lists_missing_runs(compare, tmp_path):

@@ -16,7 +16,9 @@ Then the runs are aggregated per method (mean, min and max over seeds, step by s
     <out>/report.md        commands, machine, wall times, S2T thresholds and masked fraction, tables
     <out>/results.json     the same numbers, machine-readable
     <out>/plots/*.png      one figure per metric: a line per method (mean), a band (min..max over seeds)
-    <out>/analyze/runs.html  `stapo analyze runs` over all run directories
+    <out>/analyze/runs.html  `stapo analyze runs --no-group` over all run directories (a line per run)
+Reading the runs, the curves, the aggregation over seeds and the figures are `stapo.analyze.runs` and
+`stapo.analyze.plots`, as in `stapo analyze runs` (whose groups of `NAME-seedN` runs are the methods here).
 """
 
 from __future__ import annotations
@@ -28,15 +30,30 @@ import platform
 import shlex
 import subprocess
 import sys
-import textwrap
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import yaml
 
+from stapo.analyze.plots import curves_png
+from stapo.analyze.runs import (
+    CURVES,
+    HELDOUT,
+    Band,
+    Run,
+    RunError,
+    curve_bands,
+    curve_titles,
+    fmt_spread,
+    heldout_spreads,
+    load_run,
+    read_config,
+    spread,
+    write_runs_report,
+)
 from stapo.core.settings import S2T_READINGS
+from stapo.rundir import SUMMARY_FILE, atomic_write_bytes, read_json
 
 HERE = Path(__file__).resolve().parent
 BASE_CONFIG = HERE / "configs" / "base.yaml"
@@ -52,18 +69,6 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 PER_RUN_KEYS = ("method", "seed", "output_dir")  # set by the sweep, never shared
 RUN_INFO = "sweep_run.json"  # written by this script into each run directory (command, wall time, exit code)
 SWEEP_INFO = "sweep.json"  # written into --out by the last invocation that trained (its command, wall time)
-HELDOUT = "heldout_accuracy"
-
-# curve -> (metrics.jsonl key, figure title). The held-out curve is assembled from eval.json + eval lines.
-CURVES: dict[str, tuple[str, str]] = {
-    HELDOUT: ("eval_heldout_accuracy", "held-out accuracy (avg@k)"),
-    "reward": ("reward", "training reward (mean over the batch)"),
-    "entropy": ("entropy", "policy entropy of sampled tokens (nats)"),
-    "s2t_masked_frac": ("stapo/s2t_masked_frac", "S2T masked fraction (non-stapo: what S2T would mask)"),
-    "clip_low": ("clip_ratio/low_mean", "clip fraction, low side (A < 0, r < 1 - eps)"),
-    "clip_high": ("clip_ratio/high_mean", "clip fraction, high side (A > 0, r > 1 + eps_high)"),
-    "response_length": ("completions/mean_length", "response length (tokens)"),
-}
 
 
 class SweepError(ValueError):
@@ -188,10 +193,8 @@ def _loadavg() -> float | None:
 
 
 def is_complete(d: Path) -> bool:
-    try:
-        return isinstance(json.loads((d / "summary.json").read_text(encoding="utf-8")), dict)
-    except (OSError, ValueError):
-        return False
+    """The run wrote its summary.json (`stapo train` writes it last)."""
+    return bool(read_json(d / SUMMARY_FILE))
 
 
 def train_one(config_path: Path, out: Path, method: str, seed: int, log=print, threads: int | None = None) -> dict:
@@ -260,101 +263,25 @@ def run_sweep(config_path: Path, out: Path, methods: list[str], seeds: list[int]
 
 
 # -------------------------------------------------------------------------------------- aggregation
+# Reading the runs, the curve list, the mean/min/max over seeds and the figures are `stapo.analyze.runs`
+# (what `stapo analyze runs` does with any run directories); this script adds the sweep's tables.
 
 
-@dataclass
-class Band:
-    """A curve aggregated over seeds at the steps every seed logged."""
-
-    steps: np.ndarray
-    mean: np.ndarray
-    lo: np.ndarray  # min over seeds
-    hi: np.ndarray  # max over seeds
-    seeds: int
-
-
-@dataclass
-class RunData:
-    method: str
-    seed: int
-    path: Path
-    curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # curve -> (steps, values)
-    eval: dict = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
-    info: dict = field(default_factory=dict)
-    raw: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # every metrics.jsonl key
-
-
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def load_run_data(d: Path, method: str, seed: int) -> RunData:
-    """A finished run's curves (through `stapo.analyze.runs.load_run`), eval.json and config."""
-    from stapo.analyze.runs import load_run
-
-    run = load_run(d)
-    data = RunData(method, seed, d, eval=read_json(d / "eval.json"), config=dict(run.config),
-                   info=read_json(d / RUN_INFO), raw=run.metrics)
-    for curve, (key, _title) in CURVES.items():
-        if key in run.metrics:
-            data.curves[curve] = run.metrics[key]
-    # held-out accuracy: step 0 = "before", the eval_every points, the last step = "after"
-    points = {}
-    if "before" in data.eval:
-        points[0] = data.eval["before"]["accuracy"]
-    if HELDOUT in data.curves:
-        points.update(zip(data.curves[HELDOUT][0].tolist(), data.curves[HELDOUT][1].tolist()))
-    if "after" in data.eval:
-        last = int(max((s[-1] for s, _ in data.curves.values() if len(s)), default=0))
-        last = max(last, int(data.config.get("max_steps") or 0))
-        points[last] = data.eval["after"]["accuracy"]
-    if points:
-        steps = np.array(sorted(points), dtype=np.int64)
-        data.curves[HELDOUT] = (steps, np.array([points[s] for s in steps], dtype=np.float64))
-    return data
-
-
-def moving_average(values: np.ndarray, window: int) -> np.ndarray:
-    """Trailing mean over the last `window` points (fewer at the start)."""
-    v = np.asarray(values, dtype=np.float64)
-    if window <= 1 or v.size == 0:
-        return v
-    c = np.concatenate([[0.0], np.cumsum(v)])
-    idx = np.arange(1, v.size + 1)
-    start = np.maximum(idx - window, 0)
-    return (c[idx] - c[start]) / (idx - start)
-
-
-def aggregate(series: list[tuple[np.ndarray, np.ndarray]], window: int = 1) -> Band | None:
-    """Mean, min and max over seeds at the steps all of them logged (each seed smoothed first)."""
-    if not series:
-        return None
-    common = set(series[0][0].tolist())
-    for steps, _ in series[1:]:
-        common &= set(steps.tolist())
-    if not common:
-        return None
-    steps = np.array(sorted(common), dtype=np.int64)
-    rows = []
-    for s, v in series:
-        sm = moving_average(v, window)
-        pos = {int(k): i for i, k in enumerate(s.tolist())}
-        rows.append(sm[[pos[int(k)] for k in steps]])
-    stack = np.vstack(rows)
-    return Band(steps, stack.mean(axis=0), stack.min(axis=0), stack.max(axis=0), len(series))
-
-
-def spread(values: list[float]) -> dict:
-    a = np.asarray(values, dtype=np.float64)
-    return {
-        "mean": float(a.mean()), "min": float(a.min()), "max": float(a.max()),
-        "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "n": int(a.size), "values": a.tolist(),
-    }
+def load_runs_of(out: Path, methods: list[str], seeds: list[int], log=print) -> tuple[list[Run], list[str]]:
+    """The completed runs (named METHOD-seedSEED: their group label is the method) and the missing ones."""
+    runs, missing = [], []
+    for s in seeds:
+        for m in methods:
+            d = run_dir(out, m, s)
+            if not is_complete(d):
+                missing.append(d.name)
+                continue
+            try:
+                runs.append(load_run(d, d.name))
+            except RunError as err:  # complete, yet unreadable (an edited metrics.jsonl): listed as missing
+                missing.append(d.name)
+                log(f"note: {err}")
+    return runs, missing
 
 
 def window_mean(steps: np.ndarray, values: np.ndarray, which: str) -> float:
@@ -363,112 +290,62 @@ def window_mean(steps: np.ndarray, values: np.ndarray, which: str) -> float:
     return float(np.mean(values[:k] if which == "first" else values[-k:]))
 
 
-def s2t_thresholds(runs: list[RunData]) -> dict:
+def s2t_thresholds(runs: list[Run]) -> dict:
     """The S2T thresholds the runs used: the stapo runs' config over the stapo preset's settings (the
     thresholds every other method measures with; `preset.s2t_settings`)."""
     from stapo.core import S2T_FIELDS, S2TSettings, get_preset
 
-    cfg = next((r.config for r in runs if r.method == "stapo"), {})
+    cfg = next((r.config for r in runs if r.label == "stapo"), {})
     s = S2TSettings.resolve({k: cfg.get(k) for k in S2T_FIELDS}, base=get_preset("stapo").s2t_settings)
     return {"tau_p": s.tau_p, "tau_h": s.tau_h, "tau_h_quantile": None if s.tau_h is not None else s.tau_h_quantile,
             "tau_h_population": None if s.tau_h is not None else s.tau_h_population,
             "tau_h_max": None if s.tau_h is not None else s.tau_h_max}
 
 
-def summarize(runs: list[RunData], methods: list[str]) -> dict:
+def summarize(runs: list[Run], methods: list[str]) -> dict:
     """Per method: held-out accuracy before/after and per-curve start/end/overall means, with spreads."""
     out: dict = {}
     for m in methods:
-        mr = [r for r in runs if r.method == m]
+        mr = [r for r in runs if r.label == m]
         if not mr:
             continue
-        res: dict = {"seeds": [r.seed for r in mr]}
-        for when in ("before", "after"):
-            vals = [r.eval[when]["accuracy"] for r in mr if when in r.eval]
-            if vals:
-                res[f"heldout_{when}"] = spread(vals)
-                res[f"heldout_{when}_stderr"] = [r.eval[when].get("stderr") for r in mr if when in r.eval]
+        res: dict = {"seeds": [r.seed for r in mr], **heldout_spreads(mr)}
+        for when in ("before", "after"):  # each run's standard error over problems, in the order of the values
+            if f"heldout_{when}" in res:
+                res[f"heldout_{when}_stderr"] = [
+                    r.eval.get(when, {}).get("stderr") for r in mr
+                    if HELDOUT in r.curves and (when == "after" or r.curves[HELDOUT][1][0] == 0)]
         for curve in CURVES:
             if curve == HELDOUT:
                 continue
-            have = [r for r in mr if curve in r.curves and len(r.curves[curve][1])]
+            have = [r.curves[curve][1:] for r in mr if curve in r.curves and len(r.curves[curve][2])]
             if not have:
                 continue
             res[curve] = {
-                "first10": spread([window_mean(*r.curves[curve], "first") for r in have]),
-                "last10": spread([window_mean(*r.curves[curve], "last") for r in have]),
-                "all": spread([float(np.mean(r.curves[curve][1])) for r in have]),
+                "first10": spread([window_mean(*c, "first") for c in have]),
+                "last10": spread([window_mean(*c, "last") for c in have]),
+                "all": spread([float(np.mean(c[1])) for c in have]),
             }
         for key in ("stapo/entropy_threshold", "stapo/s2t_masked_count"):
-            vals = [float(np.mean(r.raw[key][1])) for r in mr if key in r.raw]
+            vals = [float(np.mean(r.metrics[key][1])) for r in mr if key in r.metrics]
             if vals:
                 res[key] = spread(vals)
-        totals = [float(np.sum(r.raw["stapo/s2t_masked_count"][1])) for r in mr if "stapo/s2t_masked_count" in r.raw]
+        totals = [float(np.sum(r.metrics["stapo/s2t_masked_count"][1])) for r in mr
+                  if "stapo/s2t_masked_count" in r.metrics]
         if totals:
             res["s2t_masked_total"] = spread(totals)
         out[m] = res
     return out
 
 
-# ------------------------------------------------------------------------------------------- figures
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def draw_band(ax, bands: dict[str, Band], title: str) -> None:
-    styles = ("-", "--", ":", "-.")  # identical curves (e.g. stapo with nothing masked vs justrl) stay visible
-    for i, (method, b) in enumerate(bands.items()):
-        color = f"C{i}"
-        marker = "o" if len(b.steps) <= 12 else None
-        ax.plot(b.steps, b.mean, color=color, lw=1.6, ls=styles[i % len(styles)], marker=marker, ms=3,
-                label=f"{method} (n={b.seeds})")
-        if b.seeds > 1:
-            ax.fill_between(b.steps, b.lo, b.hi, color=color, alpha=0.18, lw=0)
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel("optimizer step")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-
-
 def write_figures(bands: dict[str, dict[str, Band]], plots_dir: Path, window: int) -> list[Path]:
     """One PNG per curve (line: mean over seeds; band: min..max over seeds) and an overview of all."""
-    plt = _pyplot()
+    titles = curve_titles(window)
     plots_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    names = [c for c in CURVES if bands.get(c)]
-    suffix = f" — {window}-step moving average" if window > 1 else ""
-
-    def title(c):
-        return CURVES[c][1] + ("" if c == HELDOUT else suffix)
-
-    for c in names:
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
-        draw_band(ax, bands[c], title(c))
-        p = plots_dir / f"{c}.png"
-        fig.savefig(p, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(p)
-    if names:
-        cols = 3
-        rows = (len(names) + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
-        for ax, c in zip(axes.flat, names):
-            draw_band(ax, bands[c], textwrap.fill(title(c), 48))  # three panels a row: keep titles apart
-        for ax in list(axes.flat)[len(names):]:
-            ax.axis("off")
-        fig.suptitle("mean over seeds (line), min..max over seeds (band)", fontsize=10)
-        fig.tight_layout()
-        p = plots_dir / "overview.png"
-        fig.savefig(p, dpi=90, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(p)
+    paths = [atomic_write_bytes(plots_dir / f"{c}.png", curves_png({c: b}, titles)) for c, b in bands.items()]
+    if bands:
+        paths.append(atomic_write_bytes(plots_dir / "overview.png", curves_png(
+            bands, titles, suptitle="mean over seeds (line), min..max over seeds (band)")))
     return paths
 
 
@@ -511,16 +388,6 @@ def machine_info() -> dict:
         "platform": platform.platform(), "python": platform.python_version(), **versions,
         "git_commit": commit, "loadavg_1m": _loadavg(),
     }
-
-
-def fmt_spread(s: dict | None, digits: int = 3, pct: bool = False) -> str:
-    if not s:
-        return "—"
-    k = 100.0 if pct else 1.0
-    f = f"{{:.{digits}f}}"
-    if s["n"] == 1:
-        return f.format(s["mean"] * k)
-    return f"{f.format(s['mean'] * k)} [{f.format(s['min'] * k)}, {f.format(s['max'] * k)}]"
 
 
 def heldout_table(summary: dict) -> list[str]:
@@ -589,14 +456,15 @@ def observations(summary: dict) -> list[str]:
     return notes
 
 
-def write_report(out: Path, argv: list[str], methods: list[str], seeds: list[int], runs: list[RunData],
+def write_report(out: Path, argv: list[str], methods: list[str], seeds: list[int], runs: list[Run],
                  missing: list[str], window: int, sweep_wall: float | None, html: str | None,
                  html_note: str | None, figures: list[Path]) -> tuple[Path, dict]:
     summary = summarize(runs, methods)
     machine = machine_info()
     th = s2t_thresholds(runs)
-    shared = read_yaml_file(out / "config.yaml")
-    walls = [r.info.get("wall_s") for r in runs if isinstance(r.info.get("wall_s"), (int, float))]
+    shared = read_config(out / "config.yaml")
+    info = {r.name: read_json(r.path / RUN_INFO) for r in runs}
+    walls = [i["wall_s"] for i in info.values() if isinstance(i.get("wall_s"), (int, float))]
     # --report-only: the command and wall time of the sweep itself, as it recorded them
     sweep = read_json(out / SWEEP_INFO)
     command = str(sweep.get("command") or shlex.join(argv))
@@ -606,7 +474,7 @@ def write_report(out: Path, argv: list[str], methods: list[str], seeds: list[int
     results = {
         "command": command, "report_command": shlex.join(argv), "methods": methods, "seeds": seeds, "machine": machine,
         "s2t_thresholds": th, "summary": summary, "missing_runs": missing,
-        "run_wall_s": {f"{r.method}-seed{r.seed}": r.info.get("wall_s") for r in runs},
+        "run_wall_s": {r.name: info[r.name].get("wall_s") for r in runs},
         "total_run_wall_s": round(sum(walls), 1), "sweep_wall_s": sweep_wall,
         "shared_config": shared, "smoothing_window": window,
     }
@@ -635,9 +503,9 @@ def write_report(out: Path, argv: list[str], methods: list[str], seeds: list[int
           (f"; the sweep command: {sweep_wall / 60:.1f} min" if sweep_wall is not None else ""), "",
           "| run | wall (s) | torch threads | commit | load avg (1 min) at start → end |", "|---|---|---|---|---|"]
     for r in runs:
-        i = r.info
+        i = info[r.name]
         la = f"{i.get('loadavg_1m_start', '?')} → {i.get('loadavg_1m_end', '?')}" if i else "?"
-        L.append(f"| {r.method}-seed{r.seed} | {i.get('wall_s', '?')} | "
+        L.append(f"| {r.name} | {i.get('wall_s', '?')} | "
                  f"{i.get('threads') or machine['torch_threads']} | {i.get('git_commit') or '?'} | {la} |")
     L += ["", "A load average above the core count means other processes shared the CPU (with `--jobs 2`, the "
           "sweep's own two runs make a load of 2): wall times are then upper bounds, and the numbers (not the "
@@ -651,9 +519,10 @@ def write_report(out: Path, argv: list[str], methods: list[str], seeds: list[int
           "| method | masked fraction, mean over steps | masked tokens per step | masked tokens in the run "
           "| tau_h in nats (mean over steps) |",
           "|---|---|---|---|---|"]
+    applied = {r.label for r in runs if r.config.get("method") == "stapo"}  # the stapo preset and its variants
     for m, res in summary.items():
         frac = res.get("s2t_masked_frac", {}).get("all")
-        L.append(f"| {m}{' (applied)' if m == 'stapo' else ' (diagnostic)'} | "
+        L.append(f"| {m}{' (applied)' if m in applied else ' (diagnostic)'} | "
                  f"{fmt_spread(frac, 4, pct=True)}{' %' if frac else ''} | "
                  f"{fmt_spread(res.get('stapo/s2t_masked_count'), 2)} | {fmt_spread(res.get('s2t_masked_total'), 0)} | "
                  f"{fmt_spread(res.get('stapo/entropy_threshold'), 4)} |")
@@ -672,7 +541,7 @@ def write_report(out: Path, argv: list[str], methods: list[str], seeds: list[int
     for p in figures:
         L += [f"![{p.stem}]({p.relative_to(out).as_posix()})", ""]
     if html:
-        L += [f"`stapo analyze runs` over all run directories: [{html}]({html})", ""]
+        L += [f"`stapo analyze runs --no-group` over all run directories (a line per run): [{html}]({html})", ""]
     if html_note:
         L += [f"`stapo analyze runs` report not written: {html_note}", ""]
     path = out / "report.md"
@@ -680,54 +549,28 @@ def write_report(out: Path, argv: list[str], methods: list[str], seeds: list[int
     return path, results
 
 
-def read_yaml_file(path: Path) -> dict:
+def analyze_html(out: Path, runs: list[Run]) -> tuple[str | None, str | None]:
+    """`stapo analyze runs --no-group RUN_DIR ... --out <out>/analyze` (a line per run, entropy stability);
+    (its path relative to `out`, or why it was not written)."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
-    except (OSError, yaml.YAMLError):
-        return {}
-
-
-def analyze_html(out: Path, dirs: list[Path]) -> tuple[str | None, str | None]:
-    """`stapo analyze runs DIR ... --out <out>/analyze` (the HTML report); (relative path, or an error note)."""
-    target = out / "analyze"
-    cmd = [sys.executable, "-m", "stapo", "analyze", "runs", *map(str, dirs), "--out", str(target)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.SubprocessError) as err:
-        return None, str(err)
-    html = target / "runs.html"
-    if proc.returncode == 0 and html.is_file():
-        return html.relative_to(out).as_posix(), None
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-    return None, tail[0]
+        res = write_runs_report(runs, out / "analyze", by_seed=False)
+    except Exception as err:  # noqa: BLE001 - the HTML is a convenience; the report goes on without it
+        return None, f"{type(err).__name__}: {err}"
+    return res["html"].relative_to(out).as_posix(), None
 
 
 def build_report(out: Path, argv: list[str], methods: list[str], seeds: list[int],
                  window: int | None, sweep_wall: float | None = None, log=print,
                  html: bool = True) -> tuple[Path, dict]:
-    runs, missing = [], []
-    for s in seeds:
-        for m in methods:
-            d = run_dir(out, m, s)
-            if not is_complete(d):
-                missing.append(f"{m}-seed{s}")
-                continue
-            runs.append(load_run_data(d, m, s))
+    runs, missing = load_runs_of(out, methods, seeds, log)
     if not runs:
         raise SweepError(f"{out}: no completed run to report on (expected {out}/runs/METHOD-seedSEED/summary.json)")
     if window is None:
-        longest = max((len(v[0]) for r in runs for k, v in r.curves.items() if k != HELDOUT), default=1)
+        longest = max((len(v[1]) for r in runs for k, v in r.curves.items() if k != HELDOUT), default=1)
         window = max(1, longest // 10)
-    bands: dict[str, dict[str, Band]] = {}
-    for curve in CURVES:
-        for m in methods:
-            series = [r.curves[curve] for r in runs if r.method == m and curve in r.curves]
-            b = aggregate(series, 1 if curve == HELDOUT else window)
-            if b is not None:
-                bands.setdefault(curve, {})[m] = b
-    figures = write_figures(bands, out / "plots", window)
-    html_path, note = analyze_html(out, [r.path for r in runs]) if html else (None, None)
+    groups = {m: [r for r in runs if r.label == m] for m in methods}
+    figures = write_figures(curve_bands({m: g for m, g in groups.items() if g}, window), out / "plots", window)
+    html_path, note = analyze_html(out, runs) if html else (None, None)
     if note:
         log(f"note: stapo analyze runs failed: {note}")
     return write_report(out, argv, methods, seeds, runs, missing, window, sweep_wall, html_path, note, figures)
@@ -756,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = shared_config(args)
             out.mkdir(parents=True, exist_ok=True)
             config_path = out / "config.yaml"
-            previous = read_yaml_file(config_path)
+            previous = read_config(config_path)
             if previous and previous != cfg and any(is_complete(d) for d in (out / "runs").glob("*")):
                 raise SweepError(
                     f"{config_path}: the finished runs in {out} used a different shared config; "

@@ -3,8 +3,9 @@
     p_vs_entropy_png    token probability vs entropy (log axes), coloured by advantage sign,
                         the S2T region shaded and the S2T tokens highlighted
     grad_proxy_hist_png histogram of the gradient-norm² proxy 1 − 2p + Σπ², S2T vs other tokens
-    curves_png          training curves of several runs overlaid, one panel per curve (held-out
-                        accuracy included: step 0 = before training), integer step ticks
+    curves_png          training curves of several runs (or groups of seeds: mean line, min..max
+                        band) overlaid, one panel per curve (held-out accuracy included: step 0 =
+                        before training), integer step ticks
 """
 
 from __future__ import annotations
@@ -119,25 +120,45 @@ def grad_proxy_hist_png(grad_proxy, s2t) -> bytes:
     return _png(fig)
 
 
-def curves_png(panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], titles: dict[str, str] | None = None) -> bytes:
-    """`panels[curve][run] = (steps, values)`: one panel per curve, one line per run, a legend each."""
+def curves_png(panels: dict[str, dict], titles: dict[str, str] | None = None, suptitle: str | None = None) -> bytes:
+    """`panels[curve][label]`: a run's `(steps, values)`, or a `stapo.analyze.runs.Band` (a group's mean
+    over its runs, drawn with a min..max band when it has several). One panel per curve (three a row),
+    one line per label, a legend each; one curve gives a one-panel figure."""
     plt = _pyplot()
+    import textwrap
+
     from matplotlib.ticker import MaxNLocator
 
+    styles = ("-", "--", ":", "-.")  # identical curves (stapo with nothing masked vs justrl) stay visible
     names = list(panels)
     cols = min(3, max(1, len(names)))
     rows = (len(names) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
-        for run, (steps, values) in panels[name].items():
-            ax.plot(steps, values, marker="." if len(steps) < 30 else None, lw=1.4, label=run)
-        ax.set_title((titles or {}).get(name, name), fontsize=10)
+        for i, (label, series) in enumerate(panels[name].items()):
+            if isinstance(series, tuple):
+                steps, mean, lo, hi, n = series[0], series[1], None, None, 1
+            else:
+                steps, mean, lo, hi, n = series.steps, series.mean, series.lo, series.hi, series.n
+            color = f"C{i % 10}"
+            ax.plot(steps, mean, color=color, ls=styles[i % len(styles)], marker="." if len(steps) < 30 else None,
+                    lw=1.4, label=f"{label} (mean of {n})" if n > 1 else label)
+            if n > 1 and len(steps) > 1:
+                ax.fill_between(steps, lo, hi, color=color, alpha=0.18, lw=0)
+            elif n > 1:  # one step: the band is a bar
+                ax.vlines(steps, lo, hi, color=color, alpha=0.4, lw=6)
+        ax.set_title(textwrap.fill((titles or {}).get(name, name), 48), fontsize=10)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # optimizer steps: no "1.5" ticks
+        shown = {int(k) for v in panels[name].values() for k in (v[0] if isinstance(v, tuple) else v.steps)}
+        if len(shown) == 1:  # one logged step: its tick only
+            ax.set_xticks(sorted(shown))
         ax.ticklabel_format(axis="y", useOffset=False)  # absolute values, not "1e-6 + 11.92"
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
     return _png(fig)

@@ -4,34 +4,51 @@ A run directory written by `stapo train` holds `metrics.jsonl`: one JSON object 
 with `step` and metric keys. Engines name the same quantity differently (TRL: `reward`,
 `completions/mean_length`; verl: `critic/score/mean`, `response_length/mean`), so each curve is
 looked up through a short list of candidate names (`CURVES`); the first one present in a run wins.
+The held-out accuracy curve is completed from the run's `eval.json` (before training = step 0, after
+training = the last step) where metrics.jsonl lacks those points.
+
+Runs that differ only by seed are grouped by name: `grpo-seed0` and `grpo-seed1` form the group `grpo`
+(`split_seed`, `group_runs`). `curve_bands` aggregates each group's curves over its runs (mean, min and
+max at the steps every run logged, each run smoothed first), `group_summary` gives each group's
+held-out accuracy before and after training (mean and spread over its runs), and `write_runs_report`
+draws and writes it all (`stapo analyze runs`, experiments/compare/run.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from stapo.rundir import CONFIG_FILE, METRICS_FILE
+from stapo.rundir import CONFIG_FILE, EVAL_FILE, METRICS_FILE, atomic_write_bytes, read_json
 
 
 # curve -> (title, candidate metric names in order of preference)
+HELDOUT = "heldout_accuracy"
 CURVES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "reward": ("reward", ("reward", "rewards/mean", "critic/score/mean", "reward_mean")),
+    HELDOUT: ("held-out accuracy (avg@k)", ("eval_heldout_accuracy", "val/accuracy", "eval_accuracy")),
+    "reward": ("training reward (mean over the batch)", ("reward", "rewards/mean", "critic/score/mean", "reward_mean")),
     "accuracy": ("training accuracy (reward > 0)", ("stapo/accuracy", "accuracy", "train_accuracy")),
-    "heldout_accuracy": ("held-out accuracy", ("eval_heldout_accuracy", "val/accuracy", "eval_accuracy")),
-    "entropy": ("policy entropy (nats)", ("entropy", "stapo/entropy_mean", "actor/entropy", "policy/entropy")),
-    "s2t_masked_frac": ("S2T masked fraction", ("stapo/s2t_masked_frac", "s2t_masked_frac", "actor/s2t_masked_frac")),
-    "clip_low": ("clip fraction (low)", ("clip_ratio/low_mean", "actor/pg_clipfrac_lower", "clip_ratio/low")),
-    "clip_high": ("clip fraction (high)", ("clip_ratio/high_mean", "actor/pg_clipfrac", "clip_ratio/high")),
-    "response_length": ("response length (tokens)", ("completions/mean_length", "response_length/mean", "response_length")),
+    "entropy": ("policy entropy of sampled tokens (nats)",
+                ("entropy", "stapo/entropy_mean", "actor/entropy", "policy/entropy")),
+    "s2t_masked_frac": ("S2T masked fraction (non-stapo: what S2T would mask)",
+                        ("stapo/s2t_masked_frac", "s2t_masked_frac", "actor/s2t_masked_frac")),
+    "clip_low": ("clip fraction, low side (A < 0, r < 1 - eps)",
+                 ("clip_ratio/low_mean", "actor/pg_clipfrac_lower", "clip_ratio/low")),
+    "clip_high": ("clip fraction, high side (A > 0, r > 1 + eps_high)",
+                  ("clip_ratio/high_mean", "actor/pg_clipfrac", "clip_ratio/high")),
+    "response_length": ("response length (tokens)",
+                        ("completions/mean_length", "response_length/mean", "response_length")),
 }
 # config keys whose difference across compared runs is worth a note (not an error)
 CONFIG_NOTE_KEYS = ("model", "model_name_or_path", "data", "dataset", "num_generations", "group_size")
 _PREFIXES = ("train/",)  # wandb-style prefixes some loggers add
+SEED_SUFFIX = re.compile(r"[-_]seed(\d+)$")  # `grpo-seed1`, `grpo_seed1`: the run `grpo` with seed 1
+PER_RUN_CONFIG_KEYS = ("seed", "output_dir")  # may differ within a group of seeds
 
 
 class RunError(ValueError):
@@ -45,6 +62,26 @@ class Run:
     metrics: dict[str, tuple[np.ndarray, np.ndarray]]  # raw key -> (steps, values)
     config: dict = field(default_factory=dict)
     curves: dict[str, tuple[str, np.ndarray, np.ndarray]] = field(default_factory=dict)  # curve -> (key, steps, values)
+    eval: dict = field(default_factory=dict)  # eval.json: held-out accuracy "before" / "after" training
+
+    @property
+    def label(self) -> str:
+        """The name without its `-seedN` suffix: runs with the same label form one group."""
+        return split_seed(self.name)[0]
+
+    @property
+    def seed(self) -> int | None:
+        """The config's seed, else the name's `-seedN` suffix."""
+        seed = self.config.get("seed")
+        return seed if isinstance(seed, int) and not isinstance(seed, bool) else split_seed(self.name)[1]
+
+
+def split_seed(name: str) -> tuple[str, int | None]:
+    """`grpo-seed1` -> ("grpo", 1); a name without the suffix -> (name, None)."""
+    m = SEED_SUFFIX.search(name)
+    if m is None or m.start() == 0:
+        return name, None
+    return name[: m.start()], int(m.group(1))
 
 
 def _read_metrics(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -80,7 +117,8 @@ def _read_metrics(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def _read_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
+    """A YAML mapping from `path`, or {} when it is missing or not a mapping."""
     if not path.is_file():
         return {}
     import yaml
@@ -105,7 +143,7 @@ def load_run(run_dir: str | Path, name: str | None = None) -> Run:
     metrics = _read_metrics(mpath)
     if not metrics:
         raise RunError(f"{mpath}: no logged metrics (the run has not logged a step yet)")
-    run = Run(name or p.resolve().name, p, metrics, _read_config(p / CONFIG_FILE))
+    run = Run(name or p.resolve().name, p, metrics, read_config(p / CONFIG_FILE), eval=read_json(p / EVAL_FILE))
     for curve, (_title, candidates) in CURVES.items():
         for key in candidates:
             if key in metrics:
@@ -116,7 +154,26 @@ def load_run(run_dir: str | Path, name: str | None = None) -> Run:
             reward_keys = sorted(k for k in metrics if k.startswith("rewards/") and k.endswith("/mean"))
             if curve == "reward" and reward_keys:
                 run.curves[curve] = (reward_keys[0], *metrics[reward_keys[0]])
+    _complete_heldout(run)
     return run
+
+
+def _complete_heldout(run: Run) -> None:
+    """Add eval.json's held-out accuracy before training (step 0) and after it (the last logged step, or
+    the config's max_steps) where the held-out curve has no point at that step."""
+    before, after = (run.eval.get(w) for w in ("before", "after"))
+    key, steps, values = run.curves.get(HELDOUT, (EVAL_FILE, np.zeros(0, np.int64), np.zeros(0)))
+    points = dict(zip(steps.tolist(), values.tolist()))
+    if isinstance(before, dict) and isinstance(before.get("accuracy"), (int, float)):
+        points.setdefault(0, float(before["accuracy"]))
+    if isinstance(after, dict) and isinstance(after.get("accuracy"), (int, float)):
+        last = max((int(s[-1]) for s, _ in run.metrics.values() if len(s)), default=0)
+        max_steps = run.config.get("max_steps")
+        last = max(last, max_steps if isinstance(max_steps, int) and not isinstance(max_steps, bool) else 0)
+        points.setdefault(last, float(after["accuracy"]))
+    if points:
+        order = sorted(points)
+        run.curves[HELDOUT] = (key, np.array(order, dtype=np.int64), np.array([points[k] for k in order]))
 
 
 def load_runs(run_dirs: list[str | Path]) -> list[Run]:
@@ -202,3 +259,164 @@ def format_runs_table(runs: list[Run]) -> str:
                 f"({st.spike_ratio:.2f}x the median)"
             )
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ groups of seeds
+
+
+@dataclass
+class Band:
+    """A curve aggregated over the runs of a group at the steps every one of them logged."""
+
+    steps: np.ndarray
+    mean: np.ndarray
+    lo: np.ndarray  # min over the runs
+    hi: np.ndarray  # max over the runs
+    n: int  # runs aggregated
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over the last `window` points (fewer at the start)."""
+    v = np.asarray(values, dtype=np.float64)
+    if window <= 1 or v.size == 0:
+        return v
+    c = np.concatenate([[0.0], np.cumsum(v)])
+    idx = np.arange(1, v.size + 1)
+    start = np.maximum(idx - window, 0)
+    return (c[idx] - c[start]) / (idx - start)
+
+
+def aggregate(series: list[tuple[np.ndarray, np.ndarray]], window: int = 1) -> Band | None:
+    """Mean, min and max over the series at the steps all of them logged (each smoothed first, over
+    all its points); None when there is no series or no step in common."""
+    if not series:
+        return None
+    common = set(series[0][0].tolist())
+    for steps, _ in series[1:]:
+        common &= set(steps.tolist())
+    if not common:
+        return None
+    steps = np.array(sorted(common), dtype=np.int64)
+    rows = []
+    for s, v in series:
+        pos = {int(k): i for i, k in enumerate(s.tolist())}
+        rows.append(moving_average(v, window)[[pos[int(k)] for k in steps]])
+    stack = np.vstack(rows)
+    return Band(steps, stack.mean(axis=0), stack.min(axis=0), stack.max(axis=0), len(series))
+
+
+def group_runs(runs: list[Run], by_seed: bool = True) -> dict[str, list[Run]]:
+    """label -> its runs, in the order the labels first appear. `by_seed`: runs whose names differ only
+    by a `-seedN` suffix share a label; else every run is a group of its own, under its name."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.label if by_seed else r.name, []).append(r)
+    return groups
+
+
+def curve_bands(groups: dict[str, list[Run]], window: int = 1) -> dict[str, dict[str, Band]]:
+    """`bands[curve][label]`: the group's runs that have the curve, aggregated (`aggregate`); the
+    per-step curves are smoothed over `window` steps, held-out accuracy (a few points) never."""
+    bands: dict[str, dict[str, Band]] = {}
+    for curve in CURVES:
+        for label, runs in groups.items():
+            b = aggregate([r.curves[curve][1:] for r in runs if curve in r.curves], 1 if curve == HELDOUT else window)
+            if b is not None:
+                bands.setdefault(curve, {})[label] = b
+    return bands
+
+
+def curve_titles(window: int = 1) -> dict[str, str]:
+    """Each curve's title, with the smoothing named on the per-step curves when `window` > 1."""
+    suffix = f" — {window}-step moving average" if window > 1 else ""
+    return {c: title + ("" if c == HELDOUT else suffix) for c, (title, _) in CURVES.items()}
+
+
+def spread(values: list[float]) -> dict:
+    """mean, min, max, sample std (0 for one value), n and the values themselves."""
+    a = np.asarray(values, dtype=np.float64)
+    return {
+        "mean": float(a.mean()), "min": float(a.min()), "max": float(a.max()),
+        "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "n": int(a.size), "values": a.tolist(),
+    }
+
+
+def fmt_spread(s: dict | None, digits: int = 3, pct: bool = False) -> str:
+    """"mean [min, max]" ("mean" alone for one value, "—" for none); `pct`: times 100."""
+    if not s:
+        return "—"
+    k = 100.0 if pct else 1.0
+    f = f"{{:.{digits}f}}"
+    if s["n"] == 1:
+        return f.format(s["mean"] * k)
+    return f"{f.format(s['mean'] * k)} [{f.format(s['min'] * k)}, {f.format(s['max'] * k)}]"
+
+
+def heldout_spreads(runs: list[Run]) -> dict:
+    """Held-out accuracy over the runs: "heldout_before" (each run's point at step 0) and
+    "heldout_after" (each run's last point: after training, or the latest evaluation of an unfinished
+    run), as `spread`s; a key is absent when no run has that point."""
+    have = [r.curves[HELDOUT] for r in runs if HELDOUT in r.curves]
+    out = {}
+    before = [float(v[0]) for _, s, v in have if s[0] == 0]
+    if before:
+        out["heldout_before"] = spread(before)
+    if have:
+        out["heldout_after"] = spread([float(v[-1]) for _, _, v in have])
+    return out
+
+
+def group_summary(groups: dict[str, list[Run]]) -> dict[str, dict]:
+    """Per group: its runs, their seeds and `heldout_spreads`."""
+    return {label: {"runs": [r.name for r in runs], "seeds": [r.seed for r in runs], **heldout_spreads(runs)}
+            for label, runs in groups.items()}
+
+
+def group_notes(groups: dict[str, list[Run]]) -> list[str]:
+    """Groups whose runs' configs differ in more than the seed (the name put them together; the
+    configs say they are not repeats of one run)."""
+    notes = []
+    for label, runs in groups.items():
+        cfgs = [r.config for r in runs if r.config]
+        if len(cfgs) < 2:
+            continue
+        keys = sorted({k for c in cfgs for k in c} - set(PER_RUN_CONFIG_KEYS))
+        differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str) for c in cfgs}) > 1]
+        if differ:
+            notes.append(f"group '{label}': its runs' configs differ in more than the seed: {', '.join(differ)}")
+    return notes
+
+
+def format_groups_table(summary: dict[str, dict]) -> str:
+    """One line per group: runs, seeds, held-out accuracy before and after (mean [min, max], std)."""
+    rows = [("group", "runs", "seeds", "held-out before", "held-out after", "after std")]
+    for label, g in summary.items():
+        after = g.get("heldout_after")
+        rows.append((label, str(len(g["runs"])), ",".join("?" if s is None else str(s) for s in g["seeds"]),
+                     fmt_spread(g.get("heldout_before")), fmt_spread(after),
+                     f"{after['std']:.3f}" if after and after["n"] > 1 else "—"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "groups (runs named NAME-seedN; cells: mean [min, max] over the group's runs)\n" + "\n".join(lines)
+
+
+def write_runs_report(runs: list[Run], out: str | Path, html: str | Path | None = None, window: int = 1,
+                      by_seed: bool = True) -> dict:
+    """The figure (a line per group: the mean over its runs, a min..max band where it has several),
+    the text tables and the HTML report of `stapo analyze runs`. Writes <out>/curves.png and the HTML
+    (default <out>/runs.html); returns {"png", "html", "text", "notes", "groups"}."""
+    from stapo.analyze import plots, report
+
+    groups = group_runs(runs, by_seed)
+    grouped = any(len(g) > 1 for g in groups.values())
+    png = plots.curves_png(curve_bands(groups, window), curve_titles(window))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    png_path = atomic_write_bytes(out / "curves.png", png)
+    notes = config_differences(runs) + group_notes(groups)
+    summary = group_summary(groups)
+    text = format_runs_table(runs) + ("\n\n" + format_groups_table(summary) if grouped else "")
+    title = "stapo analyze runs — " + ", ".join(r.name for r in runs)
+    html_path = report.write_report(Path(html) if html else out / "runs.html",
+                                    report.build_report(title, curves_png=png, runs_text=text, notes=notes))
+    return {"png": png_path, "html": html_path, "text": text, "notes": notes, "groups": summary}

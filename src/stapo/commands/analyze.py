@@ -3,7 +3,7 @@
     stapo analyze tokens --model embedded --data synthetic:add1?n=32 [--samples 8] [--out DIR]
     stapo analyze tokens --rollouts RUN_DIR_OR_FILE [--steps 10 20]
     stapo analyze tokens --run RUN_DIR [--data SOURCE]        (defaults from the run's config.yaml)
-    stapo analyze runs RUN_DIR [RUN_DIR ...] [--out DIR] [--html FILE]
+    stapo analyze runs RUN_DIR [RUN_DIR ...] [--out DIR] [--html FILE] [--no-group] [--smooth W]
     stapo analyze counterfactual --model embedded [--data synthetic:add1] [--quick] [--out DIR]
 
 Each writes a self-contained HTML report (and its PNGs, and a JSON summary) into --out.
@@ -75,14 +75,22 @@ def register(subparsers) -> None:
 
     r = sub.add_parser(
         "runs",
-        help="overlay training curves of several run directories (PNG + HTML)",
-        description="Overlay reward, entropy, S2T masked fraction, clip fractions and response length "
-        "of several runs (their metrics.jsonl).",
+        help="overlay training curves of several run directories, seeds of one run as a mean and band (PNG + HTML)",
+        description="Overlay held-out accuracy, reward, entropy, S2T masked fraction, clip fractions and "
+        "response length of several runs (their metrics.jsonl, eval.json). Runs whose names differ only by "
+        "a -seedN suffix (grpo-seed0, grpo-seed1) form one group: a line for the mean over its runs, a "
+        "band from their min to their max at the steps all of them logged, and a table of held-out "
+        "accuracy per group (mean [min, max], std).",
     )
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     r.add_argument("--out", default="analysis", help="output directory (default ./analysis)")
     r.add_argument("--html", metavar="FILE", default=None,
                    help="where to write the HTML report (default: <out>/runs.html); its plots stay in --out")
+    r.add_argument("--no-group", dest="group", action="store_false",
+                   help="one line per run, even for runs that differ only by their -seedN suffix")
+    r.add_argument("--smooth", type=int, default=1, metavar="W",
+                   help="trailing moving average over W steps for the per-step curves, each run smoothed "
+                   "before the mean over its group (default 1: none; held-out accuracy is never smoothed)")
     r.set_defaults(func=run_runs)
 
     c = sub.add_parser(
@@ -410,29 +418,20 @@ def _titles():
 
 
 def run_runs(args) -> int:
-    from stapo.analyze import plots, report
-    from stapo.analyze.runs import RunError, config_differences, curve_panels, format_runs_table, load_runs
+    from stapo.analyze.runs import RunError, load_runs, write_runs_report
     from stapo.cli import UserError
 
+    if args.smooth < 1:
+        raise UserError(f"--smooth must be >= 1, got {args.smooth}")
     try:
         runs = load_runs(args.run_dirs)
     except RunError as err:
         raise UserError(str(err)) from None
-    panels = curve_panels(runs)
-    png = plots.curves_png(panels, _titles())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "curves.png", png)
-    notes = config_differences(runs)
-    text = format_runs_table(runs)
-    html_text = report.build_report(
-        "stapo analyze runs — " + ", ".join(r.name for r in runs), curves_png=png, runs_text=text, notes=notes
-    )
-    path = report.write_report(Path(args.html) if args.html else out / "runs.html", html_text)
-    for n in notes:
+    res = write_runs_report(runs, args.out, html=args.html, window=args.smooth, by_seed=args.group)
+    for n in res["notes"]:
         print(f"note: {n}")
-    print(text)
-    print(f"\nplots: {out / 'curves.png'}\nreport: {path}")
+    print(res["text"])
+    print(f"\nplots: {res['png']}\nreport: {res['html']}")
     return 0
 
 
