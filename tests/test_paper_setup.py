@@ -157,6 +157,12 @@ def test_paper_config_follows_the_table(path):
 
 # ------------------------------------------------------------------------------------------ verl recipes
 
+def _has_verl() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("verl") is not None
+
+
 def _recipe():
     pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is not installed (pip install 'verl==0.9.1')")
     from stapo.engines.verl import recipe
@@ -222,7 +228,7 @@ def check_verl_overrides(lines: list[str], method: str, size: str) -> None:
     if spec.applies_s2t:
         paper = S2T_READINGS[own.s2t_reading]
         expected = {name: getattr(paper, name) for name in S2T_KEYS}
-        expected["tau_h_scope"] = VERL_TAU_H_SCOPE  # verl's loss sees one micro-batch at a time
+        expected["tau_h_scope"] = VERL_TAU_H_SCOPE  # the scope the verl plugin provides
         assert stapo_keys == expected
         assert stapo_keys["tau_h_max"] == math.inf  # Hydra reads the printed `inf` as a float
     elif spec.uses_top_entropy_quantile:
@@ -283,6 +289,12 @@ def test_verl_readme_states_the_table():
         assert f"| {method} |" in text
     for stale in ("tau_p 0.01", "| 8192 |", "| 16384 |"):
         assert stale not in text
+    if _has_verl():
+        from stapo.engines.verl.config import VERL_TAU_H_SCOPE
+
+        scope = next(line for line in text.splitlines() if "**τ_h scope**" in line)
+        assert "follows the paper" in scope and VERL_TAU_H_SCOPE == S2T_READINGS["paper"].tau_h_scope
+        assert f"(`{VERL_TAU_H_SCOPE}`)" in text
 
 
 # ------------------------------------------------------------------------------------------ the checks can fail

@@ -69,7 +69,7 @@ def test_paper_recipe_is_accepted_by_verls_schema(method, model):
             s2t = actor.policy_loss.stapo
             assert (s2t.tau_p, s2t.tau_h, s2t.tau_h_quantile) == (0.002, None, 0.75)  # the paper's rule
             assert (s2t.tau_h_population, s2t.tau_h_max) == ("candidates", math.inf)  # Hydra reads `inf`
-            # the preset's settings, but per micro-batch: verl's loss sees one micro-batch at a time
+            # the preset's settings, with the scope the verl plugin provides (the paper's mini_batch)
             assert s2t.s2t == replace(preset.s2t_settings, tau_h_scope=VERL_TAU_H_SCOPE)
         else:
             assert actor.policy_loss.stapo.top_entropy_quantile == 0.2

@@ -11,11 +11,11 @@ each method's loss is its `stapo.core.get_preset`:
   20-entropy  gradient only for the top 20% entropy tokens, clip 0.2 / 0.28, token-mean (bound 3)
   justrl      vanilla loss, clip 0.2 / 0.28, token-mean, dual clip bound 10
   stapo       justrl + the S2T mask (the paper's rule, stapo.core.S2TSettings: tau_p 0.002, tau_h = the
-              75% entropy quantile of the candidates, no cap; its scope is the plugin's VERL_TAU_H_SCOPE)
+              75% entropy quantile of the candidates, no cap; over the scope the plugin provides,
+              VERL_TAU_H_SCOPE: the paper's PPO mini-batch)
 Where verl cannot follow the table: the in-run validation (one n for every benchmark, the training's
 response limit; the paper's protocol is `stapo eval` on merged checkpoints, recipes/verl/README.md),
-verl's dual clip, which applies to every loss, and the tau_h scope where VERL_TAU_H_SCOPE is not the
-paper's mini-batch.
+and verl's dual clip, which applies to every loss.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 from stapo.core import get_preset
 from stapo.data import BENCHMARKS
-from stapo.engines.verl.config import S2T_KEYS, VERL_TAU_H_SCOPE
+from stapo.engines.verl.config import LOSS_MODE_FILTERS, S2T_KEYS, VERL_TAU_H_SCOPE
 from stapo.paper_setup import EVAL, TRAINING
 from stapo.paper_setup import MODELS as PAPER_MODELS
 
@@ -56,10 +56,10 @@ GROUP_SIZE = TRAINING.responses_per_prompt
 MAX_PROMPT_LENGTH = TRAINING.max_prompt_length
 
 # verl's policy-loss mode for each registered token filter (stapo.core.TOKEN_FILTERS): verl's own
-# `vanilla` where no token is left out of the gradient, the plugin's losses (stapo.engines.verl.losses)
-# otherwise. What else a loss needs comes from the filter's properties (applies_s2t: the S2T settings;
-# uses_top_entropy_quantile: rho).
-VERL_LOSS_MODES = {"none": "vanilla", "s2t": "stapo", "high_entropy": "20-entropy"}
+# `vanilla` where no token is left out of the gradient, else the plugin's loss for that filter (the
+# inverse of stapo.engines.verl.config.LOSS_MODE_FILTERS). What else a loss needs comes from the filter's
+# properties (applies_s2t: the S2T settings; uses_top_entropy_quantile: rho).
+VERL_LOSS_MODES = {"none": "vanilla", **{name: mode for mode, name in LOSS_MODE_FILTERS.items()}}
 
 # In-run validation (verl's val_kwargs take one n for every benchmark): the N of the large benchmarks,
 # under the training-aligned setting; responses are capped at data.max_response_length, the training's.
