@@ -172,8 +172,8 @@ def test_model_card_states_the_run(finished_run, tiny_qwen3_dir):
         assert "None" not in text and "trained with GRPO" not in text
         assert f"**Base model:** `{tiny_qwen3_dir}` (a local directory)" in text
         assert "**Method:** `stapo`: STAPO:" in text
-        assert ("S2T thresholds (applied):** tokens with A > 0, p < tau_p = 0.01 and H below tau_h = the 0.05 "
-                "quantile of the candidates tokens' entropies, at most 0.6931 nats") in text
+        assert ("S2T thresholds (applied):** tokens with A > 0, p < tau_p = 0.002 and H below tau_h = the 0.75 "
+                "quantile of the candidates tokens' entropies are silenced") in text
         assert "**Training data:** `synthetic:add1?n=16&seed=0`" in text
         assert "**Steps:** 2 of 2" in text
         assert f"| before training | {ev['before']['accuracy']:.3f} ± {ev['before']['stderr']:.3f} | 2 | 1 |" in text
