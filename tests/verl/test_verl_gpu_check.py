@@ -42,6 +42,7 @@ def test_the_script_is_valid_bash_and_refuses_unknown_modes(tmp_path):
     assert bad.returncode == 2 and "usage" in bad.stderr
 
 
+@pytest.mark.slow  # 14-22 s: three Python start-ups (data, recipe, run.sh) on two CPU cores
 def test_dry_run_prints_a_tiny_recipe_run_that_verl_accepts(tmp_path):
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import omega_conf_to_dataclass, validate_config
