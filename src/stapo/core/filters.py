@@ -106,10 +106,13 @@ class S2TDecision(NamedTuple):
     candidates: torch.Tensor     # bool [B, T]: valid ∧ p < τ_p ∧ A > 0 (what some τ_h could silence)
 
 
-def _s2t_masks(lp, e, adv, valid, settings: S2TSettings):
+def _s2t_masks(lp, adv, valid, settings: S2TSettings):
+    """(low_prob, candidate, the population tau_h's quantile is taken over)."""
     log_tau_p = math.log(settings.tau_p) if settings.tau_p > 0 else -math.inf
     low_prob = valid & (lp < log_tau_p)
-    return low_prob, low_prob & (adv > 0)
+    candidate = low_prob & (adv > 0)
+    population = {"valid": valid, "low_prob": low_prob, "candidates": candidate}[settings.tau_h_population]
+    return low_prob, candidate, population
 
 
 def _checked(logprobs, entropy, advantages, response_mask):
@@ -131,9 +134,7 @@ def s2t_population(logprobs, entropy, advantages, response_mask, settings: S2TSe
     valid | low_prob (valid ∧ p < τ_p) | candidates (low_prob ∧ A > 0), per `settings.tau_h_population`."""
     with torch.no_grad():
         lp, e, adv, valid = _checked(logprobs, entropy, advantages, response_mask)
-        low_prob, candidate = _s2t_masks(lp, e, adv, valid, settings)
-        population = {"valid": valid, "low_prob": low_prob, "candidates": candidate}[settings.tau_h_population]
-        return e[population]
+        return e[_s2t_masks(lp, adv, valid, settings)[2]]
 
 
 def s2t_threshold(populations: torch.Tensor | Sequence[torch.Tensor], settings: S2TSettings, group=None) -> torch.Tensor:
@@ -169,9 +170,8 @@ def s2t_decision(logprobs, entropy, advantages, response_mask, settings: S2TSett
     """
     with torch.no_grad():
         lp, e, adv, valid = _checked(logprobs, entropy, advantages, response_mask)
-        low_prob, candidate = _s2t_masks(lp, e, adv, valid, settings)
+        low_prob, candidate, population = _s2t_masks(lp, adv, valid, settings)
         if threshold is None:
-            population = {"valid": valid, "low_prob": low_prob, "candidates": candidate}[settings.tau_h_population]
             threshold = s2t_threshold(e[population], settings, group)
         threshold = torch.as_tensor(threshold, dtype=torch.float32, device=e.device).reshape(())
         low_entropy = valid & (e < threshold)

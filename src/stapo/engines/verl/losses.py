@@ -441,8 +441,7 @@ def mini_batch_s2t(engine, data, s2t: S2TSettings) -> tuple[torch.Tensor, float]
     pass of `engine` over `data` (verl's `infer_batch`, the same micro-batches as the training pass),
     each micro-batch's `s2t_population` and candidates collected, then `s2t_threshold` over all of them
     and all data-parallel ranks; the count is summed over the ranks."""
-    populations, candidates = [], []
-    as_candidates = replace(s2t, tau_h_population="candidates")
+    parts = []  # each micro-batch's (log-probs, entropies, advantages, valid), detached
 
     def collect(model_output=None, data=None, dp_group=None, **_):
         if model_output is None:  # verl's logits-processor call (top-k distillation): nothing to add
@@ -453,16 +452,13 @@ def mini_batch_s2t(engine, data, s2t: S2TSettings) -> tuple[torch.Tensor, float]
         lp = _padded(model_output["log_probs"], data)
         ent = _padded(model_output["entropy"], data)
         fields = data.select("response_mask", "advantages").to_padded_tensor()
-        valid, adv = fields["response_mask"].bool(), fields["advantages"]
-        populations.append(s2t_population(lp, ent, adv, valid, s2t))
-        candidates.append(populations[-1] if s2t.tau_h_population == "candidates"
-                          else s2t_population(lp, ent, adv, valid, as_candidates))
+        parts.append((lp.detach(), ent.detach(), fields["advantages"], fields["response_mask"].bool()))
         return torch.zeros((), device=lp.device), {}
 
     engine.infer_batch(data, loss_function=collect)
     group = engine.get_data_parallel_group()
-    threshold = s2t_threshold(populations, s2t, group=group)
-    local = sum((c < threshold).sum() for c in candidates) if candidates else torch.zeros(())
+    threshold = s2t_threshold([s2t_population(*part, s2t) for part in parts], s2t, group=group)
+    local = sum(s2t_decision(*part, s2t, threshold=threshold).n_spurious for part in parts) if parts else torch.zeros(())
     masked = _all_reduce_sum(torch.as_tensor(local, dtype=torch.float32, device=threshold.device).reshape(()), group)
     return threshold, float(masked.item())
 
