@@ -5,6 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from distributed import gloo_group, spawn_ranks
+
 from stapo.core import S2TSettings, entropy_quantile, high_entropy_mask, quantile_linear, s2t_mask
 
 # The references below take the quantile over all valid tokens, uncapped: the literal reading.
@@ -195,29 +197,17 @@ def test_quantile_linear_large_random_trials():
 
 
 def _quantile_rank(rank, world, port, out_dir):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         g = torch.Generator().manual_seed(rank)
         ent = torch.rand(3, 11, generator=g) * 2
         valid = torch.rand(3, 11, generator=g) < (0.3 if rank == 0 else 0.9)  # different counts per rank
         torch.save({"ent": ent, "valid": valid, "q": entropy_quantile(ent, valid, 0.05),
                     "q_top": entropy_quantile(ent, valid, 0.8)}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_entropy_quantile_is_global_across_ranks(tmp_path):
     """Two gloo ranks with different numbers of valid tokens: both get the quantile of all of them."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_quantile_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_quantile_rank, 2, str(tmp_path))
     res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     everything = torch.cat([r["ent"][r["valid"]] for r in res])
     for r in res:

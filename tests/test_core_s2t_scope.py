@@ -8,10 +8,11 @@ when each part uses `s2t_threshold` over every part's `s2t_population`.
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
+
+from distributed import gloo_group, spawn_ranks
 
 from stapo.core import (
     PRESETS,
@@ -121,10 +122,7 @@ def test_filter_properties_not_names():
 
 
 def _scope_rank(rank, world, port, out_dir):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         lp, ent, adv, valid = step_batch()
         rows = torch.tensor_split(torch.arange(lp.shape[0]), world)[rank]
         s = S2TSettings()
@@ -133,17 +131,10 @@ def _scope_rank(rank, world, port, out_dir):
         thr = s2t_threshold([s2t_population(*h, s) for h in halves], s)
         spurious = torch.cat([s2t_decision(*h, s, threshold=thr).spurious for h in halves])
         torch.save({"rows": rows, "thr": thr, "spurious": spurious}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_mini_batch_scope_over_two_ranks(tmp_path):
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_scope_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_scope_rank, 2, str(tmp_path))
     batch = step_batch()
     whole = s2t_decision(*batch, S2TSettings())
     for r in range(2):

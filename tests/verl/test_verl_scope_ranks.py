@@ -14,10 +14,10 @@ from verl_fakes import VERL_MODULE, VERL_SKIP_REASON
 pytest.importorskip(VERL_MODULE, reason=VERL_SKIP_REASON)
 
 import math
-import socket
 from functools import partial
 
 import torch
+from distributed import gloo_group, spawn_ranks
 from verl_fakes import make_actor_config, make_micro_batch
 
 SETTINGS = {"tau_p": 0.3}  # the paper's quantile rule (q 0.75 of the candidates) with many candidates
@@ -73,14 +73,9 @@ class StandInEngine:
 
 
 def _rank(rank, world, port, out_dir):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         for parts_per_rank in (2, 1):
             torch.save(_one_rank(rank, world, parts_per_rank), f"{out_dir}/rank{rank}_{parts_per_rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _one_rank(rank, world, parts_per_rank):
@@ -116,12 +111,7 @@ def _one_rank(rank, world, parts_per_rank):
 
 def test_two_ranks_take_the_whole_mini_batchs_decision(tmp_path):
     """Two micro-batches per rank (the pre-pass) and one per rank (no pre-pass), both over two gloo ranks."""
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_rank, 2, str(tmp_path))
     threshold, n_spurious, grad = whole_batch_reference()
     assert n_spurious > 0 and math.isfinite(threshold)
     for parts_per_rank in (2, 1):

@@ -19,16 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from functools import partial
 
 import torch
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from distributed import free_port
 
 
 def _cpu_platform():
@@ -116,7 +110,7 @@ def verl_on_cpu():
     created = False
     try:
         if not dist.is_initialized():
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                               LOCAL_RANK="0")
             dist.init_process_group("gloo", rank=0, world_size=1)
             created = True
