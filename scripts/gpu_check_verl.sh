@@ -35,22 +35,7 @@ LOG="$OUT/verl_check.log"
   >>"$LOG" 2>&1 || { echo "gpu_check_verl: data preparation failed (see $LOG)" | tee -a "$LOG"; exit 1; }
 
 if [ "$MODE" = "run" ]; then
-  "$PY" - >"$OUT/env.txt" 2>&1 <<'PYEOF'
-import importlib, platform, sys
-print("python", sys.version.split()[0], platform.machine())
-try:
-    import torch
-    print("torch", torch.__version__, "cuda", torch.version.cuda,
-          torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")
-except Exception as err:
-    print("torch: not importable:", err)
-for name in ("verl", "vllm", "ray", "transformers", "trl", "stapo"):
-    try:
-        mod = importlib.import_module(name)
-        print(name, getattr(mod, "__version__", "?"))
-    except Exception as err:
-        print(f"{name}: not importable: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-PYEOF
+  "$PY" scripts/env_report.py verl vllm ray transformers trl stapo >"$OUT/env.txt" 2>&1
   tee -a "$LOG" <"$OUT/env.txt"
   if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     echo "gpu_check_verl: no CUDA device: not runnable here" | tee -a "$LOG"; exit 2
