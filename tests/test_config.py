@@ -48,13 +48,13 @@ def test_overrides_are_typed_and_use_field_names(tmp_path):
 
 
 def test_all_bad_fields_reported_at_once(tmp_path):
-    bad = dict(BASE, tau_p=1.5, tau_h_quantile=2, epsilon=0, num_generations=1, learning_rate="fast",
+    bad = dict(BASE, tau_p=1.5, tau_h_quantile=2, epsilon=-0.1, num_generations=1, learning_rate="fast",
                max_stepz=3, eval_samples=0, method="ppo")
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, bad))
     errors = info.value.errors
     text = "\n".join(errors)
-    for needle in ("tau_p: must be a number in [0, 1]", "tau_h_quantile: must be a number in [0, 1]", "epsilon: (the lower clip range) must be > 0",
+    for needle in ("tau_p: must be a number in [0, 1]", "tau_h_quantile: must be a number in [0, 1]", "epsilon: must be a number >= 0, got -0.1",
                    "num_generations: (the group size) must be >= 2", "learning_rate: expected float",
                    "max_stepz: unknown field; did you mean 'max_steps'?", "eval_samples: must be >= 1",
                    "method: must be one of grpo, dapo"):

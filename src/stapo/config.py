@@ -100,14 +100,13 @@ class RunConfig:
 
 
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
-RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - {"trl"}
+# The run fields: the names `RunConfig` holds itself; every other key of a run config is a STAPOConfig field.
+RUN_FIELDS = frozenset(f.name for f in dataclasses.fields(RunConfig)) - {"trl"}
 
-# Range rules: name -> (predicate, description). Applied to run fields and TRL fields alike.
+# Range rules: name -> (predicate, description), for the run fields and TRL's own fields. The fields
+# STAPOConfig adds or restricts (the shared loss settings included) take their rules from it:
+# `stapo.engines.trl.config.stapo_field_error`.
 _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "top_entropy_quantile": (lambda v: v is None or 0 < v <= 1, "must be in (0, 1]"),
-    "epsilon": (lambda v: v is None or v > 0, "(the lower clip range) must be > 0"),
-    "epsilon_high": (lambda v: v is None or v > 0, "(the upper clip range) must be > 0"),
-    "beta": (lambda v: v is None or v == 0, "must be 0: the GRPO-family methods here use no KL term"),
     "learning_rate": (lambda v: v > 0, "must be > 0"),
     "num_generations": (lambda v: v is None or v >= 2, "(the group size) must be >= 2"),
     "per_device_train_batch_size": (lambda v: v >= 1, "must be >= 1"),
@@ -120,9 +119,6 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "logging_steps": (lambda v: v > 0, "must be > 0"),
     "save_steps": (lambda v: v > 0, "must be > 0"),
     "num_iterations": (lambda v: v >= 1, "must be >= 1"),
-    "capture_rollouts_every": (lambda v: v >= 0, "must be >= 0 (0 = off)"),
-    "capture_max_samples": (lambda v: v >= 1, "must be >= 1"),
-    "max_nonfinite_steps": (lambda v: v >= 1, "must be >= 1 (skipped non-finite steps in a row before stopping)"),
     "reward_timeout": (lambda v: v > 0, "must be > 0 seconds"),
     "reward_mode": (lambda v: v in ("auto", "boxed"), "must be 'auto' or 'boxed'"),
     "eval_samples": (lambda v: v >= 1, "must be >= 1"),
@@ -248,6 +244,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
 def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
     """Check every field of a flat config mapping; raise one `ConfigError` listing all problems."""
     trl_fields = stapo_config_fields()
+    from stapo.engines.trl.config import FIELD_RULES, LOSS_SETTING_NAMES, stapo_field_error
+
     run_types = typing.get_type_hints(RunConfig)
     known = sorted(RUN_FIELDS | set(trl_fields))
     errors: list[str] = []
@@ -271,13 +269,21 @@ def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
                 value = values[key] = float(value)
             except ValueError:
                 pass
-        if key in S2T_FIELDS:  # the S2T thresholds: stapo.core.settings holds their types and ranges
-            problem = None if value is None else s2t_field_error(key, value)
+        if key in S2T_FIELDS or key in LOSS_SETTING_NAMES:
+            # the S2T thresholds (stapo.core.settings) and the loss settings every engine shares
+            # (stapo.core.loss_settings): their rules hold their types too (an infinite clip bound included)
+            problem = None if value is None else (
+                s2t_field_error(key, value) if key in S2T_FIELDS else stapo_field_error(key, value))
             if problem:
                 errors.append(f"{key}: {problem}, got {value!r}")
             continue
         if not _type_ok(value, annotation):
             errors.append(f"{key}: expected {_describe(annotation)}, got {type(value).__name__} {value!r}")
+            continue
+        if key in FIELD_RULES:  # STAPOConfig's own rule, so this file and STAPOConfig agree
+            problem = None if value is None else stapo_field_error(key, value)
+            if problem:
+                errors.append(f"{key}: {problem}, got {value!r}")
             continue
         rule = _RULES.get(key)
         if rule is not None and value is not None:
@@ -313,10 +319,12 @@ def resolve_s2t(values: dict[str, Any]) -> S2TSettings:
 
 
 def _cross_checks(values: dict[str, Any]) -> list[str]:
+    from stapo.engines.trl.config import top_entropy_quantile_error
+
     errors = []
-    preset = PRESETS[values.get("method", "stapo")]
-    if not preset.filter.uses_top_entropy_quantile and values.get("top_entropy_quantile") not in (None, 1.0):
-        errors.append(f"top_entropy_quantile: applies only to method '20-entropy' (method is {values.get('method')!r})")
+    problem = top_entropy_quantile_error(values.get("method", "stapo"), values.get("top_entropy_quantile"))
+    if problem:
+        errors.append(f"top_entropy_quantile: {problem}")
     if values.get("tau_h") is not None and values.get("tau_h_quantile") is not None:
         errors.append("tau_h_quantile: set tau_h (an absolute threshold in nats) or tau_h_quantile, not both "
                       "(set the other to null)")

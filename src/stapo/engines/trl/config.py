@@ -13,6 +13,12 @@ preset's value"; any value the user passes (even one equal to TRL's default) is 
 `clip_ratio_c` (dual clip for A < 0) is not a TRL option: None takes the preset's (justrl, stapo: 10;
 the others: none), and `STAPOTrainer` passes it to `stapo.core.policy_loss`.
 
+Ranges. `epsilon`, `epsilon_high`, `clip_ratio_c` and `top_entropy_quantile` are the loss settings
+every engine shares (`LOSS_SETTING_NAMES` -> the core's names): their rules are `stapo.core.loss_settings`'.
+The fields STAPOConfig adds or restricts have theirs in `FIELD_RULES`. `stapo_field_error` answers
+for both, and `stapo train`'s run config (`stapo.config`) asks it, so a config file and this class
+accept the same values.
+
 S2T thresholds (`tau_p`, `tau_h`, `tau_h_quantile`, `tau_h_population`, `tau_h_max`, `tau_h_scope`,
 `inert_warning_steps`): None takes `method`'s `preset.s2t_settings`, the defaults of `stapo.core.S2TSettings`, which also checks
 them. Methods other than stapo do not apply S2T: their thresholds only measure what it would silence
@@ -21,14 +27,24 @@ them. Methods other than stapo do not apply S2T: their thresholds only measure w
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from trl import GRPOConfig
 
-from stapo.core import S2T_DEFAULTS, S2T_FIELDS, S2TSettings, get_preset
+from stapo.core import PRESETS, S2T_DEFAULTS, S2T_FIELDS, S2TSettings, get_preset
+from stapo.core.loss_settings import loss_setting_error
 
-__all__ = ["STAPOConfig", "AGG_TO_LOSS_TYPE", "PRESET_OPTIONS", "SUPPORTED_LOSS_TYPES"]
+__all__ = [
+    "AGG_TO_LOSS_TYPE",
+    "FIELD_RULES",
+    "LOSS_SETTING_NAMES",
+    "PRESET_OPTIONS",
+    "STAPOConfig",
+    "SUPPORTED_LOSS_TYPES",
+    "stapo_field_error",
+    "top_entropy_quantile_error",
+]
 
 # TRL fields a preset sets unless the user set them explicitly.
 PRESET_OPTIONS = ("loss_type", "epsilon", "epsilon_high", "scale_rewards", "beta", "top_entropy_quantile")
@@ -36,11 +52,53 @@ AGG_TO_LOSS_TYPE = {"token-mean": "dapo", "seq-mean-token-mean": "grpo", "seq-me
 SUPPORTED_LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")
 _MEASURED_ONLY = "Other methods: measured only."
 
+# STAPOConfig's spelling of the loss settings every engine shares -> the core's (stapo.core.loss_settings).
+LOSS_SETTING_NAMES = {
+    "epsilon": "clip_low",
+    "epsilon_high": "clip_high",
+    "clip_ratio_c": "clip_ratio_c",
+    "top_entropy_quantile": "top_entropy_quantile",
+}
 
-def _number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+
+def _int_at_least(lowest: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lowest
+
+
+# The other fields STAPOConfig adds to GRPOConfig or restricts: name -> (rule, problem).
+FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "beta": (lambda v: not isinstance(v, bool) and v == 0, "must be 0 (the GRPO-family methods here use no KL term)"),
+    "loss_type": (lambda v: v in SUPPORTED_LOSS_TYPES, f"must be one of {', '.join(SUPPORTED_LOSS_TYPES)} for STAPOTrainer"),
+    "capture_rollouts_every": (_int_at_least(0), "must be an int >= 0 (0: off)"),
+    "capture_max_samples": (_int_at_least(1), "must be an int >= 1"),
+    "max_nonfinite_steps": (_int_at_least(1), "must be an int >= 1 (skipped non-finite steps in a row before stopping)"),
+    "fused_lm_head": (lambda v: v is None or isinstance(v, bool), "must be true, false or null (auto)"),
+}
+
+
+def stapo_field_error(name: str, value: Any) -> str | None:
+    """The problem with `value` for STAPOConfig field `name` ("must be ..."), or None when it is valid or
+    the field has no rule here (TRL's own fields). None is not a value: it means the preset's."""
+    if name in LOSS_SETTING_NAMES:
+        return loss_setting_error(LOSS_SETTING_NAMES[name], value)
+    rule = FIELD_RULES.get(name)
+    if rule is None:
+        return None
+    try:
+        ok = rule[0](value)
+    except TypeError:  # a value of another type
+        ok = False
+    return None if ok else rule[1]
+
+
+def top_entropy_quantile_error(method: str, value: Any) -> str | None:
+    """rho is read only by a method whose token filter uses it (20-entropy); elsewhere it must be 1.0
+    (every token keeps its gradient) or None (the preset's, which is 1.0)."""
+    preset = get_preset(method)
+    if preset.filter.uses_top_entropy_quantile or value is None or value == 1.0:
+        return None
+    users = " or ".join(repr(n) for n, p in PRESETS.items() if p.filter.uses_top_entropy_quantile)
+    return f"applies only to method {users} (method is {method!r})"
 
 
 @dataclass
@@ -136,6 +194,7 @@ class STAPOConfig(GRPOConfig):
             setattr(self, name, getattr(settings, name))
         if self.clip_ratio_c is None:
             self.clip_ratio_c = preset.clip_ratio_c
+        self._check_fields()  # before GRPOConfig's own set-up, so a bad value gets this one error
         super().__post_init__()
         self._check_supported(preset)
 
@@ -144,35 +203,30 @@ class STAPOConfig(GRPOConfig):
         """The S2T thresholds of this run (applied by stapo, measured by the other methods)."""
         return S2TSettings(**{name: getattr(self, name) for name in S2T_FIELDS})
 
+    def _check_fields(self) -> None:
+        for name in (*FIELD_RULES, *LOSS_SETTING_NAMES):
+            value = getattr(self, name)
+            if name == "clip_ratio_c" and value is None:  # the preset has no dual clip
+                continue
+            problem = stapo_field_error(name, value)
+            if problem is not None:
+                raise ValueError(f"{name} {problem}, got {value!r}")
+        problem = top_entropy_quantile_error(self.method, self.top_entropy_quantile)
+        if problem is not None:
+            raise ValueError(f"top_entropy_quantile {problem}")
+
     def _check_supported(self, preset) -> None:
-        if self.loss_type not in SUPPORTED_LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {SUPPORTED_LOSS_TYPES} for STAPOTrainer, got {self.loss_type!r}")
-        _number("epsilon", self.epsilon)
-        _number("epsilon_high", self.epsilon_high)
-        if self.epsilon < 0 or self.epsilon_high < 0:
-            raise ValueError(f"epsilon and epsilon_high must be >= 0, got {self.epsilon}, {self.epsilon_high}")
-        if self.clip_ratio_c is not None and not _number("clip_ratio_c", self.clip_ratio_c) > 1.0:
-            raise ValueError(f"clip_ratio_c must be > 1 (dual-clip bound) or null, got {self.clip_ratio_c}")
-        if _number("beta", self.beta) != 0.0:
-            raise ValueError(f"beta must be 0 (the GRPO-family methods here use no KL term), got {self.beta}")
-        rho = _number("top_entropy_quantile", self.top_entropy_quantile)
-        if preset.filter.uses_top_entropy_quantile:
-            if not 0.0 < rho <= 1.0:
-                raise ValueError(f"top_entropy_quantile must be in (0, 1], got {rho}")
-            if self.loss_type == "grpo" and preset.filter.denominator == "valid":
-                raise ValueError(
-                    "loss_type='grpo' cannot keep 20-Entropy's denominator (all valid tokens); "
-                    "use dapo, bnpo or dr_grpo with method='20-entropy'"
-                )
-        elif rho != 1.0:
-            raise ValueError(f"top_entropy_quantile applies only to method='20-entropy' (method is {self.method!r})")
-        ga, spg = self.gradient_accumulation_steps, self.steps_per_generation or self.gradient_accumulation_steps
-        if (preset.filter.applies_s2t and self.tau_h_scope == "mini_batch" and self.tau_h is None and ga > 1
-                and spg % ga != 0):
+        if preset.filter.uses_top_entropy_quantile and self.loss_type == "grpo" and preset.filter.denominator == "valid":
             raise ValueError(
-                f"tau_h_scope='mini_batch' takes S2T's tau_h over each optimizer step's micro-batches, which must all "
-                f"come from one generation: steps_per_generation ({spg}) must be a multiple of "
-                f"gradient_accumulation_steps ({ga}); or set tau_h_scope='micro_batch'"
+                "loss_type='grpo' cannot keep 20-Entropy's denominator (all valid tokens); "
+                "use dapo, bnpo or dr_grpo with method='20-entropy'"
+            )
+        ga, spg = self.gradient_accumulation_steps, self.steps_per_generation or self.gradient_accumulation_steps
+        if ga > 1 and spg % ga != 0 and (self.loss_type == "dapo" or preset.filter.applies_s2t):
+            raise ValueError(
+                f"each optimizer step's micro-batches must come from one generation (the token-mean denominator is "
+                f"the step's own tokens, and S2T decides over the whole step): steps_per_generation ({spg}) must be "
+                f"a multiple of gradient_accumulation_steps ({ga})"
             )
         unsupported = {
             "importance_sampling_level": (self.importance_sampling_level, "token"),
@@ -184,14 +238,3 @@ class STAPOConfig(GRPOConfig):
         for name, (value, supported) in unsupported.items():
             if value != supported:
                 raise ValueError(f"{name}={value!r} is not supported by STAPOTrainer (use {supported!r})")
-        for name in ("capture_rollouts_every", "capture_max_samples"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if self.capture_max_samples < 1:
-            raise ValueError(f"capture_max_samples must be >= 1, got {self.capture_max_samples}")
-        k = self.max_nonfinite_steps
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"max_nonfinite_steps must be an int >= 1, got {k!r}")
-        if self.fused_lm_head is not None and not isinstance(self.fused_lm_head, bool):
-            raise ValueError(f"fused_lm_head must be true, false or null (auto), got {self.fused_lm_head!r}")
