@@ -50,10 +50,10 @@ def test_trl_config(name, value, tmp_path):
 @pytest.mark.parametrize("name, value", CASES)
 def test_verl_config(name, value):
     pytest.importorskip("verl")
-    from stapo.engines.verl.config import StapoConfig
+    from stapo.engines.verl.config import VerlStapoSettings
 
     with pytest.raises(ValueError, match=re.escape(f"stapo.{name} {s2t_field_error(name, value)}, got {value!r}")):
-        StapoConfig(**{name: value})
+        VerlStapoSettings(**{name: value})
 
 
 @pytest.mark.parametrize("name, value", [c for c in CASES if c[0] in ANALYZE_FLAGS])

@@ -97,6 +97,20 @@ def test_bad_stapo_values_are_rejected_naming_the_key():
     assert cfg.actor_rollout_ref.actor.policy_loss.stapo.tau_p == get_preset("stapo").s2t_settings.tau_p == 0.002
 
 
+def test_the_stapo_blocks_former_name_is_a_deprecated_alias():
+    """`StapoConfig` differed from TRL's `STAPOConfig` only in case; it is `VerlStapoSettings` now, and the
+    old name still works for one release, with a DeprecationWarning naming the new one."""
+    import stapo.engines.verl as plugin
+    import stapo.engines.verl.config as config
+
+    for module in (config, plugin):
+        with pytest.warns(DeprecationWarning, match="use VerlStapoSettings"):
+            assert module.StapoConfig is config.VerlStapoSettings
+    assert "StapoConfig" not in plugin.__all__ and "VerlStapoSettings" in plugin.__all__
+    with pytest.raises(AttributeError):
+        config.NoSuchName
+
+
 @pytest.mark.slow  # ~20 s: a fresh interpreter imports verl
 def test_run_script_overrides_match_the_recipe_module():
     """recipes/verl/run.sh takes its overrides from `python -m stapo.engines.verl.recipe` (dry run)."""

@@ -26,9 +26,9 @@ torch.set_num_threads(1)
 def make_actor_config(loss_mode="stapo", stapo=None, loss_agg_mode="token-mean", clip_low=0.2, clip_high=0.28, **kw):
     from verl.workers.config import ActorConfig
 
-    from stapo.engines.verl import StapoConfig, StapoPolicyLossConfig
+    from stapo.engines.verl import StapoPolicyLossConfig, VerlStapoSettings
 
-    policy_loss = StapoPolicyLossConfig(loss_mode=loss_mode, stapo=StapoConfig(**(stapo or {})))
+    policy_loss = StapoPolicyLossConfig(loss_mode=loss_mode, stapo=VerlStapoSettings(**(stapo or {})))
     return ActorConfig(
         strategy="fsdp",
         rollout_n=1,

@@ -24,8 +24,9 @@ from stapo.engines.verl.config import (
     LOSS_MODE_FILTERS,
     LOSS_MODES,
     POLICY_LOSS_TARGET,
-    StapoConfig,
     StapoPolicyLossConfig,
+    VerlStapoSettings,
+    actor_clip_settings,
     loss_mode_filter,
     stapo_settings,
 )
@@ -58,8 +59,9 @@ __all__ = [
     "MiniBatchS2T",
     "POLICY_LOSS_TARGET",
     "SUPPORTED_VERL_VERSIONS",
-    "StapoConfig",
     "StapoPolicyLossConfig",
+    "VerlStapoSettings",
+    "actor_clip_settings",
     "compute_policy_loss_high_entropy",
     "compute_policy_loss_stapo",
     "core_loss_kwargs",
@@ -70,3 +72,14 @@ __all__ = [
     "stapo_settings",
     "with_entropy",
 ]
+
+
+def __getattr__(name: str):
+    if name == "StapoConfig":  # the former name, which differed from TRL's STAPOConfig only in case
+        warnings.warn(
+            "stapo.engines.verl.StapoConfig is deprecated; use VerlStapoSettings (the same class)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return VerlStapoSettings
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,22 +6,35 @@ verl builds `actor.policy_loss` from its Hydra node with `_target_`, so the extr
 `verl.trainer.main_ppo` launch needs `actor_rollout_ref.actor.policy_loss._target_=
 stapo.engines.verl.config.StapoPolicyLossConfig` when it sets any `stapo.*` key.
 
+The block's dataclass is `VerlStapoSettings`: the token filters' thresholds as verl reads them (not a
+whole config of a run, as TRL's `STAPOConfig` is; `StapoConfig`, its former name, is a deprecated alias).
 The S2T thresholds' defaults, ranges and meanings are `stapo.core.S2TSettings`' (checked by its
 validator, errors prefixed `stapo.`), the paper's rule included: tau_h per PPO mini-batch
 (`tau_h_scope=mini_batch`, which the engine hook in `stapo.engines.verl.losses` provides); 20-Entropy's
-rho defaults to its preset's.
+rho defaults to its preset's, its range is `stapo.core.loss_settings`' rule.
+
+The clip range and dual-clip bound are verl's own actor fields (`actor.clip_ratio_low`, `_high`, `_c`);
+`actor_clip_settings` reads them as verl's vanilla loss does and checks them by the rules every engine
+shares (`stapo.core.loss_settings`).
 """
 
 from __future__ import annotations
 
-import math
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from verl.base_config import BaseConfig
 from verl.workers.config import PolicyLossConfig
 
 from stapo.core import S2TSettings, TokenFilterSpec, get_preset, get_token_filter, s2t_errors
+from stapo.core.loss_settings import (
+    check_clip_high,
+    check_clip_low,
+    check_clip_ratio_c,
+    check_top_entropy_quantile,
+    loss_setting_error,
+)
 
 # verl's policy-loss modes this plugin registers, and the stapo.core token filter each one applies. What a
 # loss does (S2T or not, its denominator, whether it reads rho) comes from the filter's properties.
@@ -49,8 +62,8 @@ def loss_mode_filter(loss_mode: str) -> TokenFilterSpec | None:
 
 
 @dataclass
-class StapoConfig(BaseConfig):
-    """Thresholds of the two token filters.
+class VerlStapoSettings(BaseConfig):
+    """The `actor.policy_loss.stapo` block: thresholds of the two token filters.
 
     tau_p, tau_h, tau_h_quantile, tau_h_population, tau_h_max, tau_h_scope   STAPO's S2T settings (`stapo.core.S2TSettings`);
                           the quantile is taken over every data-parallel rank, per PPO mini-batch
@@ -76,7 +89,7 @@ class StapoConfig(BaseConfig):
                   for name, msg in s2t_errors(values, none_means_default=False).items()]
         if errors:
             raise ValueError("; ".join(errors))
-        _check_range("stapo.top_entropy_quantile", self.top_entropy_quantile, 0.0, 1.0, low_open=True)
+        check_top_entropy_quantile(self.top_entropy_quantile, "stapo.top_entropy_quantile")
 
     @property
     def s2t(self) -> S2TSettings:
@@ -87,50 +100,79 @@ class StapoConfig(BaseConfig):
 class StapoPolicyLossConfig(PolicyLossConfig):
     """verl's `PolicyLossConfig` plus the `stapo` block."""
 
-    stapo: StapoConfig = field(default_factory=StapoConfig)
+    stapo: VerlStapoSettings = field(default_factory=VerlStapoSettings)
 
     def __post_init__(self):
         # Hydra passes a nested block without its own `_target_` as a DictConfig.
-        if not isinstance(self.stapo, StapoConfig):
+        if not isinstance(self.stapo, VerlStapoSettings):
             object.__setattr__(self, "stapo", _to_stapo_config(self.stapo))
 
 
-def _check_range(name: str, value: Any, lo: float, hi: float, low_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > lo if low_open else value >= lo) and value <= hi
-    if not ok:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be in {bracket}{lo}, {hi}], got {value!r}")
-
-
-def stapo_settings(actor_config) -> StapoConfig:
-    """The validated `StapoConfig` of an actor config (dataclass, DictConfig or dict).
+def stapo_settings(actor_config) -> VerlStapoSettings:
+    """The validated `VerlStapoSettings` of an actor config (dataclass, DictConfig or dict).
 
     A `policy_loss` without a `stapo` block gets the defaults."""
     policy_loss = _get(actor_config, "policy_loss")
     block = _get(policy_loss, "stapo") if policy_loss is not None else None
     if block is None:
-        return StapoConfig()
+        return VerlStapoSettings()
     return _to_stapo_config(block)
 
 
-def _to_stapo_config(block) -> StapoConfig:
+# verl's defaults where the actor config has no such key (those of its vanilla policy loss).
+VERL_CLIP_RATIO = 0.2
+VERL_CLIP_RATIO_C = 3.0
+
+
+def actor_clip_settings(actor_config) -> dict[str, float]:
+    """`clip_low`, `clip_high`, `clip_ratio_c` for `stapo.core.policy_loss`, read from verl's actor config
+    (dataclass, DictConfig or dict) as verl's vanilla loss reads them: `clip_ratio_low` / `clip_ratio_high`,
+    each falling back to `clip_ratio`; `clip_ratio_c` (verl's dual clip applies to every loss).
+
+    Checked by the rules every engine shares (`stapo.core.loss_settings`); an error names the actor key the
+    value came from. verl has no "no dual clip": a null `clip_ratio_c` is refused, as verl's loss would."""
+    clip = _get(actor_config, "clip_ratio", VERL_CLIP_RATIO)
+    out: dict[str, float] = {}
+    for setting, key, check in (("clip_low", "clip_ratio_low", check_clip_low),
+                                ("clip_high", "clip_ratio_high", check_clip_high)):
+        value = _get(actor_config, key)
+        out[setting] = check(clip, "actor.clip_ratio") if value is None else check(value, f"actor.{key}")
+    dual = _get(actor_config, "clip_ratio_c", VERL_CLIP_RATIO_C)
+    if dual is None:
+        raise ValueError(f"actor.clip_ratio_c {loss_setting_error('clip_ratio_c', dual)}, got None")
+    out["clip_ratio_c"] = check_clip_ratio_c(dual, "actor.clip_ratio_c")
+    return out
+
+
+def _to_stapo_config(block) -> VerlStapoSettings:
     if block is None:
-        return StapoConfig()
-    if isinstance(block, StapoConfig):
+        return VerlStapoSettings()
+    if isinstance(block, VerlStapoSettings):
         return block
     known = set(STAPO_KEYS)
     items = {k: block[k] for k in block.keys() if k != "_target_"}
     unknown = sorted(set(items) - known)
     if unknown:
         raise ValueError(f"unknown key(s) in actor.policy_loss.stapo: {unknown}; known: {sorted(known)}")
-    return StapoConfig(**items)
+    return VerlStapoSettings(**items)
 
 
-def _get(obj, key: str):
+def _get(obj, key: str, default=None):
+    """`obj`'s `key`, or `default` when it has no such key (an explicit None stays None)."""
     if obj is None:
-        return None
+        return default
     getter = getattr(obj, "get", None)
     if callable(getter):
-        return getter(key, None)
-    return getattr(obj, key, None)
+        return getter(key, default)
+    return getattr(obj, key, default)
+
+
+def __getattr__(name: str):
+    if name == "StapoConfig":  # the former name, which differed from TRL's STAPOConfig only in case
+        warnings.warn(
+            "stapo.engines.verl.config.StapoConfig is deprecated; use VerlStapoSettings (the same class)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return VerlStapoSettings
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
