@@ -280,6 +280,29 @@ def test_stapo_evals_defaults_are_the_papers_protocol():
     assert (args.setting, args.max_new_tokens, args.samples) == (EVAL.setting_group, EVAL.max_new_tokens, None)
 
 
+def test_the_eval_protocol_reads_the_papers_table_and_the_table_imports_nothing():
+    """One fact, one place: stapo.eval.protocol takes k and the two sampling settings from
+    stapo.paper_setup (no second copy to drift), and paper_setup imports nothing from stapo, so the
+    import cannot run in a cycle."""
+    import ast
+
+    import stapo.eval.protocol as protocol
+    import stapo.paper_setup as paper_setup
+
+    def imported(module) -> set[str]:
+        tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
+        names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        return names | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    assert not {m for m in imported(paper_setup) if m.split(".")[0] == "stapo"}
+    assert "stapo.paper_setup" in imported(protocol)
+    # no number of the table is written in protocol.py (1.0, T and top-p of "train", is greedy's top-p too)
+    tree = ast.parse(Path(protocol.__file__).read_text(encoding="utf-8"))
+    literals = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and type(n.value) in (int, float)}
+    table = set(EVAL.samples.values()) | {v for setting in EVAL.settings.values() for v in setting} - {1.0}
+    assert not literals & table, f"eval/protocol.py types {sorted(literals & table)} again"
+
+
 def test_verl_readme_states_the_table():
     text = (REPO / "recipes" / "verl" / "README.md").read_text()
     eval_lines = [line for line in text.splitlines() if line.strip().startswith("stapo eval")]

@@ -99,7 +99,8 @@ class EvalProtocol:
         "math500": 4, "minerva": 4, "olympiadbench": 4,  # N = 4
     }))
     max_new_tokens: int = 20480
-    # name (stapo.eval.protocol.SETTINGS) -> (temperature, top_p)
+    # name -> (temperature, top_p); `stapo eval`'s settings of these names (stapo.eval.protocol.SETTINGS),
+    # its default k per benchmark and its "both" group are built from this table
     settings: Mapping[str, tuple[float, float]] = field(default_factory=lambda: MappingProxyType({
         "train": (1.0, 1.0),
         "nucleus": (0.7, 0.9),

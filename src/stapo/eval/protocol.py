@@ -1,8 +1,9 @@
 """The evaluation protocol as plain data: benchmarks, sampling settings, default k, per-sample seeds.
 
 The paper reports avg@k on six benchmarks under two sampling settings; k follows JustRL's protocol
-(32 samples for the small AIME/AMC sets, 4 for the larger ones). Greedy decoding (T = 0, one sample
-per problem) is the third column papers put beside them.
+(32 samples for the small AIME/AMC sets, 4 for the larger ones). Those numbers are the paper's table,
+`stapo.paper_setup.EVAL`, and are read from it here. Greedy decoding (T = 0, one sample per problem)
+is the third column papers put beside them (not the paper's protocol: defined here).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 from dataclasses import dataclass
 
 from stapo.data.loaders import BENCHMARKS
+from stapo.paper_setup import EVAL
 
 __all__ = [
     "BENCHMARKS",
@@ -33,7 +35,8 @@ BENCHMARK_TITLES = {
     "minerva": "Minerva",
     "olympiadbench": "OlympiadBench",
 }
-DEFAULT_SAMPLES = {"aime24": 32, "aime25": 32, "amc23": 32, "math500": 4, "minerva": 4, "olympiadbench": 4}
+# k per benchmark when `stapo eval` is given no --samples: the paper's
+DEFAULT_SAMPLES: dict[str, int] = dict(EVAL.samples)
 
 
 @dataclass(frozen=True)
@@ -45,13 +48,13 @@ class SamplingSetting:
 
 
 SETTINGS = {
-    # the training-aligned setting: sample from the policy exactly as RL rollouts do
-    "train": SamplingSetting("train", temperature=1.0, top_p=1.0),
-    "nucleus": SamplingSetting("nucleus", temperature=0.7, top_p=0.9),
+    # the paper's two: "train", the training-aligned one (sample from the policy exactly as RL rollouts
+    # do), and "nucleus"
+    **{name: SamplingSetting(name, temperature=t, top_p=p) for name, (t, p) in EVAL.settings.items()},
     "greedy": SamplingSetting("greedy", temperature=0.0, top_p=1.0, samples=1),
 }
-# --setting names for groups of settings
-SETTING_GROUPS = {"both": ("train", "nucleus"), "all": ("train", "nucleus", "greedy")}
+# --setting names for groups of settings: the paper's pair ("both") and those plus greedy ("all")
+SETTING_GROUPS = {EVAL.setting_group: tuple(EVAL.settings), "all": (*EVAL.settings, "greedy")}
 
 
 def parse_benchmarks(spec: str) -> list[str]:
