@@ -44,7 +44,7 @@ def split_decisions(batch, parts: int, settings: S2TSettings, scope_threshold: b
     threshold = None
     if scope_threshold:
         threshold = s2t_threshold([s2t_population(*c, settings) for c in zip(*chunks)], settings)
-    return [s2t_decision(*c, settings, threshold=threshold) for c in zip(*chunks)]
+    return [s2t_decision(*c, settings, step_tau_h=threshold) for c in zip(*chunks)]
 
 
 def ref_threshold(batch, settings: S2TSettings) -> float:
@@ -98,11 +98,11 @@ def test_step_threshold_reaches_the_loss_and_every_filter():
     lp, ent, adv, valid = step_batch()
     s = S2TSettings()
     thr = torch.tensor(1.0)
-    _, m = stapo_loss(lp, lp.detach(), adv, valid, ent, s, s2t_threshold=thr)
+    _, m = stapo_loss(lp, lp.detach(), adv, valid, ent, s, step_tau_h=thr)
     expected = valid & (lp < math.log(0.002)) & (adv[:, None] > 0) & (ent < 1.0)
     assert int(m["s2t_masked_count"]) == int(expected.sum()) > 0
     for name in TOKEN_FILTERS:
-        out = apply_token_filter(name, lp, ent, adv, valid, s2t_threshold=thr)
+        out = apply_token_filter(name, lp, ent, adv, valid, step_tau_h=thr)
         assert torch.equal(out.s2t.spurious, expected)
 
 
@@ -129,7 +129,7 @@ def _scope_rank(rank, world, port, out_dir):
         mine = (lp[rows], ent[rows], adv[rows], valid[rows])
         halves = [tuple(x[sl] for x in mine) for sl in (slice(0, 2), slice(2, None))]  # 2 micro-batches a rank
         thr = s2t_threshold([s2t_population(*h, s) for h in halves], s)
-        spurious = torch.cat([s2t_decision(*h, s, threshold=thr).spurious for h in halves])
+        spurious = torch.cat([s2t_decision(*h, s, step_tau_h=thr).spurious for h in halves])
         torch.save({"rows": rows, "thr": thr, "spurious": spurious}, f"{out_dir}/rank{rank}.pt")
 
 

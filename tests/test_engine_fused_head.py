@@ -68,6 +68,7 @@ def _logps_entropies(trainer, batch):
 
 def _loss_and_grads(trainer, batch):
     trainer.model.zero_grad()
+    trainer._buffered_inputs, trainer._step = [dict(batch)], 0  # one optimizer step, as TRL buffers it
     loss = trainer._compute_loss(trainer.model, dict(batch))
     loss.backward()
     trainer._window = None

@@ -83,6 +83,7 @@ def test_dual_clip_of_the_preset_is_applied_where_it_binds(tiny_qwen3_dir, tmp_p
         logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attn, t)
     # ratio = exp(3) ≈ 20 > c = 10 on every token: the dual clip binds for the A < 0 rows
     batch["old_per_token_logps"] = logps - 3.0
+    trainer._buffered_inputs, trainer._step = [batch], 0  # one optimizer step, as TRL buffers it
     loss = trainer._compute_loss(trainer.model, batch).detach()
 
     valid = completion_mask.bool()

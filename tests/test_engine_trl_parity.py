@@ -95,6 +95,7 @@ def _with_old(trainer, batch):
 
 def _loss_and_grads(trainer, batch):
     trainer.model.zero_grad()
+    trainer._buffered_inputs, trainer._step = [batch], 0  # the batch is one optimizer step, as TRL buffers it
     loss = trainer._compute_loss(trainer.model, batch)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
@@ -153,6 +154,7 @@ def test_stapo_equals_core_stapo_loss(tiny_qwen3_dir, tmp_path):
     trainer = _trainer(STAPOTrainer, STAPOConfig, tiny_qwen3_dir, tmp_path, method="stapo", tau_h_quantile=0.3,
                        **literal)
     batch = _with_old(trainer, _batch(trainer.model.config.vocab_size, seed=2, with_old=False))
+    trainer._buffered_inputs, trainer._step = [batch], 0
     loss = trainer._compute_loss(trainer.model, batch).detach()
     logps, ent = _tensors(trainer, batch)
     valid = batch["completion_mask"].bool()
@@ -165,7 +167,8 @@ def test_stapo_equals_core_stapo_loss(tiny_qwen3_dir, tmp_path):
 
 
 def test_denominator_same_for_one_or_two_micro_batches(tiny_qwen3_dir, tmp_path):
-    """GA=2 (deferred rescale at the step end) == GA=1 (exact in-loss count), gradients and logged loss."""
+    """An absolute tau_h decided per micro-batch on the current policy: GA=2 (deferred rescale at the step
+    end) == GA=1 (exact in-loss count), gradients and logged loss."""
     probe = _trainer(STAPOTrainer, STAPOConfig, tiny_qwen3_dir, tmp_path / "p")
     batch = _batch(probe.model.config.vocab_size, seed=3, with_old=False)
     _, ent = _tensors(probe, batch)
@@ -174,6 +177,7 @@ def test_denominator_same_for_one_or_two_micro_batches(tiny_qwen3_dir, tmp_path)
 
     one = _trainer(STAPOTrainer, STAPOConfig, tiny_qwen3_dir, tmp_path / "a", tau_h=tau_h, max_grad_norm=1e9)
     one._tr_loss = torch.zeros(())
+    one._buffered_inputs, one._step = [batch], 0
     loss_one = one._compute_loss(one.model, batch)
     loss_one.backward()
     one._tr_loss += loss_one.detach()
@@ -185,8 +189,10 @@ def test_denominator_same_for_one_or_two_micro_batches(tiny_qwen3_dir, tmp_path)
     )
     assert two._deferred_denominator() and not one._deferred_denominator()
     two._tr_loss = torch.zeros(())
-    for half in (slice(0, ROWS // 2), slice(ROWS // 2, ROWS)):
-        micro = {k: (v[half] if k != "num_items_in_batch" else v) for k, v in batch.items()}
+    halves = [{k: (v[h] if k != "num_items_in_batch" else v) for k, v in batch.items()}
+              for h in (slice(0, ROWS // 2), slice(ROWS // 2, ROWS))]
+    two._buffered_inputs = halves
+    for two._step, micro in enumerate(halves):
         loss = two._compute_loss(two.model, micro)
         loss.backward()
         two._tr_loss += loss.detach()
@@ -245,7 +251,11 @@ def test_mini_batch_scope_same_decision_for_1_2_4_micro_batches(tiny_qwen3_dir, 
     assert results["micro_batch", 4][1] != pytest.approx(threshold, rel=1e-3)
 
 
-def test_mini_batch_scope_needs_whole_steps_per_generation(tmp_path):
-    with pytest.raises(ValueError, match="steps_per_generation .3. must be a multiple of gradient_accumulation_steps .2."):
-        STAPOConfig(**_common(tmp_path, gradient_accumulation_steps=2, steps_per_generation=3))
-    STAPOConfig(**_common(tmp_path, gradient_accumulation_steps=2, steps_per_generation=3, tau_h_scope="micro_batch"))
+def test_steps_need_whole_micro_batches_of_one_generation(tmp_path):
+    """The step's own token count (token-mean) and the mini-batch scope need each optimizer step's
+    micro-batches in one generation; other loss types without S2T do not."""
+    for method in ("stapo", "grpo"):
+        with pytest.raises(ValueError, match="steps_per_generation .3. must be a multiple of gradient_accumulation_steps .2."):
+            STAPOConfig(**_common(tmp_path, method=method, gradient_accumulation_steps=2, steps_per_generation=3))
+    STAPOConfig(**_common(tmp_path, method="grpo", loss_type="grpo", gradient_accumulation_steps=2,
+                          steps_per_generation=3))

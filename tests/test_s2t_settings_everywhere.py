@@ -18,6 +18,7 @@ BAD = {
     "tau_h_population": ["everything"],
     "tau_h_max": [-1.0, float("nan")],
     "tau_h_scope": ["step"],
+    "decision_policy": ["newest"],
     "inert_warning_steps": [-3],
 }
 CASES = [(name, value) for name, values in BAD.items() for value in values]

@@ -8,7 +8,9 @@
     s2t_threshold      tau_h over a whole optimizer step (the mini-batch scope)
     high_entropy_mask  20-Entropy's top-rho entropy mask
     policy_loss        PPO-clip loss with verl's aggregation modes and global denominators
-    stapo_loss         policy_loss over the valid tokens S2T does not silence
+    filtered_policy_loss  one micro-batch's loss: token filter -> clipped loss -> aggregation, given the
+                       step's tau_h and denominator (what both engines call)
+    stapo_loss         filtered_policy_loss with the s2t filter: the valid tokens S2T does not silence
     high_entropy_loss  20-Entropy: gradient for the top-rho entropy tokens, full denominator
     token_logprobs_entropy    per-token log-prob / entropy / collision from logits, chunked, float32
     lm_head_logprobs_entropy  the same from hidden states + LM-head weight, never holding [N, V] logits
@@ -29,7 +31,9 @@ from stapo.core.filters import (
     quantile_linear,
     register_token_filter,
     s2t_decision,
+    StepS2T,
     s2t_mask,
+    s2t_over_step,
     s2t_population,
     s2t_threshold,
     tau_h_for_fraction,
@@ -42,7 +46,11 @@ from stapo.core.lm_head import (
 )
 from stapo.core.losses import (
     AGGREGATIONS,
+    ALL_RANKS,
+    FilteredLoss,
     aggregate,
+    filtered_policy_loss,
+    nonfinite_positions,
     global_token_count,
     high_entropy_loss,
     policy_loss,
@@ -55,6 +63,7 @@ from stapo.core.settings import (
     S2T_FIELDS,
     S2T_READINGS,
     TAU_H_POPULATIONS,
+    DECISION_POLICIES,
     TAU_H_SCOPES,
     S2TSettings,
     s2t_errors,
@@ -65,6 +74,11 @@ from stapo.core.stats import entropy_change_first_order, grad_norm_proxy, token_
 __all__ = [
     "ADVANTAGE_SCALES",
     "AGGREGATIONS",
+    "ALL_RANKS",
+    "DECISION_POLICIES",
+    "FilteredLoss",
+    "filtered_policy_loss",
+    "nonfinite_positions",
     "DENOMINATORS",
     "FilterParams",
     "FilterResult",
@@ -99,7 +113,9 @@ __all__ = [
     "s2t_decision",
     "s2t_errors",
     "s2t_field_error",
+    "StepS2T",
     "s2t_mask",
+    "s2t_over_step",
     "s2t_metrics",
     "s2t_population",
     "s2t_threshold",

@@ -1,7 +1,7 @@
 """Token filters: which valid tokens of a batch get gradient. A registry of pure functions with one
 signature, like verl's `core_algos` policy losses:
 
-    filter(logprobs, entropy, advantages, response_mask, params, group=None, s2t_threshold=None) -> FilterResult
+    filter(logprobs, entropy, advantages, response_mask, params, group=None, step_tau_h=None) -> FilterResult
 
     name          loss mask                                                applies S2T  denominator
     none          valid                                                    no           kept (= valid)
@@ -17,13 +17,14 @@ denominator), "valid" over all valid tokens.
 `response_mask` [B, T] (bool or 0/1); `params` a `FilterParams`. Every filter also returns the S2T
 decision on the batch (what STAPO would silence), so runs of every method log the same diagnostics.
 Entropy quantiles are taken over the tokens passed in, gathered across the ranks of `group` when
-torch.distributed is initialised; `s2t_threshold` (from `s2t_threshold` over a whole optimizer step)
+torch.distributed is initialised; `step_tau_h` (from `s2t_threshold` over a whole optimizer step)
 replaces S2T's quantile, which is how an engine takes it per mini-batch. Nothing here carries gradient.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
@@ -38,6 +39,7 @@ from stapo.core._checks import (
     check_prob,
     check_same_shape,
 )
+from stapo.core.loss_settings import check_top_entropy_quantile
 from stapo.core.settings import S2TSettings
 
 # ---- quantiles -------------------------------------------------------------------------------
@@ -159,15 +161,16 @@ def s2t_threshold(populations: torch.Tensor | Sequence[torch.Tensor], settings: 
 
 
 def s2t_decision(logprobs, entropy, advantages, response_mask, settings: S2TSettings, group=None,
-                 threshold: torch.Tensor | float | None = None) -> S2TDecision:
+                 step_tau_h: torch.Tensor | float | None = None, **renamed) -> S2TDecision:
     """The S2T mask and its counts (checked inputs; see the module docstring for shapes).
 
         low_prob   = valid ∧ p < τ_p           (as logprob < log τ_p: no exp)
         candidate  = low_prob ∧ A > 0
-        τ_h        = `threshold` when given (e.g. `s2t_threshold` over the whole optimizer step), else
+        τ_h        = `step_tau_h` when given (e.g. `s2t_threshold` over the whole optimizer step), else
                      `s2t_threshold` of this batch's `s2t_population`
         M          = candidate ∧ H < τ_h
     """
+    threshold = _renamed_tau_h(renamed, step_tau_h)
     with torch.no_grad():
         lp, e, adv, valid = _checked(logprobs, entropy, advantages, response_mask)
         low_prob, candidate, population = _s2t_masks(lp, adv, valid, settings)
@@ -179,6 +182,31 @@ def s2t_decision(logprobs, entropy, advantages, response_mask, settings: S2TSett
         n = lambda m: m.sum(dtype=torch.float32)  # noqa: E731
         return S2TDecision(spurious, threshold, n(valid), n(low_prob), n(low_entropy), n(candidate), n(spurious),
                            candidate)
+
+
+class StepS2T(NamedTuple):
+    """S2T over a whole optimizer step, taken before its micro-batches' losses."""
+
+    step_tau_h: torch.Tensor | None  # τ_h for every micro-batch (mini_batch scope), None: each takes its own
+    num_silenced: torch.Tensor       # tokens silenced in the whole step, summed over the ranks of `group`
+
+
+def s2t_over_step(parts: Sequence[tuple], settings: S2TSettings, group=None) -> StepS2T:
+    """S2T's τ_h and silenced-token count over an optimizer step's micro-batches, each `part` a
+    (logprobs, entropy, advantages, response_mask) of one micro-batch on this rank (all ranks call it with
+    the same number of parts). `mini_batch` scope: one τ_h over every part and rank (`s2t_threshold`);
+    `micro_batch`: each part's own, gathered over the ranks, as its loss will take it. The count is what
+    the "kept" token-mean denominator of the step leaves out."""
+    if settings.tau_h_scope == "mini_batch" or settings.tau_h is not None:
+        tau_h = s2t_threshold([s2t_population(*part, settings) for part in parts], settings, group)
+        decisions = [s2t_decision(*part, settings, group, step_tau_h=tau_h) for part in parts]
+    else:
+        tau_h, decisions = None, [s2t_decision(*part, settings, group) for part in parts]
+    device = parts[0][0].device if parts else torch.device("cpu")
+    local = torch.stack([d.n_spurious for d in decisions]).sum() if decisions else torch.zeros((), device=device)
+    if _world_size(group) > 1:
+        dist.all_reduce(local, group=group)
+    return StepS2T(tau_h, local)
 
 
 def tau_h_for_fraction(entropy, candidates, n_valid, target: float) -> float | None:
@@ -195,7 +223,7 @@ def tau_h_for_fraction(entropy, candidates, n_valid, target: float) -> float | N
 
 def high_entropy_threshold(entropy, valid, top_quantile: float, group=None) -> torch.Tensor:
     """20-Entropy's τ_ρ: the (1 − ρ) quantile of the valid tokens' entropies (+inf when none is valid)."""
-    check_prob("top_quantile", top_quantile)
+    check_top_entropy_quantile(top_quantile, "top_quantile")
     t = entropy_quantile(entropy, valid, 1.0 - top_quantile, group)
     return torch.nan_to_num(t, nan=float("inf"))
 
@@ -235,8 +263,9 @@ class TokenFilterSpec:
             raise ValueError(f"denominator must be one of {DENOMINATORS}, got {self.denominator!r}")
 
     def __call__(self, logprobs, entropy, advantages, response_mask, params: FilterParams | None = None,
-                 group=None, s2t_threshold=None) -> FilterResult:
-        return self.fn(logprobs, entropy, advantages, response_mask, params or FilterParams(), group, s2t_threshold)
+                 group=None, step_tau_h=None, **renamed) -> FilterResult:
+        step_tau_h = _renamed_tau_h(renamed, step_tau_h)
+        return self.fn(logprobs, entropy, advantages, response_mask, params or FilterParams(), group, step_tau_h)
 
 
 TOKEN_FILTERS: dict[str, TokenFilterSpec] = {}
@@ -258,33 +287,34 @@ def get_token_filter(name: str) -> TokenFilterSpec:
 
 
 def apply_token_filter(name: str, logprobs, entropy, advantages, response_mask, params: FilterParams | None = None,
-                       group=None, s2t_threshold=None) -> FilterResult:
+                       group=None, step_tau_h=None, **renamed) -> FilterResult:
     """`TOKEN_FILTERS[name](...)`: the one place engines and analyze decide which tokens learn."""
-    return get_token_filter(name)(logprobs, entropy, advantages, response_mask, params, group, s2t_threshold)
+    return get_token_filter(name)(logprobs, entropy, advantages, response_mask, params, group,
+                                  _renamed_tau_h(renamed, step_tau_h))
 
 
 @register_token_filter("none", applies_s2t=False, denominator="kept")
 def keep_valid(logprobs, entropy, advantages, response_mask, params: FilterParams, group=None,
-               s2t_threshold=None) -> FilterResult:
+               step_tau_h=None) -> FilterResult:
     """loss mask = valid."""
-    s2t = s2t_decision(logprobs, entropy, advantages, response_mask, params.s2t, group, s2t_threshold)
+    s2t = s2t_decision(logprobs, entropy, advantages, response_mask, params.s2t, group, step_tau_h)
     return FilterResult(check_mask("response_mask", response_mask, logprobs.shape), s2t)
 
 
 @register_token_filter("s2t", applies_s2t=True, denominator="kept")
 def silence_spurious(logprobs, entropy, advantages, response_mask, params: FilterParams, group=None,
-                     s2t_threshold=None) -> FilterResult:
+                     step_tau_h=None) -> FilterResult:
     """STAPO: loss mask = valid ∧ ¬M with M = A > 0 ∧ p < τ_p ∧ H < τ_h (`s2t_decision`)."""
-    s2t = s2t_decision(logprobs, entropy, advantages, response_mask, params.s2t, group, s2t_threshold)
+    s2t = s2t_decision(logprobs, entropy, advantages, response_mask, params.s2t, group, step_tau_h)
     valid = check_mask("response_mask", response_mask, logprobs.shape)
     return FilterResult(valid & ~s2t.spurious, s2t)
 
 
 @register_token_filter("high_entropy", applies_s2t=False, denominator="valid", uses_top_entropy_quantile=True)
 def keep_high_entropy(logprobs, entropy, advantages, response_mask, params: FilterParams, group=None,
-                      s2t_threshold=None) -> FilterResult:
+                      step_tau_h=None) -> FilterResult:
     """20-Entropy: loss mask = valid ∧ H ≥ τ_ρ, τ_ρ = the (1 − ρ) quantile of the valid entropies."""
-    s2t = s2t_decision(logprobs, entropy, advantages, response_mask, params.s2t, group, s2t_threshold)
+    s2t = s2t_decision(logprobs, entropy, advantages, response_mask, params.s2t, group, step_tau_h)
     return FilterResult(high_entropy_mask(entropy, response_mask, params.top_entropy_quantile, group=group), s2t)
 
 
@@ -292,13 +322,25 @@ def keep_high_entropy(logprobs, entropy, advantages, response_mask, params: Filt
 
 
 def s2t_mask(logprobs, entropy, advantages, response_mask, settings: S2TSettings | None = None, group=None,
-             threshold=None) -> torch.Tensor:
+             step_tau_h=None, **renamed) -> torch.Tensor:
     """STAPO's spurious-token mask (True = silenced): valid ∧ A > 0 ∧ p < τ_p ∧ H < τ_h, bool [B, T].
 
-    `settings` None: `S2TSettings()` (the paper's rule); `threshold` replaces the batch's own τ_h.
+    `settings` None: `S2TSettings()` (the paper's rule); `step_tau_h` replaces the batch's own τ_h.
     """
     return s2t_decision(logprobs, entropy, advantages, response_mask, settings or S2TSettings(), group,
-                        threshold).spurious
+                        _renamed_tau_h(renamed, step_tau_h)).spurious
+
+
+def _renamed_tau_h(renamed: dict, step_tau_h):
+    """`threshold=` / `s2t_threshold=`, the names of `step_tau_h` before 0.2: accepted with a DeprecationWarning."""
+    for old in ("threshold", "s2t_threshold"):
+        if old in renamed:
+            warnings.warn(f"{old}= is deprecated; use step_tau_h=", DeprecationWarning, stacklevel=3)
+            value = renamed.pop(old)
+            step_tau_h = value if step_tau_h is None else step_tau_h
+    if renamed:
+        raise TypeError(f"unexpected keyword arguments {sorted(renamed)}")
+    return step_tau_h
 
 
 def high_entropy_mask(entropy, response_mask, top_quantile: float = 0.2, threshold=None, group=None) -> torch.Tensor:
@@ -306,7 +348,7 @@ def high_entropy_mask(entropy, response_mask, top_quantile: float = 0.2, thresho
     tokens' entropies. `threshold` overrides the quantile."""
     ent = check_float("entropy", entropy)
     valid = check_mask("response_mask", response_mask, ent.shape)
-    check_prob("top_quantile", top_quantile)
+    check_top_entropy_quantile(top_quantile, "top_quantile")
     with torch.no_grad():
         e = ent.detach().float()
         check_finite("entropy", e, valid)

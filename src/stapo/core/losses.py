@@ -7,6 +7,8 @@ float32 tensors (engines call `.item()` or all-reduce them).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 
@@ -17,7 +19,21 @@ from stapo.core._checks import (
     check_mask,
     check_same_shape,
 )
-from stapo.core.filters import FilterParams, apply_token_filter, high_entropy_mask
+from stapo.core.filters import (
+    FilterParams,
+    S2TDecision,
+    TokenFilterSpec,
+    _renamed_tau_h,
+    _world_size,
+    get_token_filter,
+    high_entropy_mask,
+)
+from stapo.core.loss_settings import (
+    check_clip_high,
+    check_clip_low,
+    check_clip_ratio_c,
+    check_top_entropy_quantile,
+)
 from stapo.core.settings import S2TSettings
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -119,10 +135,8 @@ def _check_policy_inputs(logprobs, old_logprobs, advantages, mask, mask_name):
 
 def _clipped_loss(lp, old, adv, mask, clip_low, clip_high, clip_ratio_c, agg, num_tokens, num_seqs, horizon):
     """The PPO-clip terms and their aggregation on already-checked inputs."""
-    if not (clip_low >= 0 and clip_high >= 0):
-        raise ValueError(f"clip_low and clip_high must be >= 0, got {clip_low}, {clip_high}")
-    if clip_ratio_c is not None and not clip_ratio_c > 1.0:
-        raise ValueError(f"clip_ratio_c must be > 1 (dual-clip bound), got {clip_ratio_c}")
+    clip_low, clip_high = check_clip_low(clip_low), check_clip_high(clip_high)
+    clip_ratio_c = check_clip_ratio_c(clip_ratio_c)
     # float32 compute for half inputs; float64 stays float64 (finite-difference checks, references).
     dt = torch.float64 if lp.dtype == torch.float64 else torch.float32
     adv = adv.to(dt)
@@ -142,19 +156,19 @@ def _clipped_loss(lp, old, adv, mask, clip_low, clip_high, clip_ratio_c, agg, nu
         high = (r > 1.0 + clip_high) & (adv > 0) & mask
         n_low, n_high = low.sum(), high.sum()
         metrics = {
-            "clip_frac_low": _ratio(n_low, n),
-            "clip_frac_high": _ratio(n_high, n),
-            "clip_frac": _ratio(n_low + n_high, n),  # disjoint: A < 0 vs A > 0
-            "ratio_mean": _ratio(torch.where(mask, r, 0.0).sum(), n),
+            "clip_frac_low": _safe_div(n_low, n),
+            "clip_frac_high": _safe_div(n_high, n),
+            "clip_frac": _safe_div(n_low + n_high, n),  # disjoint: A < 0 vs A > 0
+            "ratio_mean": _safe_div(torch.where(mask, r, 0.0).sum(), n),
             "ratio_min": _masked_extreme(r, mask, torch.amin),
             "ratio_max": _masked_extreme(r, mask, torch.amax),
-            "approx_kl": _ratio(-torch.where(mask, log_ratio.detach(), 0.0).sum(), n),
+            "approx_kl": _safe_div(-torch.where(mask, log_ratio.detach(), 0.0).sum(), n),
             "num_tokens": n.float(),
         }
     return loss, metrics
 
 
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return (num.float() / den.clamp(min=1).float()).float()
 
 
@@ -172,6 +186,80 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x.float() * mask).sum() / n
 
 
+ALL_RANKS = "all_ranks"  # `num_silenced`: this batch is the whole step; count its silenced tokens over `group`
+
+
+class FilteredLoss(NamedTuple):
+    """What `filtered_policy_loss` returns: the loss, its metrics, and the decision behind them."""
+
+    loss: torch.Tensor       # the quantity to minimise (0-d)
+    metrics: dict            # 0-d float32 tensors: policy_loss's, the S2T decision's, the filter's own
+    loss_mask: torch.Tensor  # bool [B, T]: the tokens that got gradient
+    s2t: S2TDecision         # S2T's decision (applied where the filter applies S2T, else only measured)
+    deferred: bool           # token-mean over valid tokens although S2T silenced some it could not count:
+                             # the engine rescales the step by valid / (valid - silenced) (see below)
+
+
+def filtered_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, response_mask, entropy: torch.Tensor,
+    token_filter: str | TokenFilterSpec = "s2t",
+    params: FilterParams | None = None,
+    *,
+    decision_logprobs: torch.Tensor | None = None,
+    decision_entropy: torch.Tensor | None = None,
+    step_tau_h: torch.Tensor | float | None = None,
+    num_valid: float | torch.Tensor | None = None,
+    num_silenced: float | torch.Tensor | str | None = None,
+    token_weights: torch.Tensor | None = None,
+    group=None,
+    **loss_kwargs,
+) -> FilteredLoss:
+    """One micro-batch's loss in the GRPO family: token filter -> clipped loss -> aggregation.
+
+        S2T:   M = A > 0 ∧ p < τ_p ∧ H < τ_h   on (decision_logprobs, decision_entropy) where S2T is applied
+               (default: the current logprobs, entropy), τ_h = `step_tau_h` (over the whole step) or this batch's
+        keep = the filter's loss mask: valid (none) | valid ∧ ¬M (s2t) | valid ∧ H ≥ τ_ρ (high_entropy)
+        ℓ    = max(-A·w·r, -A·w·clip(r)) [dual clip where A < 0],  w = `token_weights` (e.g. IS weights, ≥ 0)
+        loss = aggregate(ℓ, keep, agg, num_tokens=D, ...)
+
+    The token-mean denominator D follows the filter's `denominator`: "valid" -> `num_valid`; "kept" ->
+    `num_valid` - `num_silenced` (S2T's silenced tokens of the whole step, in the share `num_valid` is
+    given in), with `num_silenced` = ALL_RANKS when this batch on every rank of `group` is the step. With
+    `num_valid` None the batch is the step (its own count). With S2T applied but `num_silenced` None
+    (not known before this micro-batch's loss), D = `num_valid` and `deferred` is True.
+    """
+    spec = token_filter if isinstance(token_filter, TokenFilterSpec) else get_token_filter(token_filter)
+    lp, old, adv, valid = _check_policy_inputs(logprobs, old_logprobs, advantages, response_mask, "response_mask")
+    kw = dict(clip_low=0.2, clip_high=0.2, clip_ratio_c=None, agg="token-mean", num_seqs=None, horizon=None)
+    if set(loss_kwargs) - set(kw):
+        raise TypeError(f"unexpected keyword arguments {sorted(set(loss_kwargs) - set(kw))}")
+    kw.update(loss_kwargs)
+    # 1. The token filter. S2T decides on the decision values where it is applied (else it is measured).
+    own = not spec.applies_s2t or decision_logprobs is None
+    kept = spec(lp if own else decision_logprobs, entropy if own else decision_entropy, adv, valid,
+                params or FilterParams(), group, step_tau_h)
+    # 2. The token-mean denominator: the step's valid tokens, less the silenced ones where the filter's
+    # denominator is "kept" (when their count is known; else deferred to the engine).
+    deferred, num_tokens = False, None
+    if kw["agg"] == "token-mean" and num_valid is not None:
+        num_tokens = torch.as_tensor(num_valid, dtype=torch.float32)
+        if spec.applies_s2t and spec.denominator == "kept":
+            if isinstance(num_silenced, str) and num_silenced == ALL_RANKS:
+                num_silenced = global_token_count(kept.s2t.spurious, group) / _world_size(group)
+            deferred = num_silenced is None
+            num_tokens = num_tokens if deferred else (num_tokens - torch.as_tensor(num_silenced)).clamp(min=0.0)
+    elif kw["agg"] == "token-mean" and spec.denominator == "valid":
+        num_tokens = valid.sum()
+    # 3. The clipped loss over the kept tokens (weights ≥ 0 ride on the advantage: max(-rAw, -clip(r)Aw)).
+    weighted = adv if token_weights is None else adv * token_weights.to(adv.dtype).expand_as(adv)
+    loss, metrics = _clipped_loss(lp, old, weighted, kept.loss_mask, num_tokens=num_tokens, **kw)
+    metrics.update(s2t_metrics(kept.s2t))
+    if spec.uses_top_entropy_quantile:
+        metrics.update(entropy_kept_count=kept.loss_mask.sum().float(),
+                       entropy_kept_frac=_safe_div(kept.loss_mask.sum(), valid.sum()))
+    return FilteredLoss(loss, metrics, kept.loss_mask, kept.s2t, deferred)
+
+
 def stapo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -179,48 +267,57 @@ def stapo_loss(
     response_mask,
     entropy: torch.Tensor,
     s2t: S2TSettings | None = None,
-    s2t_threshold: torch.Tensor | float | None = None,
+    step_tau_h: torch.Tensor | float | None = None,
     group=None,
+    num_tokens: float | torch.Tensor | None = None,
     **policy_loss_kwargs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """STAPO: `policy_loss` over the valid tokens that the "s2t" token filter does not silence.
+    """STAPO: `filtered_policy_loss` with the "s2t" token filter.
 
-        M   = s2t_mask(logprobs, entropy, A, response_mask, s2t, threshold=s2t_threshold)
+        M   = s2t_mask(logprobs, entropy, A, response_mask, s2t, step_tau_h=step_tau_h)
         J   = 1/Σ(valid ∧ ¬M) · Σ_{valid ∧ ¬M} min(r·A, clip(r)·A)          (token-mean)
 
     `s2t` None: `S2TSettings()` (the paper's rule). Silenced tokens get exactly zero gradient and are not
     counted in the denominators; with a global `num_tokens` (micro-batching, several ranks) pass the
-    global count of *unmasked* valid tokens. τ_h is `s2t_threshold` when given (`s2t_threshold` over the
+    global count of *unmasked* valid tokens. τ_h is `step_tau_h` when given (`s2t_threshold` over the
     whole optimizer step: the mini-batch scope), else the quantile over the tokens passed in (gathered
     across `group`'s ranks when distributed).
     Metrics add s2t_masked_count, s2t_masked_frac, s2t_candidates, frac_low_prob (p < tau_p),
     frac_low_entropy (H < threshold) and entropy_threshold, all over the valid tokens.
     """
-    lp, old, adv, valid = _check_policy_inputs(logprobs, old_logprobs, advantages, response_mask, "response_mask")
-    kw = dict(clip_low=0.2, clip_high=0.2, clip_ratio_c=None, agg="token-mean", num_tokens=None, num_seqs=None,
-              horizon=None)
-    unknown = set(policy_loss_kwargs) - set(kw)
-    if unknown:
-        raise TypeError(f"stapo_loss got unexpected keyword arguments {sorted(unknown)}")
-    kw.update(policy_loss_kwargs)
-    kept = apply_token_filter("s2t", lp, entropy, adv, valid, FilterParams(s2t=s2t or S2TSettings()), group,
-                              s2t_threshold)
-    loss, metrics = _clipped_loss(lp, old, adv, kept.loss_mask, **kw)
-    metrics.update(s2t_metrics(kept.s2t))
-    return loss, metrics
+    step_tau_h = _renamed_tau_h({k: policy_loss_kwargs.pop(k) for k in ("s2t_threshold",) if k in policy_loss_kwargs},
+                                step_tau_h)
+    out = filtered_policy_loss(logprobs, old_logprobs, advantages, response_mask, entropy, "s2t",
+                               FilterParams(s2t=s2t or S2TSettings()), step_tau_h=step_tau_h, group=group,
+                               num_valid=num_tokens, num_silenced=None if num_tokens is None else 0.0,
+                               **policy_loss_kwargs)
+    return out.loss, out.metrics
 
 
 def s2t_metrics(s2t) -> dict[str, torch.Tensor]:
     """The S2T decision's counts as loss metrics (0-d float32; fractions of the valid tokens)."""
     return {
         "s2t_masked_count": s2t.n_spurious,
-        "s2t_masked_frac": _ratio(s2t.n_spurious, s2t.n_valid),
+        "s2t_masked_frac": _safe_div(s2t.n_spurious, s2t.n_valid),
         "s2t_candidates": s2t.n_candidates,
-        "frac_low_prob": _ratio(s2t.n_low_prob, s2t.n_valid),
-        "frac_low_entropy": _ratio(s2t.n_low_entropy, s2t.n_valid),
+        "frac_low_prob": _safe_div(s2t.n_low_prob, s2t.n_valid),
+        "frac_low_entropy": _safe_div(s2t.n_low_entropy, s2t.n_valid),
         # an empty population has no threshold; report 0 rather than -inf so logs stay finite
         "entropy_threshold": torch.nan_to_num(s2t.threshold.float(), neginf=0.0),
     }
+
+
+def nonfinite_positions(response_mask, *per_token: torch.Tensor | None) -> int:
+    """How many valid positions hold NaN/inf in any of `per_token` ([B, T] each; None is skipped).
+
+    Engines check their forward with it before the loss: a non-finite forward skips the optimizer step
+    (as a non-finite gradient does) instead of stopping the run with core's `ValueError`."""
+    valid = response_mask.bool()
+    bad = torch.zeros_like(valid)
+    for x in per_token:
+        if x is not None:
+            bad |= ~torch.isfinite(x.detach())
+    return int((bad & valid).sum())
 
 
 def global_token_count(mask, group=None) -> torch.Tensor:
@@ -248,21 +345,24 @@ def high_entropy_loss(
     group=None,
     **policy_loss_kwargs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """20-Entropy: J = 1/Σ|o_i| · Σ 1[H ≥ τ_ρ] ℓ — only the top-ρ entropy tokens get gradient, but
-    the token-mean denominator keeps *all* valid tokens (unlike STAPO's renormalisation).
+    """20-Entropy: `filtered_policy_loss` with the "high_entropy" token filter,
 
-    `entropy_threshold` overrides the (1 - ρ) quantile (over `group`'s ranks when distributed);
-    `num_tokens` defaults to the number of valid tokens passed in.
+        J = 1/Σ|o_i| · Σ 1[H ≥ τ_ρ] ℓ
+
+    only the top-ρ entropy tokens get gradient, but the token-mean denominator keeps *all* valid tokens
+    (unlike STAPO's renormalisation). `entropy_threshold` overrides the (1 - ρ) quantile (over `group`'s
+    ranks when distributed); `num_tokens` defaults to the number of valid tokens passed in.
     """
     lp = check_float("logprobs", logprobs, ndim=2)
     valid = check_mask("response_mask", response_mask, lp.shape)
-    keep = high_entropy_mask(entropy, valid, top_entropy_quantile, threshold=entropy_threshold, group=group)
-    if num_tokens is None:
-        num_tokens = valid.sum()
-    loss, metrics = policy_loss(lp, old_logprobs, advantages, keep, num_tokens=num_tokens, **policy_loss_kwargs)
-    with torch.no_grad():
-        metrics.update(
-            entropy_kept_count=keep.sum().float(),
-            entropy_kept_frac=_masked_mean(keep.float(), valid),
-        )
-    return loss, metrics
+    check_top_entropy_quantile(top_entropy_quantile)
+    if entropy_threshold is not None:  # a fixed τ_ρ: keep H ≥ τ_ρ, S2T only measured
+        keep = high_entropy_mask(entropy, valid, top_entropy_quantile, threshold=entropy_threshold, group=group)
+        loss, metrics = policy_loss(lp, old_logprobs, advantages, keep,
+                                    num_tokens=valid.sum() if num_tokens is None else num_tokens, **policy_loss_kwargs)
+        metrics.update(entropy_kept_count=keep.sum().float(), entropy_kept_frac=_safe_div(keep.sum(), valid.sum()))
+        return loss, metrics
+    out = filtered_policy_loss(lp, old_logprobs, advantages, valid, entropy, "high_entropy",
+                               FilterParams(top_entropy_quantile=top_entropy_quantile), group=group,
+                               num_valid=num_tokens, **policy_loss_kwargs)
+    return out.loss, out.metrics

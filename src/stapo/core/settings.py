@@ -12,6 +12,13 @@
                         mini_batch   one optimizer step's whole batch (every micro-batch of its
                                      gradient-accumulation window, every data-parallel rank)
                         micro_batch  each micro-batch on its own (gathered across ranks)
+    decision_policy   whose p and H the decision reads (A is the rollout's either way):
+                        current      pi_theta, the policy being updated (the paper writes pi_theta); with
+                                     several micro-batches per step the engine runs one no-grad forward
+                                     over the step first
+                        old          pi_old, the policy that sampled the rollout: the values the engine
+                                     already computes for the old log-probs (no extra forward); on the
+                                     first optimizer step after a generation pi_old = pi_theta
     inert_warning_steps  warn once when S2T silenced nothing for this many optimizer steps in a row (0: off)
 
 The defaults are the paper's rule (STAPO, section 3 and its hyper-parameter table): tau_p = 0.002 and
@@ -36,6 +43,7 @@ from typing import Any, Mapping
 
 TAU_H_POPULATIONS = ("valid", "low_prob", "candidates")
 TAU_H_SCOPES = ("mini_batch", "micro_batch")
+DECISION_POLICIES = ("current", "old")
 
 
 def _number(value: Any) -> float | None:
@@ -74,6 +82,10 @@ def _check_scope(value):
     return None if value in TAU_H_SCOPES else f"must be one of {', '.join(TAU_H_SCOPES)}"
 
 
+def _check_decision_policy(value):
+    return None if value in DECISION_POLICIES else f"must be one of {', '.join(DECISION_POLICIES)}"
+
+
 def _check_inert_steps(value):
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
     return None if ok else "must be an int >= 0 (0: never warn)"
@@ -86,6 +98,7 @@ _CHECKS = {
     "tau_h_population": _check_population,
     "tau_h_max": _check_tau_h_max,
     "tau_h_scope": _check_scope,
+    "decision_policy": _check_decision_policy,
     "inert_warning_steps": _check_inert_steps,
 }
 
@@ -100,6 +113,7 @@ class S2TSettings:
     tau_h_population: str = "candidates"
     tau_h_max: float = math.inf
     tau_h_scope: str = "mini_batch"
+    decision_policy: str = "current"
     inert_warning_steps: int = 20
 
     def __post_init__(self):
@@ -132,7 +146,8 @@ class S2TSettings:
             return f"H < {self.tau_h:g} nats"
         cap = f", at most {self.tau_h_max:.3g} nats" if math.isfinite(self.tau_h_max) else ""
         scope = self.tau_h_scope.replace("_", "-")
-        return f"H < q{self.tau_h_quantile:g} of {self.tau_h_population} entropies per {scope}{cap}"
+        source = "" if self.decision_policy == "current" else f" (p, H of the {self.decision_policy} policy)"
+        return f"H < q{self.tau_h_quantile:g} of {self.tau_h_population} entropies per {scope}{cap}{source}"
 
 
 S2T_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(S2TSettings))
@@ -162,3 +177,4 @@ S2T_READINGS: dict[str, S2TSettings] = {
     "paper": S2TSettings(),
     "former": S2TSettings(tau_p=0.01, tau_h_quantile=0.05, tau_h_max=math.log(2.0)),
 }
+

@@ -137,6 +137,12 @@ class STAPOConfig(GRPOConfig):
         metadata={"help": f"The batch the tau_h quantile is taken over: mini_batch (one optimizer step, every "
                   f"micro-batch and rank) | micro_batch (None: {S2T_DEFAULTS['tau_h_scope']})."},
     )
+    decision_policy: str | None = field(
+        default=None,
+        metadata={"help": f"Whose p and H the S2T decision reads: current (pi_theta; one no-grad forward per step "
+                  f"when a step has several micro-batches) | old (pi_old: the values of the old-log-prob pass, "
+                  f"no extra forward) (None: {S2T_DEFAULTS['decision_policy']})."},
+    )
     inert_warning_steps: int | None = field(
         default=None,
         metadata={"help": f"Warn once when S2T silenced nothing for this many optimizer steps in a row "

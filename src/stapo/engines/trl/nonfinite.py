@@ -38,8 +38,9 @@ class NonFiniteGuard:
     total: int = 0  # skipped steps over the whole run (resumed runs included)
     consecutive: int = 0  # skipped steps since the last finite one
 
-    def check(self, loss: float, grad_norm: float, step: int) -> bool:
-        if math.isfinite(loss) and math.isfinite(grad_norm):
+    def check(self, loss: float, grad_norm: float, step: int, forward_positions: int = 0) -> bool:
+        """`forward_positions`: valid positions whose forward (log-prob, entropy) was NaN/inf this step."""
+        if math.isfinite(loss) and math.isfinite(grad_norm) and not forward_positions:
             self.consecutive = 0
             return True
         self.total += 1
@@ -47,7 +48,8 @@ class NonFiniteGuard:
         if self.consecutive >= self.limit:
             raise NonFiniteTrainingError(
                 f"training stopped at step {step}: {self.consecutive} consecutive step(s) had a non-finite "
-                f"loss or gradient (loss={loss}, grad_norm={grad_norm}; max_nonfinite_steps={self.limit}); "
+                f"forward, loss or gradient (loss={loss}, grad_norm={grad_norm}, non-finite forward positions="
+                f"{forward_positions}; max_nonfinite_steps={self.limit}); "
                 "the newest checkpoint is from the last finite step — lower the learning rate or check "
                 "the data and rewards, then resume"
             )

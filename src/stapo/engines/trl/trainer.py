@@ -58,6 +58,7 @@ import logging
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -65,12 +66,13 @@ from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from stapo.core import (
+    ALL_RANKS,
+    FilteredLoss,
     FilterParams,
+    filtered_policy_loss,
     get_preset,
-    policy_loss,
-    s2t_metrics,
-    s2t_population,
-    s2t_threshold,
+    nonfinite_positions,
+    s2t_over_step,
     tau_h_for_fraction,
     zero_variance_group_fraction,
 )
@@ -93,7 +95,9 @@ from stapo.engines.trl.rollouts import capture_due, capture_metadata, collision_
 from stapo.engines.trl.vllm import check_vllm_args, cpu_engine_options, record_rollout_gap, use_cpu_weight_sync
 
 logger = logging.getLogger(__name__)
-__all__ = ["STAPOTrainer", "NonFiniteTrainingError"]
+__all__ = ["OLD_ENTROPY_KEY", "STAPOTrainer", "NonFiniteTrainingError"]
+
+OLD_ENTROPY_KEY = "old_per_token_entropies"  # pi_old's entropies, beside TRL's old_per_token_logps
 
 
 class STAPOTrainer(GRPOTrainer):
@@ -110,12 +114,15 @@ class STAPOTrainer(GRPOTrainer):
         use_cpu_weight_sync(self)
         self.preset = get_preset(args.method)
         self.token_filter = self.preset.filter  # a TokenFilterSpec: the engine reads its properties
-        self._step_threshold = None  # S2T's tau_h of the current optimizer step (tau_h_scope = mini_batch)
+        self._context: _StepContext | None = None  # the current optimizer step, as its micro-batches' losses see it
         self.filter_params = FilterParams(s2t=args.s2t_settings, top_entropy_quantile=self.top_entropy_quantile)
         self._window: TokenStats | None = None
         self._window_loss = 0.0  # global loss sum of the last finished window (non-finite check)
         self._nonfinite = NonFiniteGuard(limit=args.max_nonfinite_steps)
         self._step_skipped = False
+        self._nonfinite_positions = 0  # valid positions with a non-finite forward in the current step
+        self._pending_captures: list = []  # rollout captures of the current step, written once it is taken or skipped
+        self._old_entropies: list | None = None  # filled by the old-log-prob pass while generating (decision_policy=old)
         self._inert = InertS2TMonitor(args.s2t_settings)  # warns when S2T silences nothing for K steps
         self._last_s2t = None  # the last training micro-batch's (entropies, S2T decision): the warning's suggestion
         self._staging_run_dir: str | None = None
@@ -123,9 +130,10 @@ class STAPOTrainer(GRPOTrainer):
         self.use_stapo_lm_head = self._resolve_fused_lm_head(args.fused_lm_head)
         if self._deferred_denominator() and self.is_deepspeed_enabled:
             raise ValueError(
-                "method='stapo' with loss_type='dapo' and several micro-batches per step rescales gradients at the "
-                "optimizer step, which DeepSpeed does not expose; set gradient_accumulation_steps=1 and "
-                "steps_per_generation=1, or use DDP/FSDP"
+                "method='stapo' with loss_type='dapo', several micro-batches per step and a tau_h taken per "
+                "micro-batch (tau_h_scope='micro_batch' or an absolute tau_h) rescales gradients at the optimizer "
+                "step, which DeepSpeed does not expose; use tau_h_scope='mini_batch' or decision_policy='old', "
+                "gradient_accumulation_steps=1, or DDP/FSDP"
             )
         if args.metrics_jsonl:
             self.add_callback(MetricsJsonlCallback())
@@ -143,38 +151,32 @@ class STAPOTrainer(GRPOTrainer):
         old_logps = inputs.get("old_per_token_logps")
         old_logps = logps.detach() if old_logps is None else old_logps
         advantages = _token_advantages(inputs, logps)
+        decision = self._old_decision_values(inputs) if mode == "train" else (None, None)
+        bad = nonfinite_positions(valid, logps, entropies, old_logps, *decision)
+        if bad:  # the optimizer step is skipped like one with a non-finite gradient (`_guard_nonfinite`)
+            return self._skip_nonfinite_forward(mode, bad, logps, valid)
 
-        # 2. The token filter: which valid tokens learn. The S2T decision is measured for every method;
-        # where S2T is applied, tau_h is the optimizer step's (tau_h_scope = mini_batch).
-        threshold = self._step_s2t_threshold(model) if mode == "train" else None
-        filtered = self.token_filter(logps, entropies, advantages, valid, self.filter_params, s2t_threshold=threshold)
-
-        # 3. The clipped policy loss (dual clip where A < 0 when the preset has one) with the run's denominator.
-        # TRL multiplies the per-token loss by the vLLM importance weight w >= 0; max(-rA, -clip(r)A)·w equals
-        # max(-r·Aw, -clip(r)·Aw) (and the dual-clip bound scales the same way), so w rides on the advantage.
-        loss_advantages = advantages
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            loss_advantages = advantages * inputs["importance_sampling_ratio"].expand_as(advantages)
-        agg_kwargs, divisor = self._aggregation(inputs, valid, filtered.loss_mask, mode)
-        loss, metrics = policy_loss(
-            logps,
-            old_logps,
-            loss_advantages,
-            filtered.loss_mask,
-            clip_low=self.epsilon_low,
-            clip_high=self.epsilon_high,
-            clip_ratio_c=self.args.clip_ratio_c,
-            **agg_kwargs,
+        # 2. The core step: token filter -> clipped loss -> aggregation, with what the engine knows of the
+        # optimizer step (its tau_h, valid and silenced tokens). TRL's vLLM importance weights ride on A.
+        context = self._step_context(model, inputs, mode)
+        weights = inputs["importance_sampling_ratio"] if self.use_vllm and self.vllm_importance_sampling_correction else None
+        shape, divisor = self._aggregation(mode, valid.shape[0])
+        out = filtered_policy_loss(
+            logps, old_logps, advantages, valid, entropies, self.token_filter, self.filter_params,
+            decision_logprobs=decision[0], decision_entropy=decision[1], step_tau_h=context.step_tau_h,
+            num_valid=context.num_valid if shape["agg"] == "token-mean" else None, num_silenced=context.num_silenced,
+            token_weights=weights, clip_low=self.epsilon_low, clip_high=self.epsilon_high,
+            clip_ratio_c=self.args.clip_ratio_c, **shape,
         )
-        loss = loss / divisor
+        loss = out.loss / divisor
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / divisor
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
-        # 4. Metrics (summed over the optimizer step, reduced at its end) and rollout captures.
-        self._record_tokens(mode, metrics, filtered.s2t, entropies, valid, loss)
+        # 3. Metrics (summed over the optimizer step, reduced at its end) and rollout captures.
+        self._record_tokens(mode, out, entropies, valid, loss)
         if mode == "train" and self._capture_due():
-            self._capture_rollouts(inputs, logps, entropies, advantages, valid, filtered.s2t, model)
+            self._capture_rollouts(inputs, logps, entropies, advantages, valid, out.s2t, model)
         return loss
 
     def _policy_forward(self, model, inputs, compute_aux_loss=False):
@@ -189,58 +191,92 @@ class STAPOTrainer(GRPOTrainer):
             **{k: inputs.get(k) for k in _MULTIMODAL_KEYS},
         )
 
-    def _step_s2t_threshold(self, model):
-        """S2T's tau_h over the whole optimizer step (`tau_h_scope = mini_batch`), or None (the micro-batch's own).
+    def _decides_on_old_policy(self) -> bool:
+        """S2T reads pi_old's p and H (`decision_policy = old`) from the old-log-prob pass TRL runs when a
+        generation feeds several optimizer steps (or for vLLM's importance weights). Otherwise every step
+        is the first after its generation, pi_old = pi_theta, and the decision is the current one."""
+        if not (self.token_filter.applies_s2t and self.filter_params.s2t.decision_policy == "old"):
+            return False
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        return self.args.gradient_accumulation_steps % generate_every != 0 or (
+            self.use_vllm and self.vllm_importance_sampling_correction)
 
-        The step's micro-batches are TRL's buffered slices [i, i + GA) of the generation batch; the
-        decision uses the current policy, which does not change within the step, so a no-grad forward
-        over those slices gives exactly the values each micro-batch's loss will see. Needed only when the
-        step has several micro-batches; methods that only measure S2T keep the per-micro-batch quantile
-        (no extra forward for a diagnostic)."""
-        s2t = self.filter_params.s2t
+    def _old_decision_values(self, inputs):
+        """(pi_old's log-probs, entropies) of a micro-batch for the S2T decision, or (None, None)."""
+        if not self._decides_on_old_policy():
+            return None, None
+        return inputs["old_per_token_logps"], inputs[OLD_ENTROPY_KEY]
+
+    def _step_context(self, model, inputs, mode) -> "_StepContext":
+        """What the loss of each micro-batch needs to know of its whole optimizer step (taken at its first
+        micro-batch): the valid tokens (token-mean's denominator; TRL's own `num_items_in_batch` spans the
+        generation batch), S2T's tau_h and the tokens it silences, over every micro-batch and process.
+
+        The step's micro-batches are TRL's buffered slices [i, i + GA) of the generation batch. Where the
+        decision is on the current policy and a step has several micro-batches, a no-grad forward over them
+        gives the values each micro-batch's loss will see (the policy does not change within a step)."""
+        processes = self.accelerator.num_processes
+        if mode == "eval":  # one micro-batch is the step; TRL counts its tokens over all processes
+            return _StepContext(inputs["num_items_in_batch"].float() / processes, None, ALL_RANKS)
+        if self._context is not None:
+            return self._context
         ga = self.current_gradient_accumulation_steps
-        if not self.token_filter.applies_s2t or s2t.tau_h_scope != "mini_batch" or s2t.tau_h is not None or ga == 1:
-            return None
-        if self._step % ga == 0 or self._step_threshold is None:  # the first micro-batch of the step
-            start = self._step % self.args.steps_per_generation
-            populations = []
-            with torch.no_grad():
-                for part in self._buffered_inputs[start : start + ga]:
-                    logps, entropies, _ = self._policy_forward(model, part)
-                    populations.append(s2t_population(logps, entropies, _token_advantages(part, logps),
-                                                      _valid_tokens(part), s2t))
-            self._step_threshold = s2t_threshold(populations, s2t)  # gathered over every process
-        return self._step_threshold
+        start = self._step % self.args.steps_per_generation
+        parts = self._buffered_inputs[start : start + ga]
+        valid = sum(_valid_tokens(part).sum().float() for part in parts)
+        context = _StepContext(self.accelerator.reduce(valid, reduction="sum") / processes, None, None)
+        s2t = self.filter_params.s2t
+        if self.token_filter.applies_s2t and ga == 1:  # the micro-batch is the step: counted inside the loss
+            context.num_silenced = ALL_RANKS
+        elif self.token_filter.applies_s2t and (self._decides_on_old_policy() or (
+                s2t.tau_h_scope == "mini_batch" and s2t.tau_h is None)):
+            values = [self._decision_inputs(model, part) for part in parts]
+            if not any(nonfinite_positions(v[3], v[0], v[1]) for v in values):  # else the loss skips the step
+                step = s2t_over_step(values, s2t)  # gathered over every process
+                context.step_tau_h, context.num_silenced = step.step_tau_h, step.num_silenced / processes
+        self._context = context
+        return context
 
-    def _single_micro_batch_steps(self) -> bool:
-        return self.args.gradient_accumulation_steps == 1 and self.args.steps_per_generation == 1
+    @torch.no_grad()
+    def _decision_inputs(self, model, part):
+        """(log-probs, entropies, advantages, valid) of one buffered micro-batch, as S2T decides on them."""
+        logps, entropies = self._old_decision_values(part)
+        if logps is None:
+            logps, entropies, _ = self._policy_forward(model, part)
+        return logps, entropies, _token_advantages(part, logps), _valid_tokens(part)
 
-    def _deferred_denominator(self) -> bool:
-        return self.token_filter.applies_s2t and self.loss_type == "dapo" and not self._single_micro_batch_steps()
-
-    def _aggregation(self, inputs, valid, loss_mask, mode) -> tuple[dict, float]:
-        """core aggregation kwargs for this micro-batch, and the divisor applied afterwards (GA)."""
+    def _aggregation(self, mode, rows: int) -> tuple[dict, float]:
+        """core aggregation kwargs for this micro-batch, and the divisor applied afterwards (GA).
+        `dapo` (token-mean) is over the optimizer step's tokens (`_step_context`); the others are local."""
         ga = float(self.current_gradient_accumulation_steps) if mode == "train" else 1.0
-        rows = valid.shape[0]
         if self.loss_type == "dapo":
-            normaliser = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            if mode == "train":
-                normaliser = normaliser * ga / self.args.steps_per_generation
-            if self.token_filter.applies_s2t and (mode == "eval" or self._single_micro_batch_steps()):
-                # Exact: the step is this micro-batch (on every process); drop the silenced tokens.
-                masked = self.accelerator.reduce((valid & ~loss_mask).sum().float(), reduction="sum")
-                normaliser = (inputs["num_items_in_batch"].float() - masked) / self.accelerator.num_processes
-            return {"agg": "token-mean", "num_tokens": normaliser}, 1.0
+            return {"agg": "token-mean"}, 1.0
         if self.loss_type == "bnpo":
-            counted = loss_mask if self.token_filter.denominator == "kept" else valid
-            return {"agg": "token-mean", "num_tokens": counted.sum().float()}, ga
+            return {"agg": "token-mean"}, ga
         if self.loss_type == "grpo":
             return {"agg": "seq-mean-token-mean", "num_seqs": float(rows)}, ga
-        return {
-            "agg": "seq-mean-token-sum-norm",
-            "num_seqs": float(rows),
-            "horizon": float(self.max_completion_length),
-        }, ga
+        return {"agg": "seq-mean-token-sum-norm", "num_seqs": float(rows),
+                "horizon": float(self.max_completion_length)}, ga
+
+    def _deferred_denominator(self) -> bool:
+        """Whether S2T's silenced tokens of a step can be unknown before its micro-batches' losses (then
+        `_finish_window` rescales the step's gradients): several micro-batches, each with its own decision
+        on the current policy."""
+        s2t = self.filter_params.s2t
+        per_micro_batch = s2t.tau_h_scope == "micro_batch" or s2t.tau_h is not None
+        return (self.token_filter.applies_s2t and self.loss_type == "dapo" and per_micro_batch
+                and self.args.gradient_accumulation_steps > 1 and not self._decides_on_old_policy())
+
+    def _skip_nonfinite_forward(self, mode, positions: int, logps, valid):
+        """A micro-batch whose forward gave NaN/inf at `positions` valid positions: its loss is NaN (so the
+        step's loss is, and `_guard_nonfinite` skips the update), its gradient zero."""
+        self._nonfinite_positions += positions
+        if self._window is None:
+            self._window = TokenStats(valid.device, deferred=False)
+        self._window.add(valid=valid.sum().float(), micro_batches=1, loss=float("nan"))
+        if mode == "eval":
+            self._finish_window(None, mode="eval")
+        return (logps.nan_to_num() * 0.0).sum() * float("nan")
 
     # ---- LM head ----------------------------------------------------------------------------
 
@@ -268,19 +304,29 @@ class STAPOTrainer(GRPOTrainer):
         return use
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        capture = self._old_entropies is not None and not kwargs.get("compute_entropy", False)
+        if capture:  # TRL's old-log-prob pass while generating: S2T decides on pi_old's entropies too
+            kwargs["compute_entropy"] = True
         if not self.use_stapo_lm_head:
-            return super()._get_per_token_logps_and_entropies(*args, **kwargs)
-        with stapo_lm_head_in_trl():
-            return super()._get_per_token_logps_and_entropies(*args, **kwargs)
+            logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        else:
+            with stapo_lm_head_in_trl():
+                logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        if capture:
+            self._old_entropies.append(entropies)
+            return logps, None, aux
+        return logps, entropies, aux
 
     # ---- metrics ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _record_tokens(self, mode, metrics, s2t, entropies, valid, loss):
-        """Add a micro-batch to the step's sums: the S2T decision's counts and `policy_loss`'s metrics
+    def _record_tokens(self, mode, out: FilteredLoss, entropies, valid, loss):
+        """Add a micro-batch to the step's sums: the S2T decision's counts and the clipped loss's metrics
         (clip fractions and ratios over the tokens that get gradient, turned back into sums)."""
         if self._window is None:
-            self._window = TokenStats(valid.device, deferred=mode == "train" and self._deferred_denominator())
+            self._window = TokenStats(valid.device, deferred=False)
+        self._window.deferred |= mode == "train" and out.deferred
+        metrics, s2t = out.metrics, out.s2t
         n = metrics["num_tokens"]
         self._window.add(
             valid=s2t.n_valid,
@@ -293,7 +339,7 @@ class STAPOTrainer(GRPOTrainer):
             clip_low=metrics["clip_frac_low"] * n,
             clip_high=metrics["clip_frac_high"] * n,
             ratio=metrics["ratio_mean"] * n,
-            threshold=s2t_metrics(s2t)["entropy_threshold"],
+            threshold=metrics["entropy_threshold"],
             micro_batches=1,
             loss=loss.detach(),
         )
@@ -308,7 +354,7 @@ class STAPOTrainer(GRPOTrainer):
         """End of an optimizer step: global statistics, the deferred S2T denominator, step metrics."""
         w, self._window = self._window, None
         if mode == "train":
-            self._step_threshold = None
+            self._context = None
         if w is None:
             return
         g = reduce_window(w, self.accelerator)
@@ -378,18 +424,25 @@ class STAPOTrainer(GRPOTrainer):
         loss = self._window_loss
         norm = float(grad_norm) if grad_norm is not None else 0.0
         step = self.state.global_step + 1
-        self._window_loss = 0.0
-        if self._nonfinite.check(loss, norm, step):  # raises on the max_nonfinite_steps-th in a row
+        positions = int(self.accelerator.reduce(torch.tensor(float(self._nonfinite_positions),
+                                                             device=self.accelerator.device), reduction="sum"))
+        self._window_loss, self._nonfinite_positions = 0.0, 0
+        try:
+            finite = self._nonfinite.check(loss, norm, step, forward_positions=positions)  # raises at the limit
+        finally:
+            self._flush_captures(skipped=not locals().get("finite", False))
+        if finite:
             self._step_skipped = False
             return
         self._step_skipped = True
         # Without gradients the optimizer skips every parameter: no update, no moment or weight-decay change.
         for p in model.parameters():
             p.grad = None
+        cause = f"non-finite forward at {positions} valid position(s)" if positions else "non-finite loss or gradient"
         logger.warning(
-            "stapo: step %d skipped: non-finite loss (%s) or gradient norm (%s); %d skipped so far, %d in a row "
-            "(the run stops at %d in a row)", step, loss, norm, self._nonfinite.total, self._nonfinite.consecutive,
-            self._nonfinite.limit,
+            "stapo: step %d skipped: %s (loss %s, gradient norm %s); %d skipped so far, %d in a row "
+            "(the run stops at %d in a row)", step, cause, loss, norm, self._nonfinite.total,
+            self._nonfinite.consecutive, self._nonfinite.limit,
         )
 
     def train(self, *args, **kwargs):
@@ -465,7 +518,14 @@ class STAPOTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
-        out = super()._generate_and_score_completions(inputs)
+        old_policy = self.model.training and self._decides_on_old_policy()
+        self._old_entropies = [] if old_policy else None
+        try:
+            out = super()._generate_and_score_completions(inputs)
+        finally:
+            captured, self._old_entropies = self._old_entropies, None
+        if old_policy:  # the first no-grad pass of the policy while generating is TRL's old-log-prob pass
+            out[OLD_ENTROPY_KEY] = captured[0]
         if self.use_vllm:
             record_rollout_gap(self._metrics["train" if self.model.training else "eval"])
         rows = out["completion_ids"].shape[0]
@@ -481,22 +541,40 @@ class STAPOTrainer(GRPOTrainer):
 
     @torch.no_grad()
     def _capture_rollouts(self, inputs, logps, entropies, advantages, valid, s2t, model=None):
-        """Write token-level records of up to `capture_max_samples` completions of this process."""
+        """Token-level records of up to `capture_max_samples` completions of this process, kept until the
+        step's update is taken or skipped (`_flush_captures`)."""
         step = self.state.global_step + 1
         if getattr(self, "_captured_step", None) != step:
             self._captured_step, self._captured_count = step, 0
         room = self.args.capture_max_samples - self._captured_count
         if room <= 0:
             return
-        from stapo.data.rollouts import write_rollouts
-
         rows = list(range(min(room, valid.shape[0])))
         collision = collision_probabilities(model, inputs, rows, self.temperature)
         records = rollout_records(inputs, self.processing_class, rows, step, self._captured_count, logps, entropies,
                                   advantages, valid, s2t.spurious, collision)
         self._captured_count += len(rows)
         metadata = capture_metadata(self.args.method, self.token_filter.applies_s2t, self.filter_params.s2t, s2t.threshold)
-        write_rollouts(self.args.output_dir, step, records, max_samples=self.args.capture_max_samples, metadata=metadata)
+        self._pending_captures.append((step, records, metadata))
+
+    def _flush_captures(self, skipped: bool) -> None:
+        """Write the step's captures; a skipped update (non-finite forward, loss or gradient) is marked."""
+        from stapo.data.rollouts import write_rollouts
+
+        pending, self._pending_captures = self._pending_captures, []
+        for step, records, metadata in pending:
+            write_rollouts(self.args.output_dir, step, records, max_samples=self.args.capture_max_samples,
+                           metadata={**metadata, "update_skipped": skipped})
+
+
+@dataclass
+class _StepContext:
+    """One optimizer step as the losses of its micro-batches see it (`STAPOTrainer._step_context`)."""
+
+    num_valid: torch.Tensor | None             # valid tokens of the step, all processes, ÷ processes
+    step_tau_h: torch.Tensor | None            # S2T's tau_h of the step (None: each micro-batch's own)
+    num_silenced: torch.Tensor | str | None    # S2T-silenced tokens of the step, same share (ALL_RANKS:
+                                               # counted in the loss; None: unknown -> deferred rescale)
 
 
 def _valid_tokens(inputs) -> torch.Tensor:

@@ -43,7 +43,8 @@ LOSS_MODES = tuple(LOSS_MODE_FILTERS)
 POLICY_LOSS_TARGET = "stapo.engines.verl.config.StapoPolicyLossConfig"
 # The S2T settings a verl loss reads (inert_warning_steps counts loss calls = micro-batches on a rank here).
 S2T_KEYS = (
-    "tau_p", "tau_h", "tau_h_quantile", "tau_h_population", "tau_h_max", "tau_h_scope", "inert_warning_steps",
+    "tau_p", "tau_h", "tau_h_quantile", "tau_h_population", "tau_h_max", "tau_h_scope", "decision_policy",
+    "inert_warning_steps",
 )
 STAPO_KEYS = S2T_KEYS + ("top_entropy_quantile",)
 
@@ -67,7 +68,9 @@ class VerlStapoSettings(BaseConfig):
 
     tau_p, tau_h, tau_h_quantile, tau_h_population, tau_h_max, tau_h_scope   STAPO's S2T settings (`stapo.core.S2TSettings`);
                           the quantile is taken over every data-parallel rank, per PPO mini-batch
-                          (`mini_batch`) or per micro-batch (`micro_batch`).
+                          (`mini_batch`) or per micro-batch (`micro_batch`); decision_policy: the
+                          current policy's p and H (`current`) or the old policy's (`old`: the values
+                          verl's old-log-prob pass computes; no pre-pass).
     inert_warning_steps   warn (rank 0) when S2T silenced nothing in this many loss calls (micro-batches)
                           in a row; 0: never.
     top_entropy_quantile  20-Entropy: the fraction rho of highest-entropy tokens that keep a
@@ -80,6 +83,7 @@ class VerlStapoSettings(BaseConfig):
     tau_h_population: str = _S2T.tau_h_population
     tau_h_max: float = _S2T.tau_h_max
     tau_h_scope: str = VERL_TAU_H_SCOPE
+    decision_policy: str = _S2T.decision_policy
     inert_warning_steps: int = _S2T.inert_warning_steps
     top_entropy_quantile: float = _HIGH_ENTROPY.top_entropy_quantile
 

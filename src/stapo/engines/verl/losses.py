@@ -58,18 +58,18 @@ import torch.distributed as dist
 from verl.trainer.ppo.core_algos import register_policy_loss
 
 from stapo.core import (
+    ALL_RANKS,
     FilterParams,
     S2TSettings,
     TokenFilterSpec,
-    policy_loss,
+    filtered_policy_loss,
+    nonfinite_positions,
     s2t_decision,
-    s2t_metrics,
-    s2t_population,
-    s2t_threshold,
+    s2t_over_step,
     tau_h_for_fraction,
 )
 from stapo.core.monitor import PAPER_MASKED_FRACTION, InertS2TMonitor
-from stapo.engines.verl.config import StapoConfig, loss_mode_filter, stapo_settings
+from stapo.engines.verl.config import VerlStapoSettings, actor_clip_settings, loss_mode_filter, stapo_settings
 
 logger = logging.getLogger(__name__)
 __all__ = [
@@ -79,8 +79,12 @@ __all__ = [
     "entropy_context",
     "install_engine_hook",
     "mini_batch_s2t",
+    "OLD_ENTROPY_KEY",
     "with_entropy",
 ]
+
+# pi_old's entropies in the actor-update batch, kept from verl's old-log-prob pass (`keep_old_entropies`)
+OLD_ENTROPY_KEY = "old_entropys"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,12 +99,14 @@ class MiniBatchS2T:
     threshold      S2T's tau_h over the whole mini-batch, every rank (the pre-pass); None: not taken
     masked         tokens S2T silences in the whole mini-batch, summed over the ranks (the pre-pass)
     loss_calls     loss calls so far in this mini-batch
+    nonfinite      the pre-pass met non-finite values (no threshold taken)
     """
 
     micro_batches: Optional[int] = None
     threshold: Optional[torch.Tensor] = None
     masked: Optional[float] = None
     loss_calls: int = 0
+    nonfinite: bool = False  # the pre-pass met NaN/inf values: each loss finds its own and the step is skipped
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,7 @@ class _LossInputs:
     entropy: torch.Tensor  # [B, T], aligned with log_prob / response_mask, detached
     dp_group: Any = None
     mini_batch: Optional[MiniBatchS2T] = None
+    old_entropy: Optional[torch.Tensor] = None  # [B, T] pi_old's (decision_policy=old), else None
 
 
 _INPUTS: contextvars.ContextVar[Optional[_LossInputs]] = contextvars.ContextVar("stapo_loss_inputs", default=None)
@@ -117,8 +124,10 @@ class entropy_context:
     """`with entropy_context(entropy, dp_group): ...` — the entropies [B, T] the registered losses read
     (what the engine hook provides for each micro-batch; tests call the losses under it directly)."""
 
-    def __init__(self, entropy: torch.Tensor, dp_group=None, mini_batch: MiniBatchS2T | None = None):
-        self._value = _LossInputs(entropy.detach(), dp_group, mini_batch)
+    def __init__(self, entropy: torch.Tensor, dp_group=None, mini_batch: MiniBatchS2T | None = None,
+                 old_entropy: torch.Tensor | None = None):
+        self._value = _LossInputs(entropy.detach(), dp_group, mini_batch,
+                                  None if old_entropy is None else old_entropy.detach())
         self._token = None
 
     def __enter__(self):
@@ -155,20 +164,12 @@ def core_loss_kwargs(config, loss_agg_mode: str) -> dict:
     """
     if config is None:
         raise ValueError("the actor config is required (verl passes it as `config`)")
-    clip = config.get("clip_ratio", 0.2)
-    clip_low = config.get("clip_ratio_low", None)
-    clip_high = config.get("clip_ratio_high", None)
-    clip_low = clip if clip_low is None else clip_low
-    clip_high = clip if clip_high is None else clip_high
-    clip_ratio_c = config.get("clip_ratio_c", 3.0)
-    if not clip_ratio_c > 1.0:
-        raise ValueError(f"actor.clip_ratio_c must be > 1 (dual clip), got {clip_ratio_c}")
     info = _global_info(config)
     dp = info["dp_size"]
     batch_num_tokens = info["batch_num_tokens"]
     global_batch_size = info["global_batch_size"]
     scale = info["loss_scale_factor"]
-    kwargs: dict[str, Any] = dict(clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c)
+    kwargs: dict[str, Any] = actor_clip_settings(config)
     if loss_agg_mode == "token-mean":
         if batch_num_tokens is None and dp > 1:
             raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
@@ -244,7 +245,7 @@ def _step_threshold(spec: TokenFilterSpec, s2t: S2TSettings, mini_batch: MiniBat
     if mini_batch is None:
         return None
     mini_batch.loss_calls += 1
-    if mini_batch.threshold is not None:
+    if mini_batch.threshold is not None or mini_batch.nonfinite:
         return mini_batch.threshold
     several = (mini_batch.micro_batches or 1) > 1 or mini_batch.loss_calls > 1
     if spec.applies_s2t and s2t.tau_h_scope == "mini_batch" and s2t.tau_h is None and several:
@@ -259,53 +260,67 @@ def _step_threshold(spec: TokenFilterSpec, s2t: S2TSettings, mini_batch: MiniBat
 
 def _token_filter_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
                        rollout_is_weights):
+    """The registered losses: `stapo.core.filtered_policy_loss` with the loss mode's token filter, verl's
+    aggregation translated (`core_loss_kwargs`) and what the engine hook knows of the mini-batch."""
     _check_no_weights(rollout_is_weights, loss_mode)
     inputs = _current_inputs(loss_mode)
     spec = loss_mode_filter(loss_mode)
     settings = stapo_settings(config)
     s2t = settings.s2t
     valid = response_mask.bool()
-    threshold = _step_threshold(spec, s2t, inputs.mini_batch)
-    params = FilterParams(s2t=s2t, top_entropy_quantile=settings.top_entropy_quantile)
-    filtered = spec(log_prob, inputs.entropy, advantages, valid, params, group=inputs.dp_group,
-                    s2t_threshold=threshold if spec.applies_s2t else None)
+    old_policy = spec.applies_s2t and s2t.decision_policy == "old"
+    if old_policy and inputs.old_entropy is None:
+        raise ValueError(f"stapo.decision_policy=old needs pi_old's entropies in the actor batch "
+                         f"({OLD_ENTROPY_KEY}); launch with `python -m stapo.engines.verl.main`, which keeps them")
+    decision = (old_log_prob, inputs.old_entropy) if old_policy else (None, None)
+    bad = nonfinite_positions(valid, log_prob, inputs.entropy, old_log_prob, *decision)
+    if bad:  # no exception: the gradient is made non-finite, so verl's optimizer step skips the update
+        return _nonfinite_loss(log_prob, bad)
     kwargs = core_loss_kwargs(config, loss_agg_mode)
-    if loss_agg_mode == "token-mean":
-        kwargs["num_tokens"] = _token_mean_denominator(spec, config, valid, filtered, inputs)
-    loss, metrics = policy_loss(log_prob, old_log_prob, advantages, filtered.loss_mask, **kwargs)
-    # The S2T decision is measured for every filter (applied only where the filter applies S2T).
-    metrics.update(s2t_metrics(filtered.s2t))
-    names = dict(_COMMON_METRICS, **_S2T_METRICS)
+    num_valid = kwargs.pop("num_tokens", None)
+    out = filtered_policy_loss(
+        log_prob, old_log_prob, advantages, valid, inputs.entropy, spec,
+        FilterParams(s2t=s2t, top_entropy_quantile=settings.top_entropy_quantile),
+        decision_logprobs=decision[0], decision_entropy=decision[1],
+        step_tau_h=_step_threshold(spec, s2t, inputs.mini_batch) if spec.applies_s2t else None,
+        num_valid=num_valid, num_silenced=_silenced_share(loss_agg_mode, config, inputs.mini_batch),
+        group=inputs.dp_group, **kwargs,
+    )
+    names = dict(_COMMON_METRICS, **_S2T_METRICS)  # S2T is measured for every filter (applied where it applies)
     if spec.applies_s2t:
-        _watch_inert(s2t, filtered.s2t, log_prob, inputs.entropy, advantages, valid)
+        _watch_inert(s2t, out.s2t, *decision_values(log_prob, inputs.entropy, decision), advantages, valid)
     if spec.uses_top_entropy_quantile:
-        with torch.no_grad():
-            kept = filtered.loss_mask.sum().float()
-            metrics.update(entropy_kept_count=kept, entropy_kept_frac=kept / valid.sum().clamp(min=1).float())
         names.update(_HIGH_ENTROPY_METRICS)
-    return loss, _verl_metrics(metrics, names)
+    return out.loss, _verl_metrics(out.metrics, names)
 
 
-def _token_mean_denominator(spec: TokenFilterSpec, config, valid, filtered, inputs: _LossInputs):
-    """core's `num_tokens` for verl's token-mean: the filter's denominator over the whole mini-batch and
-    every rank, per rank (÷ dp); see the module docstring."""
-    info = _global_info(config)
-    dp, batch_num_tokens = info["dp_size"], info["batch_num_tokens"]
-    if batch_num_tokens is None:  # no global info: this micro-batch is the batch
-        counted = filtered.loss_mask if spec.denominator == "kept" else valid
-        return counted.sum().float()
-    if spec.denominator != "kept":
-        return float(batch_num_tokens) / dp
-    mini_batch = inputs.mini_batch
-    left_out = None
-    if mini_batch is not None and mini_batch.masked is not None:  # the pre-pass counted them
-        left_out = mini_batch.masked
-    elif mini_batch is not None and mini_batch.micro_batches == 1:  # this micro-batch is the rank's mini-batch
-        local = (valid & ~filtered.loss_mask).sum().float()
-        left_out = float(_all_reduce_sum(local, inputs.dp_group).item())
-    if left_out is None:
-        return float(batch_num_tokens) / dp
-    return max(float(batch_num_tokens) - left_out, 0.0) / dp
+def decision_values(log_prob, entropy, decision):
+    """The (log-probs, entropies) S2T decided on: pi_old's where given, else the current ones."""
+    return (log_prob, entropy) if decision[0] is None else decision
+
+
+def _silenced_share(loss_agg_mode: str, config, mini_batch: MiniBatchS2T | None):
+    """`filtered_policy_loss`'s `num_silenced` in verl's per-rank share (÷ dp): the tokens S2T silences in the
+    whole mini-batch where the hook counted them (pre-pass, or pi_old's values), ALL_RANKS where this
+    micro-batch is the rank's mini-batch, None where unknown (micro_batch scope over several micro-batches:
+    the silenced tokens then stay in the denominator). token-sum has a unit denominator: nothing to subtract."""
+    if loss_agg_mode == "token-sum":
+        return 0.0
+    if mini_batch is not None and mini_batch.masked is not None:
+        return mini_batch.masked / _global_info(config)["dp_size"]
+    if mini_batch is not None and mini_batch.micro_batches == 1:
+        return ALL_RANKS
+    return None
+
+
+def _nonfinite_loss(log_prob: torch.Tensor, positions: int):
+    """A micro-batch whose forward (or pi_old's values) holds NaN/inf at `positions` valid positions: a NaN
+    loss whose gradient is NaN, so verl's optimizer step finds a non-finite gradient norm and skips the
+    update (its own guard), and the count in the metrics."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        logger.warning("stapo: non-finite forward at %d valid position(s); verl skips this optimizer step", positions)
+    loss = (log_prob * 0.0).sum() * float("nan")
+    return loss, {"actor/nonfinite_positions": float(positions)}
 
 
 @register_policy_loss("stapo")
@@ -411,7 +426,10 @@ def with_entropy(loss_function: Callable, mini_batch: MiniBatchS2T | None = None
         entropy = model_output.get("entropy", None) if isinstance(model_output, dict) else None
         if entropy is None or data is None:
             return loss_function(*args, **kwargs)
-        with entropy_context(_padded(entropy, data), kwargs.get("dp_group", None), mini_batch):
+        old_entropy = None
+        if OLD_ENTROPY_KEY in data.keys():
+            old_entropy = data.select(OLD_ENTROPY_KEY, "response_mask").to_padded_tensor()[OLD_ENTROPY_KEY]
+        with entropy_context(_padded(entropy, data), kwargs.get("dp_group", None), mini_batch, old_entropy):
             return loss_function(*args, **kwargs)
 
     call._stapo_with_entropy = True  # type: ignore[attr-defined]
@@ -436,31 +454,38 @@ def _micro_batch_count(engine, data) -> int:
     return len(micro_batches)
 
 
-def mini_batch_s2t(engine, data, s2t: S2TSettings) -> tuple[torch.Tensor, float]:
-    """S2T's (tau_h, silenced tokens) over a whole PPO mini-batch on the current policy: a forward-only
-    pass of `engine` over `data` (verl's `infer_batch`, the same micro-batches as the training pass),
-    each micro-batch's `s2t_population` and candidates collected, then `s2t_threshold` over all of them
-    and all data-parallel ranks; the count is summed over the ranks."""
-    parts = []  # each micro-batch's (log-probs, entropies, advantages, valid), detached
+def mini_batch_s2t(engine, data, s2t: S2TSettings) -> tuple[torch.Tensor | None, float]:
+    """S2T's (tau_h, silenced tokens) over a whole PPO mini-batch, summed over the data-parallel ranks
+    (`stapo.core.s2t_over_step`). `decision_policy=current`: a forward-only pass of `engine` over `data`
+    (verl's `infer_batch`, the same micro-batches as the training pass) gives the current policy's values;
+    `old`: pi_old's log-probs and entropies are in `data` already (no forward)."""
+    if s2t.decision_policy == "old":
+        if OLD_ENTROPY_KEY not in data.keys():
+            raise ValueError(f"stapo.decision_policy=old needs pi_old's entropies in the actor batch "
+                             f"({OLD_ENTROPY_KEY}); launch with `python -m stapo.engines.verl.main`, which keeps them")
+        fields = data.select("old_log_probs", OLD_ENTROPY_KEY, "advantages", "response_mask").to_padded_tensor()
+        parts = [(fields["old_log_probs"], fields[OLD_ENTROPY_KEY], fields["advantages"],
+                  fields["response_mask"].bool())]
+    else:
+        parts = []  # each micro-batch's (log-probs, entropies, advantages, valid), detached
 
-    def collect(model_output=None, data=None, dp_group=None, **_):
-        if model_output is None:  # verl's logits-processor call (top-k distillation): nothing to add
-            return {}
-        if model_output.get("entropy", None) is None:
-            raise ValueError("stapo.tau_h_scope=mini_batch: the pre-pass got no entropies; set "
-                             "actor_rollout_ref.actor.calculate_entropy=True (python -m stapo.engines.verl.main does)")
-        lp = _padded(model_output["log_probs"], data)
-        ent = _padded(model_output["entropy"], data)
-        fields = data.select("response_mask", "advantages").to_padded_tensor()
-        parts.append((lp.detach(), ent.detach(), fields["advantages"], fields["response_mask"].bool()))
-        return torch.zeros((), device=lp.device), {}
+        def collect(model_output=None, data=None, dp_group=None, **_):
+            if model_output is None:  # verl's logits-processor call (top-k distillation): nothing to add
+                return {}
+            if model_output.get("entropy", None) is None:
+                raise ValueError("stapo.tau_h_scope=mini_batch: the pre-pass got no entropies; set actor_rollout_ref"
+                                 ".actor.calculate_entropy=True (python -m stapo.engines.verl.main does)")
+            lp = _padded(model_output["log_probs"], data)
+            ent = _padded(model_output["entropy"], data)
+            fields = data.select("response_mask", "advantages").to_padded_tensor()
+            parts.append((lp.detach(), ent.detach(), fields["advantages"], fields["response_mask"].bool()))
+            return torch.zeros((), device=lp.device), {}
 
-    engine.infer_batch(data, loss_function=collect)
-    group = engine.get_data_parallel_group()
-    threshold = s2t_threshold([s2t_population(*part, s2t) for part in parts], s2t, group=group)
-    local = sum(s2t_decision(*part, s2t, threshold=threshold).n_spurious for part in parts) if parts else torch.zeros(())
-    masked = _all_reduce_sum(torch.as_tensor(local, dtype=torch.float32, device=threshold.device).reshape(()), group)
-    return threshold, float(masked.item())
+        engine.infer_batch(data, loss_function=collect)
+    if any(nonfinite_positions(p[3], p[0], p[1]) for p in parts):  # the losses skip the step themselves
+        return None, None
+    step = s2t_over_step(parts, s2t, group=engine.get_data_parallel_group())
+    return step.step_tau_h, float(step.num_silenced.item())
 
 
 def _field(obj, key):
@@ -468,7 +493,7 @@ def _field(obj, key):
     return getter(key, None) if callable(getter) else getattr(obj, key, None)
 
 
-def _stapo_settings_for(config) -> tuple[TokenFilterSpec | None, StapoConfig | None]:
+def _stapo_settings_for(config) -> tuple[TokenFilterSpec | None, VerlStapoSettings | None]:
     """The token filter and settings of an actor config whose loss mode is the plugin's, else (None, None)."""
     policy_loss = None if config is None else _field(config, "policy_loss")
     spec = None if policy_loss is None else loss_mode_filter(_field(policy_loss, "loss_mode") or "vanilla")
@@ -489,14 +514,18 @@ def _train_batch(self, data, loss_function):
     if spec is not None:
         mini_batch.micro_batches = _micro_batch_count(self, data)
         s2t = settings.s2t
-        if spec.applies_s2t and s2t.tau_h_scope == "mini_batch" and mini_batch.micro_batches > 1:
+        # pi_old's values are in the batch already: the whole mini-batch's decision costs no forward
+        whole = s2t.decision_policy == "old" or mini_batch.micro_batches > 1
+        if spec.applies_s2t and s2t.tau_h_scope == "mini_batch" and whole:
             mini_batch.threshold, mini_batch.masked = mini_batch_s2t(self, data, s2t)
+            mini_batch.nonfinite = mini_batch.masked is None
     return _VERL_TRAIN_BATCH(self, data, loss_function=with_entropy(loss_function, mini_batch))
 
 
 _train_batch._stapo_hook = True  # type: ignore[attr-defined]
 
 _ENGINE_BASE = "verl.workers.engine.base"
+_RAY_TRAINER = "verl.trainer.ppo.ray_trainer"
 
 
 def _patch_base_engine(module) -> None:
@@ -509,42 +538,74 @@ def _patch_base_engine(module) -> None:
     engine.train_batch = _train_batch
 
 
+def keep_old_entropies(trainer_config, old_log_prob) -> None:
+    """With `stapo.decision_policy=old`, copy the entropies of verl's old-log-prob pass (`entropys`, which the
+    driver logs and then drops) to `OLD_ENTROPY_KEY`, so they reach the actor update beside `old_log_probs`."""
+    actor = trainer_config.actor_rollout_ref.actor
+    spec, settings = _stapo_settings_for(actor)
+    if spec is not None and spec.applies_s2t and settings.s2t.decision_policy == "old":
+        old_log_prob.batch[OLD_ENTROPY_KEY] = old_log_prob.batch["entropys"].clone()
+
+
+def _patch_ray_trainer(module) -> None:
+    trainer = module.RayPPOTrainer
+    current = trainer._compute_old_log_prob
+    if getattr(current, "_stapo_hook", False):
+        return
+
+    @functools.wraps(current)
+    def compute_old_log_prob(self, batch, *args, **kwargs):
+        old_log_prob, *rest = current(self, batch, *args, **kwargs)
+        keep_old_entropies(self.config, old_log_prob)
+        return (old_log_prob, *rest)
+
+    compute_old_log_prob._stapo_hook = True  # type: ignore[attr-defined]
+    trainer._compute_old_log_prob = compute_old_log_prob
+
+
+_PATCHES = {_ENGINE_BASE: _patch_base_engine, _RAY_TRAINER: _patch_ray_trainer}
+_PATCHED_CLASS = {_ENGINE_BASE: "BaseEngine", _RAY_TRAINER: "RayPPOTrainer"}
+
+
 class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Runs `_patch_base_engine` right after verl's engine base module executes (the first import)."""
+    """Runs a module's patch (`_PATCHES`) right after verl's module executes (its first import)."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != _ENGINE_BASE:
+        if fullname not in _PATCHES:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                spec.loader = _PatchingLoader(spec.loader)
+                spec.loader = _PatchingLoader(spec.loader, _PATCHES[fullname])
                 return spec
         return None
 
 
 class _PatchingLoader(importlib.abc.Loader):
-    def __init__(self, loader):
+    def __init__(self, loader, patch):
         self._loader = loader
+        self._patch = patch
 
     def create_module(self, spec):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        _patch_base_engine(module)
+        self._patch(module)
 
 
 def install_engine_hook() -> None:
-    """Wrap verl's `BaseEngine.train_batch` (idempotent): what every verl engine runs once per PPO
-    mini-batch (`TrainingWorker.train_batch` calls it with the worker's loss function).
+    """Wrap verl's `BaseEngine.train_batch` (what every verl engine runs once per PPO mini-batch:
+    `TrainingWorker.train_batch` calls it with the worker's loss function) and the driver's
+    `RayPPOTrainer._compute_old_log_prob` (`keep_old_entropies`); idempotent.
 
-    Done when `verl.workers.engine.base` is imported (now, if it already is): importing verl's engines
-    from the plugin would resolve verl's accelerator platform before other plugins could register theirs."""
-    module = sys.modules.get(_ENGINE_BASE)
-    if module is not None and hasattr(module, "BaseEngine"):
-        _patch_base_engine(module)
-    elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
+    Done when each module is imported (now, if it already is): importing verl's engines from the plugin
+    would resolve verl's accelerator platform before other plugins could register theirs."""
+    for name, patch in _PATCHES.items():
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, _PATCHED_CLASS[name]):
+            patch(module)
+    if not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _PatchOnImport())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from stapo.engines.verl.config import LOSS_MODES, POLICY_LOSS_TARGET, STAPO_KEYS, StapoConfig
+from stapo.engines.verl.config import LOSS_MODES, POLICY_LOSS_TARGET, STAPO_KEYS, VerlStapoSettings
 
 
 def apply_stapo_defaults(cfg: DictConfig) -> DictConfig:
@@ -32,7 +32,7 @@ def apply_stapo_defaults(cfg: DictConfig) -> DictConfig:
     items = {} if block is None else OmegaConf.to_container(block, resolve=True)
     items.pop("_target_", None)
     try:
-        settings = StapoConfig(**items)
+        settings = VerlStapoSettings(**items)
     except TypeError as exc:
         raise ValueError(f"actor_rollout_ref.actor.policy_loss.stapo: {exc}") from None
     with open_dict(cfg):
