@@ -71,6 +71,7 @@ from stapo.core.lm_head import (  # noqa: E402
     lm_head_logprobs_entropy,
     resolve_backend,
 )
+from stapo.rundir import atomic_write_text  # noqa: E402
 
 GIB = 1024**3
 CHECK_ROWS = 256
@@ -720,9 +721,7 @@ def write_outputs(results, out_dir):
     results["backend_choice"] = backend_choices(results, results["meta"]["first_vocab_chunk"])
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in (("lm_head.json", json.dumps(results, indent=1, default=str)), ("lm_head.md", markdown(results))):
-        tmp = out_dir / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out_dir / name)
+        atomic_write_text(out_dir / name, text)
 
 
 def main(argv=None):

@@ -29,7 +29,6 @@ import argparse
 import datetime
 import gc
 import json
-import os
 import resource
 import statistics
 import sys
@@ -44,6 +43,8 @@ sys.path.insert(0, str(HERE))
 
 from bench_trl_step import fixed_batch, loss_step, qwen_tokenizer  # noqa: E402
 from gpu_lm_head import QWEN3_SHAPES, random_qwen3, table  # noqa: E402
+
+from stapo.rundir import atomic_write_text  # noqa: E402
 
 GIB = 1024**3
 TRAINERS = ("trl", "grpo", "stapo")  # trl = TRL's GRPOTrainer; grpo/stapo = STAPOTrainer(method=...)
@@ -287,9 +288,7 @@ def write_outputs(results, out_dir):
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in (("train_step.json", json.dumps(results, indent=1, default=str)),
                        ("train_step.md", markdown(results))):
-        tmp = out_dir / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out_dir / name)
+        atomic_write_text(out_dir / name, text)
 
 
 def main(argv=None):

@@ -203,6 +203,26 @@ def test_train_step_helpers():
     assert (a.shape, a.rows, a.num_generations, a.warmup) == ("tiny", 6, 2, 1)
 
 
+def test_outputs_are_written_atomically_and_synced(tmp_path, monkeypatch):
+    """Both scripts write their JSON and markdown with stapo.rundir's atomic writes: the data reach the
+    disk (fsync) before the file is replaced, and no temporary file stays behind."""
+    pytest.importorskip("transformers")
+    import gpu_train_step as ts
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    monkeypatch.setattr(head, "markdown", lambda results: "# lm_head\n")
+    monkeypatch.setattr(head, "backend_choices", lambda results, first_chunk: [])
+    head.write_outputs({"meta": {"first_vocab_chunk": 8}}, tmp_path / "head")
+    monkeypatch.setattr(ts, "markdown", lambda results: "# train_step\n")
+    ts.write_outputs({"meta": {}}, tmp_path / "step")
+    assert len(synced) >= 4  # one fsync per file at least
+    assert sorted(p.name for p in (tmp_path / "head").iterdir()) == ["lm_head.json", "lm_head.md"]
+    assert sorted(p.name for p in (tmp_path / "step").iterdir()) == ["train_step.json", "train_step.md"]
+    assert json.loads((tmp_path / "head" / "lm_head.json").read_text())["backend_choice"] == []
+
+
 # ------------------------------------------------------------------------------------------------
 # End to end
 # ------------------------------------------------------------------------------------------------

@@ -51,6 +51,8 @@ ROLLOUTS_DIR = "rollouts"
 CHECKPOINT_PREFIX = "checkpoint"
 STAGING_PREFIX = ".tmp-"
 TRAINER_STATE_FILE = "trainer_state.json"  # the Trainer writes it last: its presence marks a whole checkpoint
+CURVES_FILE = "curves.png"  # in PLOTS_DIR: the training curves (stapo.analyze.plots)
+MODEL_CARD_FILE = "README.md"  # the model card, also in FINAL_DIR (stapo.engines.trl.model_card)
 
 _CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
 _ROLLOUT_NAME = re.compile(r"^step_(\d+)\.parquet$")
@@ -148,6 +150,31 @@ def read_json(path: str | os.PathLike) -> dict:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict:
+    """The config a run directory holds (`<run_dir>/config.yaml`, written by `stapo train`) as a mapping;
+    {} when there is none. A file that cannot be read, is not valid YAML or is not a mapping raises
+    `RunDirError` naming the file: a damaged config is never read as an empty one."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise RunDirError(f"{path}: cannot be read ({err})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RunDirError(f"{path}: not valid YAML{where} ({getattr(err, 'problem', None) or err}); "
+                          "restore it or delete it") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path}: expected a mapping of config fields (field: value), got {type(data).__name__}")
+    return data
 
 
 def is_disk_full(err: BaseException) -> bool:

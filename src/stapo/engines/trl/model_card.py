@@ -20,30 +20,18 @@ from typing import Any
 import yaml
 
 from stapo.core import PRESETS, S2T_FIELDS
-from stapo.rundir import CONFIG_FILE, EVAL_FILE, atomic_write_text, read_json
+from stapo.rundir import EVAL_FILE, MODEL_CARD_FILE, atomic_write_text, read_json, read_run_config
 
 __all__ = ["MODEL_CARD_FILE", "model_card_facts", "render_model_card", "write_model_card"]
 
-MODEL_CARD_FILE = "README.md"
 EMBEDDED_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what `model: embedded` is (stapo.models)
-
-
-def _read_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
-        return {}
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def model_card_facts(trainer) -> dict[str, Any]:
     """Everything the card states, from the run directory's records and the trainer."""
     args = trainer.args
     run_dir = Path(args.output_dir)
-    config = _read_config(run_dir)
+    config = read_run_config(run_dir)  # a damaged config.yaml is an error naming it, not an empty card
     model = trainer.model
     peft_config = getattr(model, "peft_config", None)
     lora = None
