@@ -287,3 +287,41 @@ def test_cli_runs_groups_seeds(tmp_path, capsys):
     assert "groups (runs named" not in capsys.readouterr().out
     assert main(["analyze", "runs", str(dirs[0]), "--out", str(tmp_path / "o3"), "--smooth", "0"]) == 2
     assert "--smooth must be >= 1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ the run's config.yaml
+
+
+@pytest.mark.parametrize("text, says", [
+    ("method: [stapo\n", "not valid YAML at line"),
+    ("- method\n- stapo\n", "expected a mapping of config fields"),
+    (b"\xff\xfe bad bytes", "cannot be read"),
+])
+def test_corrupt_config_is_a_named_error(tmp_path, capsys, text, says):
+    run = _write_run(tmp_path / "run", _trl_rows(2))
+    cfg = run / "config.yaml"
+    cfg.write_bytes(text if isinstance(text, bytes) else text.encode())
+    # `stapo analyze runs`: one line naming the file, exit 2 (never read as an empty config)
+    assert main(["analyze", "runs", str(run), "--out", str(tmp_path / "o")]) == 2
+    line = capsys.readouterr().err.strip()
+    assert len(line.splitlines()) == 1 and str(cfg) in line and says in line
+    # `stapo analyze tokens --run`: the same error
+    assert main(["analyze", "tokens", "--run", str(run), "--out", str(tmp_path / "t")]) == 2
+    line = capsys.readouterr().err.strip()
+    assert str(cfg) in line and says in line
+    # the one reader of a run's config (stapo.rundir)
+    from stapo.rundir import RunDirError, read_run_config
+
+    with pytest.raises(RunDirError, match=says) as err:
+        read_run_config(run)
+    assert str(cfg) in str(err.value)
+
+
+def test_run_config_reader(tmp_path):
+    from stapo.rundir import read_run_config
+
+    assert read_run_config(tmp_path) == {}  # no config.yaml: a run without one (verl, hand-made)
+    (tmp_path / "config.yaml").write_text("")
+    assert read_run_config(tmp_path) == {}
+    (tmp_path / "config.yaml").write_text("method: stapo\nseed: 3\n")
+    assert read_run_config(tmp_path) == {"method": "stapo", "seed": 3}

@@ -24,7 +24,6 @@ Reading the runs, the curves, the aggregation over seeds and the figures are `st
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -44,16 +43,23 @@ from stapo.analyze.runs import (
     Run,
     RunError,
     curve_bands,
-    curve_titles,
     fmt_spread,
     heldout_spreads,
     load_run,
-    read_config,
     spread,
     write_runs_report,
 )
 from stapo.core.settings import S2T_READINGS
-from stapo.rundir import SUMMARY_FILE, atomic_write_bytes, read_json
+from stapo.rundir import (
+    CONFIG_FILE,
+    SUMMARY_FILE,
+    RunDirError,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    read_run_config,
+)
 
 HERE = Path(__file__).resolve().parent
 BASE_CONFIG = HERE / "configs" / "base.yaml"
@@ -68,7 +74,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 PER_RUN_KEYS = ("method", "seed", "output_dir")  # set by the sweep, never shared
 RUN_INFO = "sweep_run.json"  # written by this script into each run directory (command, wall time, exit code)
+TRAIN_LOG = "train.log"  # each run's console output, in its run directory
 SWEEP_INFO = "sweep.json"  # written into --out by the last invocation that trained (its command, wall time)
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.md"
 
 
 class SweepError(ValueError):
@@ -209,7 +218,7 @@ def train_one(config_path: Path, out: Path, method: str, seed: int, log=print, t
     t0 = time.time()
     load0 = _loadavg()
     commit = git_commit()
-    with (d / "train.log").open("w", encoding="utf-8") as logf:
+    with (d / TRAIN_LOG).open("w", encoding="utf-8") as logf:
         rc = subprocess.call(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
     info = {
         "method": method, "seed": seed, "command": shlex.join(["python", *cmd[1:]]), "returncode": rc,
@@ -218,10 +227,10 @@ def train_one(config_path: Path, out: Path, method: str, seed: int, log=print, t
         "loadavg_1m_end": _loadavg(),
         "completed": rc == 0 and is_complete(d),
     }
-    (d / RUN_INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
+    atomic_write_json(d / RUN_INFO, info)
     if not info["completed"]:
-        tail = (d / "train.log").read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
-        log(f"  FAILED (exit {rc}); last lines of {d / 'train.log'}:\n    " + "\n    ".join(tail))
+        tail = (d / TRAIN_LOG).read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
+        log(f"  FAILED (exit {rc}); last lines of {d / TRAIN_LOG}:\n    " + "\n    ".join(tail))
     return info
 
 
@@ -340,12 +349,11 @@ def summarize(runs: list[Run], methods: list[str]) -> dict:
 
 def write_figures(bands: dict[str, dict[str, Band]], plots_dir: Path, window: int) -> list[Path]:
     """One PNG per curve (line: mean over seeds; band: min..max over seeds) and an overview of all."""
-    titles = curve_titles(window)
     plots_dir.mkdir(parents=True, exist_ok=True)
-    paths = [atomic_write_bytes(plots_dir / f"{c}.png", curves_png({c: b}, titles)) for c, b in bands.items()]
+    paths = [atomic_write_bytes(plots_dir / f"{c}.png", curves_png({c: b}, window)) for c, b in bands.items()]
     if bands:
         paths.append(atomic_write_bytes(plots_dir / "overview.png", curves_png(
-            bands, titles, suptitle="mean over seeds (line), min..max over seeds (band)")))
+            bands, window, suptitle="mean over seeds (line), min..max over seeds (band)")))
     return paths
 
 
@@ -462,7 +470,10 @@ def write_report(out: Path, argv: list[str], methods: list[str], seeds: list[int
     summary = summarize(runs, methods)
     machine = machine_info()
     th = s2t_thresholds(runs)
-    shared = read_config(out / "config.yaml")
+    try:
+        shared = read_run_config(out)  # the sweep's shared config: a run config, less method, seed, output_dir
+    except RunDirError as err:
+        raise SweepError(str(err)) from None
     info = {r.name: read_json(r.path / RUN_INFO) for r in runs}
     walls = [i["wall_s"] for i in info.values() if isinstance(i.get("wall_s"), (int, float))]
     # --report-only: the command and wall time of the sweep itself, as it recorded them
@@ -478,7 +489,7 @@ def write_report(out: Path, argv: list[str], methods: list[str], seeds: list[int
         "total_run_wall_s": round(sum(walls), 1), "sweep_wall_s": sweep_wall,
         "shared_config": shared, "smoothing_window": window,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+    atomic_write_json(out / RESULTS_FILE, results)
 
     model = Path(str(shared["model"])).name if shared.get("model") else "?"
     L = [f"# STAPO vs baselines at small scale — {model}", ""]
@@ -487,7 +498,7 @@ def write_report(out: Path, argv: list[str], methods: list[str], seeds: list[int
         L += [f"(This report was regenerated from the finished runs by `{regenerated}`.)", ""]
     L += [
           f"Methods: {', '.join(methods)}; seeds: {', '.join(map(str, seeds))}. Every run is",
-          "", "```bash", f"python -m stapo train {out / 'config.yaml'} method=METHOD seed=SEED "
+          "", "```bash", f"python -m stapo train {out / CONFIG_FILE} method=METHOD seed=SEED "
           f"output_dir={out / 'runs'}/METHOD-seedSEED", "```", "",
           "with the shared config below (the methods differ only in `method`):", "", "```yaml",
           yaml.safe_dump(shared, sort_keys=False).rstrip(), "```", ""]
@@ -544,8 +555,7 @@ def write_report(out: Path, argv: list[str], methods: list[str], seeds: list[int
         L += [f"`stapo analyze runs --no-group` over all run directories (a line per run): [{html}]({html})", ""]
     if html_note:
         L += [f"`stapo analyze runs` report not written: {html_note}", ""]
-    path = out / "report.md"
-    path.write_text("\n".join(L) + "\n", encoding="utf-8")
+    path = atomic_write_text(out / REPORT_FILE, "\n".join(L) + "\n")
     return path, results
 
 
@@ -598,14 +608,17 @@ def main(argv: list[str] | None = None) -> int:
         if not args.report_only:
             cfg = shared_config(args)
             out.mkdir(parents=True, exist_ok=True)
-            config_path = out / "config.yaml"
-            previous = read_config(config_path)
+            config_path = out / CONFIG_FILE
+            try:
+                previous = read_run_config(out)
+            except RunDirError as err:
+                raise SweepError(f"{err} (the shared config of an earlier sweep in {out})") from None
             if previous and previous != cfg and any(is_complete(d) for d in (out / "runs").glob("*")):
                 raise SweepError(
                     f"{config_path}: the finished runs in {out} used a different shared config; "
                     "use another --out (or delete the old runs) so the sweep stays comparable"
                 )
-            config_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+            atomic_write_text(config_path, yaml.safe_dump(cfg, sort_keys=False))
             validate_runs(config_path, out, methods, seeds)
             print(f"sweep: {len(methods)} methods x {len(seeds)} seeds, {cfg.get('max_steps')} steps each -> {out}",
                   flush=True)
@@ -620,8 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         sweep_wall = None
         if not args.report_only:
             sweep_wall = round(time.time() - t0, 1)
-            (out / SWEEP_INFO).write_text(json.dumps({"command": shlex.join(shown), "wall_s": sweep_wall}, indent=2),
-                                          encoding="utf-8")
+            atomic_write_json(out / SWEEP_INFO, {"command": shlex.join(shown), "wall_s": sweep_wall})
         report, _ = build_report(out, shown, methods, seeds, args.smooth, sweep_wall)
     except SweepError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -4,15 +4,20 @@
                         the S2T region shaded and the S2T tokens highlighted
     grad_proxy_hist_png histogram of the gradient-norm² proxy 1 − 2p + Σπ², S2T vs other tokens
     curves_png          training curves of several runs (or groups of seeds: mean line, min..max
-                        band) overlaid, one panel per curve (held-out accuracy included: step 0 =
-                        before training), integer step ticks
+                        band) overlaid, one panel per curve with the titles, axis labels and units of
+                        `stapo.analyze.curves`, held-out accuracy as points (step 0 = before training)
+                        with error bars, one legend for the figure, integer step ticks
 """
 
 from __future__ import annotations
 
 import io
+from types import SimpleNamespace
 
 import numpy as np
+
+from stapo.analyze.curves import CURVES, HELDOUT, REWARD, S2T_MASKED, TRAIN_ACCURACY, Curve, heldout_size_text, s2t_title
+from stapo.analyze.runs import applies_s2t, run_label
 
 MAX_SCATTER_POINTS = 20_000
 ENTROPY_FLOOR = 1e-6  # the log axes reach at least this low (lower when the data does)
@@ -120,45 +125,160 @@ def grad_proxy_hist_png(grad_proxy, s2t) -> bytes:
     return _png(fig)
 
 
-def curves_png(panels: dict[str, dict], titles: dict[str, str] | None = None, suptitle: str | None = None) -> bytes:
-    """`panels[curve][label]`: a run's `(steps, values)`, or a `stapo.analyze.runs.Band` (a group's mean
-    over its runs, drawn with a min..max band when it has several). One panel per curve (three a row),
-    one line per label, a legend each; one curve gives a one-panel figure."""
+def _as_band(series) -> SimpleNamespace:
+    """A run's `Series` (or a plain (steps, values) pair) or a group's `Band`, as one shape."""
+    if hasattr(series, "mean"):
+        return series
+    steps, values = np.asarray(series[0]), np.asarray(series[1], dtype=np.float64)
+    return SimpleNamespace(steps=steps, mean=values, lo=values, hi=values, n=1,
+                           stderr=getattr(series, "stderr", None), problems=getattr(series, "problems", None),
+                           samples=getattr(series, "samples", None), method=getattr(series, "method", None))
+
+
+def _same_curve(a: dict | None, b: dict | None) -> bool:
+    """Every label has the same points in both panels (training reward and accuracy with 0/1 rewards)."""
+    if not a or not b or set(a) != set(b):
+        return False
+    return all(np.array_equal(a[k].steps, b[k].steps) and np.allclose(a[k].mean, b[k].mean, rtol=0, atol=1e-9)
+               for k in a)
+
+
+def _flat_limits(ax, values: np.ndarray, curve) -> None:
+    """A panel whose values are all equal gets a range that shows it (not matplotlib's ±0.05 around the
+    value) and says so."""
+    values = values[np.isfinite(values)]
+    if values.size == 0 or float(values.max() - values.min()) > 1e-12 * max(1.0, float(abs(values).max())):
+        return
+    v = float(values[0])
+    if curve.lower is not None and curve.lower <= v:
+        bottom = curve.lower
+        top = 2 * v - bottom if v > bottom else bottom + 1.0
+        if curve.upper is not None and top > curve.upper:
+            top = curve.upper
+        if top <= v:  # the value is the upper bound
+            top = v + 0.05 * (v - bottom)
+    else:
+        half = 0.5 * max(abs(v), 1.0) if v else 0.5
+        bottom, top = v - half, v + half
+    ax.set_ylim(bottom, top)
+    ax.text(0.5, 0.85, f"{curve.fmt(v / curve.scale)} at every logged step", transform=ax.transAxes,
+            ha="center", fontsize=8, color="#555")
+
+
+def _heldout_title(bands: dict) -> tuple[str, bool]:
+    """The held-out panel's title (the evaluation's size when all share it, what the bars are) and
+    whether the sizes differ (then the panel lists each one)."""
+    sizes = {(b.problems, b.samples) for b in bands.values()}
+    bars = {"min..max over runs" if b.n > 1 else "± standard error over problems"
+            for b in bands.values() if b.n > 1 or b.stderr is not None}
+    title = CURVES[HELDOUT].title
+    if len(sizes) == 1 and heldout_size_text(*next(iter(sizes))):
+        title += f", {heldout_size_text(*next(iter(sizes)))}"
+    elif len(sizes) > 1:
+        title += " (evaluations of different sizes)"
+    if bars:
+        title += "; bars: " + ", ".join(sorted(bars))
+    return title, len(sizes) > 1
+
+
+def curves_figure(panels: dict[str, dict], window: int = 1, suptitle: str | None = None):
+    """The matplotlib figure of `curves_png` (the caller closes it)."""
     plt = _pyplot()
     import textwrap
 
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
+    bands = {name: {label: _as_band(s) for label, s in per.items()} for name, per in panels.items() if per}
+    titles = {}
+    if _same_curve(bands.get(REWARD), bands.get(TRAIN_ACCURACY)):  # 0/1 rewards: one panel says both
+        del bands[TRAIN_ACCURACY]
+        titles[REWARD] = f"{CURVES[REWARD].title} (= training accuracy: every reward is 0 or 1)"
+    if S2T_MASKED in bands:
+        titles[S2T_MASKED] = s2t_title({applies_s2t(b.method) for b in bands[S2T_MASKED].values()})
+
     styles = ("-", "--", ":", "-.")  # identical curves (stapo with nothing masked vs justrl) stay visible
-    names = list(panels)
+    labels = list(dict.fromkeys(label for per in bands.values() for label in per))
+    color = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    style = {label: styles[i % len(styles)] for i, label in enumerate(labels)}
+    names = list(bands)
     cols = min(3, max(1, len(names)))
     rows = (len(names) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
-        for i, (label, series) in enumerate(panels[name].items()):
-            if isinstance(series, tuple):
-                steps, mean, lo, hi, n = series[0], series[1], None, None, 1
-            else:
-                steps, mean, lo, hi, n = series.steps, series.mean, series.lo, series.hi, series.n
-            color = f"C{i % 10}"
-            ax.plot(steps, mean, color=color, ls=styles[i % len(styles)], marker="." if len(steps) < 30 else None,
-                    lw=1.4, label=f"{label} (mean of {n})" if n > 1 else label)
-            if n > 1 and len(steps) > 1:
-                ax.fill_between(steps, lo, hi, color=color, alpha=0.18, lw=0)
-            elif n > 1:  # one step: the band is a bar
-                ax.vlines(steps, lo, hi, color=color, alpha=0.4, lw=6)
-        ax.set_title(textwrap.fill((titles or {}).get(name, name), 48), fontsize=10)
+        curve = CURVES.get(name) or Curve(name, "", "", (name,), lower=None)
+        per = bands[name]
+        shown = []
+        if name == HELDOUT:
+            title, differ = _heldout_title(per)
+            span = max(float(np.ptp(np.concatenate([b.steps for b in per.values()]))), 1.0)
+            for i, (label, b) in enumerate(per.items()):
+                x = np.asarray(b.steps, dtype=np.float64) + 0.012 * span * (i - (len(per) - 1) / 2)  # side by side
+                y = np.asarray(b.mean, dtype=np.float64) * curve.scale
+                if b.n > 1:
+                    yerr = np.vstack([y - np.asarray(b.lo) * curve.scale, np.asarray(b.hi) * curve.scale - y])
+                elif b.stderr is not None:
+                    yerr = np.nan_to_num(np.asarray(b.stderr, dtype=np.float64)) * curve.scale
+                else:
+                    yerr = None
+                size = heldout_size_text(b.problems, b.samples) or "size not recorded"
+                ax.errorbar(x, y, yerr=yerr, fmt="o", ls="none", ms=5, capsize=3, color=color[label],
+                            label=f"{run_label(label, b.method)}: {size}")
+                shown.append(y)
+            if differ:
+                ax.legend(fontsize=7)
+        else:
+            title = titles.get(name, curve.title)
+            if window > 1:
+                title += f" — {window}-step moving average"
+            for label, b in per.items():
+                y = np.asarray(b.mean, dtype=np.float64) * curve.scale
+                ax.plot(b.steps, y, color=color[label], ls=style[label], marker="." if len(b.steps) < 30 else None,
+                        lw=1.4)
+                if b.n > 1 and len(b.steps) > 1:
+                    ax.fill_between(b.steps, np.asarray(b.lo) * curve.scale, np.asarray(b.hi) * curve.scale,
+                                    color=color[label], alpha=0.18, lw=0)
+                elif b.n > 1:  # one step: the band is a bar
+                    ax.vlines(b.steps, np.asarray(b.lo) * curve.scale, np.asarray(b.hi) * curve.scale,
+                              color=color[label], alpha=0.4, lw=6)
+                shown.append(y)
+        ax.set_title(textwrap.fill(title, 48), fontsize=10)
         ax.set_xlabel("step")
+        ax.set_ylabel(curve.axis)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # optimizer steps: no "1.5" ticks
-        shown = {int(k) for v in panels[name].values() for k in (v[0] if isinstance(v, tuple) else v.steps)}
-        if len(shown) == 1:  # one logged step: its tick only
-            ax.set_xticks(sorted(shown))
+        steps = {int(k) for b in per.values() for k in b.steps}
+        if len(steps) == 1:  # one logged step: its tick only
+            ax.set_xticks(sorted(steps))
         ax.ticklabel_format(axis="y", useOffset=False)  # absolute values, not "1e-6 + 11.92"
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(names):]:
+        _flat_limits(ax, np.concatenate(shown), curve)
+    spare = list(axes.flat)[len(names):]
+    for ax in spare:
         ax.axis("off")
+    # one legend for the figure: a run (or group) has one colour and line style in every panel
+    runs_of = {label: max(per[label].n for per in bands.values() if label in per) for label in labels}
+    method_of = {label: next(per[label].method for per in bands.values() if label in per) for label in labels}
+    handles = [Line2D([], [], color=color[label], ls=style[label], marker=".") for label in labels]
+    texts = [run_label(label, method_of[label]) + (f" (mean of {runs_of[label]} runs; band, bars: min..max)"
+                                                   if runs_of[label] > 1 else "") for label in labels]
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
-    return _png(fig)
+    if spare:  # in the first empty cell of the grid
+        spare[0].legend(handles, texts, loc="center", fontsize=9, frameon=False, title="runs")
+    else:  # below the panels
+        fig.legend(handles, texts, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 3),
+                   fontsize=8, frameon=False)
+    return fig
+
+
+def curves_png(panels: dict[str, dict], window: int = 1, suptitle: str | None = None) -> bytes:
+    """`panels[curve][label]`: a run's `stapo.analyze.runs.Series` (or a plain (steps, values) pair), or a
+    group's `stapo.analyze.runs.Band` (its mean over its runs, drawn with a min..max band when it has
+    several). One panel per curve (three a row) with the title, y-axis label and unit of
+    `stapo.analyze.curves.CURVES`; a line per label, one legend for the figure. Held-out accuracy is
+    drawn as points with error bars (± standard error for a run, min..max for a group) and the
+    evaluation's size; the training accuracy panel is left out where it equals the reward (0/1
+    rewards); a constant curve gets a range that shows it. `window` > 1: the per-step curves were
+    smoothed over that many steps (said in their titles)."""
+    return _png(curves_figure(panels, window, suptitle))

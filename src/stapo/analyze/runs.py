@@ -1,11 +1,12 @@
 """Training curves of run directories (`metrics.jsonl`), overlaid across runs.
 
 A run directory written by `stapo train` holds `metrics.jsonl`: one JSON object per logged step
-with `step` and metric keys. Engines name the same quantity differently (TRL: `reward`,
-`completions/mean_length`; verl: `critic/score/mean`, `response_length/mean`), so each curve is
-looked up through a short list of candidate names (`CURVES`); the first one present in a run wins.
-The held-out accuracy curve is completed from the run's `eval.json` (before training = step 0, after
-training = the last step) where metrics.jsonl lacks those points.
+with `step` and metric keys. Engines name the same quantity differently, so each curve is looked up
+through its candidate names (`stapo.analyze.curves.CURVES`, which also holds every curve's title,
+axis label and unit); the first one present in a run wins. The held-out accuracy curve is completed
+from the run's `eval.json` (before training = step 0, after training = the last step) where
+metrics.jsonl lacks those points, with each point's standard error and the evaluation's size
+(problems, samples per problem).
 
 Runs that differ only by seed are grouped by name: `grpo-seed0` and `grpo-seed1` form the group `grpo`
 (`split_seed`, `group_runs`). `curve_bands` aggregates each group's curves over its runs (mean, min and
@@ -21,29 +22,13 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from stapo.rundir import CONFIG_FILE, EVAL_FILE, METRICS_FILE, atomic_write_bytes, read_json
+from stapo.analyze.curves import CURVES, HELDOUT, HELDOUT_STDERR_KEYS, heldout_size_text
+from stapo.rundir import CURVES_FILE, EVAL_FILE, METRICS_FILE, RunDirError, atomic_write_bytes, read_json, read_run_config
 
-
-# curve -> (title, candidate metric names in order of preference)
-HELDOUT = "heldout_accuracy"
-CURVES: dict[str, tuple[str, tuple[str, ...]]] = {
-    HELDOUT: ("held-out accuracy (avg@k)", ("eval_heldout_accuracy", "val/accuracy", "eval_accuracy")),
-    "reward": ("training reward (mean over the batch)", ("reward", "rewards/mean", "critic/score/mean", "reward_mean")),
-    "accuracy": ("training accuracy (reward > 0)", ("stapo/accuracy", "accuracy", "train_accuracy")),
-    "entropy": ("policy entropy of sampled tokens (nats)",
-                ("entropy", "stapo/entropy_mean", "actor/entropy", "policy/entropy")),
-    "s2t_masked_frac": ("S2T masked fraction (non-stapo: what S2T would mask)",
-                        ("stapo/s2t_masked_frac", "s2t_masked_frac", "actor/s2t_masked_frac")),
-    "clip_low": ("clip fraction, low side (A < 0, r < 1 - eps)",
-                 ("clip_ratio/low_mean", "actor/pg_clipfrac_lower", "clip_ratio/low")),
-    "clip_high": ("clip fraction, high side (A > 0, r > 1 + eps_high)",
-                  ("clip_ratio/high_mean", "actor/pg_clipfrac", "clip_ratio/high")),
-    "response_length": ("response length (tokens)",
-                        ("completions/mean_length", "response_length/mean", "response_length")),
-}
 # config keys whose difference across compared runs is worth a note (not an error)
 CONFIG_NOTE_KEYS = ("model", "model_name_or_path", "data", "dataset", "num_generations", "group_size")
 _PREFIXES = ("train/",)  # wandb-style prefixes some loggers add
@@ -63,6 +48,29 @@ class Run:
     config: dict = field(default_factory=dict)
     curves: dict[str, tuple[str, np.ndarray, np.ndarray]] = field(default_factory=dict)  # curve -> (key, steps, values)
     eval: dict = field(default_factory=dict)  # eval.json: held-out accuracy "before" / "after" training
+    heldout_stderr: dict[int, float] = field(default_factory=dict)  # step -> standard error of its held-out point
+
+    @property
+    def method(self) -> str | None:
+        """The config's method (None when the run has no config.yaml)."""
+        method = self.config.get("method")
+        return method if isinstance(method, str) else None
+
+    @property
+    def display_name(self) -> str:
+        """The name figures and tables show: the folder name, with the method when the name does not say it."""
+        return run_label(self.name, self.method)
+
+    @property
+    def heldout_size(self) -> tuple[int | None, int | None]:
+        """(problems, samples per problem) of the held-out evaluation, as far as eval.json or the config say."""
+        problems = samples = None
+        for when in ("after", "before"):
+            res = self.eval.get(when)
+            if isinstance(res, dict):
+                problems = problems or _positive_int(res.get("problems"))
+                samples = samples or _positive_int(res.get("samples_per_problem"))
+        return problems, samples or _positive_int(self.config.get("eval_samples"))
 
     @property
     def label(self) -> str:
@@ -74,6 +82,20 @@ class Run:
         """The config's seed, else the name's `-seedN` suffix."""
         seed = self.config.get("seed")
         return seed if isinstance(seed, int) and not isinstance(seed, bool) else split_seed(self.name)[1]
+
+
+def _positive_int(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def applies_s2t(method: str | None) -> bool | None:
+    """Whether the method's preset silences S2T's tokens (stapo) or only measures them; None: unknown."""
+    if method is None:
+        return None
+    from stapo.core import PRESETS
+
+    preset = PRESETS.get(method)
+    return None if preset is None else bool(preset.filter.applies_s2t)
 
 
 def split_seed(name: str) -> tuple[str, int | None]:
@@ -117,17 +139,12 @@ def _read_metrics(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def read_config(path: Path) -> dict:
-    """A YAML mapping from `path`, or {} when it is missing or not a mapping."""
-    if not path.is_file():
-        return {}
-    import yaml
-
-    try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError:
-        return {}
-    return cfg if isinstance(cfg, dict) else {}
+def run_label(name: str, method: str | None) -> str:
+    """How figures and tables name a run (or a group of seeds): its name, and its method where the name
+    without its `-seedN` suffix is not the method (`runs/a` of method grpo: "a (grpo)")."""
+    if method is None or split_seed(name)[0] == method:
+        return name
+    return f"{name} ({method})"
 
 
 def load_run(run_dir: str | Path, name: str | None = None) -> Run:
@@ -143,9 +160,13 @@ def load_run(run_dir: str | Path, name: str | None = None) -> Run:
     metrics = _read_metrics(mpath)
     if not metrics:
         raise RunError(f"{mpath}: no logged metrics (the run has not logged a step yet)")
-    run = Run(name or p.resolve().name, p, metrics, read_config(p / CONFIG_FILE), eval=read_json(p / EVAL_FILE))
-    for curve, (_title, candidates) in CURVES.items():
-        for key in candidates:
+    try:
+        config = read_run_config(p)
+    except RunDirError as err:
+        raise RunError(str(err)) from None
+    run = Run(name or p.resolve().name, p, metrics, config, eval=read_json(p / EVAL_FILE))
+    for curve, spec in CURVES.items():
+        for key in spec.keys:
             if key in metrics:
                 run.curves[curve] = (key, *metrics[key])
                 break
@@ -158,19 +179,36 @@ def load_run(run_dir: str | Path, name: str | None = None) -> Run:
     return run
 
 
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def _complete_heldout(run: Run) -> None:
     """Add eval.json's held-out accuracy before training (step 0) and after it (the last logged step, or
-    the config's max_steps) where the held-out curve has no point at that step."""
+    the config's max_steps) where the held-out curve has no point at that step; collect each point's
+    standard error (metrics.jsonl's `eval_heldout_stderr`, eval.json's `stderr`)."""
     before, after = (run.eval.get(w) for w in ("before", "after"))
     key, steps, values = run.curves.get(HELDOUT, (EVAL_FILE, np.zeros(0, np.int64), np.zeros(0)))
     points = dict(zip(steps.tolist(), values.tolist()))
-    if isinstance(before, dict) and isinstance(before.get("accuracy"), (int, float)):
-        points.setdefault(0, float(before["accuracy"]))
-    if isinstance(after, dict) and isinstance(after.get("accuracy"), (int, float)):
+    for se_key in HELDOUT_STDERR_KEYS:
+        if se_key in run.metrics:
+            se_steps, se_values = run.metrics[se_key]
+            run.heldout_stderr.update({int(s): float(v) for s, v in zip(se_steps, se_values) if int(s) in points})
+            break
+    evaluated = []  # (step, eval.json entry)
+    if isinstance(before, dict) and _number(before.get("accuracy")) is not None:
+        evaluated.append((0, before))
+    if isinstance(after, dict) and _number(after.get("accuracy")) is not None:
         last = max((int(s[-1]) for s, _ in run.metrics.values() if len(s)), default=0)
         max_steps = run.config.get("max_steps")
         last = max(last, max_steps if isinstance(max_steps, int) and not isinstance(max_steps, bool) else 0)
-        points.setdefault(last, float(after["accuracy"]))
+        evaluated.append((last, after))
+    for step, res in evaluated:
+        if step not in points:
+            points[step] = float(res["accuracy"])
+        if step not in run.heldout_stderr and points[step] == float(res["accuracy"]) \
+                and _number(res.get("stderr")) is not None:
+            run.heldout_stderr[step] = float(res["stderr"])
     if points:
         order = sorted(points)
         run.curves[HELDOUT] = (key, np.array(order, dtype=np.int64), np.array([points[k] for k in order]))
@@ -215,11 +253,36 @@ def config_differences(runs: list[Run]) -> list[str]:
     return notes
 
 
-def curve_panels(runs: list[Run]) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """`panels[curve][run name] = (steps, values)` for every curve present in at least one run."""
+class Series(NamedTuple):
+    """One run's curve, as `curves_png` draws it: (steps, values), and what the figure says of the run."""
+
+    steps: np.ndarray
+    values: np.ndarray
+    stderr: np.ndarray | None = None  # held-out accuracy: each point's standard error (nan: unknown)
+    problems: int | None = None  # held-out accuracy: problems evaluated
+    samples: int | None = None  # held-out accuracy: samples per problem (the k of avg@k)
+    method: str | None = None  # the run's method (config.yaml)
+
+
+def _stderr_at(run: Run, steps: np.ndarray) -> np.ndarray | None:
+    if not run.heldout_stderr:
+        return None
+    return np.array([run.heldout_stderr.get(int(s), np.nan) for s in steps], dtype=np.float64)
+
+
+def curve_panels(runs: list[Run]) -> dict[str, dict[str, Series]]:
+    """`panels[curve][run name]`: the run's `Series` for every curve present in at least one run."""
     panels = {}
     for curve in CURVES:
-        per_run = {r.name: r.curves[curve][1:] for r in runs if curve in r.curves}
+        per_run = {}
+        for r in runs:
+            if curve not in r.curves:
+                continue
+            _, steps, values = r.curves[curve]
+            if curve == HELDOUT:
+                per_run[r.name] = Series(steps, values, _stderr_at(r, steps), *r.heldout_size, r.method)
+            else:
+                per_run[r.name] = Series(steps, values, method=r.method)
         if per_run:
             panels[curve] = per_run
     return panels
@@ -246,12 +309,16 @@ def entropy_stability(run: Run) -> EntropyStability | None:
 
 
 def format_runs_table(runs: list[Run]) -> str:
-    """Per run and curve: the metric key used, first and last logged value; plus entropy stability."""
+    """Per run and curve (titles and units of `CURVES`): the first and last logged value and the metric
+    key read; plus entropy stability."""
     lines = []
+    width = max(len(CURVES[c].label) for r in runs for c in r.curves)
     for r in runs:
-        lines.append(f"{r.name}  ({r.path}, {max(len(v[1]) for v in r.metrics.values())} logged steps)")
+        lines.append(f"{r.display_name}  ({r.path}, {max(len(v[1]) for v in r.metrics.values())} logged steps)")
         for curve, (key, steps, values) in r.curves.items():
-            lines.append(f"  {curve:<16} {key:<28} step {steps[0]}: {values[0]:.4g}  ->  step {steps[-1]}: {values[-1]:.4g}")
+            spec = CURVES[curve]
+            lines.append(f"  {spec.label:<{width}}  step {steps[0]}: {spec.fmt(values[0], 4)}  ->  "
+                         f"step {steps[-1]}: {spec.fmt(values[-1], 4)}   ({key})")
         st = entropy_stability(r)
         if st is not None:
             lines.append(
@@ -273,6 +340,10 @@ class Band:
     lo: np.ndarray  # min over the runs
     hi: np.ndarray  # max over the runs
     n: int  # runs aggregated
+    stderr: np.ndarray | None = None  # held-out accuracy of one run: each point's standard error
+    problems: int | None = None  # held-out accuracy: problems evaluated (None: unknown or differing)
+    samples: int | None = None  # held-out accuracy: samples per problem (None: unknown or differing)
+    method: str | None = None  # the runs' method (None: unknown or differing)
 
 
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:
@@ -314,22 +385,32 @@ def group_runs(runs: list[Run], by_seed: bool = True) -> dict[str, list[Run]]:
     return groups
 
 
+def _common(values):
+    """The one value all entries share, else None."""
+    distinct = set(values)
+    return distinct.pop() if len(distinct) == 1 else None
+
+
 def curve_bands(groups: dict[str, list[Run]], window: int = 1) -> dict[str, dict[str, Band]]:
     """`bands[curve][label]`: the group's runs that have the curve, aggregated (`aggregate`); the
-    per-step curves are smoothed over `window` steps, held-out accuracy (a few points) never."""
+    per-step curves are smoothed over `window` steps, held-out accuracy (a few points) never. A
+    held-out band of one run carries its points' standard errors; every band its runs' common method
+    and evaluation size."""
     bands: dict[str, dict[str, Band]] = {}
     for curve in CURVES:
         for label, runs in groups.items():
-            b = aggregate([r.curves[curve][1:] for r in runs if curve in r.curves], 1 if curve == HELDOUT else window)
-            if b is not None:
-                bands.setdefault(curve, {})[label] = b
+            have = [r for r in runs if curve in r.curves]
+            b = aggregate([r.curves[curve][1:] for r in have], 1 if curve == HELDOUT else window)
+            if b is None:
+                continue
+            b.method = _common(r.method for r in have)
+            if curve == HELDOUT:
+                b.problems = _common(r.heldout_size[0] for r in have)
+                b.samples = _common(r.heldout_size[1] for r in have)
+                if len(have) == 1:
+                    b.stderr = _stderr_at(have[0], b.steps)
+            bands.setdefault(curve, {})[label] = b
     return bands
-
-
-def curve_titles(window: int = 1) -> dict[str, str]:
-    """Each curve's title, with the smoothing named on the per-step curves when `window` > 1."""
-    suffix = f" — {window}-step moving average" if window > 1 else ""
-    return {c: title + ("" if c == HELDOUT else suffix) for c, (title, _) in CURVES.items()}
 
 
 def spread(values: list[float]) -> dict:
@@ -400,6 +481,59 @@ def format_groups_table(summary: dict[str, dict]) -> str:
     return "groups (runs named NAME-seedN; cells: mean [min, max] over the group's runs)\n" + "\n".join(lines)
 
 
+def heldout_notes(runs: list[Run]) -> list[str]:
+    """A note when the runs' held-out accuracies come from evaluations of different sizes (problems,
+    samples per problem): their points are then not measured alike."""
+    sizes = {r.display_name: r.heldout_size for r in runs if HELDOUT in r.curves}
+    if len(set(sizes.values())) <= 1:
+        return []
+    return ["held-out accuracy measured differently: " + "; ".join(
+        f"{name}: {heldout_size_text(*size) or 'size not recorded'}" for name, size in sizes.items())]
+
+
+def _heldout_cell(run: Run, which: str) -> str:
+    if HELDOUT not in run.curves:
+        return "—"
+    _, steps, values = run.curves[HELDOUT]
+    i = 0 if which == "before" else len(steps) - 1
+    if which == "before" and steps[0] != 0:
+        return "—"
+    spec = CURVES[HELDOUT]
+    se = run.heldout_stderr.get(int(steps[i]))
+    return spec.fmt(values[i]) + (f" ± {spec.fmt(se)}" if se is not None and math.isfinite(se) else "")
+
+
+def format_side_by_side(runs: list[Run]) -> str:
+    """One column per run, one row per number: held-out accuracy before and after training (± standard
+    error over problems) and its evaluation, whether S2T is applied, then each curve's first -> last logged
+    value (titles and units of `CURVES`)."""
+    held = CURVES[HELDOUT]
+    rows = [(f"{held.label}, before training", [_heldout_cell(r, "before") for r in runs]),
+            (f"{held.label}, after training", [_heldout_cell(r, "after") for r in runs]),
+            ("held-out evaluation", [heldout_size_text(*r.heldout_size) or "—" if HELDOUT in r.curves else "—"
+                                     for r in runs]),
+            ("S2T in the loss", [{True: "applied", False: "measured only", None: "—"}[applies_s2t(r.method)]
+                                 for r in runs]),
+            ("first → last logged step:", [""] * len(runs))]
+    for curve, spec in CURVES.items():
+        if curve == HELDOUT or not any(curve in r.curves for r in runs):
+            continue
+        cells = []
+        for r in runs:
+            if curve not in r.curves:
+                cells.append("—")
+                continue
+            _, _, values = r.curves[curve]
+            cells.append(spec.fmt(values[0]) if len(values) == 1 else f"{spec.fmt(values[0])} → {spec.fmt(values[-1])}")
+        rows.append((f"  {spec.label}", cells))
+    head = ("", [r.display_name for r in runs])
+    widths = [max(len(name) for name, _ in [head, *rows])]
+    widths += [max(len(head[1][j]), *(len(cells[j]) for _, cells in rows)) for j in range(len(runs))]
+    lines = ["  ".join([name.ljust(widths[0]), *(c.rjust(w) for c, w in zip(cells, widths[1:]))]).rstrip()
+             for name, cells in [head, *rows]]
+    return "\n".join(lines)
+
+
 def write_runs_report(runs: list[Run], out: str | Path, html: str | Path | None = None, window: int = 1,
                       by_seed: bool = True) -> dict:
     """The figure (a line per group: the mean over its runs, a min..max band where it has several),
@@ -409,14 +543,14 @@ def write_runs_report(runs: list[Run], out: str | Path, html: str | Path | None 
 
     groups = group_runs(runs, by_seed)
     grouped = any(len(g) > 1 for g in groups.values())
-    png = plots.curves_png(curve_bands(groups, window), curve_titles(window))
+    png = plots.curves_png(curve_bands(groups, window), window=window)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    png_path = atomic_write_bytes(out / "curves.png", png)
-    notes = config_differences(runs) + group_notes(groups)
+    png_path = atomic_write_bytes(out / CURVES_FILE, png)
+    notes = config_differences(runs) + group_notes(groups) + heldout_notes(runs)
     summary = group_summary(groups)
     text = format_runs_table(runs) + ("\n\n" + format_groups_table(summary) if grouped else "")
-    title = "stapo analyze runs — " + ", ".join(r.name for r in runs)
+    title = "stapo analyze runs — " + ", ".join(r.display_name for r in runs)
     html_path = report.write_report(Path(html) if html else out / "runs.html",
                                     report.build_report(title, curves_png=png, runs_text=text, notes=notes))
     return {"png": png_path, "html": html_path, "text": text, "notes": notes, "groups": summary}

@@ -16,7 +16,17 @@ import json
 import sys
 from pathlib import Path
 
-from stapo.rundir import CONFIG_FILE, METRICS_FILE, ROLLOUTS_DIR, atomic_write_bytes, atomic_write_text
+from stapo.rundir import (
+    CONFIG_FILE,
+    CURVES_FILE,
+    FINAL_DIR,
+    METRICS_FILE,
+    ROLLOUTS_DIR,
+    RunDirError,
+    atomic_write_bytes,
+    atomic_write_text,
+    read_run_config,
+)
 
 
 DEFAULT_NUM_PROMPTS = 16
@@ -176,8 +186,6 @@ def _run_base(path: Path) -> Path:
 def resolve_tokens_defaults(args) -> list[str]:
     """Fill the options left unset: from the run's config.yaml (--run, or --rollouts in a run), else
     TOKENS_DEFAULTS. Returns 'name=value (from FILE)' for what came from the run."""
-    import yaml
-
     from stapo.cli import UserError
 
     run_dir = Path(args.run) if args.run else (_run_base(Path(args.rollouts)) if args.rollouts else None)
@@ -187,13 +195,11 @@ def resolve_tokens_defaults(args) -> list[str]:
     cfg_path = run_dir / CONFIG_FILE if run_dir is not None else None
     if cfg_path is not None and cfg_path.is_file():
         try:
-            cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise UserError(f"{cfg_path}: not a readable config ({err})") from None
-        if not isinstance(cfg, dict):
-            raise UserError(f"{cfg_path}: expected a mapping of config fields")
+            cfg = read_run_config(run_dir)
+        except RunDirError as err:
+            raise UserError(str(err)) from None
     elif args.run:
-        raise UserError(f"--run {args.run}: no config.yaml there (is it a 'stapo train' output directory?)")
+        raise UserError(f"--run {args.run}: no {CONFIG_FILE} there (is it a 'stapo train' output directory?)")
     from_run = []
     for name, field in RUN_FIELDS.items():
         if getattr(args, name) is None:
@@ -211,12 +217,12 @@ def resolve_tokens_defaults(args) -> list[str]:
             args.tau_h_quantile = float(cfg["tau_h_quantile"])
             from_run.append(f"tau_h_quantile={args.tau_h_quantile:g}")
     if args.run and not args.rollouts and not args.data:
-        if (run_dir / "rollouts").is_dir():
+        if (run_dir / ROLLOUTS_DIR).is_dir():
             args.rollouts = str(run_dir)
         else:
             raise UserError(f"--run {args.run}: it captured no rollouts; give --data SOURCE to sample new ones")
-    if args.run and args.data and not args.model and (run_dir / "final").is_dir():
-        args.model = str(run_dir / "final")
+    if args.run and args.data and not args.model and (run_dir / FINAL_DIR).is_dir():
+        args.model = str(run_dir / FINAL_DIR)
         from_run.append(f"model={args.model}")
     if not args.rollouts and not args.data:
         raise UserError("give --rollouts RUN_DIR_OR_FILE, --data SOURCE (with --model) or --run RUN_DIR")
@@ -381,9 +387,9 @@ def analyze_tokens(ro, th, captured, out: Path, title: str,
 
             try:
                 runs = load_runs([base])
-                curves = plots.curves_png(curve_panels(runs), _titles())
+                curves = plots.curves_png(curve_panels(runs))
                 runs_text = format_runs_table(runs)
-                atomic_write_bytes(out / "curves.png", curves)
+                atomic_write_bytes(out / CURVES_FILE, curves)
             except RunError as err:
                 notes.append(f"training curves not shown: {err}")
     html_text = report.build_report(title, summary, sweep, ro, mask, figures, curves, runs_text, notes,
@@ -409,12 +415,6 @@ def analyze_tokens(ro, th, captured, out: Path, title: str,
     ])
     return {"text": text, "report": path, "summary": summary, "sweep": sweep, "mask": mask,
             "populations": populations}
-
-
-def _titles():
-    from stapo.analyze.runs import CURVES
-
-    return {k: v[0] for k, v in CURVES.items()}
 
 
 def run_runs(args) -> int:

@@ -11,10 +11,12 @@ def register(subparsers) -> None:
         help="train the embedded model with STAPO on an offline task (CPU, minutes)",
         description="Runs the bundled 'demo' config: SmolLM2-135M-Instruct (offline) on a synthetic "
         "arithmetic task, held-out accuracy before and after STAPO training. --compare trains GRPO "
-        "and STAPO with the same seed and overlays their curves in one plot.",
+        "and STAPO with the same seed, prints their held-out accuracy and training curves side by side "
+        "and overlays the curves in one plot.",
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override fields of the demo config")
-    p.add_argument("--compare", action="store_true", help="train GRPO and STAPO (same seed) and plot both")
+    p.add_argument("--compare", action="store_true",
+                   help="train GRPO and STAPO (same seed), print their numbers side by side and plot both")
     p.add_argument("--out", default=None, help="run directory (default: the config's output_dir)")
     add_run_dir_flags(p)
     p.set_defaults(func=run)
@@ -50,6 +52,12 @@ def run(args) -> int:
         train_from_config(cfg, resume=args.resume, overwrite=args.overwrite)
         dirs.append(root / method)
     png = plot_runs(dirs, root / "compare.png")
+    from stapo.analyze.runs import RunError, format_side_by_side, load_runs
+
+    try:
+        print("\n" + format_side_by_side(load_runs(dirs)))
+    except RunError as err:  # a run that logged nothing: the runs are on disk, say why there is no table
+        print(f"no comparison table: {err}")
     if png:
-        print(f"comparison plot: {png}")
+        print(f"\ncomparison plot: {png}")
     return 0
