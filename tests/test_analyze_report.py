@@ -79,7 +79,7 @@ def test_report_marks_exactly_core_s2t_mask(run_dir, tmp_path, capsys):
             "--tau-h-quantile", "0.3", "--max-samples-shown", "1000"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "threshold sweep" in printed and "S2T set" in printed
+    assert "threshold sweep" in printed and "S2T applied" in printed
 
     ro = read_rollouts(run_dir)
     pad = ro.padded()
@@ -197,3 +197,47 @@ def test_report_in_headless_chromium(run_dir, tmp_path):
     assert float(rgb.std()) > 0.05  # not blank
     # the inlined figures rendered: plenty of pixels that are neither white nor near-white
     assert float((rgb.mean(-1) < 0.8).mean()) > 0.02
+
+
+def test_console_is_short_with_units_and_the_applied_tau_h(run_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["analyze", "tokens", "--rollouts", str(run_dir), "--out", str(out), "--tau-p", "0.2",
+                 "--tau-h-quantile", "0.3"]) == 0
+    printed = capsys.readouterr().out
+    assert len(printed.strip().splitlines()) <= 36  # the full tables are in the JSON and the HTML
+    summary = json.loads((out / "tokens_summary.json").read_text())["summary"]
+    tau_h = f"{summary['tau_h']:.4g} nats"
+    head, rest = printed.split("tau_h readings", 1)
+    readings, sweep = rest.split("threshold sweep", 1)
+    # the applied tau_h: in the summary and in both tables
+    assert f"tau_p = 0.2, tau_h = {tau_h}" in head
+    assert f"applied     {tau_h}" in readings
+    applied = next(line for line in sweep.splitlines() if line.startswith(f"applied ({tau_h})"))
+    cell = re.search(r"\[([0-9.]+)% \((\d+)\)\]", applied)  # the applied cell: the S2T set of the summary
+    assert cell and int(cell.group(2)) == summary["count_s2t"]
+    assert float(cell.group(1)) == pytest.approx(100 * summary["frac_s2t"], rel=1e-3)
+    # every number with its unit: % of tokens, nats; no bare fractions beside percentages
+    assert "% of tokens silenced" in readings and "% of tokens silenced" in sweep
+    assert re.search(r"\d nats, [0-9.]+%", readings)
+    assert "masked %" not in printed and "grad² share" not in printed
+    share = re.search(r"carrying ([0-9.]+)% of the total grad-norm\^2", head)
+    assert share and float(share.group(1)) == pytest.approx(100 * summary["grad_share_s2t"], rel=1e-2)
+
+
+def test_special_tokens_are_not_shown_as_text():
+    from stapo.analyze.report import build_report
+    from stapo.data.rollouts import rollouts_from_records
+
+    rec = _records(1)[0]
+    n = 3
+    rec.update(token_id=np.arange(n), token_text=[" 4", "2", "<|im_end|>"], completion=" 42",
+               logprob=np.log([0.5, 0.6, 0.7]), entropy=np.array([0.2, 0.3, 0.4]), collision=np.array([0.3] * n),
+               s2t=np.zeros(n, bool))
+    ro = rollouts_from_records([rec])
+    page = build_report("t", rollouts=ro, s2t_flat=ro.s2t)
+    tokens_html = page.split('<div class="tokens">')[1].split("</div>")[0]
+    assert "im_end" not in tokens_html
+    spans = _Spans()
+    spans.feed(page)
+    assert len(spans.tokens) == n  # the end token keeps its place (and its p, H, A on hover)
+    assert re.search(r'class="tok special"[^>]*>∎</span>', tokens_html)

@@ -342,3 +342,23 @@ def test_entropy_change_absent_for_captured_rollouts():
     s = summarize(_hand_rollouts(), S2TSettings(tau_p=0.01, tau_h=0.5))
     assert s.entropy_change is None
     assert "dH: n/a" in format_summary(s)
+
+
+def test_completions_cut_at_the_token_limit_are_counted_and_said(tiny, scored):
+    """A sample that ends without an end-of-sequence token stopped at --max-new-tokens: the collection
+    records how many did, and the printed summary says it."""
+    from stapo.analyze.populations import population_table
+    from stapo.analyze.tokens import format_console
+
+    model, tok = tiny
+    eos = {tok.eos_token_id, *np.atleast_1d(model.generation_config.eos_token_id or [])} - {None}
+    meta = scored.metadata[0]
+    lengths = scored.lengths()
+    cut = [i for i in range(scored.num_samples) if int(scored.token_id[scored.token_slice(i)][-1]) not in eos]
+    assert meta["max_new_tokens"] == 6 and meta["truncated"] == len(cut) > 0
+    assert all(lengths[i] == 6 for i in cut)
+    th = S2TSettings(tau_p=0.5, tau_h_quantile=0.5, **LITERAL)
+    tb = TokenBatch(scored)
+    text = format_console(summarize(tb, th), threshold_sweep(tb, applied=th), population_table(tb, 0.5),
+                          truncated=(meta["truncated"], meta["max_new_tokens"]))
+    assert f"{len(cut)} of {scored.num_samples} cut at the 6-token limit" in text.splitlines()[0]

@@ -144,7 +144,8 @@ def collect_rollouts(
     for i, s in enumerate(per_sample):
         n = len(s[1])
         lp[i, :n], ent[i, :n], valid[i, :n] = s[2], s[3], True
-    flags = s2t_decision(lp, ent, adv, valid, s2t or S2TSettings()).spurious
+    s2t = s2t or S2TSettings()
+    flags = s2t_decision(lp, ent, adv, valid, s2t).spurious
 
     records = []
     for i, (prompt, ids, l, e, c, _) in enumerate(per_sample):
@@ -155,7 +156,9 @@ def collect_rollouts(
             "token_id": ids, "token_text": [tokenizer.decode([t]) for t in ids],
             "logprob": l, "entropy": e, "collision": c, "s2t": flags[i, :n],
         })
+    truncated = sum(1 for s in per_sample if not s[1] or s[1][-1] not in eos_ids)  # stopped by the limit
     meta = {"source": "model", "group_size": group_size, "temperature": temperature,
+            "max_new_tokens": max_new_tokens, "truncated": truncated,
             "tau_p": s2t.tau_p, "tau_h": s2t.tau_h, "tau_h_quantile": s2t.tau_h_quantile,
             "tau_h_population": s2t.tau_h_population, "tau_h_max": s2t.tau_h_max}
     ro = rollouts_from_records(records, step=0, metadata=meta)

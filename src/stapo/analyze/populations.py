@@ -77,8 +77,8 @@ def population_table(batch, tau_p: float, quantiles=POPULATION_QUANTILES,
 
 def format_population_table(rows: list[PopulationRow]) -> list[str]:
     """The table as aligned text lines (printed summary, markdown-compatible)."""
-    head = ("| population | q | size | τ_h (nats) | τ_h pctl | masked | masked % | grad² share | A²·grad² share "
-            "| silenced H mean / max |")
+    head = ("| population | q | size (tokens) | τ_h (nats) | τ_h pctl (%) | silenced (tokens) | silenced (% of tokens) "
+            "| grad-norm² share (%) | A²·grad-norm² share (%) | silenced H mean / max (nats) |")
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         thr = "empty" if r.threshold is None else f"{r.threshold:.4g}"
@@ -86,7 +86,7 @@ def format_population_table(rows: list[PopulationRow]) -> list[str]:
         sil = "—" if r.silenced_entropy_mean is None else f"{r.silenced_entropy_mean:.3g} / {r.silenced_entropy_max:.3g}"
         lines.append(
             f"| {r.population} | {r.quantile:g} | {r.population_size} | {thr} | {pct} | {r.masked} | "
-            f"{100 * r.masked_frac:.4f} | {r.grad_share:.4f} | {r.grad_share_weighted:.4f} | {sil} |"
+            f"{100 * r.masked_frac:.4f} | {100 * r.grad_share:.3f} | {100 * r.grad_share_weighted:.3f} | {sil} |"
         )
     return lines
 

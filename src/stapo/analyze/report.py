@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stapo.analyze.tokens import Sweep, TokenSummary, format_summary
+from stapo.analyze.tokens import APPLIED, Sweep, TokenSummary, format_summary, sweep_row_name
 from stapo.rundir import atomic_write_text
 
 DEFAULT_MAX_SAMPLES = 24
@@ -35,7 +35,7 @@ img.fig{max-width:100%;border:1px solid #eee;margin:6px 0}
 .meta{font-size:12px;color:#555;margin-bottom:6px}
 .prompt{font-size:12px;color:#666;white-space:pre-wrap;margin-bottom:4px}
 .tokens{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;white-space:pre-wrap;line-height:1.7}
-.tok{border-radius:2px;cursor:default}
+.tok{border-radius:2px;cursor:default} .tok.special{color:#888;font-size:11px}
 .tok.s2t,.s2t-key{outline:2px solid #000;font-weight:bold;background:#ff2d2d !important;color:#fff}
 .legend span{display:inline-block;padding:1px 6px;margin-right:4px;font-size:12px;font-family:monospace}
 #tip{position:fixed;display:none;background:#222;color:#fff;font:12px monospace;padding:4px 6px;border-radius:4px;
@@ -94,30 +94,41 @@ def _fmt_pct(x: float) -> str:
     return f"{100 * x:.4f}%" if x < 1e-3 else f"{100 * x:.3f}%"
 
 
-def sweep_table_html(sw: Sweep, value: str, tau_p_default: float, tau_h_default_label: str) -> str:
+def sweep_table_html(sw: Sweep, value: str, applied_tau_p: float) -> str:
+    """The sweep as a table (cells in % of tokens); the applied cell (row `APPLIED`, column τ_p) highlighted."""
     head = "".join(f"<th>{p:g}</th>" for p in sw.tau_p)
     rows = []
     for label in sw.tau_h_labels:
         cells = [sw.cell(label, p) for p in sw.tau_p]
-        name = f"quantile {label[1:]} ({cells[0].tau_h:.4g} nats)" if label.startswith("q") else f"{label} nats"
+        name = sweep_row_name(sw, label)
         tds = []
         for c in cells:
-            cls = ' class="hi"' if (label == tau_h_default_label and c.tau_p == tau_p_default) else ""
+            cls = ' class="hi"' if (label == APPLIED and c.tau_p == applied_tau_p) else ""
             text = f"{_fmt_pct(c.frac)} ({c.count})" if value == "frac" else _fmt_pct(getattr(c, value))
             tds.append(f'<td{cls} data-tau-h="{html.escape(label)}" data-tau-p="{c.tau_p:g}">{text}</td>')
         rows.append(f"<tr><th>{html.escape(name)}</th>{''.join(tds)}</tr>")
     return f'<table class="sweep"><tr><th>τ_h \\ τ_p</th>{head}</tr>{"".join(rows)}</table>'
 
 
+SPECIAL_TOKEN_MARK = "∎"  # shown in place of a special token (end of turn, end of text): its markup is not text
+
+
 def _token_text(t: str) -> str:
     if t == "":
         return "∅"
+    if is_special_token(t):
+        return SPECIAL_TOKEN_MARK
     return html.escape(t.replace("\n", "↵\n"))
 
 
 # Chat-template markup: ChatML/Qwen/SmolLM "<|im_start|>", Llama "<|start_header_id|>", "<s>", "</s>".
 _CHAT_TOKEN = re.compile(r"<\|[^|<>\s]{1,40}\|>|</?s>")
 _CHATML_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?=<\|im_end\|>|<\|im_start\|>|$)", re.S)
+
+
+def is_special_token(text: str) -> bool:
+    """A token that is chat-template markup (`<|im_end|>`, `<|endoftext|>`, `</s>`), not text."""
+    return _CHAT_TOKEN.fullmatch(text.strip()) is not None
 
 
 def prompt_text(prompt: str, chars: int = 160) -> str:
@@ -194,6 +205,9 @@ def samples_html(rollouts, s2t_flat: np.ndarray, max_samples: int = DEFAULT_MAX_
             g = float(ro.grad_proxy[j])
             cls = "tok s2t" if s2t_flat[sl.start + first:sl.start + end].any() else "tok"
             title = f"p={p:.3g} H={float(ro.entropy[j]):.3g} A={float(ro.advantage[i]):.3g} g={g:.3f}"
+            if is_special_token(text):
+                cls += " special"
+                title = "end of the completion (a special token); " + title
             if end - first > 1:
                 title += f" ({end - first} tokens)"
             spans.append(
@@ -217,8 +231,8 @@ def samples_html(rollouts, s2t_flat: np.ndarray, max_samples: int = DEFAULT_MAX_
     legend = "".join(f'<span style="background:{proxy_color(g)}">{g:g}</span>' for g in (0, 0.5, 1.0, 1.5, 2.0))
     return (
         f'<p class="legend">Token colour = gradient-norm² proxy 1 − 2p + Σπ²: {legend}'
-        f'<span class="s2t-key">S2T</span> = silenced by S2T. Hover a token for p, H, A. ({shown}; '
-        f"samples with S2T tokens first.)</p>" + "".join(out)
+        f'<span class="s2t-key">S2T</span> = silenced by S2T; {SPECIAL_TOKEN_MARK} = the end-of-turn token. '
+        f"Hover a token for p, H, A. ({shown}; samples with S2T tokens first.)</p>" + "".join(out)
     )
 
 
@@ -249,16 +263,16 @@ def build_report(
         parts.extend(_img(png, alt) for alt, png in figures)
         parts.append("</div>")
     if sweep is not None:
-        default_label = f"q{summary.tau_h_quantile:g}" if summary and summary.tau_h_quantile is not None else ""
         tau_p = summary.tau_p if summary else float("nan")
         parts.append("<h2>Threshold sweep</h2>")
         parts.append(
-            f"<p>Masked fraction of the {sweep.tokens} valid tokens (count) — rows τ_h as a quantile of the "
-            "token entropies or in absolute nats, columns τ_p. The paper reports ≈ 0.01%.</p>"
+            f"<p>% of the {sweep.tokens} valid tokens silenced (count) — rows τ_h as a quantile of all "
+            "tokens' entropies, in absolute nats, and the applied τ_h; columns τ_p; the applied settings "
+            "highlighted. The paper reports ≈ 0.01%.</p>"
         )
-        parts.append(sweep_table_html(sweep, "frac", tau_p, default_label))
-        parts.append("<p>Share of the total gradient-norm² (Σ 1 − 2p + Σπ²) carried by the S2T set:</p>")
-        parts.append(sweep_table_html(sweep, "grad_share", tau_p, default_label))
+        parts.append(sweep_table_html(sweep, "frac", tau_p))
+        parts.append("<p>Share of the total gradient-norm² (Σ 1 − 2p + Σπ²) carried by the S2T set, in %:</p>")
+        parts.append(sweep_table_html(sweep, "grad_share", tau_p))
     if populations:
         parts.append("<h2>The three τ_h readings</h2>")
         parts.append(
@@ -285,8 +299,9 @@ def build_report(
 
 
 def population_table_html(rows) -> str:
-    head = ("<tr><th>population</th><th>q</th><th>size</th><th>τ_h (nats)</th><th>pctl</th><th>masked</th>"
-            "<th>masked %</th><th>grad² share</th><th>A²·grad² share</th><th>silenced H mean / max</th></tr>")
+    head = ("<tr><th>population</th><th>q</th><th>size (tokens)</th><th>τ_h (nats)</th><th>pctl (%)</th>"
+            "<th>silenced (tokens)</th><th>silenced (% of tokens)</th><th>grad-norm² share (%)</th>"
+            "<th>A²·grad-norm² share (%)</th><th>silenced H mean / max (nats)</th></tr>")
     body = []
     for r in rows:
         thr = "empty" if r.threshold is None else f"{r.threshold:.4g}"
@@ -294,7 +309,7 @@ def population_table_html(rows) -> str:
         sil = ("—" if r.silenced_entropy_mean is None
                else f"{r.silenced_entropy_mean:.3g} / {r.silenced_entropy_max:.3g}")
         cells = [r.population, f"{r.quantile:g}", str(r.population_size), thr, pct, str(r.masked),
-                 f"{100 * r.masked_frac:.4f}", f"{r.grad_share:.4f}", f"{r.grad_share_weighted:.4f}", sil]
+                 f"{100 * r.masked_frac:.4f}", f"{100 * r.grad_share:.3f}", f"{100 * r.grad_share_weighted:.3f}", sil]
         body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     return f'<table class="sweep" id="populations">{head}{"".join(body)}</table>'
 

@@ -33,6 +33,9 @@ from stapo.data.rollouts import Rollouts
 SWEEP_TAU_P = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1)
 SWEEP_TAU_H_QUANTILES = (0.01, 0.05, 0.1, 0.2, 0.5)
 SWEEP_TAU_H_ABSOLUTE = (0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0)
+APPLIED = "applied"  # the sweep row of the applied tau_h (in nats)
+POPULATION_WORDS = {"valid": "valid tokens", "low_prob": "tokens with p < tau_p",
+                    "candidates": "candidates (A > 0, p < tau_p)"}
 
 
 def thresholds_label(th: S2TSettings) -> str:
@@ -250,13 +253,20 @@ def threshold_sweep(
     tau_p: tuple[float, ...] = SWEEP_TAU_P,
     tau_h_quantiles: tuple[float, ...] = SWEEP_TAU_H_QUANTILES,
     tau_h_absolute: tuple[float, ...] = SWEEP_TAU_H_ABSOLUTE,
+    applied: S2TSettings | None = None,
 ) -> Sweep:
-    """Masked fraction and gradient share of the S2T set on a grid of thresholds."""
+    """Masked fraction and gradient share of the S2T set on a grid of thresholds. `applied`: the
+    settings in use get a column (their τ_p, when the grid lacks it) and a last row, `APPLIED`, at their
+    τ_h in nats (a quantile τ_h resolved once, on these tokens at the applied τ_p)."""
     tb = rollouts if isinstance(rollouts, TokenBatch) else TokenBatch(rollouts)
+    if applied is not None and applied.tau_p not in tau_p:
+        tau_p = tuple(sorted((*tau_p, applied.tau_p)))
     # quantile rows: of all valid tokens' entropies, uncapped (the three readings have their own table)
     rows = [(f"q{q:g}", S2TSettings(tau_h_quantile=q, tau_h_population="valid", tau_h_max=math.inf))
             for q in tau_h_quantiles]
     rows += [(f"{h:g}", S2TSettings(tau_h=h)) for h in tau_h_absolute]
+    if applied is not None:
+        rows.append((APPLIED, applied))
     n = tb.rollouts.num_tokens
     cells = []
     for label, base in rows:
@@ -335,17 +345,84 @@ def format_summary(s: TokenSummary) -> str:
     return "\n".join(lines)
 
 
-def format_sweep(sw: Sweep, value: str = "frac") -> str:
-    """A text table: rows τ_h (quantiles 'qX' and absolute nats), columns τ_p."""
+def sweep_row_name(sw: Sweep, label: str) -> str:
+    """A sweep row's name: "q0.05 (0.0123 nats)", "0.1 nats" or "applied (0.743 nats)"."""
+    tau_h = sw.cell(label, sw.tau_p[0]).tau_h
+    if label.startswith("q"):
+        return f"quantile {label[1:]} ({tau_h:.4g} nats)"
+    if label == APPLIED:
+        return f"applied ({tau_h:.4g} nats)" if tau_h > float("-inf") else "applied (no candidates)"
+    return f"{label} nats"
+
+
+def format_console(s: TokenSummary, sweep: Sweep, populations, truncated: tuple[int, int] | None = None) -> str:
+    """What `stapo analyze tokens` prints: a short summary, the τ_h readings side by side and the sweep
+    of the silenced fraction, each with its unit and the applied thresholds (the full detail is in the
+    JSON summary and the HTML report). `populations`: `stapo.analyze.populations.PopulationRow`s;
+    `truncated`: (completions cut at the token limit, the limit) when known."""
+    cut = ""
+    if truncated is not None:
+        n_cut, limit = truncated
+        cut = f"; {n_cut} of {s.samples} cut at the {limit}-token limit" if n_cut else f"; none cut at the {limit}-token limit"
+    reading = (f"the {s.tau_h_quantile:g} quantile of the entropies of the {POPULATION_WORDS.get(s.tau_h_population, s.tau_h_population)}"
+               if s.tau_h_quantile is not None else "absolute")
+    lines = [
+        f"{s.samples} completions, {s.tokens} tokens (mean {s.mean_length:.1f} per completion{cut}); "
+        f"reward mean {s.reward_mean:.3f}",
+        f"entropy: mean {s.entropy_mean:.3g} nats, median {s.entropy_median:.3g} nats, 5% quantile "
+        f"{s.entropy_q05:.3g} nats; {_pct(s.frac_low_prob)} of tokens have p < tau_p",
+        f"S2T applied: tau_p = {s.tau_p:g}, tau_h = {s.tau_h:.4g} nats ({reading})",
+        f"  silenced: {s.count_s2t} tokens = {_pct(s.frac_s2t)} of tokens, carrying {_pct(s.grad_share_s2t)} of the "
+        f"total grad-norm^2 ({_pct(s.grad_share_s2t_adv_weighted)} A^2-weighted)",
+    ]
+    if s.captured_s2t_count is not None:
+        lines.append(f"S2T tokens flagged by the trainer during training: {s.captured_s2t_count}")
+    if s.entropy_change is not None:
+        g = s.entropy_change
+        lines.append("entropy change of each token's own update (signed share of sum |dH|): "
+                     f"S2T {_signed_pct(g['s2t']['share_signed'])}, other tokens {_signed_pct(g['other']['share_signed'])}")
+    if s.paper_fraction_reachable:
+        lines.append(f"calibration: tau_h = {s.tau_h_for_paper_fraction:.4g} nats (absolute) silences >= 0.01% of "
+                     f"tokens at tau_p = {s.tau_p:g} (the paper's fraction)")
+    else:
+        lines.append(f"calibration: no tau_h silences 0.01% of tokens at tau_p = {s.tau_p:g} (at most "
+                     f"{_pct(s.max_frac_at_tau_p)} have A > 0 and p < tau_p)")
+
+    quantiles = list(dict.fromkeys(r.quantile for r in populations))
+    head = ["population"] + [f"q = {q:g}" for q in quantiles]
+    body = []
+    for population in dict.fromkeys(r.population for r in populations):
+        by_q = {r.quantile: r for r in populations if r.population == population}
+        body.append([population] + [
+            "empty" if by_q[q].threshold is None else f"{by_q[q].threshold:.3g} nats, {_pct(by_q[q].masked_frac)}"
+            for q in quantiles])
+    lines += ["", f"tau_h readings at tau_p = {s.tau_p:g}: tau_h = the q-quantile of a population's entropies, "
+              "% of tokens silenced", _table(head, body),
+              f"applied     {s.tau_h:.4g} nats, {_pct(s.frac_s2t)} ({reading})"]
+    lines += ["", "threshold sweep: % of tokens silenced (count); rows tau_h, columns tau_p; [ ] = applied",
+              format_sweep(sweep, "frac", applied_tau_p=s.tau_p)]
+    return "\n".join(lines)
+
+
+def _table(head: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+    fmt = lambda r: "  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(r, widths))).rstrip()  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in body])
+
+
+def format_sweep(sw: Sweep, value: str = "frac", applied_tau_p: float | None = None) -> str:
+    """A text table: rows τ_h (quantiles of all tokens' entropies, absolute nats, the applied τ_h), columns
+    τ_p; cells in % of tokens (the count in parentheses for `frac`). `applied_tau_p`: the applied cell
+    (row `APPLIED`, that column) is bracketed."""
     head = ["tau_h \\ tau_p"] + [f"{p:g}" for p in sw.tau_p]
     body = []
     for label in sw.tau_h_labels:
         cells = [sw.cell(label, p) for p in sw.tau_p]
-        name = f"{label} ({cells[0].tau_h:.4g})" if label.startswith("q") else f"{label} nats"
         if value == "frac":
-            body.append([name] + [f"{_pct(c.frac)} ({c.count})" for c in cells])
+            texts = [f"{_pct(c.frac)} ({c.count})" for c in cells]
         else:
-            body.append([name] + [_pct(getattr(c, value)) for c in cells])
-    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
-    fmt = lambda r: "  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(r, widths)))  # noqa: E731
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in body])
+            texts = [_pct(getattr(c, value)) for c in cells]
+        if label == APPLIED and applied_tau_p is not None:
+            texts = [f"[{t}]" if c.tau_p == applied_tau_p else t for t, c in zip(texts, cells)]
+        body.append([sweep_row_name(sw, label)] + texts)
+    return _table(head, body)

@@ -350,20 +350,13 @@ def analyze_tokens(ro, th, captured, out: Path, title: str,
     import numpy as np
 
     from stapo.analyze import plots, report
-    from stapo.analyze.populations import format_population_table, population_table
-    from stapo.analyze.tokens import (
-        TokenBatch,
-        format_summary,
-        format_sweep,
-        summarize,
-        threshold_sweep,
-    )
+    from stapo.analyze.populations import population_table
+    from stapo.analyze.tokens import TokenBatch, format_console, summarize, threshold_sweep
 
     tb = TokenBatch(ro, collision_logp=collision_logp)
     summary = summarize(tb, th, captured=captured)
-    sweep = threshold_sweep(tb)
+    sweep = threshold_sweep(tb, applied=th)
     populations = population_table(tb, th.tau_p, tau_h_max=th.tau_h_max)
-    population_lines = format_population_table(populations)
     mask = tb.mask(th).numpy()
     adv = np.repeat(ro.advantage, ro.lengths())
     figures = [
@@ -400,19 +393,10 @@ def analyze_tokens(ro, th, captured, out: Path, title: str,
         json.dumps({"summary": summary.as_dict(), "sweep": sweep.as_dict(),
                     "populations": [r.as_dict() for r in populations]}, indent=2, default=float),
     )
-    text = "\n".join([
-        format_summary(summary),
-        "",
-        f"the three tau_h readings (tau_p = {th.tau_p:g}): tau_h = min(tau_h_max = {th.tau_h_max:.4g} nats, "
-        "the q-quantile of the entropies of each population)",
-        *population_lines,
-        "",
-        "threshold sweep: masked fraction of tokens (count); rows tau_h, columns tau_p",
-        format_sweep(sweep, "frac"),
-        "",
-        "threshold sweep: share of the total grad-norm^2 carried by the S2T set",
-        format_sweep(sweep, "grad_share"),
-    ])
+    meta = next(iter(ro.metadata.values()), {}) if not captured else {}
+    truncated = ((int(meta["truncated"]), int(meta["max_new_tokens"]))
+                 if isinstance(meta.get("truncated"), int) and isinstance(meta.get("max_new_tokens"), int) else None)
+    text = format_console(summary, sweep, populations, truncated)
     return {"text": text, "report": path, "summary": summary, "sweep": sweep, "mask": mask,
             "populations": populations}
 
