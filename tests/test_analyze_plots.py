@@ -152,3 +152,12 @@ def test_demo_compare_prints_its_table(tmp_path, monkeypatch, capsys, figures):
     assert f"comparison plot: {tmp_path / 'cmp' / 'compare.png'}" in out
     titles = _panels(figures[-1])
     assert any(t.startswith("held-out accuracy, avg@4 over 32 problems") for t in titles)
+
+
+def test_runs_html_of_a_stapo_run_says_silenced(tmp_path, figures, capsys):
+    run = _run(tmp_path / "demo", "stapo", masked=1e-4)
+    assert main(["analyze", "runs", str(run), "--out", str(tmp_path / "out")]) == 0
+    html = (tmp_path / "out" / "runs.html").read_text()
+    assert "tokens silenced by S2T (% of tokens)" in html and "stapo analyze runs — demo (stapo)" in html
+    assert "non-stapo" not in html and "would" not in html
+    assert "tokens silenced by S2T" in _panels(figures[-1])

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from stapo.analyze.curves import CURVES, HELDOUT, HELDOUT_STDERR_KEYS, heldout_size_text
+from stapo.analyze.curves import CURVES, HELDOUT, HELDOUT_STDERR_KEYS, S2T_MASKED, heldout_size_text, s2t_title
 from stapo.rundir import CURVES_FILE, EVAL_FILE, METRICS_FILE, RunDirError, atomic_write_bytes, read_json, read_run_config
 
 # config keys whose difference across compared runs is worth a note (not an error)
@@ -311,13 +311,19 @@ def entropy_stability(run: Run) -> EntropyStability | None:
 def format_runs_table(runs: list[Run]) -> str:
     """Per run and curve (titles and units of `CURVES`): the first and last logged value and the metric
     key read; plus entropy stability."""
+    def label(run: Run, curve: str) -> str:
+        spec = CURVES[curve]
+        if curve == S2T_MASKED:  # silenced (stapo) or only measured (the other methods)
+            return f"{s2t_title({applies_s2t(run.method)})} ({spec.unit})"
+        return spec.label
+
     lines = []
-    width = max(len(CURVES[c].label) for r in runs for c in r.curves)
+    width = max(len(label(r, c)) for r in runs for c in r.curves)
     for r in runs:
         lines.append(f"{r.display_name}  ({r.path}, {max(len(v[1]) for v in r.metrics.values())} logged steps)")
         for curve, (key, steps, values) in r.curves.items():
             spec = CURVES[curve]
-            lines.append(f"  {spec.label:<{width}}  step {steps[0]}: {spec.fmt(values[0], 4)}  ->  "
+            lines.append(f"  {label(r, curve):<{width}}  step {steps[0]}: {spec.fmt(values[0], 4)}  ->  "
                          f"step {steps[-1]}: {spec.fmt(values[-1], 4)}   ({key})")
         st = entropy_stability(r)
         if st is not None:
