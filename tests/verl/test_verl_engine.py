@@ -34,6 +34,7 @@ from verl_engine import (
     to_actor_batch,
     verl_on_cpu,
 )
+from token_mean_reference import Method, spurious_tokens, step_loss
 from verl_fakes import make_actor_config
 
 import stapo.engines.verl as plugin
@@ -85,19 +86,20 @@ class Spy:
         return torch.cat([torch.nn.functional.pad(c[key], (0, width - c[key].shape[1])) for c in self.calls])
 
 
-def train(setup, config, micro_batch_size=8, response_mask=None, **batch_keys):
+def train(setup, config, micro_batch_size=8, response_mask=None, old=None, extra=None, engine=None, **batch_keys):
     """One `engine.train_batch` (zero grad, forward/backward of every micro-batch, optimizer step) with the
-    loss function verl's worker binds; returns (metrics, the gradient vector)."""
-    padded = dict(setup["padded"])
+    loss function verl's worker binds; returns (metrics, the gradient vector). `old`: other old log-probs;
+    `extra`: more padded [B, T] fields of the actor batch (e.g. pi_old's entropies)."""
+    padded = dict(setup["padded"], **(extra or {}))
     if response_mask is not None:
         padded["response_mask"] = response_mask.long()
         padded["advantages"] = padded["advantages"] * response_mask
-    data = to_actor_batch(padded, setup["old"], micro_batch_size)
+    data = to_actor_batch(padded, setup["old"] if old is None else old, micro_batch_size)
     if batch_keys:
         from verl.utils import tensordict_utils as tu
 
         tu.assign_non_tensor(data, **batch_keys)
-    engine = setup["engine"]
+    engine = setup["engine"] if engine is None else engine
     with verl_on_cpu(), engine.train_mode():  # leaving train mode zeroes the gradients: read them inside
         out = engine.train_batch(data, loss_function=actor_loss(config))
         grads = full_grads(engine)
@@ -273,3 +275,93 @@ def test_an_optimizer_step_moves_the_policy(setup):
             out = engine.train_batch(data, loss_function=actor_loss(stapo_config(tau_p=0.05)))
         assert (full_params(engine) - before).abs().max() > 1e-4
         assert math.isfinite(out["metrics"]["grad_norm"]) and out["metrics"]["grad_norm"] > 0
+
+
+# ---- the paper's layout: the same float64 reference as the TRL engine's test ----------------------
+
+
+def float64_step_gradient(setup, method: Method) -> torch.Tensor:
+    """The mini-batch's gradient from an independent float64 forward of the same weights and the step's
+    token-mean over its own kept tokens (`token_mean_reference`), flattened in the engine's parameter order."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(setup["model_dir"]), dtype=torch.float64,
+                                                 attn_implementation="eager")
+    padded, valid, adv = setup["padded"], setup["valid"], setup["adv"].double()
+    prompts, responses = padded["prompts"], padded["responses"]
+    prompt_mask = padded["attention_mask"][:, : prompts.shape[1]].bool()
+    rows = []
+    for i in range(responses.shape[0]):  # one unpadded sequence at a time, as verl's remove-padding forward
+        p, r = prompts[i][prompt_mask[i]], responses[i][valid[i]]
+        logp = torch.log_softmax(model(input_ids=torch.cat([p, r])[None]).logits[0], dim=-1)
+        logp = logp[len(p) - 1 : len(p) - 1 + len(r)]
+        lp = torch.zeros(responses.shape[1], dtype=torch.float64).index_put((torch.arange(len(r)),),
+                                                                            logp.gather(-1, r[:, None])[:, 0])
+        ent = torch.zeros(responses.shape[1], dtype=torch.float64)
+        ent[: len(r)] = -(logp.exp() * logp).sum(-1).detach()
+        rows.append((lp, ent))
+    lp = torch.stack([r[0] for r in rows])
+    ent = torch.stack([r[1] for r in rows])
+    spurious = spurious_tokens([(lp.detach(), ent, adv, valid)], method)
+    step_loss([lp], [setup["old"]], [adv], [valid], spurious, method).backward()
+    return torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=torch.float64)
+                      for p in model.parameters()]), int(spurious[0].sum())
+
+
+@pytest.mark.parametrize("loss_mode", ["vanilla", "stapo"])
+def test_the_mini_batch_is_its_own_token_mean_against_float64(setup, loss_mode):
+    """The paper's rule through verl's engine, a mini-batch in 4 micro-batches: the gradient is the float64
+    reference's (verl's vanilla loss and the plugin's stapo loss; verl's dual clip c = 3 on both)."""
+    s2t = Method(clip_low=0.2, clip_high=0.28, clip_ratio_c=3.0, tau_p=0.05 if loss_mode == "stapo" else None)
+    config = stapo_config(tau_p=0.05) if loss_mode == "stapo" else vanilla_config()
+    _, grads = train(setup, config, micro_batch_size=2)
+    ref, silenced = float64_step_gradient(setup, s2t)
+    assert loss_mode == "vanilla" or silenced > 0
+    error = float((grads.double() - ref).norm() / ref.norm())
+    assert error < 1e-5, error
+
+
+def test_old_decision_policy_decides_on_pi_olds_values(setup, monkeypatch):
+    """decision_policy=old: S2T reads pi_old's p and H (the actor batch's old log-probs and the entropies
+    the driver keeps) with no pre-pass; current: pi_theta's. Old log-probs planted so that p crosses tau_p
+    between the two policies on known tokens: each setting silences exactly its own set."""
+    lp, valid, adv = setup["lp"], setup["valid"], setup["adv"]
+    tau_p = 0.02
+    positive = valid & (adv > 0)
+    flip = torch.rand(lp.shape, generator=torch.Generator().manual_seed(3)) < 0.5
+    old = torch.where(positive & flip, torch.where(lp < math.log(tau_p), math.log(0.5), math.log(tau_p / 10)), lp)
+    old = torch.where(valid, old, torch.zeros_like(old))
+    expected = {"current": int((positive & (lp < math.log(tau_p))).sum()),
+                "old": int((positive & (old < math.log(tau_p))).sum())}
+    assert expected["current"] != expected["old"] and min(expected.values()) > 0
+    engine = setup["engine"]
+    prepasses = []
+    infer = engine.infer_batch
+    monkeypatch.setattr(engine, "infer_batch", lambda *a, **k: prepasses.append(1) or infer(*a, **k))
+    for policy, forwards in (("current", [1]), ("old", [1])):  # tau_h far above every entropy: p alone decides
+        cfg = stapo_config(tau_p=tau_p, tau_h=1e3, decision_policy=policy)
+        metrics, _ = train(setup, cfg, micro_batch_size=4, old=old,
+                           extra={plugin_losses.OLD_ENTROPY_KEY: setup["ent"]})
+        assert sum(values(metrics["actor/s2t_masked_count"])) == expected[policy], policy
+        # current: one pre-pass counts the mini-batch's silenced tokens (2 micro-batches); old: none
+        assert prepasses == forwards, policy
+
+
+def test_a_nonfinite_forward_is_skipped_by_verls_own_guard(setup):
+    """A NaN among the values the loss reads (here pi_old's log-prob at one valid position): the plugin's loss
+    does not raise; its gradient is non-finite, so verl's optimizer step skips the update; the count comes
+    back in the metrics."""
+    old = setup["old"].clone()
+    old[tuple(setup["valid"].nonzero()[0].tolist())] = float("nan")
+    with verl_on_cpu():
+        engine = build_engine(setup["model_dir"], lr=1e-2)
+    with verl_on_cpu(), engine.train_mode():
+        before = full_params(engine)
+    metrics, _ = train(setup, stapo_config(tau_p=0.05), micro_batch_size=4, old=old, engine=engine)
+    with verl_on_cpu(), engine.train_mode():
+        assert torch.equal(full_params(engine), before)  # no update
+    assert values(metrics["actor/nonfinite_positions"]) == [1.0]
+    assert not math.isfinite(values(metrics["grad_norm"])[0])
+    metrics, _ = train(setup, stapo_config(tau_p=0.05), micro_batch_size=4, engine=engine)  # the next step trains
+    with verl_on_cpu(), engine.train_mode():
+        assert not torch.equal(full_params(engine), before)

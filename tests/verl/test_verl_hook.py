@@ -186,3 +186,32 @@ def test_mini_batch_scope_refuses_several_micro_batches_without_a_pre_pass():
         ppo_loss(cfg, out, data, state)
     micro = make_actor_config("stapo", stapo={"tau_p": 0.01, "tau_h_scope": "micro_batch"})
     ppo_loss(micro, out, data, MiniBatchS2T(micro_batches=2, loss_calls=1))  # micro_batch scope: fine
+
+
+def test_the_driver_keeps_pi_olds_entropies_for_decision_policy_old():
+    """verl's driver (`RayPPOTrainer._compute_old_log_prob`) returns the old-log-prob pass's `entropys`, logs
+    and drops them; the hook copies them to the actor batch's `old_entropys` when a stapo run decides on
+    pi_old, and only then. (A stand-in for verl's ray_trainer module: it imports Ray's serving stack.)"""
+    import types
+
+    from stapo.engines.verl import losses as plugin_losses
+
+    entropys = torch.rand(2, 3)
+
+    class RayPPOTrainer:
+        def __init__(self, actor):
+            self.config = types.SimpleNamespace(actor_rollout_ref=types.SimpleNamespace(actor=actor))
+
+        def _compute_old_log_prob(self, batch):
+            return types.SimpleNamespace(batch={"old_log_probs": torch.zeros(2, 3), "entropys": entropys}), 0.5
+
+    module = types.SimpleNamespace(RayPPOTrainer=RayPPOTrainer)
+    plugin_losses._patch_ray_trainer(module)
+    plugin_losses._patch_ray_trainer(module)  # idempotent
+    for policy, loss_mode, kept in (("old", "stapo", True), ("current", "stapo", False), ("old", "vanilla", False)):
+        stapo = {"decision_policy": policy} if loss_mode == "stapo" else None
+        out, mfu = RayPPOTrainer(make_actor_config(loss_mode, stapo=stapo))._compute_old_log_prob(None)
+        assert mfu == 0.5 and (plugin_losses.OLD_ENTROPY_KEY in out.batch) == kept, (policy, loss_mode)
+        if kept:
+            assert torch.equal(out.batch[plugin_losses.OLD_ENTROPY_KEY], entropys)
+            assert out.batch[plugin_losses.OLD_ENTROPY_KEY] is not entropys  # survives the driver's pop
