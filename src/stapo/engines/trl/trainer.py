@@ -14,42 +14,50 @@ and why (TRL / Trainer private methods in parentheses):
     reward metrics           (_calculate_rewards, _generate_and_score_completions)  accuracy, zero-variance
                              groups, and each row's reward carried with the batch for rollout captures
 
-Optimizer steps with a non-finite loss or gradient norm are skipped, counted and, after
-`max_nonfinite_steps` in a row, stop the run (`NonFiniteTrainingError`); a resumed run drops the
-metrics lines and rollout captures newer than its checkpoint.
+Optimizer steps with a non-finite forward (log-probs or entropies NaN/inf at a valid position), loss or
+gradient norm are skipped, counted and, after `max_nonfinite_steps` in a row, stop the run
+(`NonFiniteTrainingError`); a rollout capture of a skipped step is marked `update_skipped`. A resumed run
+drops the metrics lines and rollout captures newer than its checkpoint.
 
-Loss types and their core aggregation (micro-batch loss; B = micro-batch rows, GA = accumulation steps):
+The loss of a micro-batch is `stapo.core.filtered_policy_loss` (token filter -> clipped loss ->
+aggregation); the engine supplies the tensors and what it knows of the optimizer step the micro-batch
+belongs to (`_step_context`, taken at the step's first micro-batch from TRL's buffered slices of the
+generation batch):
 
-    dapo     token-mean, num_tokens = TRL's normaliser (num_items_in_batch / processes, rescaled
-             to one accumulation window)
-    bnpo     token-mean over the micro-batch's own tokens, / GA
-    grpo     seq-mean-token-mean with num_seqs = B, / GA
-    dr_grpo  seq-mean-token-sum-norm with num_seqs = B, horizon = max_completion_length, / GA
+    loss_type  aggregation                                  denominator
+    dapo       token-mean                                   the step's own valid tokens, all processes
+                                                            (÷ processes), less S2T's silenced ones
+    bnpo       token-mean over the micro-batch, / GA        the micro-batch's own
+    grpo       seq-mean-token-mean, num_seqs = B, / GA      local
+    dr_grpo    seq-mean-token-sum-norm, horizon = max_completion_length, / GA
 
-STAPO's denominator. The S2T mask needs the current policy's probabilities and entropies, which
-exist only inside the loss, one micro-batch at a time; silenced tokens must leave the denominator
-(`loss_type="dapo"`: the number of *unmasked* valid tokens over the whole step and all processes).
+`dapo` departs from TRL's `GRPOTrainer` on purpose when steps_per_generation > GA (several optimizer
+steps per generation, the paper's layout): TRL divides every step by the generation batch's *average*
+tokens per step, which scales steps with more (fewer) tokens than average up (down); stapo takes each
+step's own count, the paper's (verl's) token-mean over the PPO mini-batch. When a generation feeds one
+step (steps_per_generation = GA, TRL's default) the two are the same.
 
-  * A step made of one micro-batch (gradient_accumulation_steps = steps_per_generation = 1, TRL's
-    default, and evaluation): the silenced count is all-reduced inside the loss and the exact
-    denominator  num_items_in_batch - masked_global  is used directly.
-  * A step made of several micro-batches: each micro-batch uses TRL's normaliser (all valid
-    tokens); at the optimizer-step boundary, before gradient clipping, the gradients (and the logged
-    loss) are multiplied by N_valid / (N_valid - N_masked), counted over the step on every process.
-    Since every micro-batch loss is Σ_unmasked ℓ / D, this gives exactly Σ_unmasked ℓ / D' with
-    D' = D (N_valid - N_masked) / N_valid — the single-micro-batch result (tested).
-    The multiplication needs the gradients in `param.grad`: DeepSpeed is refused in this case.
+S2T over the step (where S2T is applied). `tau_h_scope = mini_batch` (the default, the paper's scope):
+tau_h and the silenced tokens are taken over the whole optimizer step before its first loss, so the
+decision is the same however the step is split and the denominator is exact (`s2t_over_step`). The
+values decided on (`decision_policy`):
 
-`bnpo`, `grpo` need no correction (their denominators are local); `dr_grpo`'s is a constant.
+  * `current` (default; pi_theta, as the paper writes): with several micro-batches per step, one no-grad
+    forward over the step's micro-batches at its first one (the policy does not change within a step);
+    one micro-batch per step needs none (its decision and silenced count are taken inside its loss,
+    over all processes).
+  * `old`: pi_old's log-probs and entropies, from the pass TRL already runs while generating when a
+    generation feeds several steps (`old_per_token_logps`; its entropies are kept beside them,
+    `old_per_token_entropies`): no extra forward. When TRL runs no such pass, pi_old = pi_theta and the
+    decision is the current one.
 
-Entropy thresholds are quantiles over every process (gathered when torch.distributed is initialised).
-S2T's tau_h (where S2T is applied, `tau_h_scope = mini_batch`, the default) is taken over the whole
-optimizer step, the paper's PPO mini-batch: with several micro-batches per step, a no-grad forward over
-the step's micro-batches at its first one (`_step_s2t_threshold`; one extra forward per micro-batch) —
-the decision is then the same however the step is split. `tau_h_scope = micro_batch`, and the
-S2T statistics that other methods only measure, take the quantile per micro-batch, as does 20-Entropy's
-top-rho (the scope of TRL's own `top_entropy_quantile`). A micro-batch with no valid token trains with
-loss 0 (the quantile of an empty population silences nothing).
+`tau_h_scope = micro_batch` or an absolute tau_h decide per micro-batch on the current policy; with
+several micro-batches per step the silenced count is then known only at the step's end: each micro-batch
+divides by the step's valid tokens, and before gradient clipping the gradients (and the logged loss) are
+multiplied by N_valid / (N_valid - N_masked) — exactly the step's token-mean over its kept tokens (tested).
+That needs the gradients in `param.grad`: DeepSpeed is refused in this case. The S2T statistics that
+other methods only measure, and 20-Entropy's top-rho (the scope of TRL's own `top_entropy_quantile`),
+take their quantiles per micro-batch. A micro-batch with no valid token trains with loss 0.
 """
 
 from __future__ import annotations
