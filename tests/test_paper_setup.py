@@ -120,11 +120,13 @@ def check_trl_config(path: Path) -> None:
     assert t["weight_decay"] == TRAINING.weight_decay
     assert t["max_grad_norm"] == TRAINING.grad_clip
     assert t["beta"] == TRAINING.kl_coef and t["entropy_coef"] == TRAINING.entropy_coef
+    assert t["vllm_importance_sampling_correction"] is TRAINING.rollout_importance_correction
     assert t["max_steps"] == trl_steps(TRAINING.training_steps)
     # the file carries every one of these itself (not a default that could change under it)
     for key in ("num_generations", "per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
                 "num_iterations", "max_completion_length", "temperature", "top_p", "optim", "learning_rate",
-                "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "beta", "entropy_coef", "max_steps"):
+                "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "beta", "entropy_coef", "max_steps",
+                "vllm_importance_sampling_correction"):
         assert key in raw, f"{path.name}: {key} is not set explicitly"
     # the method's own settings: none in the file (the four configs of a size differ only in `method`),
     # all from the preset, as the run resolves them
@@ -217,6 +219,9 @@ def check_verl_overrides(lines: list[str], method: str, size: str) -> None:
     assert o["algorithm.use_kl_in_reward"] is False and o[f"{a}.use_kl_loss"] is False and t.kl_coef == 0
     assert o[f"{a}.entropy_coeff"] == t.entropy_coef
     assert o["algorithm.filter_groups.enable"] is t.dynamic_sampling
+    # no rollout importance weights (verl's default; the plugin's losses refuse them)
+    assert not t.rollout_importance_correction
+    assert all(v is None for k, v in o.items() if k.startswith("algorithm.rollout_correction.rollout_is")), o
     assert o["algorithm.adv_estimator"] == "grpo" and o["algorithm.norm_adv_by_std_in_grpo"] is True
     # the method's own settings
     assert (o[f"{a}.clip_ratio_low"], o[f"{a}.clip_ratio_high"]) == (own.clip_low, own.clip_high)
@@ -341,6 +346,7 @@ def _mutated(path: Path, tmp_path: Path, key: str, value) -> Path:
     ("max_grad_norm", 0.5),
     ("temperature", 0.7),
     ("epsilon_high", 0.28),  # a preset's setting in the file
+    ("vllm_importance_sampling_correction", True),  # TRL's default, not the paper's
 ])
 def test_a_wrong_trl_value_is_caught(tmp_path, key, value):
     path = PAPER_DIR / "qwen3-8b-grpo.yaml"

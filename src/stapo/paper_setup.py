@@ -71,6 +71,7 @@ class TrainingSetup:
     kl_coef: float = 0.0  # no KL term (loss or reward), no reference model
     entropy_coef: float = 0.0  # no entropy bonus
     dynamic_sampling: bool = False  # for every method, 20-Entropy (a DAPO-based method) included
+    rollout_importance_correction: bool = False  # no importance weights for the rollout engine's mismatch
     training_steps: int = 1000  # not the paper's: this project's budget (see the module docstring)
 
     @property
