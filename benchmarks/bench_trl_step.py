@@ -1,20 +1,18 @@
-"""STAPOTrainer vs TRL's own GRPOTrainer (loss_type="dapo"): time of one training step on the same batch.
+"""One rollout batch's training at the paper's layout, without generation: STAPO's S2T decision on the
+current policy (`decision_policy=current`) and on the old one (`old`) against `method=grpo` of the same
+engine on the same LM head, and against TRL's own GRPOTrainer (`loss_type="dapo"`).
 
-A "step" here is what differs between the two: the loss (log-probs + entropies through TRL's fused LM
-head, then the loss) on a fixed, already generated batch, its backward, and the end-of-step work
-(STAPO's window reduction and metrics, gradient norm). Generation and rewards are TRL's in both and
-are left out so the ratio is not drowned in sampling noise. Both trainers hold identical copies of a
-random tiny Qwen3 (real Qwen3 tokenizer / vocabulary, float32); A and B are interleaved and the
-median of each is compared.
+What is timed per rollout batch (generation and rewards are TRL's in every trainer and left out): the
+old-log-prob pass TRL runs over the generation batch when a generation feeds several optimizer steps
+(`old` also keeps its entropies), then `--steps` optimizer steps of `--micro-batches` micro-batches each
+(loss, backward, end-of-step work; STAPO `current` adds its no-grad pre-pass over each step's
+micro-batches). The trainers hold identical copies of a random Qwen3 (real Qwen3 tokenizer / vocabulary,
+float32); they run interleaved and the medians are compared.
 
-    python benchmarks/bench_trl_step.py [--rows 8] [--completion-len 64] [--repeats 15] [--threads 2]
-                                        [--micro-batches K]
+    python benchmarks/bench_trl_step.py [--hidden 64] [--layers 2] [--rows 2] [--micro-batches 2] [--steps 4]
+                                        [--completion-len 32] [--repeats 5] [--fused-lm-head auto|on|off]
 
-With --micro-batches K > 1 the step is K micro-batches of rows / K (gradient accumulation), and STAPO's
-default tau_h_scope = mini_batch adds its no-grad pre-pass over the step (one forward per micro-batch);
---tau-h-scope micro_batch measures the step without it.
-
-Goal: median(STAPO) / median(TRL GRPO) <= 1.05 on CPU.
+Goal: `old` <= 1.03 against `method=grpo`; `current`'s cost is recorded beside it.
 """
 
 from __future__ import annotations
@@ -56,38 +54,63 @@ def fixed_batch(rows, prompt_len, completion_len, vocab, seed=1, device="cpu"):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def loss_step(trainer, batch, micro_batches: int = 1) -> None:
-    """What differs between the trainers in one step: the loss on `batch` (as `micro_batches` micro-batches,
-    fed as TRL feeds them: buffered slices of the generation batch), its backward, the gradient norm
-    (STAPO's end-of-step work hangs off it); the metrics the loss logged are dropped."""
-    trainer.model.zero_grad(set_to_none=True)
+def old_log_prob_pass(trainer, batch) -> dict:
+    """TRL's no-grad pass over the generation batch (`_generate_and_score_completions` when a generation
+    feeds several steps); a STAPOTrainer deciding on pi_old keeps the entropies it computes alongside."""
+    import torch
+
+    from stapo.engines.trl.trainer import OLD_ENTROPY_KEY
+
+    keep_entropies = getattr(trainer, "_decides_on_old_policy", lambda: False)()
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    if keep_entropies:
+        trainer._old_entropies = []
+    with torch.no_grad():
+        old, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, batch["completion_ids"].shape[1],
+                                                               batch_size=trainer.args.per_device_train_batch_size)
+    out = dict(batch, old_per_token_logps=old)
+    if keep_entropies:
+        out[OLD_ENTROPY_KEY], trainer._old_entropies = trainer._old_entropies[0], None
+    return out
+
+
+def rollout_batch_step(trainer, batch, steps: int, micro_batches: int) -> None:
+    """The old-log-prob pass, then `steps` optimizer steps of `micro_batches` micro-batches each, fed as TRL
+    feeds them (buffered slices of the generation batch): loss, backward, gradient norm (the end-of-step
+    work hangs off it); no optimizer update (every repeat sees the same weights); metrics dropped."""
+    batch = old_log_prob_pass(trainer, batch)
     rows = batch["completion_ids"].shape[0]
-    parts = [{k: (v[i * rows // micro_batches:(i + 1) * rows // micro_batches] if k != "num_items_in_batch" else v)
-              for k, v in batch.items()} for i in range(micro_batches)]
-    trainer._buffered_inputs = parts
-    for i, part in enumerate(parts):
-        trainer._step = i
-        loss = trainer._compute_loss(trainer.model, part)
-        loss.backward()
-    trainer._get_grad_norm(trainer.model)
+    parts = steps * micro_batches
+    trainer._buffered_inputs = [{k: (v[i * rows // parts:(i + 1) * rows // parts] if k != "num_items_in_batch" else v)
+                                 for k, v in batch.items()} for i in range(parts)]
+    for step in range(steps):
+        trainer.model.zero_grad(set_to_none=True)
+        for i in range(micro_batches):
+            trainer._step = step * micro_batches + i
+            part = trainer._buffered_inputs[trainer._step]
+            loss = trainer._compute_loss(trainer.model, part)
+            loss.backward()
+        trainer._get_grad_norm(trainer.model)
     for values in trainer._metrics["train"].values():
         values.clear()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=8)
-    ap.add_argument("--completion-len", type=int, default=64)
-    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--rows", type=int, default=2, help="rows per micro-batch")
+    ap.add_argument("--micro-batches", type=int, default=2, help="micro-batches per optimizer step (GA)")
+    ap.add_argument("--steps", type=int, default=4, help="optimizer steps per generation (the paper: 4)")
+    ap.add_argument("--completion-len", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--micro-batches", type=int, default=1, help="micro-batches per optimizer step (GA)")
-    ap.add_argument("--tau-h-scope", choices=("mini_batch", "micro_batch"), default="mini_batch")
     ap.add_argument("--fused-lm-head", choices=("auto", "on", "off"), default="auto",
-                    help="STAPOTrainer's LM head: auto (stapo's memory-lean head where possible), on, or off "
-                    "(TRL's own head, as GRPOTrainer: the ratio is then the S2T step's own cost)")
+                    help="the STAPOTrainers' LM head (grpo and stapo alike): auto (stapo's memory-lean head), on, "
+                    "or off (TRL's own head, as GRPOTrainer's)")
+    ap.add_argument("--json", help="also write the medians and ratios to this file")
     args = ap.parse_args()
 
     import torch
@@ -110,13 +133,11 @@ def main() -> None:
     torch.manual_seed(0)
     Qwen3ForCausalLM(config).save_pretrained(os.path.join(tmp, "model"))
 
-    if args.rows % args.micro_batches:
-        raise SystemExit(f"--rows ({args.rows}) must be a multiple of --micro-batches ({args.micro_batches})")
     common = dict(
-        per_device_train_batch_size=args.rows // args.micro_batches, gradient_accumulation_steps=args.micro_batches,
-        num_generations=2, max_completion_length=args.completion_len,
-        use_cpu=True, bf16=False, report_to=[], save_strategy="no", epsilon=0.2, epsilon_high=0.28,
-        loss_type="dapo",
+        per_device_train_batch_size=args.rows, gradient_accumulation_steps=args.micro_batches,
+        steps_per_generation=args.steps * args.micro_batches, num_generations=2,
+        max_completion_length=args.completion_len, use_cpu=True, bf16=False, report_to=[], save_strategy="no",
+        epsilon=0.2, epsilon_high=0.28, loss_type="dapo",
     )
     ds = Dataset.from_dict({"prompt": ["x", "y"]})
 
@@ -129,35 +150,50 @@ def main() -> None:
         trainer.current_gradient_accumulation_steps = args.micro_batches
         return trainer
 
-    trl_grpo = build(GRPOTrainer, GRPOConfig, "trl")
     fused = {"auto": None, "on": True, "off": False}[args.fused_lm_head]
-    stapo = build(STAPOTrainer, STAPOConfig, "stapo", method="stapo", metrics_jsonl=False, fused_lm_head=fused,
-                  tau_h_scope=args.tau_h_scope)
+    ours = dict(metrics_jsonl=False, fused_lm_head=fused)
+    trainers = {
+        "TRL GRPOTrainer": build(GRPOTrainer, GRPOConfig, "trl"),
+        "grpo": build(STAPOTrainer, STAPOConfig, "grpo", method="grpo", **ours),
+        "stapo current": build(STAPOTrainer, STAPOConfig, "current", method="stapo", decision_policy="current", **ours),
+        "stapo old": build(STAPOTrainer, STAPOConfig, "old", method="stapo", decision_policy="old", **ours),
+    }
+    batch = fixed_batch(args.rows * args.micro_batches * args.steps, args.prompt_len, args.completion_len, len(tok))
 
-    batch = fixed_batch(args.rows, args.prompt_len, args.completion_len, len(tok))
-    completion_mask = batch["completion_mask"]
-
-    def step(trainer) -> float:
+    def timed(trainer) -> float:
         t0 = time.perf_counter()
-        loss_step(trainer, batch, args.micro_batches)
+        rollout_batch_step(trainer, batch, args.steps, args.micro_batches)
         return time.perf_counter() - t0
 
-    for _ in range(2):  # warm-up
-        step(trl_grpo), step(stapo)
-    times = {"trl": [], "stapo": []}
-    for i in range(args.repeats):
-        order = (("trl", trl_grpo), ("stapo", stapo)) if i % 2 == 0 else (("stapo", stapo), ("trl", trl_grpo))
-        for name, trainer in order:
-            times[name].append(step(trainer))
+    for trainer in trainers.values():  # warm-up
+        timed(trainer)
+    times = {name: [] for name in trainers}
+    names = list(trainers)
+    for i in range(args.repeats):  # interleaved, the order rotated each repeat
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            times[name].append(timed(trainers[name]))
     med = {k: statistics.median(v) for k, v in times.items()}
-    tokens = int(completion_mask.sum())
-    print(f"tiny Qwen3 (hidden {args.hidden}, {args.layers} layers, vocab {len(tok)}), {args.rows} rows x "
-          f"{args.completion_len} completion tokens ({tokens} valid) in {args.micro_batches} micro-batch(es), "
-          f"tau_h_scope {args.tau_h_scope}, {args.threads} threads, {args.repeats} repeats")
-    print(f"TRL GRPOTrainer (loss_type=dapo)  median {med['trl'] * 1e3:8.1f} ms")
-    print(f"STAPOTrainer (method=stapo)       median {med['stapo'] * 1e3:8.1f} ms")
-    ratio = med["stapo"] / med["trl"]
-    print(f"ratio STAPO / TRL GRPO = {ratio:.3f}  (goal <= 1.05: {'met' if ratio <= 1.05 else 'NOT met'})")
+    tokens = int(batch["completion_mask"].sum())
+    print(f"random Qwen3 (hidden {args.hidden}, {args.layers} layers, vocab {len(tok)}); one rollout batch of "
+          f"{batch['completion_ids'].shape[0]} rows x {args.completion_len} completion tokens ({tokens} valid) = "
+          f"{args.steps} optimizer steps x {args.micro_batches} micro-batches of {args.rows} rows; LM head "
+          f"{args.fused_lm_head}; {args.threads} threads, {args.repeats} repeats")
+    for name in names:
+        print(f"  {name:16s} median {med[name] * 1e3:9.1f} ms")
+    ratios = {
+        "stapo current / grpo": med["stapo current"] / med["grpo"],
+        "stapo old / grpo": med["stapo old"] / med["grpo"],
+        "grpo / TRL GRPOTrainer": med["grpo"] / med["TRL GRPOTrainer"],
+        "stapo old / TRL GRPOTrainer": med["stapo old"] / med["TRL GRPOTrainer"],
+    }
+    for name, value in ratios.items():
+        print(f"  {name:28s} {value:.3f}")
+    print(f"goal: stapo old / grpo <= 1.03: {'met' if ratios['stapo old / grpo'] <= 1.03 else 'NOT met'}")
+    if args.json:
+        import json
+
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"args": vars(args), "median_s": med, "ratios": ratios}, f, indent=2)
 
 
 if __name__ == "__main__":

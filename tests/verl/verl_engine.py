@@ -139,14 +139,16 @@ def verl_on_cpu():
 VOCAB = 96
 
 
-def tiny_qwen3(path, seed: int = 0, head_scale: float = 12.0):
-    """A 2-layer, hidden-64 random Qwen3 in `path`; the LM head is scaled by `head_scale` so that token
-    probabilities and entropies spread over a wide range (a random head gives ~uniform next tokens)."""
+def tiny_qwen3(path, seed: int = 0, head_scale: float = 12.0, hidden: int = 64, layers: int = 2,
+               vocab: int = VOCAB, max_positions: int = 64):
+    """A random Qwen3 in `path` (by default 2 layers, hidden 64); the LM head is scaled by `head_scale` so that
+    token probabilities and entropies spread over a wide range (a random head gives ~uniform next tokens)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    config = Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                         max_position_embeddings=max_positions, tie_word_embeddings=False, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config)
     with torch.no_grad():
@@ -179,7 +181,8 @@ def build_engine(model_dir, lr: float = 0.0):
     return engine
 
 
-def make_batch(seed: int = 0, groups: int = 2, group_size: int = 4, prompt_len: int = 5, response_len: int = 8):
+def make_batch(seed: int = 0, groups: int = 2, group_size: int = 4, prompt_len: int = 5, response_len: int = 8,
+               vocab: int = VOCAB):
     """`groups` prompts x `group_size` responses in verl's left/right-padded layout (prompts left-padded,
     responses right-padded), binary rewards with GRPO advantages per group. Returns the padded dict
     (for the references) and the no-padding TensorDict the actor update gets (old log-probs added later)."""
@@ -189,11 +192,11 @@ def make_batch(seed: int = 0, groups: int = 2, group_size: int = 4, prompt_len: 
     response_lens = torch.randint(3, response_len + 1, (bsz,), generator=g)
     prompts = torch.zeros(bsz, prompt_len, dtype=torch.long)
     responses = torch.zeros(bsz, response_len, dtype=torch.long)
-    group_prompts = torch.randint(3, VOCAB, (groups, prompt_len), generator=g)
+    group_prompts = torch.randint(3, vocab, (groups, prompt_len), generator=g)
     for i in range(bsz):
         n = int(prompt_lens[i])
         prompts[i, prompt_len - n:] = group_prompts[i // group_size, :n]
-        responses[i, : int(response_lens[i])] = torch.randint(3, VOCAB, (int(response_lens[i]),), generator=g)
+        responses[i, : int(response_lens[i])] = torch.randint(3, vocab, (int(response_lens[i]),), generator=g)
     prompt_mask = (torch.arange(prompt_len)[None, :] >= prompt_len - prompt_lens[:, None]).long()
     response_mask = (torch.arange(response_len)[None, :] < response_lens[:, None]).long()
     rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0] * groups)[:bsz].reshape(groups, group_size)
