@@ -280,3 +280,102 @@ def test_clear_run_files_removes_only_run_entries(tmp_path):
         (tmp_path / name).mkdir()
     clear_run_files(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "notes.txt"]
+
+
+# ---- one run at a time: the run directory's lock ----------------------------------------------------
+
+HOLD_LOCK = """
+import sys, time
+from stapo.rundir import claim_output_dir
+lock = claim_output_dir(sys.argv[1])
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def _hold_lock(out: Path) -> subprocess.Popen:
+    """Another process holding `out`'s lock (claimed and held until killed)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(rundir.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_held_lock_refuses_a_second_claim_naming_the_pid(tmp_path):
+    out = tmp_path / "run"
+    holder = _hold_lock(out)
+    try:
+        assert (out / rundir.LOCK_FILE).read_text().strip() == str(holder.pid)
+        for flags in ({}, {"resume": True}, {"overwrite": True}):
+            with pytest.raises(RunDirError, match=rf"output_dir {out} is in use by another run \(process {holder.pid}, "):
+                rundir.claim_output_dir(out, **flags)
+        assert sorted(p.name for p in out.iterdir()) == [rundir.LOCK_FILE]  # the holder's file is untouched
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_lock_is_not_a_file_of_the_directory_and_goes_on_release(tmp_path):
+    out = tmp_path / "new" / "run"
+    lock = rundir.claim_output_dir(out)
+    assert (out / rundir.LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    check_output_dir(out)  # the lock file does not make the directory "not empty"
+    check_output_dir(out, resume=True)
+    (out / "config.yaml").write_text("x")
+    lock.release()
+    lock.release()  # twice is harmless
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+    # a start refused after taking the lock leaves no directory it created behind
+    with rundir.claim_output_dir(tmp_path / "a" / "b"):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new"]
+
+
+def test_a_lock_left_by_a_process_that_ended_is_taken_over_with_a_warning(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    pid = _dead_pid()
+    (out / rundir.LOCK_FILE).write_text(f"{pid}\n")
+    warnings = []
+    with rundir.claim_output_dir(out, warn=warnings.append) as lock:
+        assert lock.held and (out / rundir.LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    assert warnings == [f"stapo: warning: output_dir {out}: took over the lock left by process {pid}, which has ended"]
+    assert not (out / rundir.LOCK_FILE).exists()
+
+
+RACE = """
+import sys, time
+from stapo.rundir import RunDirError, claim_output_dir
+start = float(sys.argv[2])
+time.sleep(max(start - time.time() - 0.05, 0))
+while time.time() < start:
+    pass
+try:
+    lock = claim_output_dir(sys.argv[1])
+except RunDirError:
+    print("refused", flush=True)
+else:
+    time.sleep(3)  # held past every other start
+    print("claimed", flush=True)
+"""
+
+
+def test_of_four_starts_at_the_same_moment_exactly_one_gets_the_directory(tmp_path):
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(rundir.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    start = time.time() + 1.5  # after every interpreter has started
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(out), str(start)], env=env, stdout=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    results = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    assert results == ["claimed", "refused", "refused", "refused"]

@@ -27,7 +27,8 @@ Resume: whatever the interrupted run appended for steps after the checkpoint bei
 (metrics lines, rollout files) is dropped (`truncate_metrics_after_step`, `truncate_rollouts_after_step`).
 
 A new run refuses an output directory that already holds files (`check_output_dir`), unless it resumes
-the run there or the user asked to overwrite it (`clear_run_files`).
+the run there or the user asked to overwrite it (`clear_run_files`). One run at a time: the run's main
+process holds `<run>/.stapo.lock` (`claim_output_dir`), which holds its pid and is not a run file.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ PLOTS_DIR = "plots"
 ROLLOUTS_DIR = "rollouts"
 CHECKPOINT_PREFIX = "checkpoint"
 STAGING_PREFIX = ".tmp-"
+LOCK_FILE = ".stapo.lock"  # held by the main process of the run writing the directory (`RunDirLock`)
 TRAINER_STATE_FILE = "trainer_state.json"  # the Trainer writes it last: its presence marks a whole checkpoint
 CURVES_FILE = "curves.png"  # in PLOTS_DIR: the training curves (stapo.analyze.plots)
 MODEL_CARD_FILE = "README.md"  # the model card, also in FINAL_DIR (stapo.engines.trl.model_card)
@@ -353,7 +355,7 @@ def check_output_dir(out: str | os.PathLike, resume: bool = False, overwrite: bo
         raise RunDirError(f"output_dir {out}: {writable} is not writable; choose another output_dir=...")
     if not out.exists() or overwrite:
         return
-    entries = sorted(out.iterdir())
+    entries = sorted(p for p in out.iterdir() if p.name != LOCK_FILE)
     if not entries:
         return
     if resume:
@@ -385,3 +387,149 @@ def clear_run_files(out: str | os.PathLike) -> list[Path]:
                 p.unlink()
             removed.append(p)
     return removed
+
+
+# ---- one run at a time --------------------------------------------------------------------------------
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
+
+
+def _lock_holder(fd: int, wait: float = 0.0) -> int | None:
+    """The pid written in a lock file, or None; waits up to `wait` seconds for a holder that has just
+    taken the lock and not yet written its pid."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        if text.isdigit():
+            return int(text)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.02)
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        on_disk, held = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
+
+
+class RunDirLock:
+    """A process's exclusive claim on a run directory: `<run>/LOCK_FILE`, holding the pid.
+
+    The claim is an `flock` on that file: exactly one of two starts at the same moment gets it, and the
+    kernel drops it when the process ends, however it ends. `release` deletes the file, then closes it;
+    a file still there whose lock nobody holds was left by a run that was killed, and is taken over
+    with a warning. Directories created to hold the lock are removed on release while still empty, so
+    a start refused after taking the lock leaves nothing behind. Use `claim_output_dir`.
+    """
+
+    def __init__(self, path: Path, fd: int, created: list[Path]):
+        self.path, self._fd, self._created = path, fd, created
+
+    @classmethod
+    def acquire(cls, run_dir: str | os.PathLike, warn=_warn) -> "RunDirLock":
+        run_dir = Path(run_dir)
+        path = run_dir / LOCK_FILE
+        created = [d for d in (run_dir, *run_dir.parents) if not d.exists()][::-1]  # outermost first
+        while True:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            except FileNotFoundError:  # the directory was removed in between (a refused start tidying up)
+                continue
+            try:
+                locked = _flock(fd, path, warn)
+                holder = None if locked else _lock_holder(fd, wait=1.0)
+                if locked and not _same_file(path, fd):  # its holder released (deleted) it after our open
+                    continue
+                if locked:
+                    previous = _lock_holder(fd)
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+                    if previous is not None and previous != os.getpid():
+                        warn(f"stapo: warning: output_dir {run_dir}: took over the lock left by process {previous}, "
+                             "which has ended")
+                    lock, fd = cls(path, fd, created), None
+                    return lock
+            finally:
+                if fd is not None:
+                    os.close(fd)
+            cls(path, None, created).release()  # removes the directories this start created, if empty
+            raise RunDirError(
+                f"output_dir {run_dir} is in use by another run (process {holder or 'unknown'}, which holds "
+                f"{path}); wait for it to end, or choose another output_dir=..."
+            )
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Delete the lock file (if it is still ours), close it, remove the directories taking it created
+        while they are empty. Idempotent."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                if _same_file(self.path, fd):
+                    self.path.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
+        for directory in reversed(self._created):
+            try:
+                directory.rmdir()
+            except OSError:  # not empty (the run wrote files) or gone
+                break
+        self._created = []
+
+    def __enter__(self) -> "RunDirLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _flock(fd: int, path: Path, warn) -> bool:
+    """Take the exclusive lock on `fd` without waiting: False when another process holds it. Where the
+    platform or file system has no locks, warns and proceeds (the lock file still names the run)."""
+    try:
+        import fcntl
+    except ImportError:
+        warn(f"stapo: warning: {path}: this platform cannot lock files; make sure no other run writes here")
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as err:
+        if err.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        warn(f"stapo: warning: {path}: this file system cannot lock files ({err.strerror}); "
+             "make sure no other run writes here")
+    return True
+
+
+def claim_output_dir(out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
+                     warn=_warn) -> RunDirLock:
+    """The lock of `out` for a run that may start there (`check_output_dir`), for the caller to hold
+    while the run writes there (`with claim_output_dir(...)` or `.release()`).
+
+    The directory is checked before the lock is taken (a file in the way: nothing is created), and again
+    once it is held, so a run that started and finished in between is seen. A second start while the
+    lock is held is refused (`RunDirError`) naming the pid of the run that holds it.
+    """
+    check_output_dir(out, resume=resume, overwrite=overwrite)
+    lock = RunDirLock.acquire(out, warn=warn)
+    try:
+        check_output_dir(out, resume=resume, overwrite=overwrite)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
