@@ -1,6 +1,7 @@
 """`stapo train` and the output directory, through the command line (subprocesses): an existing run or
 the user's files are never overwritten without `--resume` / `--overwrite`, bad output paths, empty
-configs, a full disk, and the train_loss of a resumed run. Every error is one line, no traceback."""
+configs, a full disk, the train_loss of a resumed run, one run at a time in a directory (its lock), and
+a refused start that leaves nothing behind. Every error is one line, no traceback."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from stapo import rundir
 
 pytest.importorskip("torch")
 pytest.importorskip("trl")
@@ -165,30 +168,44 @@ def test_disk_full_while_saving_a_checkpoint_is_one_line_and_keeps_the_earlier_o
     assert "--resume" in line
     # checkpoint-1 is whole; the one that did not fit was never published
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert "checkpoint-1 is the newest complete checkpoint; the partial checkpoint-2 was removed" in line
+    assert not list(out.glob(".tmp-*"))
     assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["global_step"] == 1
     assert load_file(str(out / "checkpoint-1" / "model.safetensors"))
     assert [m["step"] for m in _metrics(out)][:1] == [1]  # every line parses
 
 
-def test_disk_full_in_process_is_one_line(tiny_qwen3_dir, tmp_path, capsys, monkeypatch):
-    """Without a tmpfs: the checkpoint writer raises what safetensors raises on a full disk."""
+@pytest.mark.parametrize("full_at, written", [
+    (1, "no checkpoint was complete yet, so --resume starts from step 0; the partial checkpoint-1 was removed"),
+    (2, "checkpoint-1 is the newest complete checkpoint; the partial checkpoint-2 was removed"),
+])
+def test_disk_full_in_process_is_one_line_saying_what_was_written(tiny_qwen3_dir, tmp_path, capsys, monkeypatch,
+                                                                  full_at, written):
+    """Without a tmpfs: the disk fills while checkpoint `full_at` is written (its weights already in the
+    staging directory), as safetensors reports it."""
     from stapo.cli import main
     from stapo.engines.trl import STAPOTrainer
 
     class SafetensorError(Exception):
         pass
 
-    def full(self, model, trial):
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    save_rng_state = STAPOTrainer._save_rng_state
 
-    monkeypatch.setattr(STAPOTrainer, "_save_checkpoint", full)
+    def full(self, output_dir):
+        if self.state.global_step == full_at:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return save_rng_state(self, output_dir)
+
+    monkeypatch.setattr(STAPOTrainer, "_save_rng_state", full)
     out = tmp_path / "run"
-    rc = main(["train", "demo", *_fields(tiny_qwen3_dir, out, max_steps=1)])
+    rc = main(["train", "demo", *_fields(tiny_qwen3_dir, out)])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     errors = [line for line in err.splitlines() if "error" in line]
     assert errors == [f"stapo train: error: {out}: no space left on device; free some space and continue with "
-                      "--resume (the checkpoints, metrics and results already written are complete)"]
+                      f"--resume ({written})"]
+    assert sorted(p.name for p in out.glob("*checkpoint-*")) == [f"checkpoint-{s}" for s in range(1, full_at)]
+    assert not list(out.glob(".tmp-*")) and not (out / rundir.LOCK_FILE).exists()
 
 
 # ---- 3. train_loss of a resumed run -----------------------------------------------------------------
@@ -227,3 +244,73 @@ def test_config_without_train_data_is_one_line_and_creates_nothing(tmp_path, tex
     assert "- train_data: is required" in proc.stderr
     assert "not a datasets directory" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # no runs/stapo/ left behind
+
+
+# ---- 5. one run at a time in a directory --------------------------------------------------------------
+
+HOLD_LOCK = """
+import sys, time
+from stapo.rundir import claim_output_dir
+lock = claim_output_dir(sys.argv[1])
+print("held", flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.mark.slow
+def test_a_directory_another_run_holds_is_refused_naming_its_pid_and_taken_over_once_it_is_gone(
+        tiny_qwen3_dir, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            proc = _stapo("train", "demo", *extra, *_fields(tiny_qwen3_dir, out))
+            assert proc.returncode == 2
+            assert _one_error_line(proc) == (
+                f"stapo train: error: output_dir {out} is in use by another run (process {holder.pid}, which holds "
+                f"{out / rundir.LOCK_FILE}); wait for it to end, or choose another output_dir=...")
+            assert "method=" not in proc.stdout  # refused before anything was loaded
+            assert sorted(p.name for p in out.iterdir()) == [rundir.LOCK_FILE]
+    finally:
+        holder.kill()
+        holder.wait()
+
+    # killed: its lock file stays, naming a process that has ended; the next start takes it over
+    assert (out / rundir.LOCK_FILE).read_text().strip() == str(holder.pid)
+    proc = _stapo("train", "demo", *_fields(tiny_qwen3_dir, out, max_steps=1))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f"stapo: warning: output_dir {out}: took over the lock left by process {holder.pid}, which has ended"
+            in proc.stderr.splitlines())
+    assert (out / "checkpoint-1").is_dir() and not (out / rundir.LOCK_FILE).exists()
+
+
+# ---- 6. a refused start leaves nothing that blocks the retry ------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_start_refused_for_a_long_prompt_leaves_nothing_and_the_retry_runs(tiny_qwen3_dir, tmp_path):
+    rows = [{"problem": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(8)]
+    too_long = {"problem": "What is " + " + ".join(["1"] * 300) + "?", "answer": "300"}
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:3] + [too_long] + rows[3:]))
+    out = tmp_path / "run"
+    fields = _fields(tiny_qwen3_dir, out, train_data=str(data), max_steps=1)
+
+    proc = _stapo("train", "demo", *fields)
+    assert proc.returncode == 2
+    assert f"stapo train: error: {data}: line 4: prompt is " in _one_error_line(proc)
+    assert not out.exists()  # not even the directory
+
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))  # the fix
+    proc = _stapo("train", "demo", *fields)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "checkpoint-1").is_dir()
+
+    # --overwrite refused for the same reason: the previous run is still all there
+    before = _tree(out)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows + [too_long]))
+    proc = _stapo("train", "demo", "--overwrite", *fields)
+    assert proc.returncode == 2 and "line 9: prompt is " in _one_error_line(proc)
+    assert _tree(out) == before

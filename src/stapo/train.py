@@ -103,6 +103,7 @@ def evaluate_accuracy(model, tokenizer, rows: list[dict], run: RunConfig, max_ne
     from stapo.eval.metrics import mean_and_se
     from stapo.rewards import grade_batch
 
+    t0 = time.monotonic()
     backend = HFBackend(model, tokenizer, batch_size=32)
     requests, golds = [], []
     for i, row in enumerate(rows):
@@ -117,8 +118,8 @@ def evaluate_accuracy(model, tokenizer, rows: list[dict], run: RunConfig, max_ne
     was_training = model.training
     model.eval()
     completions = []
-    t0 = time.time()
-    with tqdm(total=len(requests), desc=desc, unit="sample", leave=False) as bar:
+    # disable=None: a bar on a terminal only (redrawn into a log file it leaves carriage returns and cursor codes)
+    with tqdm(total=len(requests), desc=desc, unit="sample", leave=False, disable=None) as bar:
         for start in range(0, len(requests), backend.batch_size):
             completions.extend(backend.generate(requests[start : start + backend.batch_size]))
             bar.update(len(requests[start : start + backend.batch_size]))
@@ -134,8 +135,12 @@ def evaluate_accuracy(model, tokenizer, rows: list[dict], run: RunConfig, max_ne
         "problems": len(rows),
         "samples_per_problem": k,
         "mean_completion_tokens": sum(c.num_tokens for c in completions) / max(len(completions), 1),
-        "seconds": round(time.time() - t0, 2),
+        "seconds": round(time.monotonic() - t0, 2),
     }
+
+
+def _accuracy(res: dict) -> str:
+    return f"accuracy {res['accuracy']:.3f} ± {res['stderr']:.3f} (evaluated in {res['seconds']:.1f} s)"
 
 
 class HeldoutAccuracyCallback(TrainerCallback):
@@ -144,7 +149,8 @@ class HeldoutAccuracyCallback(TrainerCallback):
     Each measurement is logged through the trainer's callbacks at its step (step 0 = before), so it
     lands in metrics.jsonl as an `eval_heldout_accuracy` line of kind "eval", in report_to
     (TensorBoard / W&B: eval/heldout_accuracy), on the console line of that step and in curves.png.
-    "before" and "after" also go to `results` (eval.json, written by `save`).
+    The line carries the seconds it took (`eval_heldout_seconds`): the console leaves them out of
+    s/step and the ETA. "before" and "after" also go to `results` (eval.json, written by `save`).
     """
 
     def __init__(self, trainer, evaluate: Callable[[Any, str], dict], results: dict, save: Callable[[], None],
@@ -161,7 +167,7 @@ class HeldoutAccuracyCallback(TrainerCallback):
             return  # a resumed run measured it already (and its metrics.jsonl has the line)
         res = self.results["before"] = self._measure("before training")
         self.save()
-        self.log(f"stapo: before: accuracy {res['accuracy']:.3f} ± {res['stderr']:.3f}")
+        self.log(f"stapo: before: {_accuracy(res)}")
         if state.global_step == 0:
             self._log(args, state, control, res)
 
@@ -170,7 +176,7 @@ class HeldoutAccuracyCallback(TrainerCallback):
         if last and self.after:
             res = self.results["after"] = self._measure("after training")
             self.save()
-            self.log(f"stapo: after: accuracy {res['accuracy']:.3f} ± {res['stderr']:.3f}")
+            self.log(f"stapo: after: {_accuracy(res)}")
         elif self.every and state.global_step % self.every == 0:
             res = self.evaluate(self.trainer.model, "eval")
         else:
@@ -178,7 +184,8 @@ class HeldoutAccuracyCallback(TrainerCallback):
         return self._log(args, state, control, res)
 
     def _log(self, args, state, control, res):
-        logs = {"eval_heldout_accuracy": res["accuracy"], "eval_heldout_stderr": res["stderr"]}
+        logs = {"eval_heldout_accuracy": res["accuracy"], "eval_heldout_stderr": res["stderr"],
+                "eval_heldout_seconds": res["seconds"]}
         # Straight to the callbacks (metrics.jsonl, console, report_to), not Trainer.log: that would take
         # TRL's accumulated training metrics into this line and clear `should_log`, dropping this step's
         # own training log (loss, grad_norm).
@@ -225,54 +232,72 @@ def run_training(run: RunConfig, resume: bool = False, log: Log = _print, overwr
     """Train as configured; returns a summary (also written to <output_dir>/summary.json).
 
     A non-empty output directory is refused (`rundir.RunDirError`) unless `resume` continues the run
-    there or `overwrite` replaces it; a full disk becomes a `RunDirError` naming the path.
+    there or `overwrite` replaces it, and so is one another run holds (the main process holds the
+    directory's lock until this returns). Every check that can refuse the start (data, prompt lengths,
+    options the model cannot serve) comes before anything is written or deleted, so a refused start
+    leaves the directory as it was. A full disk becomes a `RunDirError` naming the path.
     """
+    from stapo.engines.trl.console import quiet_console
+
     args = build_stapo_config(run)
     out = Path(args.output_dir)
     main_process = int(os.environ.get("RANK", "0")) == 0  # accelerate/torchrun set RANK per process
     if not main_process:  # one console for the run: the other processes print warnings and errors only
         log = _quiet
-    if main_process:  # the other processes would see the files the main one writes next
-        rundir.check_output_dir(out, resume=resume, overwrite=overwrite)
-    # args.world_size / args.device start the process group: the launch is visible before anything loads.
-    log(f"stapo: {args.world_size} process{'es' if args.world_size > 1 else ''} (world size {args.world_size}), "
-        f"device {args.device.type}" + (f", {args.n_gpu} GPU(s) per process" if args.n_gpu > 1 else ""))
-
-    train_rows = load_rows(run.train_data, run, **run.train_data_kwargs)
-    eval_rows = load_rows(run.eval_data, run, limit=run.eval_limit) if run.eval_data else None
+    # Only the main process writes the directory; the others would see its files and its lock.
+    lock = rundir.claim_output_dir(out, resume=resume, overwrite=overwrite) if main_process else None
     try:
-        return _train(run, args, out, train_rows, eval_rows, resume, overwrite, main_process, log)
+        with quiet_console():
+            return _train(run, args, out, resume, overwrite, main_process, log)
     except Exception as err:
         if rundir.is_disk_full(err):
-            path = getattr(err, "filename", None) or out
-            raise rundir.RunDirError(
-                f"{path}: no space left on device; free some space and continue with --resume "
-                "(the checkpoints, metrics and results already written are complete)"
-            ) from None
+            raise rundir.RunDirError(_disk_full_message(err, out, main_process)) from None
         raise
+    finally:
+        if lock is not None:
+            lock.release()
 
 
-def _train(run, args, out: Path, train_rows, eval_rows, resume, overwrite, main_process, log) -> dict:
+def _disk_full_message(err: BaseException, out: Path, main_process: bool) -> str:
+    """What a full disk stopped, what of the run is whole on disk, and the way on; the staging
+    directory of the write that failed is removed (it is never resumed from)."""
+    partial = []
+    if main_process:
+        partial = rundir.remove_stale_staging(out)
+        staged_final = out / rundir.staged_name(rundir.FINAL_DIR)
+        if staged_final.is_dir():
+            shutil.rmtree(staged_final, ignore_errors=True)
+            partial.append(staged_final)
+    path = getattr(err, "filename", None) or out
+    complete = rundir.last_checkpoint(out)
+    kept = (f"{complete.name} is the newest complete checkpoint" if complete is not None
+            else "no checkpoint was complete yet, so --resume starts from step 0")
+    removed = ""
+    if partial:
+        names = ", ".join(p.name[len(rundir.STAGING_PREFIX):] for p in partial)
+        removed = f"; the partial {names} {'was' if len(partial) == 1 else 'were'} removed"
+    return f"{path}: no space left on device; free some space and continue with --resume ({kept}{removed})"
+
+
+def _train(run, args, out: Path, resume, overwrite, main_process, log) -> dict:
     import datasets
     import torch
 
+    from stapo.data import fit_training_prompts
     from stapo.engines.trl import STAPOTrainer
     from stapo.models import load_tokenizer, resolve_model
 
-    if main_process and overwrite:
-        removed = rundir.clear_run_files(out)
-        if removed:
-            log(f"stapo: --overwrite: removed the previous run's {', '.join(p.name for p in removed)} from {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    if main_process:
-        dump_config(run, out / rundir.CONFIG_FILE)
+    # args.world_size / args.device start the process group: the launch is visible before anything loads.
+    log(f"stapo: {args.world_size} process{'es' if args.world_size > 1 else ''} (world size {args.world_size}), "
+        f"device {args.device.type}" + (f", {args.n_gpu} GPU(s) per process" if args.n_gpu > 1 else ""))
+    train_rows = load_rows(run.train_data, run, **run.train_data_kwargs)
+    eval_rows = load_rows(run.eval_data, run, limit=run.eval_limit) if run.eval_data else None
     log(f"stapo: method={args.method} model={run.model} train={len(train_rows)} rows"
         + (f" eval={len(eval_rows)} rows" if eval_rows else "") + f" -> {out}")
 
     model_path = resolve_model(run.model)
     tokenizer = load_tokenizer(run.model)
     # Prompt lengths against the model's context (config.json), before the weights load: docs/data.md.
-    from stapo.data import fit_training_prompts
     train_rows, eval_rows = fit_training_prompts(run, args, model_path, tokenizer, train_rows, eval_rows, log)
     train_ds = datasets.Dataset.from_list(
         [{"prompt": prompt_for(r["problem"], tokenizer, run), "answer": r["answer"]} for r in train_rows]
@@ -288,6 +313,15 @@ def _train(run, args, out: Path, train_rows, eval_rows, resume, overwrite, main_
         )
     except ValueError as err:  # options the model cannot serve (e.g. fused_lm_head=true with softcapped logits)
         raise ConfigError([str(err).strip().splitlines()[0]], "config") from None
+
+    # Every check has passed: from here on the run writes its directory.
+    if main_process and overwrite:
+        removed = rundir.clear_run_files(out)
+        if removed:
+            log(f"stapo: --overwrite: removed the previous run's {', '.join(p.name for p in removed)} from {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    if main_process:
+        dump_config(run, out / rundir.CONFIG_FILE)
     trainer.add_callback(ResumedLossCallback(trainer))
     summary: dict[str, Any] = {"method": args.method, "model": run.model, "output_dir": str(out)}
     eval_tokens = run.eval_max_new_tokens or args.max_completion_length
@@ -313,11 +347,7 @@ def _train(run, args, out: Path, train_rows, eval_rows, resume, overwrite, main_
         ))
 
     t0 = time.time()
-    try:
-        train_output = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
-    except Exception:
-        _close_progress_bars(trainer)  # so the error line does not start after the bar
-        raise
+    train_output = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
     summary["train_seconds"] = round(time.time() - t0, 1)
     summary["global_step"] = trainer.state.global_step
     summary["train_loss"] = getattr(train_output, "training_loss", None)
@@ -342,14 +372,6 @@ def _train(run, args, out: Path, train_rows, eval_rows, resume, overwrite, main_
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return summary
-
-
-def _close_progress_bars(trainer) -> None:
-    for callback in trainer.callback_handler.callbacks:
-        bar = getattr(callback, "training_bar", None)
-        if bar is not None:
-            bar.close()
-            callback.training_bar = None
 
 
 def plot_runs(run_dirs: list[Path], out_png: Path) -> Path | None:
