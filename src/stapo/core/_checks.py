@@ -5,14 +5,13 @@ from __future__ import annotations
 import torch
 
 
-
-def as_tensor(name: str, x) -> torch.Tensor:
+def as_tensor(name: str, x: object) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     return x
 
 
-def check_float(name: str, x, ndim: int | tuple[int, ...] | None = None) -> torch.Tensor:
+def check_float(name: str, x: object, ndim: int | tuple[int, ...] | None = None) -> torch.Tensor:
     """A floating tensor with finite values (checked on the valid positions by the caller if needed)."""
     x = as_tensor(name, x)
     if not x.is_floating_point():
@@ -34,7 +33,7 @@ def check_finite(name: str, x: torch.Tensor, where: torch.Tensor | None = None) 
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
 
 
-def check_mask(name: str, mask, shape: torch.Size) -> torch.Tensor:
+def check_mask(name: str, mask: object, shape: torch.Size) -> torch.Tensor:
     """A bool or 0/1 mask of the given shape, returned as bool."""
     mask = as_tensor(name, mask)
     if tuple(mask.shape) != tuple(shape):
@@ -53,7 +52,7 @@ def check_same_shape(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tenso
         raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}")
 
 
-def broadcast_advantages(advantages, shape: torch.Size) -> torch.Tensor:
+def broadcast_advantages(advantages: object, shape: torch.Size) -> torch.Tensor:
     """Advantages given per sequence [B] or per token [B, T], returned as [B, T] (float32, or float64)."""
     adv = check_float("advantages", advantages, ndim=(1, 2))
     if adv.dim() == 1:

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -60,13 +61,13 @@ def quantile_linear(values: torch.Tensor, q: float) -> torch.Tensor:
     return torch.lerp(v_lo, v_hi, torch.tensor(pos - lo, dtype=torch.float32, device=v.device))
 
 
-def _world_size(group=None) -> int:
+def _world_size(group: dist.ProcessGroup | None = None) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
 
 
-def gather_valid(values: torch.Tensor, group=None) -> torch.Tensor:
+def gather_valid(values: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Concatenate a 1-D tensor of variable length from every rank (identity when not distributed)."""
     world = _world_size(group)
     if world == 1:
@@ -74,15 +75,16 @@ def gather_valid(values: torch.Tensor, group=None) -> torch.Tensor:
     n = torch.tensor([values.numel()], device=values.device, dtype=torch.long)
     sizes = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(sizes, n, group=group)
-    sizes = [int(s.item()) for s in sizes]
-    padded = torch.zeros(max(sizes), device=values.device, dtype=values.dtype)
+    counts = [int(s.item()) for s in sizes]
+    padded = torch.zeros(max(counts), device=values.device, dtype=values.dtype)
     padded[: values.numel()] = values
     parts = [torch.zeros_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded, group=group)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+    return torch.cat([p[:s] for p, s in zip(parts, counts)])
 
 
-def entropy_quantile(entropy: torch.Tensor, population, quantile: float, group=None) -> torch.Tensor:
+def entropy_quantile(entropy: torch.Tensor, population: torch.Tensor, quantile: float,
+                     group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """The `quantile` of `entropy` over the True positions of `population`, over every rank of `group`
     when distributed. float32 0-d; NaN when the population is empty on every rank."""
     ent = check_float("entropy", entropy)
@@ -108,7 +110,8 @@ class S2TDecision(NamedTuple):
     candidates: torch.Tensor     # bool [B, T]: valid ∧ p < τ_p ∧ A > 0 (what some τ_h could silence)
 
 
-def _s2t_masks(lp, adv, valid, settings: S2TSettings):
+def _s2t_masks(lp: torch.Tensor, adv: torch.Tensor, valid: torch.Tensor,
+               settings: S2TSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(low_prob, candidate, the population tau_h's quantile is taken over)."""
     log_tau_p = math.log(settings.tau_p) if settings.tau_p > 0 else -math.inf
     low_prob = valid & (lp < log_tau_p)
@@ -117,7 +120,8 @@ def _s2t_masks(lp, adv, valid, settings: S2TSettings):
     return low_prob, candidate, population
 
 
-def _checked(logprobs, entropy, advantages, response_mask):
+def _checked(logprobs: torch.Tensor, entropy: torch.Tensor, advantages: torch.Tensor,
+             response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     lp = check_float("logprobs", logprobs, ndim=2)
     ent = check_float("entropy", entropy, ndim=2)
     check_same_shape("entropy", ent, "logprobs", lp)
@@ -131,7 +135,8 @@ def _checked(logprobs, entropy, advantages, response_mask):
     return lp, e, adv, valid
 
 
-def s2t_population(logprobs, entropy, advantages, response_mask, settings: S2TSettings) -> torch.Tensor:
+def s2t_population(logprobs: torch.Tensor, entropy: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor,
+                   settings: S2TSettings) -> torch.Tensor:
     """The entropies (1-D float32, this rank) of the tokens S2T's tau_h quantile is taken over:
     valid | low_prob (valid ∧ p < τ_p) | candidates (low_prob ∧ A > 0), per `settings.tau_h_population`."""
     with torch.no_grad():
@@ -139,7 +144,8 @@ def s2t_population(logprobs, entropy, advantages, response_mask, settings: S2TSe
         return e[_s2t_masks(lp, adv, valid, settings)[2]]
 
 
-def s2t_threshold(populations: torch.Tensor | Sequence[torch.Tensor], settings: S2TSettings, group=None) -> torch.Tensor:
+def s2t_threshold(populations: torch.Tensor | Sequence[torch.Tensor], settings: S2TSettings,
+                  group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """S2T's τ_h (float32 0-d, nats) over the `s2t_population`s of one batch's parts, on every rank of `group`:
 
         τ_h = settings.tau_h, or min(tau_h_max, the tau_h_quantile of the concatenated populations)
@@ -160,8 +166,9 @@ def s2t_threshold(populations: torch.Tensor | Sequence[torch.Tensor], settings: 
         return torch.clamp(threshold, max=settings.tau_h_max)
 
 
-def s2t_decision(logprobs, entropy, advantages, response_mask, settings: S2TSettings, group=None,
-                 step_tau_h: torch.Tensor | float | None = None, **renamed) -> S2TDecision:
+def s2t_decision(logprobs: torch.Tensor, entropy: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor,
+                 settings: S2TSettings, group: dist.ProcessGroup | None = None,
+                 step_tau_h: torch.Tensor | float | None = None, **renamed: Any) -> S2TDecision:
     """The S2T mask and its counts (checked inputs; see the module docstring for shapes).
 
         low_prob   = valid ∧ p < τ_p           (as logprob < log τ_p: no exp)
@@ -179,7 +186,7 @@ def s2t_decision(logprobs, entropy, advantages, response_mask, settings: S2TSett
         threshold = torch.as_tensor(threshold, dtype=torch.float32, device=e.device).reshape(())
         low_entropy = valid & (e < threshold)
         spurious = candidate & low_entropy
-        n = lambda m: m.sum(dtype=torch.float32)  # noqa: E731
+        n: Callable[[torch.Tensor], torch.Tensor] = lambda m: m.sum(dtype=torch.float32)  # noqa: E731
         return S2TDecision(spurious, threshold, n(valid), n(low_prob), n(low_entropy), n(candidate), n(spurious),
                            candidate)
 
@@ -191,7 +198,8 @@ class StepS2T(NamedTuple):
     num_silenced: torch.Tensor       # tokens silenced in the whole step, summed over the ranks of `group`
 
 
-def s2t_over_step(parts: Sequence[tuple], settings: S2TSettings, group=None) -> StepS2T:
+def s2t_over_step(parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], settings: S2TSettings,
+                  group: dist.ProcessGroup | None = None) -> StepS2T:
     """S2T's τ_h and silenced-token count over an optimizer step's micro-batches, each `part` a
     (logprobs, entropy, advantages, response_mask) of one micro-batch on this rank (all ranks call it with
     the same number of parts). `mini_batch` scope: one τ_h over every part and rank (`s2t_threshold`);
@@ -209,7 +217,8 @@ def s2t_over_step(parts: Sequence[tuple], settings: S2TSettings, group=None) -> 
     return StepS2T(tau_h, local)
 
 
-def tau_h_for_fraction(entropy, candidates, n_valid, target: float) -> float | None:
+def tau_h_for_fraction(entropy: torch.Tensor, candidates: torch.Tensor, n_valid: float | torch.Tensor,
+                       target: float) -> float | None:
     """The smallest absolute τ_h (nats) under which at least `target` · n_valid of the `candidates`
     (valid ∧ p < τ_p ∧ A > 0) have H < τ_h: just above the k-th smallest candidate entropy,
     k = ⌈target · n_valid⌉ (the mask's "<" is strict). None when fewer than k candidates exist."""
@@ -221,7 +230,8 @@ def tau_h_for_fraction(entropy, candidates, n_valid, target: float) -> float | N
     return float(torch.nextafter(kth, torch.tensor(float("inf"))))
 
 
-def high_entropy_threshold(entropy, valid, top_quantile: float, group=None) -> torch.Tensor:
+def high_entropy_threshold(entropy: torch.Tensor, valid: torch.Tensor, top_quantile: float,
+                           group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """20-Entropy's τ_ρ: the (1 − ρ) quantile of the valid tokens' entropies (+inf when none is valid)."""
     check_top_entropy_quantile(top_quantile, "top_quantile")
     t = entropy_quantile(entropy, valid, 1.0 - top_quantile, group)
@@ -258,12 +268,14 @@ class TokenFilterSpec:
     denominator: str                 # "kept": token-mean over the tokens that get gradient; "valid": over all valid
     uses_top_entropy_quantile: bool = False  # reads params.top_entropy_quantile (20-Entropy's rho)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.denominator not in DENOMINATORS:
             raise ValueError(f"denominator must be one of {DENOMINATORS}, got {self.denominator!r}")
 
-    def __call__(self, logprobs, entropy, advantages, response_mask, params: FilterParams | None = None,
-                 group=None, step_tau_h=None, **renamed) -> FilterResult:
+    def __call__(self, logprobs: torch.Tensor, entropy: torch.Tensor, advantages: torch.Tensor,
+                 response_mask: torch.Tensor, params: FilterParams | None = None,
+                 group: dist.ProcessGroup | None = None, step_tau_h: torch.Tensor | float | None = None,
+                 **renamed: Any) -> FilterResult:
         step_tau_h = _renamed_tau_h(renamed, step_tau_h)
         return self.fn(logprobs, entropy, advantages, response_mask, params or FilterParams(), group, step_tau_h)
 
@@ -271,7 +283,8 @@ class TokenFilterSpec:
 TOKEN_FILTERS: dict[str, TokenFilterSpec] = {}
 
 
-def register_token_filter(name: str, *, applies_s2t: bool, denominator: str, uses_top_entropy_quantile: bool = False):
+def register_token_filter(name: str, *, applies_s2t: bool, denominator: str,
+                          uses_top_entropy_quantile: bool = False) -> Callable[[TokenFilter], TokenFilter]:
     def decorator(fn: TokenFilter) -> TokenFilter:
         TOKEN_FILTERS[name] = TokenFilterSpec(name, fn, applies_s2t, denominator, uses_top_entropy_quantile)
         return fn
@@ -286,24 +299,28 @@ def get_token_filter(name: str) -> TokenFilterSpec:
         raise ValueError(f"unknown token filter {name!r}; known: {', '.join(TOKEN_FILTERS)}") from None
 
 
-def apply_token_filter(name: str, logprobs, entropy, advantages, response_mask, params: FilterParams | None = None,
-                       group=None, step_tau_h=None, **renamed) -> FilterResult:
+def apply_token_filter(name: str, logprobs: torch.Tensor, entropy: torch.Tensor, advantages: torch.Tensor,
+                       response_mask: torch.Tensor, params: FilterParams | None = None,
+                       group: dist.ProcessGroup | None = None, step_tau_h: torch.Tensor | float | None = None,
+                       **renamed: Any) -> FilterResult:
     """`TOKEN_FILTERS[name](...)`: the one place engines and analyze decide which tokens learn."""
     return get_token_filter(name)(logprobs, entropy, advantages, response_mask, params, group,
                                   _renamed_tau_h(renamed, step_tau_h))
 
 
 @register_token_filter("none", applies_s2t=False, denominator="kept")
-def keep_valid(logprobs, entropy, advantages, response_mask, params: FilterParams, group=None,
-               step_tau_h=None) -> FilterResult:
+def keep_valid(logprobs: torch.Tensor, entropy: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor,
+               params: FilterParams, group: dist.ProcessGroup | None = None,
+               step_tau_h: torch.Tensor | float | None = None) -> FilterResult:
     """loss mask = valid."""
     s2t = s2t_decision(logprobs, entropy, advantages, response_mask, params.s2t, group, step_tau_h)
     return FilterResult(check_mask("response_mask", response_mask, logprobs.shape), s2t)
 
 
 @register_token_filter("s2t", applies_s2t=True, denominator="kept")
-def silence_spurious(logprobs, entropy, advantages, response_mask, params: FilterParams, group=None,
-                     step_tau_h=None) -> FilterResult:
+def silence_spurious(logprobs: torch.Tensor, entropy: torch.Tensor, advantages: torch.Tensor,
+                     response_mask: torch.Tensor, params: FilterParams, group: dist.ProcessGroup | None = None,
+                     step_tau_h: torch.Tensor | float | None = None) -> FilterResult:
     """STAPO: loss mask = valid ∧ ¬M with M = A > 0 ∧ p < τ_p ∧ H < τ_h (`s2t_decision`)."""
     s2t = s2t_decision(logprobs, entropy, advantages, response_mask, params.s2t, group, step_tau_h)
     valid = check_mask("response_mask", response_mask, logprobs.shape)
@@ -311,8 +328,9 @@ def silence_spurious(logprobs, entropy, advantages, response_mask, params: Filte
 
 
 @register_token_filter("high_entropy", applies_s2t=False, denominator="valid", uses_top_entropy_quantile=True)
-def keep_high_entropy(logprobs, entropy, advantages, response_mask, params: FilterParams, group=None,
-                      step_tau_h=None) -> FilterResult:
+def keep_high_entropy(logprobs: torch.Tensor, entropy: torch.Tensor, advantages: torch.Tensor,
+                      response_mask: torch.Tensor, params: FilterParams, group: dist.ProcessGroup | None = None,
+                      step_tau_h: torch.Tensor | float | None = None) -> FilterResult:
     """20-Entropy: loss mask = valid ∧ H ≥ τ_ρ, τ_ρ = the (1 − ρ) quantile of the valid entropies."""
     s2t = s2t_decision(logprobs, entropy, advantages, response_mask, params.s2t, group, step_tau_h)
     return FilterResult(high_entropy_mask(entropy, response_mask, params.top_entropy_quantile, group=group), s2t)
@@ -321,8 +339,9 @@ def keep_high_entropy(logprobs, entropy, advantages, response_mask, params: Filt
 # ---- the public masks ------------------------------------------------------------------------
 
 
-def s2t_mask(logprobs, entropy, advantages, response_mask, settings: S2TSettings | None = None, group=None,
-             step_tau_h=None, **renamed) -> torch.Tensor:
+def s2t_mask(logprobs: torch.Tensor, entropy: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor,
+             settings: S2TSettings | None = None, group: dist.ProcessGroup | None = None,
+             step_tau_h: torch.Tensor | float | None = None, **renamed: Any) -> torch.Tensor:
     """STAPO's spurious-token mask (True = silenced): valid ∧ A > 0 ∧ p < τ_p ∧ H < τ_h, bool [B, T].
 
     `settings` None: `S2TSettings()` (the paper's rule); `step_tau_h` replaces the batch's own τ_h.
@@ -331,7 +350,7 @@ def s2t_mask(logprobs, entropy, advantages, response_mask, settings: S2TSettings
                         _renamed_tau_h(renamed, step_tau_h)).spurious
 
 
-def _renamed_tau_h(renamed: dict, step_tau_h):
+def _renamed_tau_h(renamed: dict[str, Any], step_tau_h: torch.Tensor | float | None) -> torch.Tensor | float | None:
     """`threshold=` / `s2t_threshold=`, the names of `step_tau_h` before 0.2: accepted with a DeprecationWarning."""
     for old in ("threshold", "s2t_threshold"):
         if old in renamed:
@@ -343,7 +362,9 @@ def _renamed_tau_h(renamed: dict, step_tau_h):
     return step_tau_h
 
 
-def high_entropy_mask(entropy, response_mask, top_quantile: float = 0.2, threshold=None, group=None) -> torch.Tensor:
+def high_entropy_mask(entropy: torch.Tensor, response_mask: torch.Tensor, top_quantile: float = 0.2,
+                      threshold: torch.Tensor | float | None = None,
+                      group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """20-Entropy's mask (True = keep): valid tokens with H ≥ the (1 − top_quantile) quantile of the valid
     tokens' entropies. `threshold` overrides the quantile."""
     ent = check_float("entropy", entropy)

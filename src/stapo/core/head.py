@@ -15,6 +15,8 @@ input dtype. The head that starts from hidden states (and never builds [N, V] lo
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 DEFAULT_CHUNK_ROWS = 1024
@@ -36,7 +38,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 class _LogitsLogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, temperature, chunk, want_collision, want_collision_logp):
+    def forward(
+        ctx: Any, logits: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int, want_collision: bool,
+        want_collision_logp: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         n, _ = logits.shape
         dt = _compute_dtype(logits)
         logprobs = torch.empty(n, dtype=dt, device=logits.device)
@@ -53,9 +58,9 @@ class _LogitsLogprobEntropy(torch.autograd.Function):
             p = logp.exp()
             logprobs[s : s + chunk] = logp.gather(1, targets[s : s + chunk, None]).squeeze(1)
             entropy[s : s + chunk] = -(p * logp).sum(-1)
-            if want_collision:
+            if collision is not None:  # want_collision
                 collision[s : s + chunk] = (p * p).sum(-1)
-            if want_collision_logp:
+            if collision_logp is not None:  # want_collision_logp
                 collision_logp[s : s + chunk] = (p * p * logp).sum(-1)
             lse_all[s : s + chunk] = lse
         ctx.save_for_backward(logits, targets, lse_all)
@@ -65,7 +70,10 @@ class _LogitsLogprobEntropy(torch.autograd.Function):
         return logprobs, entropy, collision, collision_logp
 
     @staticmethod
-    def backward(ctx, grad_logprobs, _grad_entropy, _grad_collision, _grad_collision_logp):
+    def backward(
+        ctx: Any, grad_logprobs: torch.Tensor | None, _grad_entropy: torch.Tensor | None,
+        _grad_collision: torch.Tensor | None, _grad_collision_logp: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, ...]:
         logits, targets, lse_all = ctx.saved_tensors
         t, chunk = ctx.temperature, ctx.chunk
         grad = torch.empty_like(logits)
@@ -89,7 +97,7 @@ def token_logprobs_entropy(
     chunk_size: int | None = None,
     return_collision: bool = False,
     return_collision_logp: bool = False,
-):
+) -> tuple[torch.Tensor, ...]:
     """Per-token (logprobs, entropy[, collision][, collision_logp]) in float32 (float64 for float64
     input) from logits [..., V] and targets [...].
 
@@ -113,6 +121,7 @@ def token_logprobs_entropy(
     if tgt.numel() and (int(tgt.min()) < 0 or int(tgt.max()) >= vocab):
         raise ValueError(f"targets must be in [0, {vocab}), got values in [{int(tgt.min())}, {int(tgt.max())}]")
     chunk = _chunk_rows(flat.shape[0], vocab, chunk_size)
-    outs = _LogitsLogprobEntropy.apply(flat, tgt, float(temperature), chunk, bool(return_collision),
-                                       bool(return_collision_logp))
+    outs = _LogitsLogprobEntropy.apply(  # type: ignore[no-untyped-call]  # torch's Function.apply is unannotated
+        flat, tgt, float(temperature), chunk, bool(return_collision), bool(return_collision_logp)
+    )
     return tuple(t.reshape(lead) for t in outs if t is not None)

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -86,7 +88,19 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def fold_tile_torch(z, bias, scale, targets, vocab_start, m, s, x, q, target_z, r=None):
+def fold_tile_torch(
+    z: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    targets: torch.Tensor,
+    vocab_start: int,
+    m: torch.Tensor,
+    s: torch.Tensor,
+    x: torch.Tensor,
+    q: torch.Tensor | None,
+    target_z: torch.Tensor,
+    r: torch.Tensor | None = None,
+) -> None:
     """Fold one raw logits tile z [R, C] (float32, overwritten) into the row statistics (in place).
 
     m, s, x, q, target_z, r are float32 [R] views; q may be None, r (Σ e^{2(z−m)}(z−m)) needs q.
@@ -110,6 +124,7 @@ def fold_tile_torch(z, bias, scale, targets, vocab_start, m, s, x, q, target_z, 
     x.copy_(rescale * (x + delta * s) + (e * z).sum(1))
     s.copy_(rescale * s + e.sum(1))
     if r is not None:  # before q is updated: the shift of R uses the old Q
+        assert q is not None, "r needs q"
         e2 = e * e
         r.copy_(rescale * rescale * (r + delta * q) + (e2 * z).sum(1))
         q.copy_(rescale * rescale * q + e2.sum(1))
@@ -118,7 +133,16 @@ def fold_tile_torch(z, bias, scale, targets, vocab_start, m, s, x, q, target_z, 
     m.copy_(new_m)
 
 
-def grad_tile_torch(z, bias, scale, targets, vocab_start, lse, grad, out):
+def grad_tile_torch(
+    z: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    targets: torch.Tensor,
+    vocab_start: int,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
     """Turn a raw logits tile z [R, C] (float32, overwritten) into dlogprob/dz_raw, written to out.
 
     dz = g · (onehot(a) − softmax) · scale; out may be z itself or a [R, C] buffer of another dtype.
@@ -143,12 +167,19 @@ def grad_tile_torch(z, bias, scale, targets, vocab_start, lse, grad, out):
 # ----------------------------------------------------------------------------------------------
 
 
-def _triton_module():
+def _triton_module() -> ModuleType | None:
     try:
         from stapo.core import lm_head_triton
     except ImportError:
         return None
     return lm_head_triton if lm_head_triton.AVAILABLE else None
+
+
+def _loaded_triton() -> ModuleType:
+    """The Triton module where `resolve_backend` has already chosen a Triton backend."""
+    mod = _triton_module()
+    assert mod is not None, "a Triton backend was chosen without triton"
+    return mod
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -188,13 +219,25 @@ def _tile_shape(n_rows: int, vocab: int, chunk_size: int | None, vocab_chunk: in
 
 class _LMHeadLogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, scale, compute_dtype, rows, cols, want_collision, want_collision_logp,
-                backend):
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        scale: float,
+        compute_dtype: torch.dtype,
+        rows: int,
+        cols: int,
+        want_collision: bool,
+        want_collision_logp: bool,
+        backend: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         ctx.set_materialize_grads(False)
         n, vocab, dev = hidden.shape[0], weight.shape[0], hidden.device
-        fold = fold_tile_torch if backend == "torch" else _triton_module().fold_tile
-        gemm_fold = _triton_module().gemm_fold if backend == "triton-gemm" else None
-        fold_cols = max(cols, _triton_module().GEMM_FOLD_COLUMNS) if gemm_fold is not None else cols
+        fold = fold_tile_torch if backend == "torch" else _loaded_triton().fold_tile
+        gemm_fold = _loaded_triton().gemm_fold if backend == "triton-gemm" else None
+        fold_cols = max(cols, _loaded_triton().GEMM_FOLD_COLUMNS) if gemm_fold is not None else cols
         m = torch.full((n,), float("-inf"), device=dev, dtype=torch.float32)
         s = torch.zeros(n, device=dev, dtype=torch.float32)
         x = torch.zeros_like(s)
@@ -223,22 +266,29 @@ class _LMHeadLogprobEntropy(torch.autograd.Function):
             raise ValueError("lm head logits are not finite (NaN/inf in hidden, weight or bias, or overflow)")
         logprobs = target_z - lse
         entropy = log_s - x / s
-        collision = q / (s * s) if want_collision else None
-        collision_logp = (r - q * log_s) / (s * s) if want_collision_logp else None
+        # (q is set when either is wanted, r when collision_logp is)
+        collision = q / (s * s) if want_collision and q is not None else None
+        collision_logp = (r - q * log_s) / (s * s) if want_collision_logp and r is not None and q is not None else None
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.scale, ctx.compute_dtype, ctx.rows, ctx.cols, ctx.backend = scale, compute_dtype, rows, cols, backend
         ctx.mark_non_differentiable(*(t for t in (entropy, collision, collision_logp) if t is not None))
         return logprobs, entropy, collision, collision_logp
 
     @staticmethod
-    def backward(ctx, grad_logprobs, _grad_entropy, _grad_collision, _grad_collision_logp):
+    def backward(
+        ctx: Any,
+        grad_logprobs: torch.Tensor | None,
+        _grad_entropy: torch.Tensor | None,
+        _grad_collision: torch.Tensor | None,
+        _grad_collision_logp: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, ...]:
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if grad_logprobs is None or not (need_h or need_w or need_b):
             return (None,) * 11
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         scale, cdt, rows, cols = ctx.scale, ctx.compute_dtype, ctx.rows, ctx.cols
-        unfold = grad_tile_torch if ctx.backend == "torch" else _triton_module().grad_tile
-        gemm_grad = _triton_module().gemm_grad if ctx.backend == "triton-gemm" else None
+        unfold = grad_tile_torch if ctx.backend == "torch" else _loaded_triton().grad_tile
+        gemm_grad = _loaded_triton().gemm_grad if ctx.backend == "triton-gemm" else None
         n, vocab, dev = hidden.shape[0], weight.shape[0], hidden.device
         g = grad_logprobs.float().contiguous()
         # The dz tile feeds two GEMMs: in the compute dtype on CUDA (tensor cores), float32 elsewhere.
@@ -266,21 +316,22 @@ class _LMHeadLogprobEntropy(torch.autograd.Function):
                         dz = z if dz_dtype == torch.float32 else torch.empty(z.shape, device=dev, dtype=dz_dtype)
                         unfold(z, b_t, scale, targets[r0:r1], v0, lse[r0:r1], g[r0:r1], dz)
                         del z
-                    if need_h:
+                    # (grad_h, grad_w, grad_b are set exactly when needed; acc_w when the rows take several chunks)
+                    if grad_h is not None:
                         _addmm_fp32(grad_h[r0:r1], dz, w_c)
-                    if need_w:
-                        if single_chunk:
+                    if grad_w is not None:
+                        if acc_w is None:  # single_chunk
                             grad_w[v0:v1] = _mm_fp32(dz.t(), h_c)
                         else:
                             _addmm_fp32(acc_w, dz.t(), h_c)
-                    if need_b:
+                    if grad_b is not None:
                         grad_b[v0:v1] += dz.sum(0, dtype=torch.float32)
-                if acc_w is not None:
+                if acc_w is not None and grad_w is not None:
                     grad_w[v0:v1] = acc_w
         return (
-            grad_h.to(hidden.dtype) if need_h else None,
+            grad_h.to(hidden.dtype) if grad_h is not None else None,
             grad_w,
-            grad_b.to(bias.dtype) if need_b else None,
+            grad_b.to(bias.dtype) if grad_b is not None else None,
             *(None,) * 8,
         )
 
@@ -298,7 +349,7 @@ def lm_head_logprobs_entropy(
     return_collision_logp: bool = False,
     vocab_chunk: int | None = None,
     backend: str = "auto",
-):
+) -> tuple[torch.Tensor, ...]:
     """Per-token (logprobs, entropy[, collision][, collision_logp]) in float32 from hidden [..., H]
     and weight [V, H].
 
@@ -316,7 +367,9 @@ def lm_head_logprobs_entropy(
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor")
     if hidden.dim() < 1 or weight.dim() != 2:
-        raise ValueError(f"hidden must be [..., H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"hidden must be [..., H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
     vocab, width = weight.shape
     if hidden.shape[-1] != width:
         raise ValueError(f"hidden's last dim ({hidden.shape[-1]}) must equal weight's H ({width})")
@@ -327,9 +380,9 @@ def lm_head_logprobs_entropy(
         raise ValueError("targets must be an integer (int64/int32) tensor")
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}")
-    for name, t in (("weight", weight), ("targets", targets), ("bias", bias)):
-        if t is not None and t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    for name, other in (("weight", weight), ("targets", targets), ("bias", bias)):
+        if other is not None and other.device != hidden.device:
+            raise ValueError(f"{name} is on {other.device} but hidden is on {hidden.device}")
     temperature, logit_scale = float(temperature), float(logit_scale)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -351,7 +404,7 @@ def lm_head_logprobs_entropy(
     else:
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     rows, cols = _tile_shape(flat_h.shape[0], vocab, chunk_size, vocab_chunk)
-    outs = _LMHeadLogprobEntropy.apply(
+    outs = _LMHeadLogprobEntropy.apply(  # type: ignore[no-untyped-call]  # torch's Function.apply is unannotated
         flat_h, weight, bias, flat_t, logit_scale / temperature, compute_dtype, rows, cols,
         bool(return_collision), bool(return_collision_logp), use,
     )
@@ -372,7 +425,7 @@ class LMHeadParams:
     logit_scale: float
 
 
-def _text_config(model):
+def _text_config(model: object) -> Any:
     config = getattr(model, "config", None)
     if config is None:
         raise ValueError(f"{type(model).__name__} has no .config: not a Hugging Face-style causal LM")
@@ -380,7 +433,7 @@ def _text_config(model):
     return get() if callable(get) else config
 
 
-def _unwrap(model):
+def _unwrap(model: object) -> object:
     """The bare causal LM under PEFT (`get_base_model`) or DDP/FSDP-style (`.module`) wrappers."""
     for _ in range(4):
         if hasattr(model, "get_base_model") and callable(model.get_base_model):
@@ -392,7 +445,7 @@ def _unwrap(model):
     return model
 
 
-def causal_lm_head_params(model) -> LMHeadParams:
+def causal_lm_head_params(model: object) -> LMHeadParams:
     """The output projection of a causal LM and the logit scaling its forward applies.
 
     Reads `get_output_embeddings()` (tied embeddings included) and the config's logit scaling:
@@ -428,7 +481,7 @@ def causal_lm_head_params(model) -> LMHeadParams:
     return LMHeadParams(weight=weight, bias=bias if isinstance(bias, torch.Tensor) else None, logit_scale=scale)
 
 
-def causal_lm_backbone(model):
+def causal_lm_backbone(model: object) -> torch.nn.Module:
     """The module whose output's `.last_hidden_state` is the final-norm hidden state fed to the head."""
     model = _unwrap(model)
     base = getattr(model, "base_model", None)
@@ -444,7 +497,9 @@ def causal_lm_backbone(model):
     raise ValueError(f"cannot find the backbone of {type(model).__name__} (no base_model / model attribute)")
 
 
-def causal_lm_hidden_states(model, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
+def causal_lm_hidden_states(
+    model: object, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+) -> torch.Tensor:
     """Final hidden states [B, T, H] (after the final norm, before the head): no logits are built."""
     out = causal_lm_backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     hidden = getattr(out, "last_hidden_state", None)

@@ -25,6 +25,8 @@ This saves the float32 tile's write and read in each direction (2 × 4 bytes × 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -224,7 +226,9 @@ if AVAILABLE:
     _gemm_grad_tuned = triton.autotune(_GEMM_CONFIGS, key=["R", "C", "K"])(_gemm_grad_kernel)
 
 
-def _gemm_launch_args(h, w):
+def _gemm_launch_args(
+    h: torch.Tensor, w: torch.Tensor
+) -> tuple[Callable[[dict[str, Any]], tuple[int]], dict[str, Any]]:
     if not AVAILABLE:
         raise RuntimeError("triton is not installed")
     if h.dtype != w.dtype:
@@ -232,7 +236,7 @@ def _gemm_launch_args(h, w):
     rows, cols = h.shape[0], w.shape[0]
     n_col_blocks = triton.cdiv(cols, GEMM_BN)
 
-    def grid(meta):
+    def grid(meta: dict[str, Any]) -> tuple[int]:
         return (triton.cdiv(rows, meta["BM"]) * n_col_blocks,)
 
     upcast = INTERPRET and h.dtype != torch.float32
@@ -240,7 +244,19 @@ def _gemm_launch_args(h, w):
     return grid, meta
 
 
-def gemm_fold(h, w, bias, scale, targets, vocab_start, m, s, x, q, target_z):
+def gemm_fold(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    targets: torch.Tensor,
+    vocab_start: int,
+    m: torch.Tensor,
+    s: torch.Tensor,
+    x: torch.Tensor,
+    q: torch.Tensor | None,
+    target_z: torch.Tensor,
+) -> None:
     """Fold the logits tile (h @ wᵀ + bias) · scale into the row statistics without materialising it.
 
     h [R, H] and w [C, H] in the compute dtype; m, s, x, q (or None), target_z float32 [R] (in place).
@@ -261,7 +277,17 @@ def gemm_fold(h, w, bias, scale, targets, vocab_start, m, s, x, q, target_z):
     merge_block_stats(m, s, x, q, stats)
 
 
-def gemm_grad(h, w, bias, scale, targets, vocab_start, lse, grad, out):
+def gemm_grad(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    targets: torch.Tensor,
+    vocab_start: int,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
     """dlogprob/dz_raw of the logits tile (h @ wᵀ + bias), written to out [R, C] (any float dtype)."""
     rows, cols = h.shape[0], w.shape[0]
     if rows == 0 or cols == 0:
@@ -276,7 +302,9 @@ def gemm_grad(h, w, bias, scale, targets, vocab_start, lse, grad, out):
     )
 
 
-def merge_block_stats(m, s, x, q, stats):
+def merge_block_stats(
+    m: torch.Tensor, s: torch.Tensor, x: torch.Tensor, q: torch.Tensor | None, stats: torch.Tensor
+) -> None:
     """Fold per-block statistics stats[k, block, row] (k = m_b, S_b, X_b[, Q_b], each relative to its
     block's max m_b) into the running m, S, X[, Q] (in place):
 
@@ -298,14 +326,25 @@ def merge_block_stats(m, s, x, q, stats):
     m.copy_(new_m)
 
 
-def _check(z):
+def _check(z: torch.Tensor) -> None:
     if not AVAILABLE:
         raise RuntimeError("triton is not installed")
     if z.stride(1) != 1:
         raise ValueError("logits tile must be row-major contiguous")
 
 
-def fold_tile(z, bias, scale, targets, vocab_start, m, s, x, q, target_z):
+def fold_tile(
+    z: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    targets: torch.Tensor,
+    vocab_start: int,
+    m: torch.Tensor,
+    s: torch.Tensor,
+    x: torch.Tensor,
+    q: torch.Tensor | None,
+    target_z: torch.Tensor,
+) -> None:
     """Triton twin of `stapo.core.lm_head.fold_tile_torch` (z is read, not modified)."""
     _check(z)
     rows, cols = z.shape
@@ -318,7 +357,16 @@ def fold_tile(z, bias, scale, targets, vocab_start, m, s, x, q, target_z):
     )
 
 
-def grad_tile(z, bias, scale, targets, vocab_start, lse, grad, out):
+def grad_tile(
+    z: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    targets: torch.Tensor,
+    vocab_start: int,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
     """Triton twin of `stapo.core.lm_head.grad_tile_torch` (out may alias z when both are float32)."""
     _check(z)
     rows, cols = z.shape

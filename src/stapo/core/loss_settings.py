@@ -21,6 +21,7 @@ filters, `stapo train`'s run config (`stapo.config`), the TRL `STAPOConfig` and 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 __all__ = [
@@ -38,20 +39,20 @@ def _real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
-def _check_clip_epsilon(value):
+def _check_clip_epsilon(value: Any) -> str | None:
     return None if _real(value) and value >= 0 else "must be a number >= 0"
 
 
-def _check_clip_ratio_c(value):
+def _check_clip_ratio_c(value: Any) -> str | None:
     return None if _real(value) and value > 1 else "must be a number > 1 (the dual-clip bound for A < 0)"
 
 
-def _check_top_entropy_quantile(value):
+def _check_top_entropy_quantile(value: Any) -> str | None:
     ok = _real(value) and 0 < value <= 1
     return None if ok else "must be a number in (0, 1] (the fraction of tokens that keep a gradient; 0 keeps none)"
 
 
-_CHECKS = {
+_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "clip_low": _check_clip_epsilon,
     "clip_high": _check_clip_epsilon,
     "clip_ratio_c": _check_clip_ratio_c,

@@ -7,7 +7,8 @@ float32 tensors (engines call `.item()` or all-reduce them).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.distributed as dist
@@ -86,7 +87,7 @@ def aggregate(
     return loss
 
 
-def _as_denominator(name: str, value, like: torch.Tensor) -> torch.Tensor:
+def _as_denominator(name: str, value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
     if t.numel() != 1 or not bool(torch.isfinite(t)) or bool(t < 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -97,7 +98,7 @@ def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
-    loss_mask,
+    loss_mask: torch.Tensor,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     clip_ratio_c: float | None = None,
@@ -121,7 +122,9 @@ def policy_loss(
     return _clipped_loss(lp, old, adv, mask, clip_low, clip_high, clip_ratio_c, agg, num_tokens, num_seqs, horizon)
 
 
-def _check_policy_inputs(logprobs, old_logprobs, advantages, mask, mask_name):
+def _check_policy_inputs(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, mask_name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     lp = check_float("logprobs", logprobs, ndim=2)
     old = check_float("old_logprobs", old_logprobs, ndim=2)
     check_same_shape("old_logprobs", old, "logprobs", lp)
@@ -133,7 +136,19 @@ def _check_policy_inputs(logprobs, old_logprobs, advantages, mask, mask_name):
     return lp, old, adv, mask
 
 
-def _clipped_loss(lp, old, adv, mask, clip_low, clip_high, clip_ratio_c, agg, num_tokens, num_seqs, horizon):
+def _clipped_loss(
+    lp: torch.Tensor,
+    old: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    clip_ratio_c: float | None,
+    agg: str,
+    num_tokens: float | torch.Tensor | None,
+    num_seqs: float | torch.Tensor | None,
+    horizon: float | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The PPO-clip terms and their aggregation on already-checked inputs."""
     clip_low, clip_high = check_clip_low(clip_low), check_clip_high(clip_high)
     clip_ratio_c = check_clip_ratio_c(clip_ratio_c)
@@ -172,7 +187,9 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return (num.float() / den.clamp(min=1).float()).float()
 
 
-def _masked_extreme(x: torch.Tensor, mask: torch.Tensor, reduce) -> torch.Tensor:
+def _masked_extreme(
+    x: torch.Tensor, mask: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     if not bool(mask.any()):
         return torch.ones((), device=x.device)
     fill = float("inf") if reduce is torch.amin else float("-inf")
@@ -193,7 +210,7 @@ class FilteredLoss(NamedTuple):
     """What `filtered_policy_loss` returns: the loss, its metrics, and the decision behind them."""
 
     loss: torch.Tensor       # the quantity to minimise (0-d)
-    metrics: dict            # 0-d float32 tensors: policy_loss's, the S2T decision's, the filter's own
+    metrics: dict[str, torch.Tensor]  # 0-d float32 tensors: policy_loss's, the S2T decision's, the filter's own
     loss_mask: torch.Tensor  # bool [B, T]: the tokens that got gradient
     s2t: S2TDecision         # S2T's decision (applied where the filter applies S2T, else only measured)
     deferred: bool           # token-mean over valid tokens although S2T silenced some it could not count:
@@ -201,7 +218,8 @@ class FilteredLoss(NamedTuple):
 
 
 def filtered_policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, response_mask, entropy: torch.Tensor,
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor,
+    entropy: torch.Tensor,
     token_filter: str | TokenFilterSpec = "s2t",
     params: FilterParams | None = None,
     *,
@@ -211,8 +229,8 @@ def filtered_policy_loss(
     num_valid: float | torch.Tensor | None = None,
     num_silenced: float | torch.Tensor | str | None = None,
     token_weights: torch.Tensor | None = None,
-    group=None,
-    **loss_kwargs,
+    group: dist.ProcessGroup | None = None,
+    **loss_kwargs: Any,
 ) -> FilteredLoss:
     """One micro-batch's loss in the GRPO family: token filter -> clipped loss -> aggregation.
 
@@ -230,17 +248,22 @@ def filtered_policy_loss(
     """
     spec = token_filter if isinstance(token_filter, TokenFilterSpec) else get_token_filter(token_filter)
     lp, old, adv, valid = _check_policy_inputs(logprobs, old_logprobs, advantages, response_mask, "response_mask")
-    kw = dict(clip_low=0.2, clip_high=0.2, clip_ratio_c=None, agg="token-mean", num_seqs=None, horizon=None)
+    kw: dict[str, Any] = dict(
+        clip_low=0.2, clip_high=0.2, clip_ratio_c=None, agg="token-mean", num_seqs=None, horizon=None
+    )
     if set(loss_kwargs) - set(kw):
         raise TypeError(f"unexpected keyword arguments {sorted(set(loss_kwargs) - set(kw))}")
     kw.update(loss_kwargs)
     # 1. The token filter. S2T decides on the decision values where it is applied (else it is measured).
     own = not spec.applies_s2t or decision_logprobs is None
-    kept = spec(lp if own else decision_logprobs, entropy if own else decision_entropy, adv, valid,
-                params or FilterParams(), group, step_tau_h)
+    # (a decision_entropy left None while decision_logprobs is given is refused by the filter's checks)
+    kept = spec(lp if own else cast(torch.Tensor, decision_logprobs),
+                entropy if own else cast(torch.Tensor, decision_entropy),
+                adv, valid, params or FilterParams(), group, step_tau_h)
     # 2. The token-mean denominator: the step's valid tokens, less the silenced ones where the filter's
     # denominator is "kept" (when their count is known; else deferred to the engine).
-    deferred, num_tokens = False, None
+    deferred = False
+    num_tokens: torch.Tensor | None = None
     if kw["agg"] == "token-mean" and num_valid is not None:
         num_tokens = torch.as_tensor(num_valid, dtype=torch.float32)
         if spec.applies_s2t and spec.denominator == "kept":
@@ -264,13 +287,13 @@ def stapo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
-    response_mask,
+    response_mask: torch.Tensor,
     entropy: torch.Tensor,
     s2t: S2TSettings | None = None,
     step_tau_h: torch.Tensor | float | None = None,
-    group=None,
+    group: dist.ProcessGroup | None = None,
     num_tokens: float | torch.Tensor | None = None,
-    **policy_loss_kwargs,
+    **policy_loss_kwargs: Any,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """STAPO: `filtered_policy_loss` with the "s2t" token filter.
 
@@ -294,7 +317,7 @@ def stapo_loss(
     return out.loss, out.metrics
 
 
-def s2t_metrics(s2t) -> dict[str, torch.Tensor]:
+def s2t_metrics(s2t: S2TDecision) -> dict[str, torch.Tensor]:
     """The S2T decision's counts as loss metrics (0-d float32; fractions of the valid tokens)."""
     return {
         "s2t_masked_count": s2t.n_spurious,
@@ -307,7 +330,7 @@ def s2t_metrics(s2t) -> dict[str, torch.Tensor]:
     }
 
 
-def nonfinite_positions(response_mask, *per_token: torch.Tensor | None) -> int:
+def nonfinite_positions(response_mask: torch.Tensor, *per_token: torch.Tensor | None) -> int:
     """How many valid positions hold NaN/inf in any of `per_token` ([B, T] each; None is skipped).
 
     Engines check their forward with it before the loss: a non-finite forward skips the optimizer step
@@ -320,7 +343,7 @@ def nonfinite_positions(response_mask, *per_token: torch.Tensor | None) -> int:
     return int((bad & valid).sum())
 
 
-def global_token_count(mask, group=None) -> torch.Tensor:
+def global_token_count(mask: object, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Σ mask over this process, all-reduced over `group` when torch.distributed is initialized.
 
     The `num_tokens` to pass to `policy_loss` / `stapo_loss` for micro-batch and data-parallel
@@ -337,13 +360,13 @@ def high_entropy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
-    response_mask,
+    response_mask: torch.Tensor,
     entropy: torch.Tensor,
     top_entropy_quantile: float = 0.2,
     entropy_threshold: float | torch.Tensor | None = None,
     num_tokens: float | torch.Tensor | None = None,
-    group=None,
-    **policy_loss_kwargs,
+    group: dist.ProcessGroup | None = None,
+    **policy_loss_kwargs: Any,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """20-Entropy: `filtered_policy_loss` with the "high_entropy" token filter,
 

@@ -7,8 +7,8 @@ returns one warning line when S2T has silenced no token for `inert_warning_steps
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from stapo.core.settings import S2TSettings
 
@@ -38,12 +38,14 @@ class InertS2TMonitor:
         self.warned = True
         s = self.settings
         suggested_tau_h = suggest_tau_h()
-        would = (f"an absolute tau_h of {suggested_tau_h:.4g} nats would have silenced ~{100 * PAPER_MASKED_FRACTION:g}%"
+        would = (f"an absolute tau_h of {suggested_tau_h:.4g} nats would have silenced "
+                 f"~{100 * PAPER_MASKED_FRACTION:g}%"
                  if suggested_tau_h is not None else
                  f"no tau_h reaches ~{100 * PAPER_MASKED_FRACTION:g}% at tau_p = {s.tau_p:g} (too few candidates)")
         return (
             f"S2T has silenced no token for {self.streak} optimizer steps in a row (tau_p = {s.tau_p:g}, "
-            f"tau_h: {s.threshold_reading}{'' if n_candidates == 0 and s.tau_h is None else f' = {threshold:.4g} nats'}); "
+            f"tau_h: {s.threshold_reading}"
+            f"{'' if n_candidates == 0 and s.tau_h is None else f' = {threshold:.4g} nats'}); "
             f"last step: {int(n_valid)} valid tokens, "
             f"{int(n_low_prob)} with p < tau_p, {int(n_candidates)} candidates (A > 0); {would}. "
             "STAPO is training like JustRL: see tau_h_population in docs/analyze.md "

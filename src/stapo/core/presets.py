@@ -1,7 +1,8 @@
 """Method presets: the paper's comparison is the same config with a different `method`.
 
 Each preset fixes the advantage scaling, the clip range, the loss aggregation and the token
-filter; everything else (lr, group size, lengths) is the run's config. Sources: each method's paper or public script (see the descriptions).
+filter; everything else (lr, group size, lengths) is the run's config. Sources: each method's paper or
+public script (see the descriptions).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class MethodPreset:
     s2t: S2TSettings | None = None  # STAPO's thresholds; None: S2T is not applied (only measured)
     description: str = ""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.token_filter not in TOKEN_FILTERS:
             raise ValueError(f"token_filter must be one of {', '.join(TOKEN_FILTERS)}, got {self.token_filter!r}")
 

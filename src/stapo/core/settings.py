@@ -38,8 +38,9 @@ config, `stapo analyze`) takes its defaults from `S2TSettings` and its checks fr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 TAU_H_POPULATIONS = ("valid", "low_prob", "candidates")
 TAU_H_SCOPES = ("mini_batch", "micro_batch")
@@ -52,46 +53,46 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
-def _check_tau_p(value):
+def _check_tau_p(value: Any) -> str | None:
     v = _number(value)
     return None if v is not None and 0.0 <= v <= 1.0 else "must be a number in [0, 1] (0 silences nothing)"
 
 
-def _check_tau_h(value):
+def _check_tau_h(value: Any) -> str | None:
     if value is None:
         return None
     v = _number(value)
     return None if v is not None and v >= 0.0 else "must be a number >= 0 (nats), or null to use tau_h_quantile"
 
 
-def _check_tau_h_quantile(value):
+def _check_tau_h_quantile(value: Any) -> str | None:
     v = _number(value)
     return None if v is not None and 0.0 <= v <= 1.0 else "must be a number in [0, 1]"
 
 
-def _check_tau_h_max(value):
+def _check_tau_h_max(value: Any) -> str | None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value) and value >= 0
     return None if ok else "must be a number >= 0 (nats; inf: no cap)"
 
 
-def _check_population(value):
+def _check_population(value: Any) -> str | None:
     return None if value in TAU_H_POPULATIONS else f"must be one of {', '.join(TAU_H_POPULATIONS)}"
 
 
-def _check_scope(value):
+def _check_scope(value: Any) -> str | None:
     return None if value in TAU_H_SCOPES else f"must be one of {', '.join(TAU_H_SCOPES)}"
 
 
-def _check_decision_policy(value):
+def _check_decision_policy(value: Any) -> str | None:
     return None if value in DECISION_POLICIES else f"must be one of {', '.join(DECISION_POLICIES)}"
 
 
-def _check_inert_steps(value):
+def _check_inert_steps(value: Any) -> str | None:
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
     return None if ok else "must be an int >= 0 (0: never warn)"
 
 
-_CHECKS = {
+_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "tau_p": _check_tau_p,
     "tau_h": _check_tau_h,
     "tau_h_quantile": _check_tau_h_quantile,
@@ -116,7 +117,7 @@ class S2TSettings:
     decision_policy: str = "current"
     inert_warning_steps: int = 20
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         errors = [f"{name} {msg}, got {getattr(self, name)!r}"
                   for name, msg in s2t_errors(asdict(self), none_means_default=False).items()]
         if errors:
@@ -125,7 +126,8 @@ class S2TSettings:
             object.__setattr__(self, name, float(getattr(self, name)))
 
     @classmethod
-    def resolve(cls, values: Mapping[str, Any] | None = None, base: "S2TSettings | None" = None, **kwargs):
+    def resolve(cls, values: Mapping[str, Any] | None = None, base: S2TSettings | None = None,
+                **kwargs: Any) -> S2TSettings:
         """Settings from `values` / `kwargs` (None or missing = `base`'s value, or the default).
 
         `tau_h` is special: None means "use the quantile", so a None there keeps `base`'s tau_h too.

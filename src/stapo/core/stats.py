@@ -23,7 +23,7 @@ def grad_norm_proxy(logprobs: torch.Tensor, collision: torch.Tensor) -> torch.Te
 def token_fractions(
     logprobs: torch.Tensor,
     entropy: torch.Tensor,
-    response_mask,
+    response_mask: torch.Tensor,
     tau_p: float,
     entropy_threshold: float,
     spurious: torch.Tensor | None = None,
@@ -50,7 +50,7 @@ def entropy_change_first_order(
     entropy: torch.Tensor,
     collision: torch.Tensor,
     collision_logp: torch.Tensor,
-    advantages,
+    advantages: torch.Tensor | float,
     step_size: float = 1.0,
     temperature: float = 1.0,
 ) -> torch.Tensor:
