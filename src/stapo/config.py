@@ -419,7 +419,27 @@ def load_config(path: str | os.PathLike, overrides: list[str] | dict[str, Any] |
     raw = read_yaml(cfg_path)
     extra = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     raw.update(extra)
-    return validate(raw, source=str(cfg_path))
+    try:
+        return validate(raw, source=str(cfg_path))
+    except ConfigError as err:
+        raise ConfigError(err.errors, _blame(err.errors, str(cfg_path), overrides, extra)) from None
+
+
+def _blame(errors: list[str], cfg_path: str, overrides, extra: dict[str, Any]) -> str:
+    """Where the problems come from: `override max_steps=abc` for a field the command line set (as
+    typed), the config file for the others."""
+    typed = {item.partition("=")[0].strip(): item for item in overrides} if isinstance(overrides, list) else {}
+    blamed, from_file = [], False
+    for error in errors:
+        key = error.partition(":")[0]
+        if key in extra:
+            text = typed.get(key, f"{key}={extra[key]}")
+            if text not in blamed:
+                blamed.append(text)
+        else:
+            from_file = True
+    named = [f"override{'s' if len(blamed) > 1 else ''} {', '.join(blamed)}"] if blamed else []
+    return " and ".join(([cfg_path] if from_file else []) + named)
 
 
 def dump_config(run: RunConfig, path: str | os.PathLike) -> None:

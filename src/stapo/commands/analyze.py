@@ -12,6 +12,7 @@ Heavy imports (torch, transformers, matplotlib) happen inside the handlers.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -31,12 +32,23 @@ from stapo.rundir import (
 
 DEFAULT_NUM_PROMPTS = 16
 
+EPILOG = """\
+examples:
+  stapo analyze tokens --model embedded --data "synthetic:add1?n=32"   # sample, grade, the S2T tokens
+  stapo analyze tokens --run runs/demo          # the run's captured rollouts, its settings
+  stapo analyze runs runs/grpo runs/demo --html report.html
+  stapo analyze counterfactual --quick          # the one-step entropy test, smoke-sized
+
+`stapo analyze WHAT --help` for each one's options; docs/analyze.md for what they measure."""
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "analyze",
         help="token-level diagnostics (spurious tokens, gradient proxy, threshold sweep) and run comparisons",
         description="Token-level diagnostics of STAPO's spurious-token mask, and training-curve comparisons.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="analyze_command", metavar="WHAT")
 
@@ -71,16 +83,18 @@ def register(subparsers) -> None:
     t.add_argument("--template", default=None,
                    help="prompt template name or a string with {problem} (default: the run's, else "
                    f"{TOKENS_DEFAULTS['template']}). Config field: prompt_template")
-    t.add_argument("--problem-key", default="problem")
-    t.add_argument("--answer-key", default="answer")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--problem-key", default="problem",
+                   help="--data's column holding the problem text (default: problem). Config field: problem_key")
+    t.add_argument("--answer-key", default="answer",
+                   help="--data's column holding the gold answer (default: answer). Config field: answer_key")
+    t.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     t.add_argument("--steps", type=int, nargs="+", default=None, help="with --rollouts: only these capture steps")
     add_s2t_arguments(t, "the run's, else ")
     t.add_argument("--out", default="analysis", help="output directory (default ./analysis). Config field: output_dir")
     t.add_argument("--max-samples-shown", type=int, default=24, help="completions shown in the report (default 24)")
     t.add_argument("--save-rollouts", action="store_true",
                    help="with --model: also save the scored samples as <out>/rollouts/step_00000000.parquet")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=run_tokens)
 
     r = sub.add_parser(
@@ -92,7 +106,7 @@ def register(subparsers) -> None:
         "band from their min to their max at the steps all of them logged, and a table of held-out "
         "accuracy per group (mean [min, max], std).",
     )
-    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training run directories (stapo train's output_dir)")
     r.add_argument("--out", default="analysis", help="output directory (default ./analysis)")
     r.add_argument("--html", metavar="FILE", default=None,
                    help="where to write the HTML report (default: <out>/runs.html); its plots stay in --out")
@@ -110,14 +124,17 @@ def register(subparsers) -> None:
         description="Sample and grade rollout batches, then take ONE step (output head only, on cached hidden "
         "states) on the policy-gradient loss restricted to (i) the S2T set, (ii) an equally large random set "
         "of A>0 tokens, (iii) A>0 low-probability tokens that are not low-entropy, (iv) all tokens; report "
-        "the mean entropy change and KL on held-out positions per token in the set, with 95%% intervals, for "
+        "the mean entropy change and KL on held-out positions per token in the set, with 95% intervals, for "
         "plain SGD and for AdamW with warmed-up state.",
     )
     c.add_argument("--model", default="embedded", help="'embedded' (default), a local directory or a hub id")
     c.add_argument("--data", default="synthetic:add1", help="prompts source (default synthetic:add1)")
-    c.add_argument("--template", default="boxed")
-    c.add_argument("--problem-key", default="problem")
-    c.add_argument("--answer-key", default="answer")
+    c.add_argument("--template", default="boxed",
+                   help="prompt template name or a string with {problem} (default: boxed). Config field: prompt_template")
+    c.add_argument("--problem-key", default="problem",
+                   help="--data's column holding the problem text (default: problem). Config field: problem_key")
+    c.add_argument("--answer-key", default="answer",
+                   help="--data's column holding the gold answer (default: answer). Config field: answer_key")
     c.add_argument("--batches", type=int, default=None, help="scored rollout batches (default 2; quick 2)")
     c.add_argument("--draws", type=int, default=None, help="random draws of set (ii) per batch (default 5)")
     c.add_argument("--prompts-per-batch", type=int, default=None, help="default 8 (quick 2)")
@@ -127,12 +144,12 @@ def register(subparsers) -> None:
                    "(default 1024, quick 64)")
     c.add_argument("--group-size", "-G", type=int, default=None, help="samples per prompt (default 8, quick 4)")
     c.add_argument("--max-new-tokens", type=int, default=None, help="default 32 (quick 8)")
-    c.add_argument("--temperature", type=float, default=1.0)
+    c.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     add_s2t_arguments(c)
     c.add_argument("--sgd-lr", type=float, default=None, help="plain SGD step size (default 1e-4)")
     c.add_argument("--adamw-lr", type=float, default=None, help="AdamW learning rate (default 1e-4)")
     c.add_argument("--warmup-steps", type=int, default=None, help="AdamW warm-up steps on all tokens (default 3)")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0, help="seed of the sampling and the random token sets (default 0)")
     c.add_argument("--quick", action="store_true", help="a tiny configuration for a smoke test (< 60 s on CPU)")
     c.add_argument("--out", default="analysis", help="output directory (default ./analysis)")
     c.set_defaults(func=run_counterfactual_cmd)
@@ -162,7 +179,7 @@ def add_s2t_arguments(parser, default_prefix: str = "") -> None:
                         f"(p < tau_p, A > 0) (default: {default_prefix}{S2T_DEFAULTS['tau_h_population']})")
     parser.add_argument("--tau-h-max", type=float, default=None,
                         help="cap of a quantile tau_h in nats, inf: none (default: "
-                        f"{default_prefix}{S2T_DEFAULTS['tau_h_max']:.4g} = ln 2)")
+                        f"{default_prefix}{S2T_DEFAULTS['tau_h_max']:g})")
 
 
 def s2t_settings_from_args(args):

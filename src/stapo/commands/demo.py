@@ -14,7 +14,8 @@ def register(subparsers) -> None:
         "and STAPO with the same seed, prints their held-out accuracy and training curves side by side "
         "and overlays the curves in one plot.",
     )
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="override fields of the demo config")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                   help="override fields of the demo config (optional)")
     p.add_argument("--compare", action="store_true",
                    help="train GRPO and STAPO (same seed), print their numbers side by side and plot both")
     p.add_argument("--out", default=None, help="run directory (default: the config's output_dir)")

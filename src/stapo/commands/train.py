@@ -12,7 +12,9 @@ def register(subparsers) -> None:
         "stapo train demo max_steps=2 method=grpo tau_p=0.02 output_dir=runs/x",
     )
     p.add_argument("config", help="YAML config path or bundled config name")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config fields")
+    # default=[]: argparse counts a '*' positional without a default as required in its error message
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                   help="override config fields (optional)")
     add_run_dir_flags(p)
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
     p.set_defaults(func=run)
