@@ -1,7 +1,7 @@
 """Throughput of `stapo eval`'s pieces: HF-backend generation (batch-size sweep) and grading; and
 HF against vLLM side by side.
 
-    python benchmarks/bench_generation.py                       # embedded model, CPU
+    python benchmarks/bench_generation.py                       # embedded model, CPU; STAPO_DATA_DIR or --data-dir
     python benchmarks/bench_generation.py --batch-sizes 1,4,16 --new-tokens 64 --prompts 16
     .venv-vllm/bin/python benchmarks/bench_generation.py --vs-vllm --prompts 16 --samples 8 --new-tokens 64
     .venv-vllm/bin/python benchmarks/bench_generation.py --vs-vllm-train --train-steps 4
@@ -37,7 +37,6 @@ import os
 import time
 from pathlib import Path
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benchmarks"
 BENCHMARK_FILES = ("aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench")
 
 
@@ -216,9 +215,11 @@ def bench_grading(data_dir: Path, workers: int | None) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--model", default="embedded")
-    ap.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    ap.add_argument("--data-dir", default=None,
+                    help="folder of the benchmark files <name>.jsonl (default: $STAPO_DATA_DIR)")
     ap.add_argument("--batch-sizes", default="1,4,8,16")
     ap.add_argument("--prompts", type=int, default=16, help="requests per batch-size run")
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -235,6 +236,13 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=4, help="--vs-vllm-train: optimizer steps per side")
     ap.add_argument("--side", default=None, choices=("hf", "vllm-eager", "vllm-compiled"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if not args.vs_vllm_train:
+        from stapo.data import DataError, find_benchmark_dir
+
+        try:
+            args.data_dir = str(find_benchmark_dir(args.data_dir))  # the --side children get the folder found
+        except DataError as err:
+            raise SystemExit(f"bench_generation: {err}") from None
     if args.side:
         return run_side(args, Path(args.data_dir))
     if args.vs_vllm_train:

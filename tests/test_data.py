@@ -24,11 +24,6 @@ from stapo.data import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_BENCHMARKS = REPO.parent / "shared" / "data" / "benchmarks"
-needs_benchmarks = pytest.mark.skipif(
-    not (SHARED_BENCHMARKS / "math500.jsonl").is_file(),
-    reason=f"benchmark files not found at {SHARED_BENCHMARKS}",
-)
 
 ROWS = [
     {"id": "a", "problem": "What is 1+1?", "answer": "2", "level": 1},
@@ -128,6 +123,10 @@ def test_limit(tmp_path):
         ({"id": "x", "problem": "Q", "answer": ""}, "line 2: field 'answer' is empty"),
         ({"id": "x", "problem": "Q", "answer": None}, "line 2: field 'answer' is empty"),
         ({"id": "x", "problem": "Q"}, "line 2: field 'answer' is missing"),
+        # a JSON object read as its Python text ("{'value': 3}") could never score: refused
+        ({"id": "x", "problem": "Q", "answer": {"value": 3}}, "line 2: field 'answer' is a JSON object"),
+        ({"id": "x", "problem": "Q", "answer": [1, {"value": 3}]}, "line 2: field 'answer' is a JSON object"),
+        ({"id": "x", "problem": {"text": "Q"}, "answer": "1"}, "line 2: field 'problem' is a JSON object"),
         ([1, 2], "line 2: expected an object"),
     ],
 )
@@ -218,36 +217,71 @@ def test_hub_id_goes_to_load_dataset_and_failures_are_clear(monkeypatch):
 # ---------------------------------------------------------------- benchmarks
 
 
-@needs_benchmarks
-def test_load_every_benchmark():
+def test_load_every_benchmark(benchmark_dir):
     counts = {"aime24": 30, "aime25": 30, "amc23": 40, "math500": 500, "minerva": 272, "olympiadbench": 675}
     for name in BENCHMARKS:
-        rows = load_benchmark(name, data_dir=SHARED_BENCHMARKS)
+        rows = load_benchmark(name)  # from STAPO_DATA_DIR
         assert len(rows) == counts[name]
         ids = [r["id"] for r in rows]
         assert len(set(ids)) == len(ids)
         for r in rows:
             assert r["problem"] and r["answer"] and isinstance(r["meta"], dict)
             assert r["benchmark"] == name and r["source"].startswith("github:")
-    ob = load_benchmark("olympiadbench", data_dir=SHARED_BENCHMARKS)
+    ob = load_benchmark("olympiadbench")
     # answers are kept verbatim ($-wrapped); the grader normalises them
     assert sum(r["answer"].startswith("$") for r in ob) == 266
     assert sum(r["ungradable"] is not None for r in ob) == 19  # the ARML relay (TNYWR) items
-    assert all(r["ungradable"] is None for r in load_benchmark("math500", data_dir=SHARED_BENCHMARKS))
-    aime = {r["id"]: r for r in load_benchmark("aime24", data_dir=SHARED_BENCHMARKS)}
+    assert all(r["ungradable"] is None for r in load_benchmark("math500"))
+    aime = {r["id"]: r for r in load_benchmark("aime24", data_dir=benchmark_dir)}
     assert sum(r["answer"].startswith("0") for r in aime.values()) == 7
-
-
-@needs_benchmarks
-def test_benchmark_dir_discovery(monkeypatch, tmp_path):
-    monkeypatch.delenv("STAPO_DATA_DIR", raising=False)
-    monkeypatch.chdir(REPO)  # ../shared/data/benchmarks relative to the working directory
-    assert find_benchmark_dir().resolve() == SHARED_BENCHMARKS.resolve()
-    monkeypatch.chdir(tmp_path)  # not from cwd: found relative to the repository
-    assert find_benchmark_dir().resolve() == SHARED_BENCHMARKS.resolve()
-    monkeypatch.setenv("STAPO_DATA_DIR", str(SHARED_BENCHMARKS))
-    assert len(load_benchmark("aime25")) == 30
     assert len(load_prompts("benchmark:amc23")) == 40
+
+
+def test_benchmark_dir_is_data_dir_or_stapo_data_dir_only(monkeypatch, tmp_path):
+    def folder(path: Path) -> Path:
+        path.mkdir(parents=True)
+        (path / "aime24.jsonl").write_text(json.dumps({"id": "a", "problem": "P", "answer": "1"}) + "\n")
+        return path
+
+    # a shared/data/benchmarks folder beside the working directory is not looked at
+    folder(tmp_path / "shared" / "data" / "benchmarks")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.delenv("STAPO_DATA_DIR", raising=False)
+    with pytest.raises(DataError) as e:
+        find_benchmark_dir()
+    assert "no folder given" in str(e.value) and "shared" not in str(e.value)
+    for way in ("--hub", "--data-dir", "STAPO_DATA_DIR"):
+        assert way in str(e.value)
+    with pytest.raises(DataError, match="no folder given"):
+        load_prompts("benchmark:aime24")
+    # STAPO_DATA_DIR, a folder of files or one holding benchmarks/; data_dir wins over it
+    env_dir = folder(tmp_path / "env" / "benchmarks")
+    monkeypatch.setenv("STAPO_DATA_DIR", str(env_dir.parent))
+    assert find_benchmark_dir() == env_dir
+    given = folder(tmp_path / "given")
+    assert find_benchmark_dir(given) == given
+    monkeypatch.setenv("STAPO_DATA_DIR", str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="not found in .*empty \\(STAPO_DATA_DIR\\)"):
+        load_benchmark("aime24")
+
+
+def test_gold_that_is_a_json_object_is_refused_naming_file_and_row(tmp_path):
+    rows = [{"id": "a", "problem": "P", "answer": "1"}, {"id": "b", "problem": "P", "answer": {"value": 3, "unit": "m"}}]
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "aime24.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError) as e:
+        load_benchmark("aime24", data_dir=bench)
+    assert f"{bench / 'aime24.jsonl'}: line 2: field 'answer' is a JSON object" in str(e.value)
+    assert '"unit": "m"' in str(e.value)  # shown as the file has it, not as Python's text
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=r"rows.json: row 2: field 'answer' is a JSON object"):
+        load_prompts(tmp_path / "rows.json")
+    assert [r["answer"] for r in load_prompts(tmp_path / "rows.json", answer_key="answer", on_invalid="skip")] == ["1"]
+    # a list of scalars stays an answer with several parts
+    (tmp_path / "parts.jsonl").write_text(json.dumps({"problem": "P", "answer": [69, 84]}) + "\n")
+    assert load_prompts(tmp_path / "parts.jsonl")[0]["answer"] == "69, 84"
 
 
 def test_benchmark_errors(tmp_path, monkeypatch):

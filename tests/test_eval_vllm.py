@@ -28,10 +28,12 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def report(tmp_path_factory, benchmark_files):
     work = tmp_path_factory.mktemp("vllm")
     out = work / "report.json"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TOKENIZERS_PARALLELISM": "false"}
+    if benchmark_files is not None:  # else tests/vllm_checks.py writes six small problems of its own
+        env["STAPO_DATA_DIR"] = str(benchmark_files)
     env.pop("PYTHONHOME", None)
     proc = subprocess.run([str(VLLM_PYTHON), str(REPO / "tests" / "vllm_checks.py"), str(out), str(work / "runs")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=CHECKS_TIMEOUT_S)

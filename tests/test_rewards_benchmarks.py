@@ -1,10 +1,9 @@
 """Acceptance over the six benchmark files: `\\boxed{gold}` scores 1.0 for every row, and wrong
-answers score 0.0. The files are read from ../shared/data/benchmarks (never copied here)."""
+answers score 0.0. The files come from the `benchmark_dir` fixture (never copied here)."""
 
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 
@@ -12,14 +11,11 @@ from stapo.data import BENCHMARKS, load_benchmark
 from stapo.rewards import grade_batch, grading_stats, normalize_gold, reset_grading_stats
 from stapo.rewards.normalize import as_number
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benchmarks"
-pytestmark = pytest.mark.skipif(
-    not (DATA / "math500.jsonl").is_file(), reason=f"benchmark files not found at {DATA}"
-)
+pytestmark = pytest.mark.usefixtures("benchmark_dir")  # STAPO_DATA_DIR: the six files
 
 
 def _rows(name):
-    return load_benchmark(name, data_dir=DATA)
+    return load_benchmark(name)
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)

@@ -47,21 +47,22 @@ def test_analyze_runs_html_flag(tmp_path, capsys):
 # ------------------------------------------------------------------------------------- eval: missing benchmarks
 
 
-def test_missing_benchmarks_error_names_each_place_once_and_the_cli_option(tmp_path, monkeypatch, capsys):
+def test_eval_without_a_data_folder_names_the_three_ways(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("STAPO_DATA_DIR", raising=False)
-    # a checkout without ../shared next to it, run from its own root: cwd.parent == repo.parent
-    import stapo.data.loaders as loaders
-
-    fake_repo = tmp_path / "clone"
-    (fake_repo / "src/stapo/data").mkdir(parents=True)
-    monkeypatch.setattr(loaders, "__file__", str(fake_repo / "src/stapo/data/loaders.py"))
-    monkeypatch.chdir(fake_repo)
-    assert main(["eval", "--model", "embedded", "--benchmarks", "all", "--limit", "1"]) == 2
+    # a shared/data/benchmarks folder beside the working directory is no way of giving the files
+    shared = tmp_path / "shared" / "data" / "benchmarks"
+    shared.mkdir(parents=True)
+    (shared / "aime24.jsonl").write_text(json.dumps({"id": "a", "problem": "P", "answer": "1"}) + "\n")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    # (tiny sizes: were the folder found, the run would be one greedy token)
+    assert main(["eval", "--model", "embedded", "--benchmarks", "aime24", "--limit", "1", "--setting", "greedy",
+                 "--max-new-tokens", "1"]) == 2
     err = capsys.readouterr().err
-    looked = err.split("looked in: ")[1].split(")")[0].split(", ")
-    assert looked == [str(tmp_path / "shared/data/benchmarks")]  # once, not twice
+    assert err.startswith("stapo eval: error: benchmark files: no folder given") and err.count("\n") == 1
     assert "--hub" in err and "--data-dir" in err and "STAPO_DATA_DIR" in err
-    assert "load_prompts(" not in err  # the CLI way, not a Python call
+    assert "shared" not in err and "load_prompts(" not in err  # the CLI way, not a Python call
+    assert not (tmp_path / "work" / "runs").exists()
 
 
 # ------------------------------------------------------------------------------------- eval: tables, greedy

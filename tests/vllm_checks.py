@@ -25,7 +25,7 @@ STORE_ARGS = dict(benchmarks=[BENCH], settings=["train"], samples=2, max_new_tok
 
 
 def benchmark_dir(work: Path) -> Path:
-    """The real benchmark files (../shared/data/benchmarks or $STAPO_DATA_DIR), else six tiny problems
+    """The real benchmark files ($STAPO_DATA_DIR), else six tiny problems
     in the same format (a checkout without the shared data still runs every check)."""
     from stapo.data import DataError, find_benchmark_dir
 

@@ -5,8 +5,8 @@ the benchmark files, and the built-in synthetic tasks.
     load_benchmark(name, data_dir=None) -> list[dict]
 
 Every row comes back as ``{"id", "problem", "answer", "meta"}`` (strings, ``meta`` a dict of
-the other fields). A row with a missing or empty problem/answer is a :class:`DataError` naming
-the file and row, or, with ``on_invalid="skip"``, is skipped and counted in ``.skipped``.
+the other fields). A row with a missing or empty problem/answer, or one that is a JSON object
+instead of text or a number, is a :class:`DataError` naming the file and row, or, with ``on_invalid="skip"``, is skipped and counted in ``.skipped``.
 A file that is not UTF-8, a line that is not JSON, and a JSON object with a key given twice are
 errors naming the file and the line (or row).
 """
@@ -102,6 +102,18 @@ def _text(value: Any) -> str | None:
     return str(value).strip()
 
 
+def _has_object(value: Any) -> bool:
+    """A mapping, or a list holding one at any depth (a JSON object where text or a number belongs)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            return True
+        if isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return False
+
+
 class _RepeatedKeys(dict):
     """A JSON object in which some key appeared more than once (``json`` would silently keep the
     last value); ``repeated`` is the first such key."""
@@ -158,6 +170,11 @@ def _make_row(
     if repeated is not None:
         raise DataError(f"{where}: key {repeated!r} appears twice in one object (which value is meant?)")
     row: dict[str, Any] = {}
+    for key in (problem_key, answer_key):
+        if key is not None and _has_object(raw.get(key)):
+            # its Python text ("{'value': 3}") is no problem or answer: the row could never score
+            shown = json.dumps(raw[key], ensure_ascii=False, default=str)
+            raise DataError(f"{where}: field {key!r} is a JSON object ({shown:.60}); expected text or a number")
     problem = _text(raw.get(problem_key))
     if problem_key not in raw:
         raise DataError(f"{where}: field {problem_key!r} is missing (fields: {sorted(raw)[:12]}); pass problem_key=")
@@ -355,32 +372,20 @@ def load_prompts(
 
 
 def find_benchmark_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The benchmark directory: ``data_dir``, else ``$STAPO_DATA_DIR``, else
-    ``../shared/data/benchmarks`` relative to the working directory, then to the repository."""
-    tried: list[str] = []
-    candidates: list[Path] = []
-    if data_dir is not None:
-        candidates.append(Path(data_dir).expanduser())
-    else:
-        env = os.environ.get("STAPO_DATA_DIR")
-        if env:
-            candidates.append(Path(env).expanduser())
-        repo = Path(__file__).resolve().parents[3]  # src/stapo/data/loaders.py -> repo root
-        for base in (Path.cwd(), repo):
-            candidates.append(base.parent / "shared" / "data" / "benchmarks")
-    for c in candidates:
-        # the working directory and the repository often share a parent: look (and report) once
-        if str(c.resolve()) in tried:
-            continue
-        for d in (c, c / "benchmarks"):
-            if (d / "math500.jsonl").is_file() or any(d.glob("*.jsonl")):
-                return d
-        tried.append(str(c.resolve()))
-    raise DataError(
-        "benchmark files not found (looked in: " + ", ".join(tried) + "). They are not part of the "
-        "repository: add --hub to `stapo eval` to load them from the hub (network), or point "
-        "--data-dir (data_dir= in Python) or STAPO_DATA_DIR at a folder with <name>.jsonl files."
-    )
+    """The benchmark directory: ``data_dir``, else ``$STAPO_DATA_DIR`` (a folder of
+    ``<name>.jsonl`` files, or one with a ``benchmarks/`` folder of them). Nothing else is searched:
+    the files are not part of the package, and ``--hub`` loads them from the hub instead."""
+    given = data_dir if data_dir is not None else os.environ.get("STAPO_DATA_DIR") or None
+    ways = ("add --hub to `stapo eval` to load them from the hub (network), or point --data-dir "
+            "(data_dir= in Python) or STAPO_DATA_DIR at a folder with <name>.jsonl files")
+    if given is None:
+        raise DataError(f"benchmark files: no folder given; they are not part of the package: {ways}")
+    folder = Path(given).expanduser()
+    for d in (folder, folder / "benchmarks"):
+        if any(d.glob("*.jsonl")):
+            return d
+    where = "--data-dir" if data_dir is not None else "STAPO_DATA_DIR"
+    raise DataError(f"benchmark files not found in {folder} ({where}): no <name>.jsonl files there; {ways}")
 
 
 _RELAY_MARKERS = ("TNYWR", "T N Y W R", "number you will receive", "the answer to the previous problem")
