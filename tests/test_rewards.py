@@ -389,6 +389,36 @@ def test_timeout_in_subprocess():
     assert r["v"] == 0.0 and r["timeouts"] == 1 and r["ok"] == 1.0
 
 
+_FIRST_ANSWER = r"""
+import json, sys, time
+from stapo.rewards import grading_stats, math_reward, trl_reward_fn, warmup
+if sys.argv[1] == "trl":
+    reward = trl_reward_fn(timeout=1.0)  # set-up: the workers start here
+    grade = lambda: reward(completions=[sys.argv[2]], answer=["4"])[0]
+else:
+    warmup()
+    grade = lambda: math_reward(sys.argv[2], "4", timeout=1.0)
+ready = grading_stats()["workers_started"]
+t = time.monotonic()
+v = grade()
+print(json.dumps({"v": v, "elapsed": time.monotonic() - t, "ready": ready, "timeouts": grading_stats()["timeouts"]}))
+"""
+
+
+@pytest.mark.parametrize("setup", ["trl", "warmup"])
+def test_the_first_answer_of_a_process_is_bounded_by_its_timeout(setup):
+    """The issue's case: 4.3 s for a 1 s timeout, the worker's start-up (sympy imports) paid by the
+    first answer. Grading set-up starts the workers, so the first answer is bounded like any other."""
+    out = subprocess.run([sys.executable, "-c", _FIRST_ANSWER, setup, r"\boxed{\exp(\exp(\exp(100)))}"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    import json
+
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["ready"] >= 1  # started before the first answer was due
+    assert r["v"] == 0.0 and r["elapsed"] < 1.0 + 0.75, r
+
+
 def _pool_item(args):
     completion, gold = args
     t = time.monotonic()

@@ -6,6 +6,7 @@
     normalize_gold(gold)                                    the gold as the grader reads it
     grading_stats() / reset_grading_stats()                 timeouts, parse failures, ...
     trl_reward_fn(answer_key="answer") / compute_score(...)  TRL / verl reward-function shapes
+    warmup(n=None, wait=True)                                start the grading workers before answers are due
 
 See docs/rewards.md for the extraction order, the fast path and the safety design.
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from stapo.rewards.grader import completion_text, grade_batch, grading_stats, math_reward
+from stapo.rewards.sandbox import warmup
 
 __all__ = ["completion_text", "compute_score", "trl_reward_fn"]
 
@@ -19,7 +20,9 @@ def trl_reward_fn(answer_key: str = "answer", timeout: float = 5.0, require_boxe
     keyword arguments, so the gold answers arrive as ``kwargs[answer_key]``. When TRL passes
     ``log_metric`` (TRL >= 1.x), the batch's timeout / parse-failure / no-answer / refused
     fractions are logged as ``grading/<name>_frac``. (Counts are per process, so concurrent
-    graders in one process share them.)"""
+    graders in one process share them.) The grading workers start here, before the first answer
+    is due, so every answer is graded within about ``timeout`` (:func:`stapo.rewards.warmup`)."""
+    warmup(workers)
 
     def math_accuracy(prompts=None, completions=None, **kwargs) -> list[float]:
         if completions is None:

@@ -30,7 +30,7 @@ from stapo.rewards.normalize import (
     pathological_reason,
     split_top_level,
 )
-from stapo.rewards.sandbox import cpu_count, ensure_workers, pool_counters, verify_in_worker
+from stapo.rewards.sandbox import default_workers, ensure_workers, pool_counters, verify_in_worker
 
 __all__ = ["completion_text", "grade_batch", "grade_answer", "grading_stats", "math_reward", "reset_grading_stats"]
 
@@ -206,8 +206,10 @@ def math_reward(
 ) -> float:
     """1.0 if the final answer of ``completion`` equals ``gold`` (math-verify semantics), else 0.0.
 
-    Returns within about ``timeout`` seconds from any thread or process (the first call in a
-    process also starts a worker, ~1 s, not counted). ``require_boxed=True`` scores only a
+    Returns within about ``timeout`` seconds from any thread or process, once the grading
+    workers run: call :func:`stapo.rewards.warmup` when grading is set up (``trl_reward_fn`` and
+    ``stapo eval`` do); otherwise the first call in a process also waits for a worker's start-up
+    (sympy imports, 1-3 s). ``require_boxed=True`` scores only a
     ``\\boxed{}`` / ``\\fbox{}`` answer (``mode="boxed"``); the default also accepts "answer is X"
     and, failing that, the last number (see :func:`stapo.rewards.extract_answer`).
     ``completion`` is text or a chat-message list (:func:`completion_text`); anything else is a
@@ -279,7 +281,7 @@ def grade_batch(
 
     if not slow:
         return out
-    n = workers or max(1, min(8, cpu_count()))
+    n = workers or default_workers()
     n = min(n, len(slow))
     ensure_workers(n)
     if n == 1:

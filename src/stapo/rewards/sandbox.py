@@ -5,9 +5,9 @@
 Works the same from a main thread, a worker thread, a daemonic multiprocessing worker or a Ray
 actor: workers are plain ``subprocess.Popen`` children spoken to over pipes, and the deadline is
 a ``select`` on the reply pipe, not a signal. A late worker is killed (SIGKILL) and a replacement
-starts in the background. Workers are reused across calls (start-up imports sympy, ~1-3 s; only
-the first start in a process is waited for outside the item's timeout) and exit by themselves
-when their parent closes the pipes or dies.
+starts in the background. Workers are reused across calls (start-up imports sympy, ~1-3 s: ``warmup`` pays it when
+grading is set up; without it, the first start in a process is waited for outside the item's
+timeout) and exit by themselves when their parent closes the pipes or dies.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import time
 __all__ = [
     "WORKER_START_TIMEOUT",
     "WorkerError",
+    "default_workers",
     "ensure_workers",
     "shutdown_workers",
     "verify_in_worker",
@@ -240,10 +241,22 @@ _POOL = _WorkerPool()
 atexit.register(_POOL.shutdown)
 
 
-def warmup(n: int = 1) -> None:
-    """Start ``n`` workers now and wait until they are ready (a trainer calls this once so
-    that the first batch is not slower, and with ``n`` = the number of grading threads)."""
+def default_workers() -> int:
+    """How many answers ``grade_batch`` grades at once by default: one per core, at most 8."""
+    return max(1, min(8, cpu_count()))
+
+
+def warmup(n: int | None = None, wait: bool = True) -> None:
+    """Start ``n`` grading workers now (default: ``default_workers()``), so that no answer waits
+    for a worker's start-up (sympy imports, 1-3 s) and every answer's latency stays within its
+    timeout. Grading set-up calls it (``trl_reward_fn``, ``stapo eval``); ``n`` = the number of
+    threads that grade at once. ``wait=False`` starts them in the background (while a model
+    loads) and returns at once; the default waits until they are ready, and raises
+    :class:`WorkerError` if none can start."""
+    n = default_workers() if n is None else n
     _POOL.ensure(n)
+    if not wait:
+        return
     taken = [_POOL.acquire(time.monotonic() + WORKER_START_TIMEOUT) for _ in range(n)]
     for w in taken:
         if w is not None:
