@@ -13,11 +13,6 @@ from stapo.eval.backends import Completion
 from stapo.eval.protocol import BENCHMARKS
 from stapo.eval.runner import EvalConfig, EvalError, evaluate
 
-BENCH_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benchmarks"
-needs_files = pytest.mark.skipif(
-    not all((BENCH_DIR / f"{b}.jsonl").is_file() for b in BENCHMARKS),
-    reason=f"benchmark files not found in {BENCH_DIR}",
-)
 
 
 class AnswerBackend:
@@ -40,7 +35,7 @@ class AnswerBackend:
         return out
 
 
-def _stub(tokenizer, benchmarks, answer, data_dir=BENCH_DIR):
+def _stub(tokenizer, benchmarks, answer, data_dir=None):
     from stapo.data import load_benchmark
     from stapo.eval.runner import prompt_token_ids
 
@@ -58,17 +53,15 @@ def qwen_tokenizer(qwen3_tokenizer_dir):
     return AutoTokenizer.from_pretrained(qwen3_tokenizer_dir)
 
 
-@needs_files
 @pytest.mark.slow  # ~40 s on 2 cores: the wrong answers go through math-verify
 @pytest.mark.parametrize("case", ["correct", "wrong"])
-def test_boxed_gold_scores_100_and_wrong_scores_0_on_all_six(tmp_path, qwen_tokenizer, case):
+def test_boxed_gold_scores_100_and_wrong_scores_0_on_all_six(tmp_path, qwen_tokenizer, case, benchmark_dir):
     # Exceptions: none. Every gold of the six files, boxed verbatim (zero-padded AIME answers,
     # $-wrapped and multi-answer OlympiadBench rows, Minerva's "$ $" row, MATH500 intervals and
     # \text{}), grades correct; a wrong value grades wrong everywhere.
     answer = (lambda g: f"\\boxed{{{g}}}") if case == "correct" else (lambda g: "\\boxed{\\frac{12345}{7}}")
     backend = _stub(qwen_tokenizer, BENCHMARKS, answer)
-    config = EvalConfig(model="stub", out_dir=tmp_path / "run", samples=1, settings=["train"],
-                        data_dir=str(BENCH_DIR), progress=False)
+    config = EvalConfig(model="stub", out_dir=tmp_path / "run", samples=1, settings=["train"], progress=False)
     results = evaluate(config, backend=backend, tokenizer=qwen_tokenizer)
     per = results["results"]["train"]
     expected = 1.0 if case == "correct" else 0.0
@@ -208,14 +201,15 @@ def test_cli_end_to_end_tiny_model_and_resume(tmp_path, tiny_qwen3_dir, capsys):
 
     # resume: nothing left to do -> no model load, no new samples, same table
     assert _cli(*args) == 0
-    assert "0 samples to generate, 24 already" in capsys.readouterr().err
+    assert "24 already in samples.jsonl, 0 to generate" in capsys.readouterr().err
     assert len((out / "samples.jsonl").read_text().splitlines()) == 24
 
     # interrupted run: drop half the samples and tear the last line; rerun regenerates exactly those
     lines = (out / "samples.jsonl").read_text().splitlines()
     (out / "samples.jsonl").write_text("\n".join(lines[:12]) + "\n" + lines[12][:30])
     assert _cli(*args) == 0
-    assert "12 samples to generate, 12 already" in capsys.readouterr().err
+    assert "= 24 samples, up to 8 new tokens each; 12 already in samples.jsonl, 12 to generate" \
+        in capsys.readouterr().err
     again = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
     assert len(again) == 24
     # per-sample seeds: the regenerated samples are the ones the first run produced
@@ -248,5 +242,5 @@ def test_cli_user_errors(tmp_path, capsys):
     assert _cli("eval", "--model", str(missing), "--benchmarks", "aime24", "--data-dir", str(data),
                 "--out", str(tmp_path / "r"), "--backend", "hf") == 2
     err = capsys.readouterr().err.splitlines()
-    assert err[-1].startswith("stapo eval: error: model") and "no-such-model" in err[-1]
+    assert err == [f"stapo eval: error: model '{missing}': no such directory {missing}"]  # no plan before it
     assert not (tmp_path / "r").exists()  # a failed start leaves no run directory behind

@@ -117,7 +117,7 @@ class VLLMBackend:
     batch_size = 4096  # requests handed to vLLM per call (it schedules them itself)
 
     def __init__(self, model_path: str, tokenizer, dtype: str | None = None, gpu_memory_utilization: float = 0.85,
-                 max_model_len: int | None = None, **llm_kwargs):
+                 max_model_len: int | None = None, progress: bool = False, **llm_kwargs):
         try:
             import vllm
             from vllm import LLM
@@ -144,6 +144,7 @@ class VLLMBackend:
         kwargs.update(llm_kwargs)
         self.llm = LLM(**kwargs)
         self.tokenizer = tokenizer
+        self.progress = progress  # vLLM's own bar (requests done, tokens/s) during each generate call
         self.stop_token_ids = _eos_ids(tokenizer, None)
         self.info = {"backend": "vllm", "vllm_version": getattr(vllm, "__version__", "?"), "dtype": dtype,
                      "device": "cuda" if on_gpu else "cpu"}
@@ -154,7 +155,7 @@ class VLLMBackend:
         built = vllm_requests(requests, self.stop_token_ids)
         prompts = [p for p, _ in built]
         params = [SamplingParams(**kw) for _, kw in built]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=self.progress)
         results = []
         for out in outputs:
             o = out.outputs[0]

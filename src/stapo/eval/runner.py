@@ -154,6 +154,40 @@ def _todo(config: EvalConfig, problems: dict[str, list[Problem]], log: SampleLog
     return todo
 
 
+def _count(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def plan_line(config: EvalConfig, problems: dict[str, list[Problem]]) -> str:
+    """What the run asks for, in one line: benchmarks (problems) x settings x samples = total, and
+    the length limit. `--benchmark`-style slips and the default `--setting all` show here, before
+    any model loads."""
+    sizes = {b: len(rows) for b, rows in problems.items()}
+    if len(set(sizes.values())) == 1:
+        n = next(iter(sizes.values()))
+        benches = f"{', '.join(sizes)} ({_count(n, 'problem')}{' each' if len(sizes) > 1 else ''})"
+    else:
+        benches = ", ".join(f"{b} ({_count(n, 'problem')})" for b, n in sizes.items())
+    settings = f"setting{'s' if len(config.settings) > 1 else ''} {', '.join(config.settings)}"
+    sampled = [s for s in config.settings if SETTINGS[s].samples is None]
+    fixed = [s for s in config.settings if SETTINGS[s].samples is not None]
+    by_k: dict[int, list[str]] = {}
+    for b in sizes:
+        by_k.setdefault(config.k_for(b), []).append(b)
+    if len(by_k) == 1:
+        samples = _count(next(iter(by_k)), "sample")
+    else:
+        samples = ", ".join(f"{_count(k, 'sample')} for {'/'.join(bs)}" for k, bs in by_k.items())
+    fixed_text = ", ".join(f"{s}: {SETTINGS[s].samples}" for s in fixed)
+    if not sampled:
+        samples = ", ".join(f"{_count(SETTINGS[s].samples, 'sample')} ({s})" for s in fixed)
+    elif fixed:
+        samples += f" ({fixed_text})"
+    total = sum(sizes[b] * config.k_for(b, s) for s in config.settings for b in sizes)
+    return (f"plan: {benches} x {settings} x {samples} = {_count(total, 'sample')}, "
+            f"up to {config.max_new_tokens:,} new tokens each")
+
+
 # ------------------------------------------------------------------------------------------- backends
 
 
@@ -164,7 +198,8 @@ def _make_backend(config: EvalConfig, backend_name: str):
     try:
         tokenizer = load_tokenizer(config.model)
         if backend_name == "vllm":
-            backend = VLLMBackend(resolve_model(config.model), tokenizer, dtype=config.dtype)
+            backend = VLLMBackend(resolve_model(config.model), tokenizer, dtype=config.dtype,
+                                  progress=config.progress)
         else:
             model = load_model(config.model, dtype=config.dtype)
             backend = HFBackend(model, tokenizer, batch_size=config.batch_size)
@@ -177,18 +212,22 @@ def _make_backend(config: EvalConfig, backend_name: str):
 
 
 def _generate_missing(config, todo, tokenizer, backend, log: SampleLog, out) -> None:
+    """Generate, grade and log the missing samples, one generation batch at a time (HF: one
+    `generate` call; vLLM: one benchmark and setting, with vLLM's own progress bar)."""
     from tqdm import tqdm
 
     from stapo.eval.backends import SampleRequest
     from stapo.rewards import extract_answer, grade_batch
 
     prompt_cache: dict[tuple[str, str], tuple[list[int], str]] = {}
+    total = sum(len(missing) for missing in todo.values())
+    # every batch is shown (miniters=1, mininterval=0): batches are seconds to minutes apart
+    bar = tqdm(total=total, desc="generated", unit="sample", file=out, disable=not config.progress,
+               dynamic_ncols=True, miniters=1, mininterval=0)
+    gen_tokens, gen_seconds = 0, 0.0
+    chunk = max(1, int(backend.batch_size))
     for (setting_name, bench), missing in todo.items():
         setting = SETTINGS[setting_name]
-        bar = tqdm(total=len(missing), desc=f"{bench} [{setting_name}]", unit="sample", file=out,
-                   disable=not config.progress, dynamic_ncols=True)
-        started, tokens_done, samples_done = time.perf_counter(), 0, 0
-        chunk = max(1, int(backend.batch_size))
         for start in range(0, len(missing), chunk):
             part = missing[start : start + chunk]
             requests = []
@@ -205,6 +244,12 @@ def _generate_missing(config, todo, tokenizer, backend, log: SampleLog, out) -> 
             t0 = time.perf_counter()
             completions = backend.generate(requests)
             gen_s = time.perf_counter() - t0
+            # the batch is generated: the bar moves now, not after grading
+            gen_tokens += sum(c.num_tokens for c in completions)
+            gen_seconds += gen_s
+            bar.set_postfix_str(f"{bench} [{setting_name}], {gen_tokens / max(gen_seconds, 1e-9):.1f} tok/s",
+                                refresh=False)
+            bar.update(len(part))
             t1 = time.perf_counter()
             verdicts = grade_batch([c.text for c in completions], [p.answer for p, _ in part],
                                    timeout=config.grade_timeout, mode=config.extract)
@@ -224,12 +269,7 @@ def _generate_missing(config, todo, tokenizer, backend, log: SampleLog, out) -> 
                     "backend": backend.name,
                 })
             log.append(records)
-            samples_done += len(part)
-            tokens_done += sum(c.num_tokens for c in completions)
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix_str(f"{samples_done / elapsed:.2f} samples/s, {tokens_done / elapsed:.1f} tok/s")
-            bar.update(len(part))
-        bar.close()
+    bar.close()
 
 
 # -------------------------------------------------------------------------------------------- results
@@ -328,18 +368,24 @@ def _evaluate(config: EvalConfig, out, backend, tokenizer) -> dict:
         raise EvalError(str(err)) from None
     todo = _todo(config, problems, log)
     n_missing = sum(len(v) for v in todo.values())
-    done_before = len(log)
-    print(f"stapo eval: backend {backend_name}; out {out_dir}; {n_missing} samples to generate"
-          + (f", {done_before} already in samples.jsonl" if done_before else ""), file=out, flush=True)
-    backend_info = {"backend": backend_name}
     if todo and backend is None:
-        # Prompt lengths against the model's context (config.json), before the weights load: docs/data.md.
+        # The model's config.json and tokenizer, and the prompt lengths against its context, before
+        # the plan is printed and the weights load (docs/data.md): a bad --model is the first line.
         from stapo.data import DataError, check_eval_prompts
         from stapo.models import ModelLoadError
         try:
             check_eval_prompts(config.model, problems, config.template, config.max_new_tokens)
         except (DataError, ModelLoadError) as err:
             raise EvalError(str(err)) from None
+    done = f"{len(log):,} already in samples.jsonl, " if len(log) else ""
+    print(f"stapo eval: {plan_line(config, problems)}; {done}{n_missing:,} to generate; backend {backend_name}; "
+          f"out {out_dir}", file=out, flush=True)
+    backend_info = {"backend": backend_name}
+    if todo:
+        from stapo.rewards import warmup
+
+        warmup(wait=False)  # the graders import sympy while the model loads, not when the first batch is due
+    if todo and backend is None:
         tokenizer, backend = _make_backend(config, backend_name)
     _start_run_dir(out_dir, run_info)
     try:
