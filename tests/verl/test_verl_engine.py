@@ -38,6 +38,7 @@ from token_mean_reference import Method, spurious_tokens, step_loss
 from verl_fakes import make_actor_config
 
 import stapo.engines.verl as plugin
+import stapo.engines.verl.entropy_channel as entropy_channel
 import stapo.engines.verl.losses as plugin_losses
 
 
@@ -72,7 +73,7 @@ class Spy:
         original = plugin_losses._token_filter_loss
 
         def spy(loss_mode, old_log_prob, log_prob, advantages, response_mask, *args):
-            inputs = plugin_losses._INPUTS.get()
+            inputs = entropy_channel._INPUTS.get()
             loss, metrics = original(loss_mode, old_log_prob, log_prob, advantages, response_mask, *args)
             self.calls.append(dict(log_prob=log_prob.detach().clone(), entropy=inputs.entropy.clone(),
                                    mask=response_mask.bool().clone(), metrics=metrics))
@@ -84,6 +85,20 @@ class Spy:
         """The calls' [b, T] tensors stacked in batch order (fixed-size micro-batches keep the order)."""
         width = max(c[key].shape[1] for c in self.calls)
         return torch.cat([torch.nn.functional.pad(c[key], (0, width - c[key].shape[1])) for c in self.calls])
+
+
+def test_the_engine_has_the_attributes_the_hook_reads(setup):
+    """The attributes of verl's engine the plugin reads (stapo.engines.verl.internals), on the real FSDP engine;
+    one taken away is named."""
+    from stapo.engines.verl.internals import engine_problems
+
+    assert engine_problems(setup["engine"]) == []
+    size = setup["engine"].__dict__.pop("ulysses_sequence_parallel_size")
+    try:
+        assert any(p.startswith("engine.ulysses_sequence_parallel_size is missing")
+                   for p in engine_problems(setup["engine"]))
+    finally:
+        setup["engine"].ulysses_sequence_parallel_size = size
 
 
 def train(setup, config, micro_batch_size=8, response_mask=None, old=None, extra=None, engine=None, **batch_keys):

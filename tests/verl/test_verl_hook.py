@@ -45,7 +45,7 @@ def test_the_hook_wraps_every_engines_train_batch_and_leaves_ppo_loss_alone():
         "assert BaseEngine.train_batch is FSDPEngineWithLMHead.train_batch\n"
         "assert getattr(BaseEngine.train_batch, '_stapo_hook', False)\n"
         "stapo.engines.verl.install_engine_hook()\n"
-        "assert stapo.engines.verl.losses._VERL_TRAIN_BATCH.__module__ == 'verl.workers.engine.base'\n"
+        "assert stapo.engines.verl.engine_hook._VERL_TRAIN_BATCH.__module__ == 'verl.workers.engine.base'\n"
         "print('ok')\n"
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -194,7 +194,8 @@ def test_the_driver_keeps_pi_olds_entropies_for_decision_policy_old():
     pi_old, and only then. (A stand-in for verl's ray_trainer module: it imports Ray's serving stack.)"""
     import types
 
-    from stapo.engines.verl import losses as plugin_losses
+    from stapo.engines.verl import engine_hook
+    from stapo.engines.verl.entropy_channel import OLD_ENTROPY_KEY
 
     entropys = torch.rand(2, 3)
 
@@ -206,12 +207,12 @@ def test_the_driver_keeps_pi_olds_entropies_for_decision_policy_old():
             return types.SimpleNamespace(batch={"old_log_probs": torch.zeros(2, 3), "entropys": entropys}), 0.5
 
     module = types.SimpleNamespace(RayPPOTrainer=RayPPOTrainer)
-    plugin_losses._patch_ray_trainer(module)
-    plugin_losses._patch_ray_trainer(module)  # idempotent
+    engine_hook._patch_ray_trainer(module)
+    engine_hook._patch_ray_trainer(module)  # idempotent
     for policy, loss_mode, kept in (("old", "stapo", True), ("current", "stapo", False), ("old", "vanilla", False)):
         stapo = {"decision_policy": policy} if loss_mode == "stapo" else None
         out, mfu = RayPPOTrainer(make_actor_config(loss_mode, stapo=stapo))._compute_old_log_prob(None)
-        assert mfu == 0.5 and (plugin_losses.OLD_ENTROPY_KEY in out.batch) == kept, (policy, loss_mode)
+        assert mfu == 0.5 and (OLD_ENTROPY_KEY in out.batch) == kept, (policy, loss_mode)
         if kept:
-            assert torch.equal(out.batch[plugin_losses.OLD_ENTROPY_KEY], entropys)
-            assert out.batch[plugin_losses.OLD_ENTROPY_KEY] is not entropys  # survives the driver's pop
+            assert torch.equal(out.batch[OLD_ENTROPY_KEY], entropys)
+            assert out.batch[OLD_ENTROPY_KEY] is not entropys  # survives the driver's pop

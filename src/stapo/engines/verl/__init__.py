@@ -8,7 +8,16 @@ through `actor_rollout_ref.model.external_lib=stapo.engines.verl`)
   - wraps verl's per-mini-batch engine call (`BaseEngine.train_batch`, `install_engine_hook`): each
     micro-batch's loss call gets its entropies (verl's policy-loss signature has none), and with
     `stapo.tau_h_scope=mini_batch` over several micro-batches a forward-only pass first takes S2T's
-    tau_h over the whole mini-batch. Other loss modes run as before.
+    tau_h over the whole mini-batch. Other loss modes run as before;
+  - checks, as each verl module it relies on is imported, the private symbols of verl it uses
+    (`internals.py`): a warning naming each one that is missing or changed.
+
+    losses.py           the registered losses
+    entropy_channel.py  each micro-batch's entropies for losses whose signature has none
+    aggregation.py      verl's loss aggregation in stapo.core's terms
+    engine_hook.py      the import hook (verl's engine call and driver pass wrapped, internals checked)
+    internals.py        every verl symbol the plugin relies on beyond verl's extension points
+    config.py, main.py, recipe.py, data.py   the stapo config block, the launcher, recipes, data
 
 Launch with `python -m stapo.engines.verl.main <verl overrides>`: verl's `main_ppo` plus entropy switched on
 and the `stapo` config block selected when `loss_mode` is `stapo` / `20-entropy`. See docs/verl.md.
@@ -30,16 +39,10 @@ from stapo.engines.verl.config import (
     loss_mode_filter,
     stapo_settings,
 )
-from stapo.engines.verl.losses import (
-    MiniBatchS2T,
-    compute_policy_loss_high_entropy,
-    compute_policy_loss_stapo,
-    core_loss_kwargs,
-    entropy_context,
-    install_engine_hook,
-    mini_batch_s2t,
-    with_entropy,
-)
+from stapo.engines.verl.aggregation import core_loss_kwargs
+from stapo.engines.verl.engine_hook import install_engine_hook, mini_batch_s2t
+from stapo.engines.verl.entropy_channel import MiniBatchS2T, entropy_context, with_entropy
+from stapo.engines.verl.losses import compute_policy_loss_high_entropy, compute_policy_loss_stapo
 
 SUPPORTED_VERL_VERSIONS = ("0.9.1",)
 

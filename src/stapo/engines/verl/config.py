@@ -10,7 +10,7 @@ The block's dataclass is `VerlStapoSettings`: the token filters' thresholds as v
 whole config of a run, as TRL's `STAPOConfig` is; `StapoConfig`, its former name, is a deprecated alias).
 The S2T thresholds' defaults, ranges and meanings are `stapo.core.S2TSettings`' (checked by its
 validator, errors prefixed `stapo.`), the paper's rule included: tau_h per PPO mini-batch
-(`tau_h_scope=mini_batch`, which the engine hook in `stapo.engines.verl.losses` provides); 20-Entropy's
+(`tau_h_scope=mini_batch`, which the engine hook in `stapo.engines.verl.engine_hook` provides); 20-Entropy's
 rho defaults to its preset's, its range is `stapo.core.loss_settings`' rule.
 
 The clip range and dual-clip bound are verl's own actor fields (`actor.clip_ratio_low`, `_high`, `_c`);
