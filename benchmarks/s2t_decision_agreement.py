@@ -96,6 +96,9 @@ def main() -> None:
                        tau_h_current=taus["current"], tau_h_old=taus["old"])
             table.append(row)
             print(json.dumps(row), flush=True)
+            if args.json:  # after every step: a run stopped early keeps what it measured
+                with open(args.json, "w", encoding="utf-8") as f:
+                    json.dump({"args": vars(args), "steps": table}, f, indent=2)
 
     trainer.add_callback(Compare())
     t0 = time.perf_counter()
@@ -112,9 +115,6 @@ def main() -> None:
         jaccard = s["both"] / union if union else 1.0
         print(f"| {k} | {len(rows_k)} | {s['valid_tokens']} | {s['silenced_current']} | {s['silenced_old']} | "
               f"{s['both']} | {jaccard:.3f} | {s['differ']} | {s['differ_near_threshold']} |")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"args": vars(args), "steps": table}, f, indent=2)
 
 
 if __name__ == "__main__":
