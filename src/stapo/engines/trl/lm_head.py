@@ -8,7 +8,7 @@ extra memory); `stapo_lm_head_in_trl()` puts it in the slot for the duration of 
 
 `STAPOTrainer` (`fused_lm_head`) uses the block around each `_get_per_token_logps_and_entropies`
 call only, so other trainers in the same process keep TRL's head. This is the only stapo module that
-touches TRL's private head API: a TRL upgrade that renames it breaks here and nowhere else.
+touches TRL's private head API (listed, with the parameters the adapter mirrors, in `internals.py`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from __future__ import annotations
 import contextlib
 
 from stapo.core import lm_head as core_lm_head
+from stapo.engines.trl.internals import FUSED_HEAD_SLOT as _SLOT
 
 __all__ = ["TRLChunkedLogProbAdapter", "stapo_lm_head_in_trl", "trl_has_fused_head_slot"]
-
-_SLOT = "_ChunkedLogProbFunction"
 
 
 class TRLChunkedLogProbAdapter:

@@ -13,6 +13,12 @@ and why (TRL / Trainer private methods in parentheses):
                              vLLM's CPU build, the rollout log-prob gap (`vllm.py`)
     reward metrics           (_calculate_rewards, _generate_and_score_completions)  accuracy, zero-variance
                              groups, and each row's reward carried with the batch for rollout captures
+    rollout captures         a callback (`rollouts.RolloutCaptureCallback`) on the trainer's own events
+                             (`events.py`): each training micro-batch's loss step, each step's update decision
+
+Every private symbol of TRL, transformers and vLLM this relies on (these methods, the private attributes
+read, the slots `lm_head.py` and `vllm.py` replace) is listed in `internals.py`, checked at import (a
+warning naming the symbol) and by tests/test_engine_internals.py.
 
 Optimizer steps with a non-finite forward (log-probs or entropies NaN/inf at a valid position), loss or
 gradient norm are skipped, counted and, after `max_nonfinite_steps` in a row, stop the run
@@ -97,9 +103,11 @@ from stapo.rundir import (
 )
 from stapo.engines.trl.config import STAPOConfig
 from stapo.engines.trl.console import install_console
+from stapo.engines.trl.events import MICRO_BATCH_LOSS, UPDATE_DECIDED, MicroBatchLoss, notify
+from stapo.engines.trl.internals import PER_TOKEN_LOGPS_MULTIMODAL_INPUTS
 from stapo.engines.trl.lm_head import stapo_lm_head_in_trl, trl_has_fused_head_slot
 from stapo.engines.trl.metrics import MetricsJsonlCallback, TokenStats, reduce_window, window_metrics
-from stapo.engines.trl.rollouts import capture_due, capture_metadata, collision_probabilities, rollout_records
+from stapo.engines.trl.rollouts import RolloutCaptureCallback
 from stapo.engines.trl.vllm import check_vllm_args, cpu_engine_options, record_rollout_gap, use_cpu_weight_sync
 
 logger = logging.getLogger(__name__)
@@ -129,7 +137,6 @@ class STAPOTrainer(GRPOTrainer):
         self._nonfinite = NonFiniteGuard(limit=args.max_nonfinite_steps)
         self._step_skipped = False
         self._nonfinite_positions = 0  # valid positions with a non-finite forward in the current step
-        self._pending_captures: list = []  # rollout captures of the current step, written once it is taken or skipped
         self._old_entropies: list | None = None  # filled by the old-log-prob pass while generating (decision_policy=old)
         self._inert = InertS2TMonitor(args.s2t_settings)  # warns when S2T silences nothing for K steps
         self._last_s2t = None  # the last training micro-batch's (entropies, S2T decision): the warning's suggestion
@@ -145,6 +152,10 @@ class STAPOTrainer(GRPOTrainer):
             )
         if args.metrics_jsonl:
             self.add_callback(MetricsJsonlCallback())
+        if args.capture_rollouts_every:
+            self.add_callback(RolloutCaptureCallback(
+                self.processing_class, self.temperature, args.method, self.token_filter.applies_s2t,
+                self.filter_params.s2t, self.accelerator.is_main_process))
         self.add_callback(_RunDirectoryCallback())
         install_console(self)  # one readable line per logging step instead of the Trainer's dict
 
@@ -181,10 +192,12 @@ class STAPOTrainer(GRPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss / divisor
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
-        # 3. Metrics (summed over the optimizer step, reduced at its end) and rollout captures.
+        # 3. Metrics (summed over the optimizer step, reduced at its end); the loss step to the callbacks
+        # that take it (rollout captures).
         self._record_tokens(mode, out, entropies, valid, loss)
-        if mode == "train" and self._capture_due():
-            self._capture_rollouts(inputs, logps, entropies, advantages, valid, out.s2t, model)
+        if mode == "train":
+            self._notify(MICRO_BATCH_LOSS, loss=MicroBatchLoss(model, inputs, logps, entropies, advantages, valid,
+                                                                out.s2t))
         return loss
 
     def _policy_forward(self, model, inputs, compute_aux_loss=False):
@@ -196,7 +209,7 @@ class STAPOTrainer(GRPOTrainer):
             completion_ids.size(1),
             compute_entropy=True,
             compute_aux_loss=compute_aux_loss,
-            **{k: inputs.get(k) for k in _MULTIMODAL_KEYS},
+            **{k: inputs.get(k) for k in PER_TOKEN_LOGPS_MULTIMODAL_INPUTS},
         )
 
     def _decides_on_old_policy(self) -> bool:
@@ -435,10 +448,11 @@ class STAPOTrainer(GRPOTrainer):
         positions = int(self.accelerator.reduce(torch.tensor(float(self._nonfinite_positions),
                                                              device=self.accelerator.device), reduction="sum"))
         self._window_loss, self._nonfinite_positions = 0.0, 0
+        finite = False
         try:
             finite = self._nonfinite.check(loss, norm, step, forward_positions=positions)  # raises at the limit
-        finally:
-            self._flush_captures(skipped=not locals().get("finite", False))
+        finally:  # the step's rollout captures are written, marked when its update is skipped
+            self._notify(UPDATE_DECIDED, skipped=not finite)
         if finite:
             self._step_skipped = False
             return
@@ -542,37 +556,10 @@ class STAPOTrainer(GRPOTrainer):
         out["stapo_rewards"] = self._last_rewards[start : start + rows].to(out["completion_ids"].device)
         return out
 
-    # ---- rollout capture (for `stapo analyze`; see rollouts.py) -------------------------------
+    # ---- stapo's callback events (events.py) ----------------------------------------------------
 
-    def _capture_due(self) -> bool:
-        return capture_due(self.state.global_step, self.args.capture_rollouts_every, self.accelerator.is_main_process)
-
-    @torch.no_grad()
-    def _capture_rollouts(self, inputs, logps, entropies, advantages, valid, s2t, model=None):
-        """Token-level records of up to `capture_max_samples` completions of this process, kept until the
-        step's update is taken or skipped (`_flush_captures`)."""
-        step = self.state.global_step + 1
-        if getattr(self, "_captured_step", None) != step:
-            self._captured_step, self._captured_count = step, 0
-        room = self.args.capture_max_samples - self._captured_count
-        if room <= 0:
-            return
-        rows = list(range(min(room, valid.shape[0])))
-        collision = collision_probabilities(model, inputs, rows, self.temperature)
-        records = rollout_records(inputs, self.processing_class, rows, step, self._captured_count, logps, entropies,
-                                  advantages, valid, s2t.spurious, collision)
-        self._captured_count += len(rows)
-        metadata = capture_metadata(self.args.method, self.token_filter.applies_s2t, self.filter_params.s2t, s2t.threshold)
-        self._pending_captures.append((step, records, metadata))
-
-    def _flush_captures(self, skipped: bool) -> None:
-        """Write the step's captures; a skipped update (non-finite forward, loss or gradient) is marked."""
-        from stapo.data.rollouts import write_rollouts
-
-        pending, self._pending_captures = self._pending_captures, []
-        for step, records, metadata in pending:
-            write_rollouts(self.args.output_dir, step, records, max_samples=self.args.capture_max_samples,
-                           metadata={**metadata, "update_skipped": skipped})
+    def _notify(self, event: str, **kwargs) -> None:
+        notify(self.callback_handler.callbacks, event, self.args, self.state, self.control, **kwargs)
 
 
 @dataclass
@@ -604,16 +591,3 @@ class _RunDirectoryCallback(TrainerCallback):
             truncate_rollouts_after_step(args.output_dir, state.global_step)
             remove_stale_staging(args.output_dir)
 
-
-_MULTIMODAL_KEYS = (
-    "pixel_values",
-    "image_grid_thw",
-    "num_images",
-    "pixel_attention_mask",
-    "spatial_shapes",
-    "num_tiles",
-    "image_sizes",
-    "token_type_ids",
-    "mm_token_type_ids",
-    "image_position_ids",
-)

@@ -51,12 +51,13 @@ import socket
 
 from transformers import TrainerCallback
 
+from stapo.engines.trl.internals import TRL_ROLLOUT_GAP_METRIC as _TRL_GAP
+
 logger = logging.getLogger(__name__)
 __all__ = ["ROLLOUT_GAP", "SyncAtTrainEnd", "check_vllm_args", "cpu_engine_options", "record_rollout_gap",
            "use_cpu_weight_sync", "vllm_on_cpu"]
 
 ROLLOUT_GAP = "stapo/rollout_logprob_gap"
-_TRL_GAP = "sampling/sampling_logp_difference/mean"
 
 
 def vllm_on_cpu() -> bool:
