@@ -73,8 +73,10 @@ def test_a_removed_or_changed_symbol_is_named(monkeypatch):
     changed = _problem(problems, "verl.workers.engine.base.BaseEngine.infer_batch")
     assert "has parameters (self, data); stapo relies on (self, data, loss_function)" in changed
     assert "no longer names the key(s) ['entropy'," in _problem(problems, "verl.workers.utils.losses.ppo_loss")
-    with pytest.warns(ChangedPrivateSymbolWarning, match=r"verl\.workers\.utils\.padding\.no_padding_2_padding"):
+    with pytest.warns(ChangedPrivateSymbolWarning) as warned:
         warn_on_changed_internals("verl.workers.utils.padding")
+    (message,) = (str(w.message) for w in warned)
+    assert "verl.workers.utils.padding.no_padding_2_padding is missing" in message
 
 
 def test_the_source_check_names_a_changed_driver_symbol(tmp_path, monkeypatch):
