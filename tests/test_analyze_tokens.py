@@ -362,3 +362,20 @@ def test_completions_cut_at_the_token_limit_are_counted_and_said(tiny, scored):
     text = format_console(summarize(tb, th), threshold_sweep(tb, applied=th), population_table(tb, 0.5),
                           truncated=(meta["truncated"], meta["max_new_tokens"]))
     assert f"{len(cut)} of {scored.num_samples} cut at the 6-token limit" in text.splitlines()[0]
+
+
+def test_default_budget_fits_the_readme_command():
+    """The README's `stapo analyze tokens` command relies on the default completion budget. Measured on
+    its setting (the embedded model, boxed template, T = 1; docs/analyze.md): the completions that end do
+    so within 8-491 tokens, and the old budget of 64 cut two in three of them."""
+    import shlex
+    from pathlib import Path
+
+    from stapo.cli import build_parser
+    from stapo.commands.analyze import resolve_tokens_defaults
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith("stapo analyze tokens"))
+    args = build_parser().parse_args(shlex.split(command.split("#")[0])[1:])
+    resolve_tokens_defaults(args)
+    assert args.template == "boxed" and args.max_new_tokens >= 491
