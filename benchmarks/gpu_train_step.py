@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from bench_trl_step import fixed_batch, loss_step, qwen_tokenizer  # noqa: E402
+from bench_trl_step import fixed_batch, qwen_tokenizer  # noqa: E402
 from gpu_lm_head import QWEN3_SHAPES, random_qwen3, table  # noqa: E402
 
 from stapo.rundir import atomic_write_text  # noqa: E402
@@ -49,6 +49,18 @@ from stapo.rundir import atomic_write_text  # noqa: E402
 GIB = 1024**3
 TRAINERS = ("trl", "grpo", "stapo")  # trl = TRL's GRPOTrainer; grpo/stapo = STAPOTrainer(method=...)
 PHASES = ("train", "update")
+
+
+def loss_step(trainer, batch) -> None:
+    """One update of the update phase: the loss on the fixed `batch`, its backward and the gradient norm
+    (STAPO's end-of-step work hangs off it); the metrics the loss logged are dropped."""
+    trainer.model.zero_grad(set_to_none=True)
+    trainer._buffered_inputs = [batch]
+    trainer._step = 0
+    trainer._compute_loss(trainer.model, batch).backward()
+    trainer._get_grad_norm(trainer.model)
+    for values in trainer._metrics["train"].values():
+        values.clear()
 
 
 def parse_args(argv=None):
