@@ -37,6 +37,8 @@ import os
 import time
 from pathlib import Path
 
+from stapo import rundir
+
 BENCHMARK_FILES = ("aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench")
 
 
@@ -156,7 +158,8 @@ def bench_vs_vllm(args) -> list[dict]:
                "load_before": load_before, "load_after": os.getloadavg()[0]}
         rows.append(row)
         print(f"  {side:15s} wall {wall:6.1f} s (ready after {row['start_s']:6.1f} s), generate {row['gen_s']:6.1f} s, "
-              f"{row['new_tokens']} new tokens = {row['tokens_per_s']:6.1f} tok/s, peak RSS {row['peak_rss_mb']:6.0f} MB, "
+              f"{row['new_tokens']} new tokens = {row['tokens_per_s']:6.1f} tok/s, "
+              f"peak RSS {row['peak_rss_mb']:6.0f} MB, "
               f"load {load_before:.1f} -> {row['load_after']:.1f}", flush=True)
     return rows
 
@@ -176,11 +179,11 @@ def bench_train_vs_vllm(args) -> list[dict]:
             rc, _stdout, wall, peak = run_measured(cmd)
             if rc != 0:
                 raise SystemExit(f"{side}: exit {rc}; rerun: {' '.join(cmd)}")
-            steps = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+            steps = [json.loads(ln) for ln in (out / rundir.METRICS_FILE).read_text().splitlines()]
             steps = [m for m in steps if "loss" in m and "step_time" in m]
             step_s = sum(m["step_time"] for m in steps)
             tokens = sum(m["stapo/completion_tokens"] for m in steps)
-            summary = json.loads((out / "summary.json").read_text())
+            summary = json.loads((out / rundir.SUMMARY_FILE).read_text())
             row = {"side": side, "steps": len(steps), "wall_s": wall, "train_s": summary["train_seconds"],
                    "startup_s": wall - summary["train_seconds"], "step_s": step_s / len(steps),
                    "completion_tokens": tokens, "tokens_per_s": tokens / step_s, "peak_rss_mb": peak,
