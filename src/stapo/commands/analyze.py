@@ -157,9 +157,9 @@ def register(subparsers) -> None:
 
 
 # `analyze tokens` option -> the field of a run's config.yaml it defaults to, and the defaults without a run.
-RUN_FIELDS = {"template": "prompt_template", "group_size": "num_generations",
-              "max_new_tokens": "max_completion_length", "temperature": "temperature", "tau_p": "tau_p",
-              "tau_h_population": "tau_h_population", "tau_h_max": "tau_h_max"}
+TOKENS_OPTIONS_FROM_RUN = {"template": "prompt_template", "group_size": "num_generations",
+                           "max_new_tokens": "max_completion_length", "temperature": "temperature", "tau_p": "tau_p",
+                           "tau_h_population": "tau_h_population", "tau_h_max": "tau_h_max"}
 # max_new_tokens: the embedded model on the boxed template ends 3 in 4 completions within 512 tokens (the
 # longest in 491), 1 in 4 within 64 (docs/analyze.md); the summary says how many were cut.
 TOKENS_DEFAULTS = {"template": "boxed", "group_size": 8, "max_new_tokens": 512, "temperature": 1.0}
@@ -220,7 +220,7 @@ def resolve_tokens_defaults(args) -> list[str]:
     elif args.run:
         raise UserError(f"--run {args.run}: no {CONFIG_FILE} there (is it a 'stapo train' output directory?)")
     from_run = []
-    for name, field in RUN_FIELDS.items():
+    for name, field in TOKENS_OPTIONS_FROM_RUN.items():
         if getattr(args, name) is None:
             if cfg.get(field) is not None:
                 setattr(args, name, cfg[field])
