@@ -110,3 +110,14 @@ def test_rollout_logprob_gap_is_logged_per_step(report):
 @needs_vllm_venv
 def test_server_mode_is_refused_on_the_cpu_build(report):
     assert "needs CUDA" in report["server_mode_error"] and "vllm_mode=colocate" in report["server_mode_error"]
+
+
+@pytest.mark.slow
+@needs_vllm_venv
+def test_every_private_symbol_the_engine_relies_on_is_there_with_vllm(report):
+    """With vLLM's CPU build, colocated: every symbol of stapo.engines.trl.internals is checked on the trained
+    trainer (the vLLM engine's weight-sync chain included) and none is missing or changed."""
+    from stapo.engines.trl.internals import INTERNALS
+
+    assert report["internals"]["problems"] == []
+    assert sorted(report["internals"]["checked"]) == sorted(item.name() for item in INTERNALS)

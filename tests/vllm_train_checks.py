@@ -7,7 +7,9 @@ it writes (raw observations, no verdicts: the tolerances live in the test file).
 One `stapo train demo use_vllm=true` run through the CLI (2 optimizer steps, 32-token completions,
 no held-out eval). Around it, through a wrapper of `STAPOTrainer.train`: the per-token log-probs of
 one fixed completion under the vLLM engine and under the trainer's model, before training, after
-the last step but before the final sync, and after the run; and the global step at every weight sync.
+the last step but before the final sync, and after the run; the global step at every weight sync; and,
+after the run, the check of the private symbols the engine relies on (stapo.engines.trl.internals), the
+vLLM ones included, on the trainer.
 """
 
 from __future__ import annotations
@@ -95,6 +97,10 @@ def main(out_path: str, work_dir: str) -> None:
         result = real_train(self, *args, **kwargs)
         report["train_s"] = time.perf_counter() - t0
         report["global_step"] = self.state.global_step
+        from stapo.engines.trl.internals import checked_internals, internal_problems
+
+        report["internals"] = {"checked": [item.name() for item in checked_internals(self)],
+                               "problems": internal_problems(self)}
         score(self, "after")
         return result
 
