@@ -206,6 +206,11 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 ALL_RANKS = "all_ranks"  # `num_silenced`: this batch is the whole step; count its silenced tokens over `group`
 
 
+# the clipped loss's settings `filtered_policy_loss` passes on (`policy_loss`'s defaults)
+_CLIPPED_LOSS_DEFAULTS: dict[str, Any] = dict(clip_low=0.2, clip_high=0.2, clip_ratio_c=None, agg="token-mean",
+                                              num_seqs=None, horizon=None)
+
+
 class FilteredLoss(NamedTuple):
     """What `filtered_policy_loss` returns: the loss, its metrics, and the decision behind them."""
 
@@ -248,22 +253,18 @@ def filtered_policy_loss(
     """
     spec = token_filter if isinstance(token_filter, TokenFilterSpec) else get_token_filter(token_filter)
     lp, old, adv, valid = _check_policy_inputs(logprobs, old_logprobs, advantages, response_mask, "response_mask")
-    kw: dict[str, Any] = dict(
-        clip_low=0.2, clip_high=0.2, clip_ratio_c=None, agg="token-mean", num_seqs=None, horizon=None
-    )
-    if set(loss_kwargs) - set(kw):
-        raise TypeError(f"unexpected keyword arguments {sorted(set(loss_kwargs) - set(kw))}")
-    kw.update(loss_kwargs)
-    # 1. The token filter. S2T decides on the decision values where it is applied (else it is measured).
+    if set(loss_kwargs) - set(_CLIPPED_LOSS_DEFAULTS):
+        raise TypeError(f"unexpected keyword arguments {sorted(set(loss_kwargs) - set(_CLIPPED_LOSS_DEFAULTS))}")
+    kw: dict[str, Any] = {**_CLIPPED_LOSS_DEFAULTS, **loss_kwargs}
+    # 1. The token filter. S2T decides on the decision values where it is applied (else it is measured; a
+    # decision_entropy left None while decision_logprobs is given is refused by the filter's checks).
     own = not spec.applies_s2t or decision_logprobs is None
-    # (a decision_entropy left None while decision_logprobs is given is refused by the filter's checks)
     kept = spec(lp if own else cast(torch.Tensor, decision_logprobs),
                 entropy if own else cast(torch.Tensor, decision_entropy),
                 adv, valid, params or FilterParams(), group, step_tau_h)
     # 2. The token-mean denominator: the step's valid tokens, less the silenced ones where the filter's
     # denominator is "kept" (when their count is known; else deferred to the engine).
-    deferred = False
-    num_tokens: torch.Tensor | None = None
+    deferred, num_tokens = False, cast("torch.Tensor | None", None)
     if kw["agg"] == "token-mean" and num_valid is not None:
         num_tokens = torch.as_tensor(num_valid, dtype=torch.float32)
         if spec.applies_s2t and spec.denominator == "kept":
