@@ -24,12 +24,13 @@ import os
 import random
 import sys
 import time
+from functools import partial
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from stapo.data import load_benchmark, synthetic_task  # noqa: E402
-from stapo.data.loaders import DataError  # noqa: E402
-from stapo.rewards import (  # noqa: E402
+from stapo.data import load_benchmark, synthetic_task
+from stapo.data.loaders import DataError
+from stapo.rewards import (
     grade_batch,
     grading_stats,
     math_reward,
@@ -37,8 +38,8 @@ from stapo.rewards import (  # noqa: E402
     shutdown_workers,
     warmup,
 )
-from stapo.rewards.corpus import adversarial_corpus  # noqa: E402
-from stapo.rewards.sandbox import cpu_count  # noqa: E402
+from stapo.rewards.corpus import adversarial_corpus
+from stapo.rewards.sandbox import cpu_count
 
 REASONING = (
     "Let us work through the problem step by step. First we set up the equations from the "
@@ -135,9 +136,9 @@ def main(argv=None) -> int:
         comps, golds = list(comps), list(golds)
         base = None
         for mode, fn in (  # each mode starts from fresh workers (cold gold caches), same conditions
-            ("serial (math_reward)", lambda: run_serial(comps, golds, timeout)),
-            ("grade_batch, 1 worker", lambda: run_batch(comps, golds, timeout, 1)),
-            (f"grade_batch, {cores} workers", lambda: run_batch(comps, golds, timeout, cores)),
+            ("serial (math_reward)", partial(run_serial, comps, golds, timeout)),
+            ("grade_batch, 1 worker", partial(run_batch, comps, golds, timeout, 1)),
+            (f"grade_batch, {cores} workers", partial(run_batch, comps, golds, timeout, cores)),
         ):
             shutdown_workers()
             warmup(cores)

@@ -94,7 +94,8 @@ def worker(args) -> None:
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
         hidden.grad = weight.grad = None
-    print(json.dumps({"path": args.worker, "seconds": min(times), "cpu_seconds": min(cpu_times), "peak_mib": rss_mib(), "base_mib": base,
+    print(json.dumps({"path": args.worker, "seconds": min(times), "cpu_seconds": min(cpu_times),
+                      "peak_mib": rss_mib(), "base_mib": base,
                       "logprob_sum": float(lp.double().sum()), "entropy_sum": float(ent.double().sum())}))
 
 

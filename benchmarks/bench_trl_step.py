@@ -68,8 +68,9 @@ def old_log_prob_pass(trainer, batch) -> dict:
     if keep_entropies:
         trainer._old_entropies = []
     with torch.no_grad():
-        old, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, batch["completion_ids"].shape[1],
-                                                               batch_size=trainer.args.per_device_train_batch_size)
+        old, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, ids, mask, batch["completion_ids"].shape[1],
+            batch_size=trainer.args.per_device_train_batch_size)
     out = dict(batch, old_per_token_logps=old)
     if keep_entropies:
         out[OLD_ENTROPY_KEY], trainer._old_entropies = trainer._old_entropies[0], None

@@ -47,11 +47,11 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     sys.path[:0] = [str(TESTS), str(TESTS / "verl")]  # the engine harness the plugin's tests use
+    from verl.workers.utils.padding import no_padding_2_padding
     from verl_engine import actor_loss, build_engine, make_batch, tiny_qwen3, to_actor_batch, verl_on_cpu
     from verl_fakes import make_actor_config
 
     from stapo.engines.verl.losses import OLD_ENTROPY_KEY
-    from verl.workers.utils.padding import no_padding_2_padding
 
     model_dir = tiny_qwen3(Path(tempfile.mkdtemp(prefix="bench_verl_step_")), hidden=args.hidden, layers=args.layers,
                            vocab=args.vocab, max_positions=args.response_len + 16, head_scale=4.0)

@@ -64,14 +64,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from stapo.core import stapo_loss, token_logprobs_entropy  # noqa: E402
-from stapo.core.lm_head import (  # noqa: E402
+from stapo.core import stapo_loss, token_logprobs_entropy
+from stapo.core.lm_head import (
     causal_lm_head_params,
     causal_lm_hidden_states,
     lm_head_logprobs_entropy,
     resolve_backend,
 )
-from stapo.rundir import atomic_write_text  # noqa: E402
+from stapo.rundir import atomic_write_text
 
 GIB = 1024**3
 CHECK_ROWS = 256
@@ -402,7 +402,7 @@ def time_case(case, h, w, t, g, temperature, reps, dev, ref):
     except ImportError as err:
         out.update(status="missing", reason=_reason(err))
         return out
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - any failure to build a path becomes that row's status
         out.update(status="failed", reason=_reason(err))
         return out
     out["note"] = getattr(run, "note", "")
@@ -420,7 +420,7 @@ def time_case(case, h, w, t, g, temperature, reps, dev, ref):
             out["err_grad_h"] = ((gh[:k].double() - ref_gh).abs().max() / ref_gh.abs().max()).item()
     except torch.cuda.OutOfMemoryError:
         out.update(status="OOM", ms=None)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - any failure while timing becomes that row's status
         if not case.peer:
             traceback.print_exc()
         out.update(status="failed", ms=None, peak_gib=None, reason=_reason(err))
@@ -464,7 +464,7 @@ def bench_head(args, dev, dtype, hidden_size, results):
         import trl.kernels  # noqa: F401
 
         cases.append(Case("trl-fused", path_trl_fused, {}))
-    except Exception:  # trl absent (or too old): that row is skipped
+    except Exception:  # noqa: BLE001 - trl absent (or too old): that row is skipped
         pass
     rows = []
     for case in cases:
@@ -667,12 +667,13 @@ def bench_model(args, dev, dtype, results):
             ms, peak = measure(step(backend), args.model_reps, dev)
         except torch.cuda.OutOfMemoryError:
             pass
-        except Exception:
+        except Exception:  # noqa: BLE001 - one backend failing leaves the others' rows
             traceback.print_exc()
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-        rows.append({"step": name, "shape": shape, "backend": None if backend is None else resolve_backend(backend, dev),
+        rows.append({"step": name, "shape": shape,
+                     "backend": None if backend is None else resolve_backend(backend, dev),
                      "ms": ms, "peak_gib": peak, "tokens_per_s": None if ms is None else b * seq / (ms / 1e3)})
         if args.progress:
             args.progress()

@@ -73,7 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--rows", type=int, default=None, help="completions per step (default 8; --tiny 4)")
     p.add_argument("--num-generations", type=int, default=None, help="completions per prompt (default 4; --tiny 2)")
     p.add_argument("--completion-len", type=int, default=None, help="max completion tokens (default 128; --tiny 8)")
-    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens of the update batch (default 128; --tiny 16)")
+    p.add_argument("--prompt-len", type=int, default=None,
+                   help="prompt tokens of the update batch (default 128; --tiny 16)")
     p.add_argument("--task", default="add2", help="synthetic task of the train phase (stapo.data.synthetic)")
     # Run order: the baseline, then STAPO, then the grpo control (a run cut short by a time limit
     # keeps the STAPO / TRL ratio); the tables list them in TRAINERS order.
@@ -215,7 +216,7 @@ def run_trainer(name, args, device, tok, dataset, out_root, memory, res, on_phas
             trainer.train()
             rec.update(summarise(timer.times, step_tokens(trainer.state.log_history), args.warmup))
             rec["peak_gib"] = memory.peak()
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - the phase records why it failed
             traceback.print_exc()
             rec["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:200]
         res["train"] = rec
@@ -239,7 +240,7 @@ def run_trainer(name, args, device, tok, dataset, out_root, memory, res, on_phas
                 times.append(time.perf_counter() - t0)
             rec.update(summarise(times, [tokens] * len(times), args.warmup))
             rec["peak_gib"] = memory.peak()
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - the phase records why it failed
             traceback.print_exc()
             rec["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:200]
         res["update"] = rec
@@ -344,7 +345,7 @@ def main(argv=None):
             res = results["cases"].setdefault(name, {})
             try:
                 run_trainer(name, args, device, tok, dataset, Path(tmp), memory, res, progress)
-            except Exception as err:  # the trainer could not be built: every phase records why
+            except Exception as err:  # noqa: BLE001 - the trainer could not be built: every phase records why
                 traceback.print_exc()
                 why = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"[:200]
                 res.update({phase: {"error": why} for phase in args.phases})

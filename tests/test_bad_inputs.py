@@ -118,7 +118,8 @@ def test_train_non_utf8_file_names_file_and_line(weightless_model, tmp_path):
 
 def test_train_unknown_synthetic_task_names_the_known_ones(weightless_model, tmp_path):
     line = _one_error_line(_train(weightless_model, "synthetic:nonsense", tmp_path), "train")
-    assert "synthetic:nonsense: unknown synthetic task 'nonsense'; known: add1, chain3, add2, mul1, mul2, linear" in line
+    assert ("synthetic:nonsense: unknown synthetic task 'nonsense'; "
+            "known: add1, chain3, add2, mul1, mul2, linear") in line
 
 
 def test_train_duplicate_json_key_names_file_and_line(weightless_model, tmp_path):

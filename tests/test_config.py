@@ -1,6 +1,5 @@
 """The run config: every field validated before anything heavy loads; overrides; bundled configs."""
 
-from pathlib import Path
 
 import pytest
 import yaml
@@ -29,7 +28,8 @@ def test_every_bundled_config_validates():
 
 def test_paper_presets_differ_only_in_method_and_output_dir():
     for size in ("1.7b", "8b", "14b"):
-        flats = {m: load_config(f"paper/qwen3-{size}-{m}").to_flat_dict() for m in ("grpo", "20-entropy", "justrl", "stapo")}
+        flats = {m: load_config(f"paper/qwen3-{size}-{m}").to_flat_dict()
+                 for m in ("grpo", "20-entropy", "justrl", "stapo")}
         keys = set().union(*flats.values())
         for k in keys:
             values = {m: f.get(k) for m, f in flats.items()}
@@ -54,7 +54,8 @@ def test_all_bad_fields_reported_at_once(tmp_path):
         load_config(write(tmp_path, bad))
     errors = info.value.errors
     text = "\n".join(errors)
-    for needle in ("tau_p: must be a number in [0, 1]", "tau_h_quantile: must be a number in [0, 1]", "epsilon: must be a number >= 0, got -0.1",
+    for needle in ("tau_p: must be a number in [0, 1]", "tau_h_quantile: must be a number in [0, 1]",
+                   "epsilon: must be a number >= 0, got -0.1",
                    "num_generations: (the group size) must be >= 2", "learning_rate: expected float",
                    "max_stepz: unknown field; did you mean 'max_steps'?", "eval_samples: must be >= 1",
                    "method: must be one of grpo, dapo"):

@@ -119,7 +119,8 @@ def test_population_readings_hand_worked(population, q, threshold, silenced):
     assert (int(out.s2t.n_low_prob), int(out.s2t.n_candidates)) == (5, 3)
     assert torch.equal(out.loss_mask, valid & ~out.s2t.spurious)
     # the public mask and the loss take the same keyword
-    assert torch.equal(s2t_mask(lp, ent, adv, valid, settings=S2TSettings.resolve(tau_p=0.01, tau_h_quantile=q, tau_h_population=population, tau_h_max=math.inf)), out.s2t.spurious)
+    settings = S2TSettings.resolve(tau_p=0.01, tau_h_quantile=q, tau_h_population=population, tau_h_max=math.inf)
+    assert torch.equal(s2t_mask(lp, ent, adv, valid, settings=settings), out.s2t.spurious)
 
 
 def test_tau_h_max_caps_a_quantile_threshold():
@@ -129,7 +130,8 @@ def test_tau_h_max_caps_a_quantile_threshold():
                                                                                      tau_h_max=math.log(2))))
     assert float(out.s2t.threshold) == pytest.approx(math.log(2)) and out.s2t.spurious.nonzero().tolist() == [[0, 0]]
     # an absolute tau_h is not capped
-    out = apply_token_filter("s2t", lp, ent, adv, valid, FilterParams(S2TSettings(tau_p=0.01, tau_h=1.0, tau_h_max=0.1)))
+    out = apply_token_filter("s2t", lp, ent, adv, valid,
+                             FilterParams(S2TSettings(tau_p=0.01, tau_h=1.0, tau_h_max=0.1)))
     assert float(out.s2t.threshold) == 1.0
 
 

@@ -6,8 +6,8 @@ import torch
 from stapo.core import (
     AGGREGATIONS,
     S2TSettings,
-    global_token_count,
     entropy_quantile,
+    global_token_count,
     high_entropy_loss,
     high_entropy_mask,
     policy_loss,
@@ -57,7 +57,8 @@ def random_batch(seed, B=5, T=9, adv_per_token=False, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 5
     lp = old + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3  # ratios spread across the clip range
-    adv = torch.randn(B, T, generator=g, dtype=torch.float64) if adv_per_token else torch.randn(B, generator=g, dtype=torch.float64)
+    adv_shape = (B, T) if adv_per_token else (B,)
+    adv = torch.randn(*adv_shape, generator=g, dtype=torch.float64)
     mask = torch.rand(B, T, generator=g) > 0.25
     mask[0, :] = False  # a fully-masked sequence
     ent = torch.rand(B, T, generator=g, dtype=torch.float64) * 2
@@ -150,7 +151,8 @@ def test_stapo_gradcheck_and_masked_grads_exactly_zero():
     assert torch.equal(lp.grad[~mask], torch.zeros(int((~mask).sum()), dtype=torch.float64))
     assert int(m["s2t_masked_count"]) == int(spurious.sum())
     torch.autograd.gradcheck(
-        lambda x: stapo_loss(x, old, adv, mask, ent, s2t=S2TSettings.resolve(tau_p=0.5, tau_h=1.5))[0], (lp.detach().requires_grad_(),),
+        lambda x: stapo_loss(x, old, adv, mask, ent, s2t=S2TSettings.resolve(tau_p=0.5, tau_h=1.5))[0],
+        (lp.detach().requires_grad_(),),
         eps=1e-7, atol=1e-6,
     )
 
@@ -162,7 +164,8 @@ def test_stapo_equals_policy_loss_on_unmasked_tokens(seed):
     lp, old, adv, mask, ent = random_batch(seed, B=6, T=12)
     spurious = s2t_mask(lp, ent, adv, mask, settings=S2TSettings.resolve(tau_p=0.3, tau_h_quantile=0.5, **LITERAL))
     assert spurious.any()
-    got, m = stapo_loss(lp, old, adv, mask, ent, s2t=S2TSettings.resolve(tau_p=0.3, tau_h_quantile=0.5, **LITERAL), clip_high=0.28)
+    got, m = stapo_loss(lp, old, adv, mask, ent, s2t=S2TSettings.resolve(tau_p=0.3, tau_h_quantile=0.5, **LITERAL),
+                        clip_high=0.28)
     want = ref_loss(lp.double(), old.double(), adv.double(), mask & ~spurious, 0.2, 0.28)
     assert float(got) == pytest.approx(want, rel=1e-5)
     # the denominator counts only unmasked valid tokens
@@ -201,7 +204,8 @@ def test_everything_masked_or_empty_gives_zero_loss_and_zero_grad(fn, agg):
 
 def test_every_valid_token_spurious_gives_zero_loss():
     lp = torch.full((2, 3), math.log(0.001), requires_grad=True)
-    loss, m = stapo_loss(lp, lp.detach(), torch.ones(2), torch.ones(2, 3), torch.zeros(2, 3), s2t=S2TSettings.resolve(tau_p=0.01, tau_h=1.0))
+    loss, m = stapo_loss(lp, lp.detach(), torch.ones(2), torch.ones(2, 3), torch.zeros(2, 3),
+                         s2t=S2TSettings.resolve(tau_p=0.01, tau_h=1.0))
     loss.backward()
     assert float(loss) == 0.0 and torch.equal(lp.grad, torch.zeros(2, 3))
     assert float(m["s2t_masked_frac"]) == 1.0

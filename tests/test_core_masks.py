@@ -2,10 +2,9 @@ import math
 
 import pytest
 import torch
+from distributed import gloo_group, spawn_ranks
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from distributed import gloo_group, spawn_ranks
 
 from stapo.core import S2TSettings, entropy_quantile, high_entropy_mask, quantile_linear, s2t_mask
 
@@ -50,9 +49,11 @@ def test_quantile_threshold_hand_worked():
     # valid entropies [0.0, 1.0, 2.0, 3.0, 4.0]; q = 0.25 -> threshold 1.0 (linear), strict "<"
     ent = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])
     lp = torch.full((1, 5), math.log(0.001))
-    m = s2t_mask(lp, ent, torch.tensor([1.0]), torch.ones(1, 5), settings=S2TSettings.resolve(tau_p=0.01, tau_h_quantile=0.25, **LITERAL))
+    m = s2t_mask(lp, ent, torch.tensor([1.0]), torch.ones(1, 5),
+                 settings=S2TSettings.resolve(tau_p=0.01, tau_h_quantile=0.25, **LITERAL))
     assert m.tolist() == [[True, False, False, False, False]]
-    m = s2t_mask(lp, ent, torch.tensor([1.0]), torch.ones(1, 5), settings=S2TSettings.resolve(tau_p=0.01, tau_h_quantile=0.3, **LITERAL))
+    m = s2t_mask(lp, ent, torch.tensor([1.0]), torch.ones(1, 5),
+                 settings=S2TSettings.resolve(tau_p=0.01, tau_h_quantile=0.3, **LITERAL))
     assert m.tolist() == [[True, True, False, False, False]]  # threshold 1.2
 
 
@@ -66,7 +67,8 @@ def test_against_reference_random(seed, per_token_adv):
     adv = torch.randn(B, T, generator=g) if per_token_adv else torch.randn(B, generator=g)
     valid = torch.rand(B, T, generator=g) > 0.2
     for tau_p, tau_h, q in [(0.01, None, 0.05), (0.1, None, 0.5), (0.05, 1.0, 0.05), (0.2, None, 1.0)]:
-        got = s2t_mask(lp, ent, adv, valid, settings=S2TSettings.resolve(tau_p=tau_p, tau_h=tau_h, tau_h_quantile=q, **LITERAL))
+        got = s2t_mask(lp, ent, adv, valid,
+                       settings=S2TSettings.resolve(tau_p=tau_p, tau_h=tau_h, tau_h_quantile=q, **LITERAL))
         assert torch.equal(got, ref_s2t(lp.double(), ent.double(), adv.double(), valid, tau_p, tau_h, q))
 
 

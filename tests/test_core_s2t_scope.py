@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-
 from distributed import gloo_group, spawn_ranks
 
 from stapo.core import (

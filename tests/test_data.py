@@ -87,7 +87,8 @@ def test_datasets_directory(tmp_path):
     _check_rows(load_prompts(single))
     both = tmp_path / "dict"
     datasets.DatasetDict(
-        {"train": datasets.Dataset.from_dict(data), "test": datasets.Dataset.from_dict({k: v[:1] for k, v in data.items()})}
+        {"train": datasets.Dataset.from_dict(data),
+         "test": datasets.Dataset.from_dict({k: v[:1] for k, v in data.items()})}
     ).save_to_disk(str(both))
     _check_rows(load_prompts(both))  # train by default
     assert len(load_prompts(both, split="test")) == 1
@@ -97,7 +98,8 @@ def test_datasets_directory(tmp_path):
 
 def test_column_mapping(tmp_path):
     rows = [{"question": "Q1", "final": ["$3$"], "uid": 7}, {"question": "Q2", "final": "4", "uid": 8}]
-    out = load_prompts(_write_jsonl(tmp_path / "m.jsonl", rows), problem_key="question", answer_key="final", id_key="uid")
+    out = load_prompts(_write_jsonl(tmp_path / "m.jsonl", rows), problem_key="question", answer_key="final",
+                       id_key="uid")
     assert [(r["id"], r["problem"], r["answer"]) for r in out] == [("7", "Q1", "$3$"), ("8", "Q2", "4")]
     # without an id column the id is <file stem>-<row>
     out = load_prompts(_write_jsonl(tmp_path / "m.jsonl", rows), problem_key="question", answer_key="final")
@@ -138,7 +140,8 @@ def test_invalid_row_names_file_and_line(tmp_path, bad_row, message):
     assert str(path) in str(e.value) and message in str(e.value)
     skipped = load_prompts(path, on_invalid="skip")
     assert [r["id"] for r in skipped] == ["a", "b"]
-    assert len(skipped.skipped) == 1 and skipped.skipped[0][0] == 2 and message.split(": ", 1)[1] in skipped.skipped[0][1]
+    assert len(skipped.skipped) == 1 and skipped.skipped[0][0] == 2
+    assert message.split(": ", 1)[1] in skipped.skipped[0][1]
 
 
 def test_invalid_parquet_row_names_row(tmp_path):
@@ -267,7 +270,8 @@ def test_benchmark_dir_is_data_dir_or_stapo_data_dir_only(monkeypatch, tmp_path)
 
 
 def test_gold_that_is_a_json_object_is_refused_naming_file_and_row(tmp_path):
-    rows = [{"id": "a", "problem": "P", "answer": "1"}, {"id": "b", "problem": "P", "answer": {"value": 3, "unit": "m"}}]
+    rows = [{"id": "a", "problem": "P", "answer": "1"},
+            {"id": "b", "problem": "P", "answer": {"value": 3, "unit": "m"}}]
     bench = tmp_path / "bench"
     bench.mkdir()
     (bench / "aime24.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -325,12 +329,14 @@ class _BaseTokenizer:
 def test_format_prompt_messages_and_strings():
     msgs = format_prompt("What is {x}?")
     assert msgs == [
-        {"role": "user", "content": "What is {x}?\nPlease reason step by step, and put your final answer within \\boxed{}."}
+        {"role": "user",
+         "content": "What is {x}?\nPlease reason step by step, and put your final answer within \\boxed{}."}
     ]
     with_system = build_messages("Q", system_prompt="You are careful.")
     assert with_system[0] == {"role": "system", "content": "You are careful."}
     chat = format_prompt("Q", tokenizer=_ChatTokenizer(), system_prompt="S")
-    assert chat == "<|system|>S<|user|>Q\nPlease reason step by step, and put your final answer within \\boxed{}.<|assistant|>"
+    assert chat == ("<|system|>S<|user|>Q\nPlease reason step by step, and put your final answer within "
+                    "\\boxed{}.<|assistant|>")
     raw = format_prompt("Q", tokenizer=_BaseTokenizer(), system_prompt="S")
     assert raw == "S\n\nQ\nPlease reason step by step, and put your final answer within \\boxed{}.\n"
     custom = format_prompt("Q", template="Problem: {problem}\nAnswer in \\boxed{{}}.")
@@ -342,7 +348,8 @@ def test_format_prompt_with_a_real_chat_template():
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, models
 
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")))
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")))
     tok.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -470,11 +477,13 @@ def test_unknown_synthetic_task_is_a_data_error_naming_the_known_tasks():
 
 def test_rows_remember_where_they_came_from(tmp_path):
     path = tmp_path / "p.jsonl"
-    path.write_text('{"problem": "a", "answer": "1"}\n\n{"problem": "", "answer": "2"}\n{"problem": "c", "answer": "3"}\n')
+    path.write_text('{"problem": "a", "answer": "1"}\n\n{"problem": "", "answer": "2"}\n'
+                    '{"problem": "c", "answer": "3"}\n')
     rows = load_prompts(path, on_invalid="skip")
     assert [r["problem"] for r in rows] == ["a", "c"]
     assert rows.locations == [f"{path}: line 1", f"{path}: line 4"]
-    assert load_prompts("synthetic:add1?n=3", limit=2).locations == ["synthetic:add1?n=3: row 1", "synthetic:add1?n=3: row 2"]
+    assert load_prompts("synthetic:add1?n=3", limit=2).locations == [
+        "synthetic:add1?n=3: row 1", "synthetic:add1?n=3: row 2"]
 
 
 # ---------------------------------------------------------------- prompt lengths against the context
@@ -483,7 +492,8 @@ def test_rows_remember_where_they_came_from(tmp_path):
 def test_prompt_token_limit_arithmetic():
     from stapo.data import prompt_token_limit
 
-    assert prompt_token_limit(256, 4) == (252, "the model's context 256 (max_position_embeddings) minus max_completion_length 4")
+    assert prompt_token_limit(256, 4) == (
+        252, "the model's context 256 (max_position_embeddings) minus max_completion_length 4")
     assert prompt_token_limit(256, 4, max_prompt_length=100) == (100, "max_prompt_length 100")
     assert prompt_token_limit(None, 4) == (None, "")
     with pytest.raises(DataError, match="max_completion_length 256 leaves no room"):
@@ -523,7 +533,8 @@ def test_long_prompts_refused_or_skipped_and_counted(tmp_path, qwen3_tokenizer_d
     tok.chat_template = None
     n_long = len(tok.encode(long_problem + "\n", add_special_tokens=False))
     assert n_long > 60
-    data = _write_jsonl(tmp_path / "d.jsonl", [{"problem": "1+1", "answer": "2"}, {"problem": long_problem, "answer": "7"},
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"problem": "1+1", "answer": "2"},
+                                               {"problem": long_problem, "answer": "7"},
                                                {"problem": "2+2", "answer": "4"}])
     rows = load_prompts(data)
     args = SimpleNamespace(max_completion_length=4)

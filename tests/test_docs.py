@@ -94,7 +94,7 @@ def test_every_documented_command_parses(doc, line, words, capsys):
         assert isinstance(yaml.safe_load((REPO / accel_config).read_text()), dict)
     try:
         args = parse(argv, build_parser())
-    except SystemExit as err:
+    except SystemExit:
         raise AssertionError(f"{doc.name}: `{line}` does not parse: {capsys.readouterr().err.strip()}") from None
     assert getattr(args, "func", None), f"{doc.name}: `{line}` names no command"
 

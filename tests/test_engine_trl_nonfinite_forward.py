@@ -12,11 +12,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
 
-from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from stapo.data.rollouts import read_rollouts  # noqa: E402
-from stapo.engines.trl import STAPOConfig, STAPOTrainer  # noqa: E402
+from stapo.data.rollouts import read_rollouts
+from stapo.engines.trl import STAPOConfig, STAPOTrainer
 
 BAD_STEP = 2
 

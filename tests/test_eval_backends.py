@@ -39,7 +39,8 @@ def test_sample_seed_is_stable_and_distinct():
     assert s == sample_seed(0, "aime24", "train", "aime24-2024-I-1", 3)
     assert 0 <= s < 2**63
     others = {sample_seed(0, "aime24", "train", "aime24-2024-I-1", i) for i in range(32)}
-    others |= {sample_seed(1, "aime24", "train", "aime24-2024-I-1", 3), sample_seed(0, "aime24", "nucleus", "aime24-2024-I-1", 3)}
+    others |= {sample_seed(1, "aime24", "train", "aime24-2024-I-1", 3),
+               sample_seed(0, "aime24", "nucleus", "aime24-2024-I-1", 3)}
     assert len(others) == 34
 
 
@@ -58,7 +59,8 @@ def test_protocol_parsing():
 
 
 def test_choose_backend():
-    expected = "vllm" if importlib.util.find_spec("vllm") is not None and __import__("torch").cuda.is_available() else "hf"
+    vllm_on_gpu = importlib.util.find_spec("vllm") is not None and __import__("torch").cuda.is_available()
+    expected = "vllm" if vllm_on_gpu else "hf"
     assert choose_backend("auto") == expected
     assert choose_backend("hf") == "hf"
     with pytest.raises(ValueError, match="unknown backend"):
@@ -151,7 +153,7 @@ def test_hf_backend_same_samples_whatever_the_batch(tiny_qwen3_dir):
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(tiny_qwen3_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen3_dir).eval()
-    prompts = [tok("What is 2+2?")["input_ids"], tok("Hi")["input_ids"], tok("Compute 17 times 3, please.")["input_ids"]]
+    prompts = [tok(text)["input_ids"] for text in ("What is 2+2?", "Hi", "Compute 17 times 3, please.")]
     reqs = [_req(seed=100 + i, prompt=p, n=6) for i, p in enumerate(prompts)]
     reqs.append(_req(seed=200, t=0.7, p=0.9, prompt=prompts[0], n=3))
     batched = HFBackend(model, tok, batch_size=4).generate(reqs)

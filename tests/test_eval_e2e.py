@@ -14,7 +14,6 @@ from stapo.eval.protocol import BENCHMARKS
 from stapo.eval.runner import EvalConfig, EvalError, evaluate
 
 
-
 class AnswerBackend:
     """A stand-in model that answers every problem with a fixed function of its gold answer."""
 
@@ -69,7 +68,7 @@ def test_boxed_gold_scores_100_and_wrong_scores_0_on_all_six(tmp_path, qwen_toke
     for b in BENCHMARKS:
         assert per[b]["n_problems"] == sizes[b]
         if per[b]["avg@k"] != expected:
-            recs = [json.loads(l) for l in open(tmp_path / "run" / "samples.jsonl")]
+            recs = [json.loads(line) for line in open(tmp_path / "run" / "samples.jsonl")]
             bad = [(r["problem_id"], r["gold"]) for r in recs if r["benchmark"] == b and r["correct"] != bool(expected)]
             pytest.fail(f"{b}: {len(bad)} rows graded {'wrong' if expected else 'correct'}: {bad[:5]}")
     assert per["average"]["avg@k"] == expected
@@ -106,15 +105,15 @@ def test_quirks_and_metrics_through_the_pipeline(tmp_path, qwen_tokenizer):
     # grade_timeout: this test is about notation, not latency; a busy 2-core machine can take more than
     # the default 5 s for the first math-verify grading of a worker (bounded latency: test_grading_fuzz)
     config = EvalConfig(model="stub", out_dir=tmp_path / "run", samples=3, settings=["nucleus"],
-                        benchmarks=["aime24", "math500", "minerva", "olympiadbench"], data_dir=str(data), progress=False,
-                        grade_timeout=60.0)
+                        benchmarks=["aime24", "math500", "minerva", "olympiadbench"], data_dir=str(data),
+                        progress=False, grade_timeout=60.0)
     results = evaluate(config, backend=backend, tokenizer=qwen_tokenizer)
     per = results["results"]["nucleus"]
     for b in ("aime24", "math500", "minerva", "olympiadbench"):
         assert per[b]["avg@k"] == 1.0 and per[b]["maj@k"] == 1.0 and per[b]["pass@k"] == 1.0, b
         assert per[b]["k"] == 3
     assert [f["id"] for f in results["flagged"]["olympiadbench"]] == ["o1"]
-    recs = [json.loads(l) for l in open(tmp_path / "run" / "samples.jsonl")]
+    recs = [json.loads(line) for line in open(tmp_path / "run" / "samples.jsonl")]
     assert len(recs) == 3 * 8
     r = next(r for r in recs if r["problem_id"] == "a1")
     assert (r["extracted"], r["gold"], r["correct"], r["temperature"], r["top_p"]) == ("25", "025", True, 0.7, 0.9)
@@ -194,7 +193,7 @@ def test_cli_end_to_end_tiny_model_and_resume(tmp_path, tiny_qwen3_dir, capsys):
     assert results["backend"] == "hf" and results["backend_info"]["backend"] == "hf"
     assert results["complete"] and results["k"] == {b: 2 for b in BENCHMARKS}
     assert (out / "results.md").read_text().startswith("# stapo eval")
-    recs = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(recs) == 6 * 2 * 2
     assert all(r["completion_tokens"] <= 8 and r["gen_s"] > 0 for r in recs)
     first = {(r["benchmark"], r["problem_id"], r["sample_idx"]): r["completion"] for r in recs}
@@ -210,7 +209,7 @@ def test_cli_end_to_end_tiny_model_and_resume(tmp_path, tiny_qwen3_dir, capsys):
     assert _cli(*args) == 0
     assert "= 24 samples, up to 8 new tokens each; 12 already in samples.jsonl, 12 to generate" \
         in capsys.readouterr().err
-    again = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+    again = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(again) == 24
     # per-sample seeds: the regenerated samples are the ones the first run produced
     assert {(r["benchmark"], r["problem_id"], r["sample_idx"]): r["completion"] for r in again} == first
@@ -222,7 +221,7 @@ def test_cli_end_to_end_tiny_model_and_resume(tmp_path, tiny_qwen3_dir, capsys):
     shutil.copytree(out, tmp_path / "stapo-run")
     assert _cli("eval", "--compare", str(out), str(tmp_path / "stapo-run")) == 0
     table = capsys.readouterr().out
-    rows = [l for l in table.splitlines() if l.startswith("| run") or l.startswith("| stapo-run")]
+    rows = [line for line in table.splitlines() if line.startswith("| run") or line.startswith("| stapo-run")]
     assert [r.split(" |")[0] for r in rows] == ["| run", "| run", "| stapo-run"]  # header, then one row per run
     assert re.search(r"\| AIME24 \(k=\d+, n=\d+\) \| AIME25 \(k=\d+, n=\d+\) \| AMC23 .*\| OlympiadBench "
                      r"\(k=\d+, n=\d+\) \| Average \(6\) \| extraction \|", table)

@@ -60,10 +60,10 @@ def _results(values: dict, setting="train"):
 def test_run_table_shape_and_numbers():
     table = run_table(_results({"math500": 0.25, "aime24": 0.5}))
     lines = table.splitlines()
-    header = next(l for l in lines if l.startswith("| metric"))
+    header = next(line for line in lines if line.startswith("| metric"))
     # paper order: AIME24 before MATH500, then the average
     assert header.index("AIME24") < header.index("MATH500") < header.index("Average (2)")
-    avg_row = next(l for l in lines if l.startswith("| avg@k"))
+    avg_row = next(line for line in lines if line.startswith("| avg@k"))
     assert avg_row == "| avg@k | 50.0 ± 1.0 | 25.0 ± 1.0 | 37.5 ± 1.0 |"
     assert "train (T=1.0, top-p=1.0)" in table
     assert "OlympiadBench: 1 (olympiadbench-1)" in table
@@ -77,14 +77,14 @@ def test_compare_table_rows_are_runs(tmp_path):
         (tmp_path / name / "results.json").write_text(json.dumps(r))
     runs = [(n, load_results(tmp_path / n)) for n in ("grpo", "stapo")]
     table = compare_table(runs)
-    lines = [l for l in table.splitlines() if l.startswith("|")]
+    lines = [line for line in table.splitlines() if line.startswith("|")]
     # the papers' convention: percent, ± SE, k and n per benchmark, the extraction rule named
     assert lines[0] == ("| run | AIME24 (k=4, n=10) | MATH500 (k=4, n=10) | Minerva (k=4, n=10) | Average (2) "
                         "| extraction |")
     # the average is over the benchmarks both runs have (AIME24, MATH500); its SE = sqrt(2 * 1.0^2) / 2
     assert lines[2] == "| grpo | 50.0 ± 1.0 | 25.0 ± 1.0 | 10.0 ± 1.0 | 37.5 ± 0.7 | ? |"
     assert lines[3] == "| stapo | 75.0 ± 1.0 | 50.0 ± 1.0 | – | 62.5 ± 0.7 | ? |"
-    plain = [l for l in compare_table(runs, with_se=False).splitlines() if l.startswith("|")]
+    plain = [line for line in compare_table(runs, with_se=False).splitlines() if line.startswith("|")]
     assert plain[2] == "| grpo | 50.0 | 25.0 | 10.0 | 37.5 | ? |"
     with pytest.raises(ValueError, match="unknown metric"):
         compare_table(runs, metric="acc")

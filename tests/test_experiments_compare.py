@@ -208,7 +208,8 @@ def test_methods_differ_only_in_method(compare, tmp_path):
         diff = {k for k in set(flat) | set(flats["stapo"]) if flat.get(k) != flats["stapo"].get(k)}
         if m == "stapo-former":
             assert diff <= {"output_dir", "tau_p", "tau_h_quantile", "tau_h_max"}, diff
-            assert (flat["tau_p"], flat["tau_h_quantile"], flat["tau_h_max"]) == (0.01, 0.05, pytest.approx(math.log(2)))
+            assert (flat["tau_p"], flat["tau_h_quantile"], flat["tau_h_max"]) == (
+                0.01, 0.05, pytest.approx(math.log(2)))
             continue
         assert diff <= {"method", "output_dir"}, (m, diff)
         assert flat["seed"] == 0 and flat["method"] == m
@@ -326,7 +327,8 @@ def test_trl_8gpu_dry_run_refuses_without_vllm():
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vLLM is importable here")
     proc = _bash("run_trl_8gpu.sh", "stapo", DRY_RUN="1")
-    assert proc.returncode != 0 and "use_vllm: vLLM is not importable" in proc.stderr and "accelerate" not in proc.stdout
+    assert proc.returncode != 0 and "use_vllm: vLLM is not importable" in proc.stderr
+    assert "accelerate" not in proc.stdout
 
 
 def test_trl_8gpu_refuses_bad_method_and_bad_override():

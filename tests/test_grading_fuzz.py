@@ -71,7 +71,8 @@ def test_fuzz_main_thread(corpus, marker_dir):
     worst = _check(results, marker_dir, stats)
     assert stats["graded"] == len(corpus)
     assert stats["rejected"] > 100 and stats["worker_calls"] > 500  # both bounded paths were used
-    print(f"\nmain thread: {len(corpus)} items in {elapsed:.1f} s ({len(corpus) / elapsed:.0f}/s), worst {worst:.2f} s, {stats}")
+    print(f"\nmain thread: {len(corpus)} items in {elapsed:.1f} s ({len(corpus) / elapsed:.0f}/s), "
+          f"worst {worst:.2f} s, {stats}")
 
 
 @pytest.mark.slow
@@ -90,7 +91,6 @@ def _pool_chunk(chunk):
     from stapo.rewards import grade_batch as gb
     from stapo.rewards import grading_stats as gs
     from stapo.rewards import reset_grading_stats as rs
-
     from stapo.rewards import warmup as wu
 
     wu(1)

@@ -44,9 +44,11 @@ def test_the_table_holds_the_papers_numbers():
     assert t.optimizer_steps_per_rollout == 4 and t.rollout_responses == 2048 and t.mini_batch_responses == 512
     assert (t.max_prompt_length, t.max_response_length, t.max_sequence_length) == (1024, 15360, 16384)
     assert math.isclose(1 - t.clip_low, 0.8) and math.isclose(1 + t.clip_high, 1.28)
-    assert (t.grad_clip, t.optimizer, t.learning_rate, t.lr_schedule, t.warmup_steps) == (1.0, "AdamW", 1e-6, "constant", 10)
+    assert (t.grad_clip, t.optimizer, t.learning_rate, t.lr_schedule, t.warmup_steps) == (
+        1.0, "AdamW", 1e-6, "constant", 10)
     assert (t.temperature, t.top_p, t.kl_coef, t.entropy_coef, t.dynamic_sampling) == (1.0, 1.0, 0.0, 0.0, False)
-    assert dict(EVAL.samples) == {"aime24": 32, "aime25": 32, "amc23": 32, "math500": 4, "minerva": 4, "olympiadbench": 4}
+    assert dict(EVAL.samples) == {"aime24": 32, "aime25": 32, "amc23": 32,
+                                  "math500": 4, "minerva": 4, "olympiadbench": 4}
     assert EVAL.max_new_tokens == 20480 and dict(EVAL.settings) == {"train": (1.0, 1.0), "nucleus": (0.7, 0.9)}
     assert trl_steps(10) == 40
     assert set(METHODS) == {"grpo", "20-entropy", "justrl", "stapo"}
@@ -125,8 +127,8 @@ def check_trl_config(path: Path) -> None:
     # the file carries every one of these itself (not a default that could change under it)
     for key in ("num_generations", "per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
                 "num_iterations", "max_completion_length", "temperature", "top_p", "optim", "learning_rate",
-                "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "beta", "entropy_coef", "max_steps",
-                "vllm_importance_sampling_correction"):
+                "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "beta", "entropy_coef",
+                "max_steps", "vllm_importance_sampling_correction"):
         assert key in raw, f"{path.name}: {key} is not set explicitly"
     # the method's own settings: none in the file (the four configs of a size differ only in `method`),
     # all from the preset, as the run resolves them
@@ -313,7 +315,7 @@ def test_verl_readme_states_the_table():
     eval_lines = [line for line in text.splitlines() if line.strip().startswith("stapo eval")]
     assert eval_lines and all(" ".join(eval_args()) in line for line in eval_lines)
     assert f"{TRAINING.max_response_length:,}" in text or str(TRAINING.max_response_length) in text
-    for method, own in METHODS.items():
+    for method in METHODS:
         assert f"| {method} |" in text
     for stale in ("tau_p 0.01", "| 8192 |", "| 16384 |"):
         assert stale not in text

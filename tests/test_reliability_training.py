@@ -25,14 +25,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
 
-from datasets import Dataset  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
+from datasets import Dataset
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, TrainerCallback
 
-import stapo.engines.trl.trainer as engine  # noqa: E402
-from stapo.engines.trl import STAPOConfig, STAPOTrainer  # noqa: E402
-from stapo.engines.trl.nonfinite import NonFiniteGuard, NonFiniteTrainingError  # noqa: E402
-from stapo.rundir import last_checkpoint  # noqa: E402
+import stapo.engines.trl.trainer as engine
+from stapo.engines.trl import STAPOConfig, STAPOTrainer
+from stapo.engines.trl.nonfinite import NonFiniteGuard, NonFiniteTrainingError
+from stapo.rundir import last_checkpoint
 
 
 def _reward(completions, completion_ids=None, **kwargs):
@@ -205,7 +205,8 @@ def test_stapo_train_prints_the_nonfinite_stop_as_one_line(tiny_qwen3_dir, tmp_p
     assert rc == 2 and "Traceback" not in err
     errors = [line for line in err.splitlines() if "error" in line]
     assert len(errors) == 1
-    assert errors[0].startswith("stapo train: error: training stopped at step 1: 1 consecutive step(s) had a non-finite")
+    assert errors[0].startswith(
+        "stapo train: error: training stopped at step 1: 1 consecutive step(s) had a non-finite")
     assert not list(out.glob("*checkpoint-*"))
 
 

@@ -21,8 +21,8 @@ from stapo.rewards import (
     normalize_gold,
     pathological_reason,
     reset_grading_stats,
+    sandbox,
 )
-from stapo.rewards import sandbox
 
 # An answer that passes the pathological-input filter but keeps sympy busy for seconds
 # (binomial of a 10-digit number): the time bound has to come from the worker machinery.
@@ -109,7 +109,8 @@ FORMAT_TABLE = [
     # intervals and tuples
     (r"\boxed{(2, \infty)}", r"(2,\infty)", 1.0),
     (r"\boxed{[2, \infty)}", r"(2,\infty)", 0.0),
-    (r"\boxed{\left[ \frac{\pi^2}{8}, \frac{5 \pi^2}{4} \right]}", r"\left[ \frac{\pi^2}{8}, \frac{5 \pi^2}{4} \right]", 1.0),
+    (r"\boxed{\left[ \frac{\pi^2}{8}, \frac{5 \pi^2}{4} \right]}",
+     r"\left[ \frac{\pi^2}{8}, \frac{5 \pi^2}{4} \right]", 1.0),
     (r"\boxed{(3, \frac{\pi}{2})}", r"\left( 3, \frac{\pi}{2} \right)", 1.0),
     # degrees and percentages
     (r"\boxed{180}", r"180^\circ", 1.0),

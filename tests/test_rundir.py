@@ -314,7 +314,8 @@ def test_a_held_lock_refuses_a_second_claim_naming_the_pid(tmp_path):
     try:
         assert (out / rundir.LOCK_FILE).read_text().strip() == str(holder.pid)
         for flags in ({}, {"resume": True}, {"overwrite": True}):
-            with pytest.raises(RunDirError, match=rf"output_dir {out} is in use by another run \(process {holder.pid}, "):
+            with pytest.raises(RunDirError,
+                               match=rf"output_dir {out} is in use by another run \(process {holder.pid}, "):
                 rundir.claim_output_dir(out, **flags)
         assert sorted(p.name for p in out.iterdir()) == [rundir.LOCK_FILE]  # the holder's file is untouched
     finally:

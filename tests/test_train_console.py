@@ -50,7 +50,8 @@ def test_seconds_per_step_and_eta_leave_out_the_evaluations(monkeypatch, capsys)
         state.global_step = step
         if evaluation:  # an in-training evaluation at this step, logged before its training line
             clock.now += evaluation
-            callback.on_log(args, state, control, logs={"eval_heldout_accuracy": 0.5, "eval_heldout_seconds": evaluation})
+            callback.on_log(args, state, control,
+                            logs={"eval_heldout_accuracy": 0.5, "eval_heldout_seconds": evaluation})
         callback.on_log(args, state, control, logs={"loss": 0.1, "reward": 0.5})
     clock.now += 3.0  # saving
     state.global_step = 2

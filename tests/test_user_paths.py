@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------- repository paths
 
 
-@pytest.mark.parametrize("rel", ["configs/demo.yaml", "configs/accelerate/fsdp.yaml", "configs/paper/qwen3-1.7b-stapo.yaml"])
+@pytest.mark.parametrize("rel", ["configs/demo.yaml", "configs/accelerate/fsdp.yaml",
+                                 "configs/paper/qwen3-1.7b-stapo.yaml"])
 def test_readme_config_paths_exist(rel):
     path = REPO / rel
     assert path.is_file(), f"{rel} (named in README.md) does not exist"
@@ -233,7 +234,8 @@ def test_analyze_tokens_defaults_to_the_runs_settings(tmp_path, capsys):
     args = parser.parse_args(["analyze", "tokens", "--data", "synthetic:add1?n=2"])
     resolve_tokens_defaults(args)
     # without a run the S2T flags stay unset: stapo.core.S2TSettings fills its defaults
-    assert (args.template, args.group_size, args.tau_p, args.tau_h, args.tau_h_quantile) == ("boxed", 8, None, None, None)
+    assert (args.template, args.group_size, args.tau_p, args.tau_h, args.tau_h_quantile) == (
+        "boxed", 8, None, None, None)
 
     # --rollouts RUN_DIR: the thresholds the run trained with
     out = tmp_path / "a"

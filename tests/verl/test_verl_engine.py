@@ -23,6 +23,7 @@ pytest.importorskip(VERL_MODULE, reason=VERL_SKIP_REASON)
 import math
 
 import torch
+from token_mean_reference import Method, spurious_tokens, step_loss
 from verl_engine import (
     actor_loss,
     build_engine,
@@ -34,7 +35,6 @@ from verl_engine import (
     to_actor_batch,
     verl_on_cpu,
 )
-from token_mean_reference import Method, spurious_tokens, step_loss
 from verl_fakes import make_actor_config
 
 import stapo.engines.verl as plugin

@@ -16,10 +16,10 @@ import sys
 from functools import partial
 
 import torch
+import verl.workers.utils.losses as verl_losses
 from verl_fakes import make_actor_config, make_micro_batch
 
 import stapo.engines.verl  # noqa: F401 - installs the hook
-import verl.workers.utils.losses as verl_losses
 from stapo.engines.verl import MiniBatchS2T, with_entropy
 
 
@@ -111,7 +111,8 @@ def split_run(lp, old, adv, ent, mask, bounds, cfg, dp_size=1, global_tokens=Non
     return total, theta.grad.item()
 
 
-@pytest.mark.parametrize("loss_mode,stapo_cfg", [("stapo", {"tau_p": 0.01, "tau_h": 0.5}), ("20-entropy", {"top_entropy_quantile": 1.0})])
+@pytest.mark.parametrize("loss_mode,stapo_cfg", [("stapo", {"tau_p": 0.01, "tau_h": 0.5}),
+                                                 ("20-entropy", {"top_entropy_quantile": 1.0})])
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_micro_batch_and_dp_split_invariance(loss_mode, stapo_cfg, agg):
     lp, old, adv, ent, mask, _ = mini_batch(seed=2)

@@ -9,8 +9,8 @@ from verl_fakes import VERL_MODULE, VERL_SKIP_REASON
 pytest.importorskip(VERL_MODULE, reason=VERL_SKIP_REASON)
 
 import torch
-from verl_fakes import make_actor_config
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
+from verl_fakes import make_actor_config
 
 import stapo.core as core
 from stapo.core import S2TSettings
@@ -104,7 +104,8 @@ def test_known_spurious_set_equals_core_and_hand_mask():
         torch.testing.assert_close(grad, leaf.grad)
         assert torch.all(grad[expected] == 0)
         # ...and it is the mask that zeroes them: without it they carry gradient
-        _, unmasked_grad, _ = run_loss("vanilla", with_info(make_actor_config("vanilla"), info), lp, old, adv, mask, "token-mean")
+        _, unmasked_grad, _ = run_loss("vanilla", with_info(make_actor_config("vanilla"), info), lp, old, adv, mask,
+                                       "token-mean")
         assert torch.all(unmasked_grad[expected] != 0)
         assert metrics["actor/s2t_masked_count"] == float(expected.sum())
     # Without global info STAPO renormalises over the kept tokens: verl's vanilla on valid & ~M.
@@ -122,7 +123,8 @@ def test_global_denominator_mapping_against_vanilla_on_the_kept_set():
     lp, old, adv, ent, mask = spurious_batch()
     expected = mask & (adv > 0) & (lp.exp() < 0.05) & (ent < 0.5)
     for agg in AGG_MODES:
-        cfg = with_info(make_actor_config("stapo", stapo={"tau_p": 0.05, "tau_h": 0.5}, loss_agg_mode=agg), GLOBAL_INFOS["global"])
+        cfg = with_info(make_actor_config("stapo", stapo={"tau_p": 0.05, "tau_h": 0.5}, loss_agg_mode=agg),
+                        GLOBAL_INFOS["global"])
         ref_cfg = with_info(make_actor_config("vanilla", loss_agg_mode=agg), GLOBAL_INFOS["global"])
         loss, grad, _ = run_loss("stapo", cfg, lp, old, adv, mask, agg, entropy=ent)
         ref_loss, ref_grad, _ = run_loss("vanilla", ref_cfg, lp, old, adv, mask & ~expected, agg)

@@ -18,9 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import verl
 from omegaconf import OmegaConf
 
-import verl
 from stapo.core import get_preset
 from stapo.engines.verl.config import POLICY_LOSS_TARGET, VERL_TAU_H_SCOPE, StapoPolicyLossConfig
 from stapo.engines.verl.main import apply_stapo_defaults
@@ -53,7 +53,8 @@ def test_paper_recipe_is_accepted_by_verls_schema(method, model):
     actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
     omega_conf_to_dataclass(cfg.algorithm)
     preset = get_preset(method)
-    assert (actor.clip_ratio_low, actor.clip_ratio_high, actor.loss_agg_mode) == (preset.clip_low, preset.clip_high, preset.agg)
+    assert (actor.clip_ratio_low, actor.clip_ratio_high, actor.loss_agg_mode) == (
+        preset.clip_low, preset.clip_high, preset.agg)
     assert cfg.actor_rollout_ref.rollout.n == 8 and actor.optim.lr == 1e-6 and actor.entropy_coeff == 0
     assert (actor.optim.lr_warmup_steps, actor.optim.weight_decay) == (10, 0.1)  # the table's optimizer, every method
     assert (actor.optim.clip_grad, actor.optim.lr_scheduler_type) == (1.0, "constant")
@@ -73,7 +74,8 @@ def test_paper_recipe_is_accepted_by_verls_schema(method, model):
             assert s2t.s2t == replace(preset.s2t_settings, tau_h_scope=VERL_TAU_H_SCOPE)
         else:
             assert actor.policy_loss.stapo.top_entropy_quantile == 0.2
-        assert "stapo.engines.verl" in list(cfg.actor_rollout_ref.model.external_lib) + [cfg.actor_rollout_ref.model.external_lib]
+        external_lib = cfg.actor_rollout_ref.model.external_lib
+        assert "stapo.engines.verl" in list(external_lib) + [external_lib]
     else:
         assert actor.policy_loss.loss_mode == "vanilla" and actor.calculate_entropy is False
 
@@ -108,7 +110,7 @@ def test_the_stapo_blocks_former_name_is_a_deprecated_alias():
             assert module.StapoConfig is config.VerlStapoSettings
     assert "StapoConfig" not in plugin.__all__ and "VerlStapoSettings" in plugin.__all__
     with pytest.raises(AttributeError):
-        config.NoSuchName
+        _ = config.NoSuchName
 
 
 @pytest.mark.slow  # ~20 s: a fresh interpreter imports verl
@@ -137,7 +139,8 @@ def test_prepared_parquet_loads_in_verls_rlhf_dataset(tmp_path, qwen3_tokenizer_
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     bench = tmp_path / "bench"
     bench.mkdir()
-    (bench / "amc23.jsonl").write_text(json.dumps({"id": "amc23-1", "problem": "What is $3 \\cdot 4$?", "answer": "12"}) + "\n")
+    (bench / "amc23.jsonl").write_text(
+        json.dumps({"id": "amc23-1", "problem": "What is $3 \\cdot 4$?", "answer": "12"}) + "\n")
     paths = prepare(str(train), tmp_path / "out", benchmarks=["amc23"], data_dir=bench)
     tok = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir)
     config = OmegaConf.create({"prompt_key": "prompt", "max_prompt_length": 256, "truncation": "error",
@@ -167,7 +170,8 @@ def _score_through_naive_manager(response: str, gold: str) -> float:
     from verl.experimental.reward_loop.reward_manager.naive import NaiveRewardManager
     from verl.trainer.ppo.reward import get_custom_reward_fn
 
-    config = OmegaConf.create({"reward": {"custom_reward_function": {"path": "pkg://stapo.rewards", "name": "compute_score"}}})
+    config = OmegaConf.create(
+        {"reward": {"custom_reward_function": {"path": "pkg://stapo.rewards", "name": "compute_score"}}})
     fn = get_custom_reward_fn(config)
     ids = torch.tensor([[ord(c) for c in response] + [0, 0]])
     prompt = torch.tensor([[65, 66]])
@@ -178,7 +182,10 @@ def _score_through_naive_manager(response: str, gold: str) -> float:
                      "reward_model": np.array([{"ground_truth": gold}], dtype=object)},
     )
     manager = NaiveRewardManager(config, _CharTokenizer(), fn)
-    result = manager.loop.run_until_complete(manager.run_single(data)) if not manager.loop.is_running() else asyncio.run(manager.run_single(data))
+    if not manager.loop.is_running():
+        result = manager.loop.run_until_complete(manager.run_single(data))
+    else:
+        result = asyncio.run(manager.run_single(data))
     return result["reward_score"]
 
 

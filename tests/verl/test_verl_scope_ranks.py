@@ -37,8 +37,9 @@ def mini_batch(seed=3, bsz=8, resp_len=6):
 def whole_batch_reference():
     """One process, the whole mini-batch: the S2T decision, and STAPO's gradient w.r.t. a shared θ (every
     token's log-prob moves with θ) = verl's vanilla on the kept tokens with their own count."""
-    from stapo.core import S2TSettings, s2t_decision
     from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+    from stapo.core import S2TSettings, s2t_decision
 
     lp, old, adv, ent, mask = mini_batch()
     d = s2t_decision(lp, ent, adv, mask, S2TSettings(**SETTINGS))

@@ -99,9 +99,8 @@ def verl_on_cpu():
     """verl on the CPU in this process: a gloo group of one rank (unless one exists), the CPU platform,
     the engine registry key, the trl check; everything restored on exit."""
     import torch.distributed as dist
-    from verl.plugin.platform import platform_manager
-
     import verl.models.transformers.monkey_patch as hf_patch
+    from verl.plugin.platform import platform_manager
 
     saved_env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                "VERL_ENGINE_DEVICE")}
