@@ -17,13 +17,16 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
 
-import trl.trainer.utils as trl_utils  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+import trl.trainer.utils as trl_utils
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import GRPOConfig, GRPOTrainer
 
-import stapo.core.lm_head as lm_head  # noqa: E402
-from stapo.engines.trl import STAPOConfig, STAPOTrainer  # noqa: E402
+import stapo.core.lm_head as lm_head
+from stapo.engines.trl import STAPOConfig, STAPOTrainer
+
+# every test builds a real TRL trainer
+pytestmark = pytest.mark.slow
 
 T = 6  # completion length
 

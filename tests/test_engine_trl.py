@@ -10,11 +10,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
 
-from datasets import Dataset  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
+from datasets import Dataset
+from transformers import AutoTokenizer
 
-from stapo.core import PRESETS, S2TSettings, group_advantages  # noqa: E402
-from stapo.engines.trl import STAPOConfig, STAPOTrainer  # noqa: E402
+from stapo.core import PRESETS, S2TSettings, group_advantages
+from stapo.engines.trl import STAPOConfig, STAPOTrainer
 
 # ---- config ---------------------------------------------------------------------------------
 
@@ -91,7 +91,8 @@ def test_trainer_refuses_plain_grpo_config(tiny_qwen3_dir, tmp_path):
     from trl import GRPOConfig
 
     with pytest.raises(ValueError, match="STAPOConfig"):
-        STAPOTrainer(model=str(tiny_qwen3_dir), reward_funcs=_reward, args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
+        STAPOTrainer(model=str(tiny_qwen3_dir), reward_funcs=_reward,
+                     args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
 
 
 # ---- training runs ----------------------------------------------------------------------------
@@ -169,6 +170,7 @@ def two_step_run(tiny_qwen3_dir, tmp_path_factory):
     return out, _train(tiny_qwen3_dir, _run_args(out))
 
 
+@pytest.mark.slow
 def test_two_step_run_loss_matches_float64_stapo(two_step_run):
     _, trainer = two_step_run
     assert len(trainer.checked) == 2
@@ -182,6 +184,7 @@ def test_two_step_run_loss_matches_float64_stapo(two_step_run):
         assert h["stapo/s2t_masked_count"] == masked
 
 
+@pytest.mark.slow
 def test_two_step_run_logs_the_method_metrics(two_step_run):
     out, trainer = two_step_run
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -208,6 +211,7 @@ def test_two_step_run_logs_the_method_metrics(two_step_run):
         assert 0.0 <= line["stapo/accuracy"] <= 1.0
 
 
+@pytest.mark.slow
 def test_two_step_run_writes_checkpoints_and_rollouts(two_step_run):
     out, trainer = two_step_run
     for step in (1, 2):
@@ -232,6 +236,7 @@ def test_two_step_run_writes_checkpoints_and_rollouts(two_step_run):
         assert "".join(row["token_text"]) == row["completion"]
 
 
+@pytest.mark.slow
 def test_resume_continues_without_duplicate_steps(tiny_qwen3_dir, two_step_run, tmp_path):
     out, first = two_step_run
     import shutil
@@ -253,6 +258,7 @@ def test_resume_continues_without_duplicate_steps(tiny_qwen3_dir, two_step_run, 
         assert torch.allclose(a[key], b[key], atol=1e-6), key
 
 
+@pytest.mark.slow
 def test_trl_advantages_equal_core_group_advantages(tiny_qwen3_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_qwen3_dir)
     args = _run_args(tmp_path, num_generations=4, capture_rollouts_every=0, metrics_jsonl=False)

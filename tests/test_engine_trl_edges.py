@@ -16,11 +16,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
 
-from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stapo.core import get_preset, policy_loss  # noqa: E402
-from stapo.engines.trl import STAPOConfig, STAPOTrainer  # noqa: E402
+from stapo.core import get_preset, policy_loss
+from stapo.engines.trl import STAPOConfig, STAPOTrainer
+
+# every test builds a real TRL trainer
+pytestmark = pytest.mark.slow
 
 
 def _reward(completions, completion_ids=None, **kwargs):
@@ -56,7 +59,8 @@ def _dual_clip_trainer(model_dir, tmp_path, method):
     args = STAPOConfig(output_dir=str(tmp_path), method=method, per_device_train_batch_size=4, num_generations=2,
                        max_completion_length=5, use_cpu=True, bf16=False, report_to=[], save_strategy="no",
                        fused_lm_head=False)
-    trainer = STAPOTrainer(model=model, reward_funcs=_reward, args=args, processing_class=AutoTokenizer.from_pretrained(model_dir),
+    trainer = STAPOTrainer(model=model, reward_funcs=_reward, args=args,
+                           processing_class=AutoTokenizer.from_pretrained(model_dir),
                            train_dataset=Dataset.from_dict({"prompt": ["a", "b"]}))
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1

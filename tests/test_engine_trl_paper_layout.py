@@ -16,13 +16,16 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
 
-from datasets import Dataset  # noqa: E402
-from token_mean_reference import Method, spurious_tokens, step_loss  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
+from datasets import Dataset
+from token_mean_reference import Method, spurious_tokens, step_loss
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from stapo.core import filtered_policy_loss  # noqa: E402
-from stapo.engines.trl import STAPOConfig, STAPOTrainer  # noqa: E402
-from stapo.engines.trl.trainer import OLD_ENTROPY_KEY  # noqa: E402
+from stapo.core import filtered_policy_loss
+from stapo.engines.trl import STAPOConfig, STAPOTrainer
+from stapo.engines.trl.trainer import OLD_ENTROPY_KEY
+
+# every test builds a real TRL trainer
+pytestmark = pytest.mark.slow
 
 GA, STEPS_PER_GENERATION, ROWS, GENERATIONS = 2, 8, 4, 4
 TEMPERATURE = 1.0
@@ -136,7 +139,6 @@ def _reference(model_dir, step, method: Method, old_policy: bool = False):
     return grads, sum(int(s.sum()) for s in spurious), [int(v.sum()) for v in valids]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method, decision_policy", [("grpo", "current"), ("stapo", "current"), ("stapo", "old")])
 def test_each_optimizer_step_is_its_own_token_mean(sharp_qwen3_dir, tmp_path, method, decision_policy):
     """decision_policy=old: S2T decides on pi_old's log-probs and entropies, which the old-log-prob pass
@@ -191,11 +193,18 @@ def test_old_decision_policy_decides_on_pi_olds_values(sharp_qwen3_dir, tmp_path
         flip = torch.rand(lp.shape, generator=torch.Generator().manual_seed(1)) < 0.5
         old = torch.where(flip, torch.where(lp < torch.log(torch.tensor(tau_p)), -0.5, -12.0), lp)
         b = dict(batch, old_per_token_logps=old, **{OLD_ENTROPY_KEY: ent})
-        outs = []
-        monkeypatch.setattr(trainer_module, "filtered_policy_loss",
-                            lambda *a, **k: outs.append(filtered_policy_loss(*a, **k)) or outs[-1])
-        forwards = []
-        monkeypatch.setattr(trainer, "_policy_forward", lambda *a, **k: forwards.append(1) or type(trainer)._policy_forward(trainer, *a, **k))
+        outs, forwards = [], []
+
+        def recorded_loss(*a, outs=outs, **k):
+            outs.append(filtered_policy_loss(*a, **k))
+            return outs[-1]
+
+        def counted_forward(*a, forwards=forwards, trainer=trainer, **k):
+            forwards.append(1)
+            return type(trainer)._policy_forward(trainer, *a, **k)
+
+        monkeypatch.setattr(trainer_module, "filtered_policy_loss", recorded_loss)
+        monkeypatch.setattr(trainer, "_policy_forward", counted_forward)
         trainer._buffered_inputs, trainer._step = [b, b], 0
         trainer._compute_loss(trainer.model, b)
         assert trainer._decides_on_old_policy() == (policy == "old") and forwards == [1]  # the loss's own forward

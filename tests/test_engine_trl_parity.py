@@ -16,12 +16,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
 
-from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import GRPOConfig, GRPOTrainer
 
-from stapo.core import S2TSettings, stapo_loss  # noqa: E402
-from stapo.engines.trl import STAPOConfig, STAPOTrainer  # noqa: E402
+from stapo.core import S2TSettings, stapo_loss
+from stapo.engines.trl import STAPOConfig, STAPOTrainer
 
 MAX_LEN = 6
 ROWS = 4
@@ -110,6 +110,7 @@ def _assert_same(a, b, atol=1e-6):
         assert torch.allclose(grads_a[name], grads_b[name], atol=atol, rtol=1e-5), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", ["dapo", "bnpo", "grpo", "dr_grpo"])
 def test_mask_off_matches_trl_loss_and_gradients(tiny_qwen3_dir, tmp_path, loss_type):
     clip = dict(epsilon=0.2, epsilon_high=0.28, loss_type=loss_type)
@@ -127,6 +128,7 @@ def test_mask_off_matches_trl_loss_and_gradients(tiny_qwen3_dir, tmp_path, loss_
     assert clipped > 0
 
 
+@pytest.mark.slow
 def test_twenty_entropy_matches_trl_top_entropy_quantile(tiny_qwen3_dir, tmp_path):
     ours = _trainer(STAPOTrainer, STAPOConfig, tiny_qwen3_dir, tmp_path / "a", method="20-entropy")
     ref = _trainer(
@@ -148,6 +150,7 @@ def _tensors(trainer, batch):
         return trainer._get_per_token_logps_and_entropies(trainer.model, ids, attn, MAX_LEN, compute_entropy=True)[:2]
 
 
+@pytest.mark.slow
 def test_stapo_equals_core_stapo_loss(tiny_qwen3_dir, tmp_path):
     # a random model's entropies are near log V: the uncapped quantile over all valid tokens lets H decide
     literal = dict(tau_h_population="valid", tau_h_max=math.inf)
@@ -166,6 +169,7 @@ def test_stapo_equals_core_stapo_loss(tiny_qwen3_dir, tmp_path):
     assert trainer._metrics["train"]["stapo/s2t_masked_count"][-1] == float(m["s2t_masked_count"])
 
 
+@pytest.mark.slow
 def test_denominator_same_for_one_or_two_micro_batches(tiny_qwen3_dir, tmp_path):
     """An absolute tau_h decided per micro-batch on the current policy: GA=2 (deferred rescale at the step
     end) == GA=1 (exact in-loss count), gradients and logged loss."""
@@ -223,6 +227,7 @@ def _window_step(trainer, batch, parts):
     return m["stapo/s2t_masked_count"][-1], m["stapo/entropy_threshold"][-1]
 
 
+@pytest.mark.slow
 def test_mini_batch_scope_same_decision_for_1_2_4_micro_batches(tiny_qwen3_dir, tmp_path):
     """The paper's scope: tau_h (the 75% quantile of the candidates' entropies) over the optimizer step.
     Split into 1, 2 or 4 micro-batches, the step silences the same tokens with the same threshold and
@@ -255,7 +260,8 @@ def test_steps_need_whole_micro_batches_of_one_generation(tmp_path):
     """The step's own token count (token-mean) and the mini-batch scope need each optimizer step's
     micro-batches in one generation; other loss types without S2T do not."""
     for method in ("stapo", "grpo"):
-        with pytest.raises(ValueError, match="steps_per_generation .3. must be a multiple of gradient_accumulation_steps .2."):
+        with pytest.raises(ValueError,
+                           match="steps_per_generation .3. must be a multiple of gradient_accumulation_steps .2."):
             STAPOConfig(**_common(tmp_path, method=method, gradient_accumulation_steps=2, steps_per_generation=3))
     STAPOConfig(**_common(tmp_path, method="grpo", loss_type="grpo", gradient_accumulation_steps=2,
                           steps_per_generation=3))

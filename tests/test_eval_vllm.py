@@ -22,6 +22,9 @@ CHECKS_TIMEOUT_S = 1500  # engine start + ~1k generated tokens on a busy 2-core 
 
 pytestmark = [
     pytest.mark.slow,
+    # the first test runs the checks' subprocess (the module fixture `report`): the inner limit, then a minute
+    # for the judging, before pytest-timeout (600 s for the rest of the suite) stops the test
+    pytest.mark.timeout(CHECKS_TIMEOUT_S + 60),
     pytest.mark.skipif(not VLLM_PYTHON.exists(),
                        reason=f"no vLLM venv at {VLLM_PYTHON}: run scripts/setup.sh vllm (setup.sh dev builds it)"),
 ]
@@ -38,7 +41,8 @@ def report(tmp_path_factory, benchmark_files):
     proc = subprocess.run([str(VLLM_PYTHON), str(REPO / "tests" / "vllm_checks.py"), str(out), str(work / "runs")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=CHECKS_TIMEOUT_S)
     if proc.returncode != 0 or not out.exists():
-        pytest.fail(f"tests/vllm_checks.py failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}\n{proc.stdout[-2000:]}")
+        pytest.fail(f"tests/vllm_checks.py failed (rc {proc.returncode}):\n"
+                    f"{proc.stderr[-6000:]}\n{proc.stdout[-2000:]}")
     data = json.loads(out.read_text())
     sys.stderr.write(f"vllm checks: {json.dumps(data['info'])}\n")
     return data

