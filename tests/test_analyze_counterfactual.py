@@ -11,12 +11,12 @@ import torch
 from stapo.analyze.counterfactual import (
     CounterfactualConfig,
     HeldOut,
+    Measurement,
     ScoredBatch,
     confidence_interval,
     sgd_step,
     summarize_measurements,
     token_sets,
-    Measurement,
 )
 
 torch.set_num_threads(1)

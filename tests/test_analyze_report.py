@@ -171,7 +171,8 @@ def test_report_in_headless_chromium(run_dir, tmp_path):
     bad = tmp_path / "bad.html"
     from stapo.analyze.report import build_report
 
-    bad.write_text(build_report("bad").replace("</body>", "<script>console.error('x'); throw new Error('boom')</script></body>"))
+    script = "<script>console.error('x'); throw new Error('boom')</script>"
+    bad.write_text(build_report("bad").replace("</body>", script + "</body>"))
     errors, console, _ = _page_errors(bad)
     assert "boom" in errors and any("boom" in ln for ln in console)
 

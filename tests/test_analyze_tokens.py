@@ -158,7 +158,7 @@ HAND = [
 
 def _hand_rollouts():
     recs = []
-    for i, (adv, toks) in enumerate(HAND):
+    for adv, toks in HAND:
         n = len(toks)
         recs.append({
             "prompt": "q", "completion": "c", "reward": float(adv > 0), "advantage": adv,
@@ -198,7 +198,8 @@ def test_summary_mask_is_core_s2t_mask():
     for th in (S2TSettings(0.01, 0.5), S2TSettings(0.05, None, 0.5), S2TSettings(0.001, None, 0.05),
                S2TSettings(0.05, None, 0.5, "valid"), S2TSettings(0.05, None, 0.5, "low_prob", 0.3)):
         core = s2t_mask(pad["logprobs"], pad["entropy"], pad["advantages"], pad["response_mask"],
-                        settings=S2TSettings.resolve(tau_p=th.tau_p, tau_h=th.tau_h, tau_h_quantile=th.tau_h_quantile, tau_h_population=th.tau_h_population, tau_h_max=th.tau_h_max))
+                        settings=S2TSettings.resolve(tau_p=th.tau_p, tau_h=th.tau_h, tau_h_quantile=th.tau_h_quantile,
+                                                     tau_h_population=th.tau_h_population, tau_h_max=th.tau_h_max))
         assert tb.mask(th).tolist() == core[pad["response_mask"]].tolist()
         assert summarize(tb, th).count_s2t == int(core.sum())
 
@@ -224,7 +225,8 @@ def _check_monotone(sw):
         counts = [sw.cell(label, p).count for p in sw.tau_p]
         shares = [sw.cell(label, p).grad_share for p in sw.tau_p]
         assert counts == sorted(counts) and shares == sorted(shares)
-    for group in ([lb for lb in sw.tau_h_labels if lb.startswith("q")], [lb for lb in sw.tau_h_labels if not lb.startswith("q")]):
+    quantiles = [lb for lb in sw.tau_h_labels if lb.startswith("q")]
+    for group in (quantiles, [lb for lb in sw.tau_h_labels if lb not in quantiles]):
         for p in sw.tau_p:  # more tau_h -> superset
             counts = [sw.cell(lb, p).count for lb in group]
             fracs = [sw.cell(lb, p).frac for lb in group]
@@ -235,7 +237,7 @@ def _check_monotone(sw):
 def test_sweep_monotone_random(seed):
     rng = np.random.default_rng(seed)
     recs = []
-    for i in range(12):
+    for _ in range(12):
         n = int(rng.integers(1, 30))
         logits = rng.normal(0, 4, (n, 50))
         probs = np.exp(logits - logits.max(1, keepdims=True))
@@ -282,7 +284,8 @@ def test_entropy_change_collected_matches_float64_and_groups(tiny):
 
     model, tok = tiny
     ro, clp = collect_rollouts(model, tok, PROMPTS, ["2", "5"], group_size=GROUP, max_new_tokens=6,
-                               s2t=S2TSettings(tau_p=0.5, tau_h_quantile=0.5, **LITERAL), seed=2, grade=_fake_grade, progress=False,
+                               s2t=S2TSettings(tau_p=0.5, tau_h_quantile=0.5, **LITERAL), seed=2, grade=_fake_grade,
+                               progress=False,
                                return_collision_logp=True)
     assert clp.shape == (ro.num_tokens,) and clp.dtype == np.float32
     tb = TokenBatch(ro, collision_logp=clp)

@@ -19,13 +19,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
 
-from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer  # noqa: E402
-from trl import GRPOTrainer  # noqa: E402
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
+from trl import GRPOTrainer
 
-import stapo.engines.trl as engine  # noqa: E402
-from stapo.engines.private_symbols import INSTANCE, ChangedPrivateSymbolWarning  # noqa: E402
-from stapo.engines.trl.internals import (  # noqa: E402
+import stapo.engines.trl as engine
+from stapo.engines.private_symbols import INSTANCE, ChangedPrivateSymbolWarning
+from stapo.engines.trl.internals import (
     BATCH_KEYS,
     FUSED_HEAD_SLOT,
     INTERNALS,
@@ -33,8 +33,8 @@ from stapo.engines.trl.internals import (  # noqa: E402
     internal_problems,
     warn_on_changed_internals,
 )
-from stapo.engines.trl.lm_head import TRLChunkedLogProbAdapter  # noqa: E402
-from stapo.engines.trl.trainer import OLD_ENTROPY_KEY  # noqa: E402
+from stapo.engines.trl.lm_head import TRLChunkedLogProbAdapter
+from stapo.engines.trl.trainer import OLD_ENTROPY_KEY
 
 ENGINE_DIR = Path(engine.__file__).parent
 

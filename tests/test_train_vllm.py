@@ -29,7 +29,8 @@ FOLLOW_TOL = 2e-3
 ROLLOUT_GAP_TOL = 1e-3
 
 needs_vllm_venv = pytest.mark.skipif(
-    not VLLM_PYTHON.exists(), reason=f"no vLLM venv at {VLLM_PYTHON}: run scripts/setup.sh vllm (setup.sh dev builds it)")
+    not VLLM_PYTHON.exists(),
+    reason=f"no vLLM venv at {VLLM_PYTHON}: run scripts/setup.sh vllm (setup.sh dev builds it)")
 
 
 def test_use_vllm_without_vllm_is_one_clear_error_before_the_model_loads(tmp_path):

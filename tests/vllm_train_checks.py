@@ -15,7 +15,6 @@ vLLM ones included, on the trainer.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time

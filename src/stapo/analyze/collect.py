@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from stapo.core import S2TSettings, group_advantages, s2t_decision, token_logprobs_entropy
-from stapo.data.rollouts import Rollouts, rollouts_from_records
+from stapo.data.rollouts import rollouts_from_records
 
 
 def completion_lengths(ids: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
@@ -148,13 +148,13 @@ def collect_rollouts(
     flags = s2t_decision(lp, ent, adv, valid, s2t).spurious
 
     records = []
-    for i, (prompt, ids, l, e, c, _) in enumerate(per_sample):
+    for i, (prompt, ids, logp, e, c, _) in enumerate(per_sample):
         n = len(ids)
         records.append({
             "sample": i, "prompt": prompt, "completion": completions[i],
             "reward": float(rewards[i]), "advantage": float(adv[i]),
             "token_id": ids, "token_text": [tokenizer.decode([t]) for t in ids],
-            "logprob": l, "entropy": e, "collision": c, "s2t": flags[i, :n],
+            "logprob": logp, "entropy": e, "collision": c, "s2t": flags[i, :n],
         })
     truncated = sum(1 for s in per_sample if not s[1] or s[1][-1] not in eos_ids)  # stopped by the limit
     meta = {"source": "model", "group_size": group_size, "temperature": temperature,

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from stapo.core import S2TSettings, group_advantages, s2t_decision
-from stapo.core.lm_head import causal_lm_hidden_states, causal_lm_head_params, lm_head_logprobs_entropy
+from stapo.core.lm_head import causal_lm_head_params, causal_lm_hidden_states, lm_head_logprobs_entropy
 
 SETS = ("s2t", "random", "lowp_hiH", "all")
 # Student t 0.975 quantiles for 1..30 degrees of freedom (two-sided 95 % interval).
@@ -314,11 +314,11 @@ def run_counterfactual(model, tokenizer, train_rows, heldout_rows, cfg: Counterf
         log(f"batch {b}: {info['tokens']} tokens, reward mean {batch.reward_mean:.3f}, tau_h {batch.tau_h:.4g} nats, "
             f"set sizes {info['sizes']}")
 
-        def record(reading, name, draw, idx, new_head, ref_head, null=None):
+        def record(reading, name, draw, idx, new_head, ref_head, null=None, batch_index=b):
             h_old, h_new, kl = heldout.entropy_and_kl(ref_head, new_head)
             d = h_new - h_old - (null if null is not None else 0.0)
             n = int(idx.numel())
-            res.measurements.append(Measurement(reading, b, name, draw, n, d, kl,
+            res.measurements.append(Measurement(reading, batch_index, name, draw, n, d, kl,
                                                 d / n if n else float("nan"), kl / n if n else float("nan")))
 
         for name, idx_list in sets.items():
@@ -333,7 +333,8 @@ def run_counterfactual(model, tokenizer, train_rows, heldout_rows, cfg: Counterf
         null_head = adamw_step(warm_head, warm_state, batch, empty, cfg.adamw_lr, cfg.temperature)
         h_old, h_new, kl_null = heldout.entropy_and_kl(warm_head, null_head)
         null_dh = h_new - h_old
-        res.measurements.append(Measurement("adamw_null", b, "none", 0, 0, null_dh, kl_null, float("nan"), float("nan")))
+        res.measurements.append(Measurement("adamw_null", b, "none", 0, 0, null_dh, kl_null, float("nan"),
+                                            float("nan")))
         for name, idx_list in sets.items():
             for draw, idx in enumerate(idx_list):
                 if idx.numel() == 0:

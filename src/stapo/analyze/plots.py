@@ -16,7 +16,16 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from stapo.analyze.curves import CURVES, HELDOUT, REWARD, S2T_MASKED, TRAIN_ACCURACY, Curve, heldout_size_text, s2t_title
+from stapo.analyze.curves import (
+    CURVES,
+    HELDOUT,
+    REWARD,
+    S2T_MASKED,
+    TRAIN_ACCURACY,
+    Curve,
+    heldout_size_text,
+    s2t_title,
+)
 from stapo.analyze.runs import applies_s2t, run_label
 
 MAX_SCATTER_POINTS = 20_000

@@ -83,7 +83,8 @@ def format_population_table(rows: list[PopulationRow]) -> list[str]:
     for r in rows:
         thr = "empty" if r.threshold is None else f"{r.threshold:.4g}"
         pct = "—" if r.threshold_percentile is None else f"{r.threshold_percentile:.1f}"
-        sil = "—" if r.silenced_entropy_mean is None else f"{r.silenced_entropy_mean:.3g} / {r.silenced_entropy_max:.3g}"
+        sil = ("—" if r.silenced_entropy_mean is None
+               else f"{r.silenced_entropy_mean:.3g} / {r.silenced_entropy_max:.3g}")
         lines.append(
             f"| {r.population} | {r.quantile:g} | {r.population_size} | {thr} | {pct} | {r.masked} | "
             f"{100 * r.masked_frac:.4f} | {100 * r.grad_share:.3f} | {100 * r.grad_share_weighted:.3f} | {sil} |"

@@ -24,7 +24,8 @@ MAX_TOKENS_PER_SAMPLE = 2048
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1200px;
      color:#1d1d1f;background:#fff;padding:0 16px}
-h1{font-size:1.6em;margin-bottom:4px} h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
+h1{font-size:1.6em;margin-bottom:4px}
+h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
 pre.summary{background:#f6f8fa;padding:12px;border-radius:6px;font-size:13px;overflow-x:auto}
 table.sweep{border-collapse:collapse;font-size:13px;margin:8px 0 16px}
 table.sweep td,table.sweep th{border:1px solid #ddd;padding:3px 8px;text-align:right}

@@ -27,7 +27,15 @@ from typing import NamedTuple
 import numpy as np
 
 from stapo.analyze.curves import CURVES, HELDOUT, HELDOUT_STDERR_KEYS, S2T_MASKED, heldout_size_text, s2t_title
-from stapo.rundir import CURVES_FILE, EVAL_FILE, METRICS_FILE, RunDirError, atomic_write_bytes, read_json, read_run_config
+from stapo.rundir import (
+    CURVES_FILE,
+    EVAL_FILE,
+    METRICS_FILE,
+    RunDirError,
+    atomic_write_bytes,
+    read_json,
+    read_run_config,
+)
 
 # config keys whose difference across compared runs is worth a note (not an error)
 CONFIG_NOTE_KEYS = ("model", "model_name_or_path", "data", "dataset", "num_generations", "group_size")
@@ -117,7 +125,8 @@ def _read_metrics(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 raise RunError(f"{path}: line {lineno} is not valid JSON ({err.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("step"), (int, float)) or isinstance(obj.get("step"), bool):
+            step = obj.get("step") if isinstance(obj, dict) else None
+            if not isinstance(step, (int, float)) or isinstance(step, bool):
                 raise RunError(f"{path}: line {lineno} has no numeric 'step'")
             if obj.get("kind") == "summary":  # end-of-training totals (train_runtime, ...), not a step
                 continue

@@ -159,9 +159,10 @@ class TokenSummary:
         return asdict(self)
 
 
-def summarize(rollouts: Rollouts | TokenBatch, thresholds: S2TSettings = S2TSettings(),
+def summarize(rollouts: Rollouts | TokenBatch, thresholds: S2TSettings | None = None,
               captured: bool = False) -> TokenSummary:
-    """Summary statistics of the tokens and of the S2T set at `thresholds`."""
+    """Summary statistics of the tokens and of the S2T set at `thresholds` (None: the paper's rule)."""
+    thresholds = S2TSettings() if thresholds is None else thresholds
     tb = rollouts if isinstance(rollouts, TokenBatch) else TokenBatch(rollouts)
     ro = tb.rollouts
     decision = tb.decision(thresholds)  # one S2T decision: threshold, mask and candidates
@@ -363,8 +364,10 @@ def format_console(s: TokenSummary, sweep: Sweep, populations, truncated: tuple[
     cut = ""
     if truncated is not None:
         n_cut, limit = truncated
-        cut = f"; {n_cut} of {s.samples} cut at the {limit}-token limit" if n_cut else f"; none cut at the {limit}-token limit"
-    reading = (f"the {s.tau_h_quantile:g} quantile of the entropies of the {POPULATION_WORDS.get(s.tau_h_population, s.tau_h_population)}"
+        cut = (f"; {n_cut} of {s.samples} cut at the {limit}-token limit" if n_cut
+               else f"; none cut at the {limit}-token limit")
+    population = POPULATION_WORDS.get(s.tau_h_population, s.tau_h_population)
+    reading = (f"the {s.tau_h_quantile:g} quantile of the entropies of the {population}"
                if s.tau_h_quantile is not None else "absolute")
     lines = [
         f"{s.samples} completions, {s.tokens} tokens (mean {s.mean_length:.1f} per completion{cut}); "
@@ -380,7 +383,8 @@ def format_console(s: TokenSummary, sweep: Sweep, populations, truncated: tuple[
     if s.entropy_change is not None:
         g = s.entropy_change
         lines.append("entropy change of each token's own update (signed share of sum |dH|): "
-                     f"S2T {_signed_pct(g['s2t']['share_signed'])}, other tokens {_signed_pct(g['other']['share_signed'])}")
+                     f"S2T {_signed_pct(g['s2t']['share_signed'])}, "
+                     f"other tokens {_signed_pct(g['other']['share_signed'])}")
     if s.paper_fraction_reachable:
         lines.append(f"calibration: tau_h = {s.tau_h_for_paper_fraction:.4g} nats (absolute) silences >= 0.01% of "
                      f"tokens at tau_p = {s.tau_p:g} (the paper's fraction)")

@@ -29,7 +29,6 @@ from stapo.rundir import (
     read_run_config,
 )
 
-
 DEFAULT_NUM_PROMPTS = 16
 
 EPILOG = """\
@@ -59,7 +58,8 @@ def register(subparsers) -> None:
         "summary, threshold sweep, figures and an HTML report with coloured tokens.",
     )
     src = t.add_mutually_exclusive_group()
-    src.add_argument("--rollouts", metavar="PATH", help="a run directory, its rollouts/ directory or one step_N.parquet")
+    src.add_argument("--rollouts", metavar="PATH",
+                     help="a run directory, its rollouts/ directory or one step_N.parquet")
     src.add_argument("--data", metavar="SOURCE", help="prompts: a .jsonl/.json/.parquet file, synthetic:<task>?n=.., "
                      "benchmark:<name> (needs --model)")
     t.add_argument("--run", metavar="RUN_DIR", default=None,
@@ -72,7 +72,8 @@ def register(subparsers) -> None:
                    f"else the first {DEFAULT_NUM_PROMPTS})")
     # One vocabulary: the flags of `stapo eval`; the config field of `stapo train` in each help.
     t.add_argument("--samples", "--group-size", "-G", dest="group_size", type=int, default=None, metavar="G",
-                   help=f"samples per prompt, the group size (default: the run's, else {TOKENS_DEFAULTS['group_size']}). "
+                   help="samples per prompt, the group size "
+                   f"(default: the run's, else {TOKENS_DEFAULTS['group_size']}). "
                    "Config field: num_generations")
     t.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help=f"completion length limit (default: the run's, else {TOKENS_DEFAULTS['max_new_tokens']}). "
@@ -130,7 +131,8 @@ def register(subparsers) -> None:
     c.add_argument("--model", default="embedded", help="'embedded' (default), a local directory or a hub id")
     c.add_argument("--data", default="synthetic:add1", help="prompts source (default synthetic:add1)")
     c.add_argument("--template", default="boxed",
-                   help="prompt template name or a string with {problem} (default: boxed). Config field: prompt_template")
+                   help="prompt template name or a string with {problem} (default: boxed). "
+                   "Config field: prompt_template")
     c.add_argument("--problem-key", default="problem",
                    help="--data's column holding the problem text (default: problem). Config field: problem_key")
     c.add_argument("--answer-key", default="answer",
@@ -269,7 +271,8 @@ def _load_model_rollouts(args):
     if args.num_prompts is None:
         explicit_n = args.data.startswith("synthetic:") and "n=" in args.data
         args.num_prompts = None if explicit_n else DEFAULT_NUM_PROMPTS
-    for name in ("max_new_tokens", "batch_prompts", "temperature") + (("num_prompts",) if args.num_prompts is not None else ()):
+    counts = ("max_new_tokens", "batch_prompts", "temperature")
+    for name in counts + (("num_prompts",) if args.num_prompts is not None else ()):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
     if args.group_size < 2:
         raise UserError(f"--samples must be >= 2 (advantages need a group), got {args.group_size}")

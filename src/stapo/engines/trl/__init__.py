@@ -15,10 +15,10 @@
                                checked here at import (a warning naming each missing or changed one)
 """
 
-from stapo.engines.trl.nonfinite import NonFiniteTrainingError
 from stapo.engines.trl.config import STAPOConfig
 from stapo.engines.trl.internals import warn_on_changed_internals
 from stapo.engines.trl.lm_head import stapo_lm_head_in_trl
+from stapo.engines.trl.nonfinite import NonFiniteTrainingError
 from stapo.engines.trl.trainer import STAPOTrainer
 
 warn_on_changed_internals()

@@ -20,15 +20,17 @@ for both, and `stapo train`'s run config (`stapo.config`) asks it, so a config f
 accept the same values.
 
 S2T thresholds (`tau_p`, `tau_h`, `tau_h_quantile`, `tau_h_population`, `tau_h_max`, `tau_h_scope`,
-`inert_warning_steps`): None takes `method`'s `preset.s2t_settings`, the defaults of `stapo.core.S2TSettings`, which also checks
-them. Methods other than stapo do not apply S2T: their thresholds only measure what it would silence
-(logged as stapo/s2t_*), so the configs of a comparison can differ only in `method`.
+`decision_policy`, `inert_warning_steps`): None takes `method`'s `preset.s2t_settings`, the defaults of
+`stapo.core.S2TSettings`, which also checks them. Methods other than stapo do not apply S2T: their
+thresholds only measure what it would silence (logged as stapo/s2t_*), so the configs of a comparison can
+differ only in `method`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from trl import GRPOConfig
 
@@ -68,10 +70,12 @@ def _int_at_least(lowest: int) -> Callable[[Any], bool]:
 # The other fields STAPOConfig adds to GRPOConfig or restricts: name -> (rule, problem).
 FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "beta": (lambda v: not isinstance(v, bool) and v == 0, "must be 0 (the GRPO-family methods here use no KL term)"),
-    "loss_type": (lambda v: v in SUPPORTED_LOSS_TYPES, f"must be one of {', '.join(SUPPORTED_LOSS_TYPES)} for STAPOTrainer"),
+    "loss_type": (lambda v: v in SUPPORTED_LOSS_TYPES,
+                  f"must be one of {', '.join(SUPPORTED_LOSS_TYPES)} for STAPOTrainer"),
     "capture_rollouts_every": (_int_at_least(0), "must be an int >= 0 (0: off)"),
     "capture_max_samples": (_int_at_least(1), "must be an int >= 1"),
-    "max_nonfinite_steps": (_int_at_least(1), "must be an int >= 1 (skipped non-finite steps in a row before stopping)"),
+    "max_nonfinite_steps": (_int_at_least(1),
+                            "must be an int >= 1 (skipped non-finite steps in a row before stopping)"),
     "fused_lm_head": (lambda v: v is None or isinstance(v, bool), "must be true, false or null (auto)"),
 }
 
@@ -222,7 +226,8 @@ class STAPOConfig(GRPOConfig):
             raise ValueError(f"top_entropy_quantile {problem}")
 
     def _check_supported(self, preset) -> None:
-        if preset.filter.uses_top_entropy_quantile and self.loss_type == "grpo" and preset.filter.denominator == "valid":
+        keeps_all_valid = preset.filter.uses_top_entropy_quantile and preset.filter.denominator == "valid"
+        if keeps_all_valid and self.loss_type == "grpo":
             raise ValueError(
                 "loss_type='grpo' cannot keep 20-Entropy's denominator (all valid tokens); "
                 "use dapo, bnpo or dr_grpo with method='20-entropy'"

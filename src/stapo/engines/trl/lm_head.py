@@ -43,7 +43,8 @@ class TRLChunkedLogProbAdapter:
               logit_scale=1.0, outputs=("log_probs",)):
         if final_logit_softcapping is not None:
             raise ValueError(
-                f"final_logit_softcapping={final_logit_softcapping}: the stapo lm head does not support softcapped logits"
+                f"final_logit_softcapping={final_logit_softcapping}: "
+                "the stapo lm head does not support softcapped logits"
             )
         extra = [o for o in outputs if o not in TRLChunkedLogProbAdapter.SUPPORTED_OUTPUTS]
         if extra:

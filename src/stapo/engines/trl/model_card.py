@@ -97,7 +97,8 @@ def render_model_card(facts: dict[str, Any]) -> str:
     else:
         base_text = "unknown"
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", ""]
-    lines += [f"# {method} fine-tune of {base.split('/')[-1] if base and base != 'embedded' else hub_base or 'a model'}",
+    base_name = base.split('/')[-1] if base and base != 'embedded' else hub_base or 'a model'
+    lines += [f"# {method} fine-tune of {base_name}",
               "",
               f"Reinforcement learning on verifiable rewards with stapo "
               f"(TRL's GRPO trainer with the loss of `stapo.core`), method preset **{method}**.",

@@ -76,7 +76,8 @@ def capture_metadata(method: str, s2t_applied: bool, settings: S2TSettings, thre
         "s2t_applied": s2t_applied,
         "tau_p": settings.tau_p,
         # a quantile over an empty population silences nothing (threshold -inf): no number to record
-        "tau_h": settings.tau_h if settings.tau_h is not None else (float(threshold) if torch.isfinite(threshold) else None),
+        "tau_h": (settings.tau_h if settings.tau_h is not None
+                  else float(threshold) if torch.isfinite(threshold) else None),
         "tau_h_quantile": settings.tau_h_quantile,
         "tau_h_population": settings.tau_h_population,
     }

@@ -91,7 +91,15 @@ from stapo.core import (
     zero_variance_group_fraction,
 )
 from stapo.core.monitor import PAPER_MASKED_FRACTION, InertS2TMonitor
+from stapo.engines.trl.config import STAPOConfig
+from stapo.engines.trl.console import install_console
+from stapo.engines.trl.events import MICRO_BATCH_LOSS, UPDATE_DECIDED, MicroBatchLoss, notify
+from stapo.engines.trl.internals import PER_TOKEN_LOGPS_MULTIMODAL_INPUTS
+from stapo.engines.trl.lm_head import stapo_lm_head_in_trl, trl_has_fused_head_slot
+from stapo.engines.trl.metrics import MetricsJsonlCallback, TokenStats, reduce_window, window_metrics
 from stapo.engines.trl.nonfinite import NonFiniteGuard, NonFiniteTrainingError
+from stapo.engines.trl.rollouts import RolloutCaptureCallback
+from stapo.engines.trl.vllm import check_vllm_args, cpu_engine_options, record_rollout_gap, use_cpu_weight_sync
 from stapo.rundir import (
     TRAINER_STATE_FILE,
     checkpoint_name,
@@ -102,14 +110,6 @@ from stapo.rundir import (
     staging_dir,
     truncate_rollouts_after_step,
 )
-from stapo.engines.trl.config import STAPOConfig
-from stapo.engines.trl.console import install_console
-from stapo.engines.trl.events import MICRO_BATCH_LOSS, UPDATE_DECIDED, MicroBatchLoss, notify
-from stapo.engines.trl.internals import PER_TOKEN_LOGPS_MULTIMODAL_INPUTS
-from stapo.engines.trl.lm_head import stapo_lm_head_in_trl, trl_has_fused_head_slot
-from stapo.engines.trl.metrics import MetricsJsonlCallback, TokenStats, reduce_window, window_metrics
-from stapo.engines.trl.rollouts import RolloutCaptureCallback
-from stapo.engines.trl.vllm import check_vllm_args, cpu_engine_options, record_rollout_gap, use_cpu_weight_sync
 
 logger = logging.getLogger(__name__)
 __all__ = ["OLD_ENTROPY_KEY", "STAPOTrainer", "NonFiniteTrainingError"]
@@ -138,9 +138,11 @@ class STAPOTrainer(GRPOTrainer):
         self._nonfinite = NonFiniteGuard(limit=args.max_nonfinite_steps)
         self._step_skipped = False
         self._nonfinite_positions = 0  # valid positions with a non-finite forward in the current step
-        self._old_entropies: list | None = None  # filled by the old-log-prob pass while generating (decision_policy=old)
+        # filled by the old-log-prob pass while generating (decision_policy=old)
+        self._old_entropies: list | None = None
         self._inert = InertS2TMonitor(args.s2t_settings)  # warns when S2T silences nothing for K steps
-        self._last_decision = None  # the last training micro-batch's (entropies, S2T decision): the warning's suggestion
+        # the last training micro-batch's (entropies, S2T decision): the inert warning's suggestion
+        self._last_decision = None
         self._staging_run_dir: str | None = None
         self._run_checkpoints: set[int] = set()  # steps this run wrote or resumed from: the only ones rotated
         self.use_stapo_lm_head = self._resolve_fused_lm_head(args.fused_lm_head)
@@ -179,7 +181,8 @@ class STAPOTrainer(GRPOTrainer):
         # 2. The core step: token filter -> clipped loss -> aggregation, with what the engine knows of the
         # optimizer step (its tau_h, valid and silenced tokens). TRL's vLLM importance weights ride on A.
         context = self._step_context(model, inputs, mode)
-        weights = inputs["importance_sampling_ratio"] if self.use_vllm and self.vllm_importance_sampling_correction else None
+        corrected = self.use_vllm and self.vllm_importance_sampling_correction
+        weights = inputs["importance_sampling_ratio"] if corrected else None
         shape, divisor = self._aggregation(mode, valid.shape[0])
         out = filtered_policy_loss(
             logps, old_logps, advantages, valid, entropies, self.filter_spec, self.filter_params,
@@ -229,7 +232,7 @@ class STAPOTrainer(GRPOTrainer):
             return None, None
         return inputs["old_per_token_logps"], inputs[OLD_ENTROPY_KEY]
 
-    def _step_context(self, model, inputs, mode) -> "_StepContext":
+    def _step_context(self, model, inputs, mode) -> _StepContext:
         """What the loss of each micro-batch needs to know of its whole optimizer step (taken at its first
         micro-batch): the valid tokens (token-mean's denominator; TRL's own `num_items_in_batch` spans the
         generation batch), S2T's tau_h and the tokens it silences, over every micro-batch and process.
