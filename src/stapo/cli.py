@@ -64,7 +64,8 @@ def parse(argv: list[str] | None = None, parser: argparse.ArgumentParser | None 
         args.overrides = list(args.overrides)  # a copy: never extend the parser's default list
     # `key=value` overrides may come after options (`stapo train demo --resume max_steps=2`).
     if extra:
-        if isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
+        overrides_only = all("=" in e and not e.startswith("-") for e in extra)
+        if isinstance(getattr(args, "overrides", None), list) and overrides_only:
             args.overrides.extend(extra)
         else:
             command = _command_parser(parser, args)

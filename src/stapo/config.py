@@ -132,7 +132,8 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "lora_dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "method": (lambda v: v in PRESETS, f"must be one of {', '.join(PRESETS)}"),
     "model": (lambda v: bool(v.strip()), "must be 'embedded', a local directory or a hub id"),
-    "train_data": (lambda v: bool(v.strip()), "is required: a JSONL/Parquet path, a hub id, benchmark:<name> or synthetic:<task>"),
+    "train_data": (lambda v: bool(v.strip()),
+                   "is required: a JSONL/Parquet path, a hub id, benchmark:<name> or synthetic:<task>"),
     "output_dir": (lambda v: bool(str(v).strip()), "must be a directory path"),
 }
 
@@ -161,7 +162,7 @@ def _type_ok(value: Any, annotation: Any) -> bool:
         return True
     if isinstance(annotation, str):
         try:
-            annotation = eval(annotation, {**vars(typing), "Any": Any}, {})  # noqa: S307 - our own annotations
+            annotation = eval(annotation, {**vars(typing), "Any": Any}, {})  # our own annotations, not input
         except Exception:  # noqa: BLE001 - an annotation we cannot read: accept the value
             return True
     origin = typing.get_origin(annotation)
@@ -300,7 +301,7 @@ def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
     if errors:
         raise ConfigError(errors, source)
     run = RunConfig(**{k: v for k, v in values.items() if k in RUN_FIELDS})
-    run.notes = tuple(ignored_option_notes(values))
+    run.notes = tuple(ignored_option_notes(values))  # type: ignore[misc]  # per run; a ClassVar to stay out of the fields
     run.trl = {k: v for k, v in values.items() if k in trl_fields}
     # Record the thresholds the run uses (applied by stapo, measured by the other methods), so the
     # run's config.yaml says which S2T reading it had.
@@ -380,7 +381,8 @@ def missing_packages(values: dict[str, Any]) -> list[str]:
                       f"(or remove {name!r} from report_to)")
     if values.get("use_vllm") and not _installed("vllm"):
         errors.append("use_vllm: vLLM is not importable in this environment; it lives in its own venv "
-                      "(scripts/setup.sh vllm, docs/eval.md \"vLLM on a CPU\"; on a GPU: pip install 'vllm>=0.22,<0.32'), "
+                      "(scripts/setup.sh vllm, docs/eval.md \"vLLM on a CPU\"; "
+                      "on a GPU: pip install 'vllm>=0.22,<0.32'), "
                       "or set use_vllm=false")
     if values.get("use_peft") and not _installed("peft"):
         errors.append('use_peft: LoRA needs the peft package, which is not installed; pip install "stapo[peft]" '

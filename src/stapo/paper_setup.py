@@ -25,9 +25,9 @@ Readings (where the paper's words admit more than one):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
 
 __all__ = [
     "EVAL",

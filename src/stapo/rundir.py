@@ -39,8 +39,9 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -72,7 +73,7 @@ def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}-{int(step)}"
 
 
-def checkpoint_step(path: str | os.PathLike) -> int | None:
+def checkpoint_step(path: str | os.PathLike[str]) -> int | None:
     """N for a path named `checkpoint-N`, else None."""
     m = _CHECKPOINT_NAME.match(Path(path).name)
     return int(m.group(1)) if m else None
@@ -82,13 +83,13 @@ def rollout_file_name(step: int) -> str:
     return f"step_{int(step):08d}.parquet"
 
 
-def rollout_step(path: str | os.PathLike) -> int | None:
+def rollout_step(path: str | os.PathLike[str]) -> int | None:
     """N for a path named `step_N.parquet`, else None."""
     m = _ROLLOUT_NAME.match(Path(path).name)
     return int(m.group(1)) if m else None
 
 
-def rollout_file(run_dir: str | os.PathLike, step: int) -> Path:
+def rollout_file(run_dir: str | os.PathLike[str], step: int) -> Path:
     return Path(run_dir) / ROLLOUTS_DIR / rollout_file_name(step)
 
 
@@ -109,7 +110,7 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Replace `path` with `data` in one rename (see the module docstring); returns the path."""
     path = Path(path)
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -135,17 +136,17 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     if not isinstance(text, str):
         raise TypeError(f"atomic_write_text needs str, got {type(text).__name__}")
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
+def atomic_write_json(path: str | os.PathLike[str], data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
-def read_json(path: str | os.PathLike) -> dict:
+def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A JSON object from `path`, or {} when it is missing or unreadable."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -154,7 +155,7 @@ def read_json(path: str | os.PathLike) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def read_run_config(run_dir: str | os.PathLike) -> dict:
+def read_run_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The config a run directory holds (`<run_dir>/config.yaml`, written by `stapo train`) as a mapping;
     {} when there is none. A file that cannot be read, is not valid YAML or is not a mapping raises
     `RunDirError` naming the file: a damaged config is never read as an empty one."""
@@ -190,9 +191,9 @@ def is_disk_full(err: BaseException) -> bool:
 # ---- checkpoints ------------------------------------------------------------------------------------
 
 
-def checkpoints(run_dir: str | os.PathLike) -> dict[int, Path]:
+def checkpoints(run_dir: str | os.PathLike[str]) -> dict[int, Path]:
     """The complete checkpoints of `run_dir` by step (`checkpoint-N` directories with trainer_state.json)."""
-    found = {}
+    found: dict[int, Path] = {}
     root = Path(run_dir)
     if not root.is_dir():
         return found
@@ -203,7 +204,7 @@ def checkpoints(run_dir: str | os.PathLike) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+def last_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
     """The newest complete checkpoint of `run_dir` (staging directories are never considered)."""
     found = checkpoints(run_dir)
     return found[max(found)] if found else None
@@ -214,14 +215,14 @@ def staged_name(name: str) -> str:
     return f"{STAGING_PREFIX}{name}"
 
 
-def staging_dir(run_dir: str | os.PathLike, step: int) -> Path:
+def staging_dir(run_dir: str | os.PathLike[str], step: int) -> Path:
     """The directory the Trainer writes checkpoint `step` into (it creates `checkpoint-<step>` inside)."""
     return Path(run_dir) / staged_name(checkpoint_name(step))
 
 
-def remove_stale_staging(run_dir: str | os.PathLike) -> list[Path]:
+def remove_stale_staging(run_dir: str | os.PathLike[str]) -> list[Path]:
     """Delete staging directories left by a crash while saving; returns what was removed."""
-    removed = []
+    removed: list[Path] = []
     for p in Path(run_dir).glob(f"{STAGING_PREFIX}{CHECKPOINT_PREFIX}-*"):
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
@@ -256,8 +257,8 @@ def publish_checkpoint(staged: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def rotate_checkpoints(run_dir: str | os.PathLike, keep: int | None, own_steps: Iterable[int],
-                       protect: str | os.PathLike | None = None) -> list[Path]:
+def rotate_checkpoints(run_dir: str | os.PathLike[str], keep: int | None, own_steps: Iterable[int],
+                       protect: str | os.PathLike[str] | None = None) -> list[Path]:
     """Delete the oldest checkpoints among `own_steps` (the saving run's) until `keep` of them remain.
 
     Checkpoints of any other step are never touched, whatever their age; `protect` (the best model
@@ -268,7 +269,7 @@ def rotate_checkpoints(run_dir: str | os.PathLike, keep: int | None, own_steps: 
     own = set(own_steps)
     mine = [p for step, p in checkpoints(run_dir).items() if step in own]  # oldest first
     protected = Path(protect).resolve() if protect else None
-    removed = []
+    removed: list[Path] = []
     for p in mine[: max(len(mine) - keep, 0)]:
         if p.resolve() != protected:
             shutil.rmtree(p, ignore_errors=True)
@@ -276,7 +277,7 @@ def rotate_checkpoints(run_dir: str | os.PathLike, keep: int | None, own_steps: 
     return removed
 
 
-def resumed_lineage(checkpoint: str | os.PathLike) -> set[int]:
+def resumed_lineage(checkpoint: str | os.PathLike[str]) -> set[int]:
     """Steps of the checkpoints beside `checkpoint` up to its own step: the run being resumed wrote
     them, so the resumed run may rotate them (newer ones, from an abandoned continuation, it may not)."""
     step = checkpoint_step(checkpoint)
@@ -288,7 +289,7 @@ def resumed_lineage(checkpoint: str | os.PathLike) -> set[int]:
 # ---- resume hygiene ---------------------------------------------------------------------------------
 
 
-def truncate_metrics_after_step(path: str | os.PathLike, step: int) -> int:
+def truncate_metrics_after_step(path: str | os.PathLike[str], step: int) -> int:
     """Keep only the lines of a metrics.jsonl whose step is <= `step`; returns how many were dropped.
 
     A torn last line (a crash mid-write) is dropped as well.
@@ -310,9 +311,9 @@ def truncate_metrics_after_step(path: str | os.PathLike, step: int) -> int:
     return dropped
 
 
-def truncate_rollouts_after_step(run_dir: str | os.PathLike, step: int) -> list[Path]:
+def truncate_rollouts_after_step(run_dir: str | os.PathLike[str], step: int) -> list[Path]:
     """Delete rollout captures of steps > `step` (written by a run that is being resumed)."""
-    removed = []
+    removed: list[Path] = []
     directory = Path(run_dir) / ROLLOUTS_DIR
     if not directory.is_dir():
         return removed
@@ -336,7 +337,7 @@ def _is_run_entry(p: Path) -> bool:
     return name in RUN_ENTRIES or checkpoint_step(name) is not None
 
 
-def check_output_dir(out: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> None:
+def check_output_dir(out: str | os.PathLike[str], resume: bool = False, overwrite: bool = False) -> None:
     """Raise `RunDirError` unless a run may start in `out`. Creates and deletes nothing.
 
     Allowed: a directory that does not exist yet (nor does any file stand in its path), an empty
@@ -348,7 +349,8 @@ def check_output_dir(out: str | os.PathLike, resume: bool = False, overwrite: bo
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise RunDirError(f"output_dir {out}: {parent} is a file, not a directory; choose another output_dir=...")
+                raise RunDirError(
+                    f"output_dir {out}: {parent} is a file, not a directory; choose another output_dir=...")
             break
     writable = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(writable, os.W_OK | os.X_OK):
@@ -373,10 +375,10 @@ def check_output_dir(out: str | os.PathLike, resume: bool = False, overwrite: bo
     )
 
 
-def clear_run_files(out: str | os.PathLike) -> list[Path]:
+def clear_run_files(out: str | os.PathLike[str]) -> list[Path]:
     """Delete what a previous run wrote at the top of `out` (for `--overwrite`); other files stay."""
     out = Path(out)
-    removed = []
+    removed: list[Path] = []
     if not out.is_dir():
         return removed
     for p in sorted(out.iterdir()):
@@ -431,11 +433,11 @@ class RunDirLock:
     a start refused after taking the lock leaves nothing behind. Use `claim_output_dir`.
     """
 
-    def __init__(self, path: Path, fd: int, created: list[Path]):
+    def __init__(self, path: Path, fd: int | None, created: list[Path]):
         self.path, self._fd, self._created = path, fd, created
 
     @classmethod
-    def acquire(cls, run_dir: str | os.PathLike, warn=_warn) -> "RunDirLock":
+    def acquire(cls, run_dir: str | os.PathLike[str], warn: Callable[[str], None] = _warn) -> RunDirLock:
         run_dir = Path(run_dir)
         path = run_dir / LOCK_FILE
         created = [d for d in (run_dir, *run_dir.parents) if not d.exists()][::-1]  # outermost first
@@ -445,6 +447,7 @@ class RunDirLock:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
             except FileNotFoundError:  # the directory was removed in between (a refused start tidying up)
                 continue
+            to_close: int | None = fd
             try:
                 locked = _flock(fd, path, warn)
                 holder = None if locked else _lock_holder(fd, wait=1.0)
@@ -457,11 +460,11 @@ class RunDirLock:
                     if previous is not None and previous != os.getpid():
                         warn(f"stapo: warning: output_dir {run_dir}: took over the lock left by process {previous}, "
                              "which has ended")
-                    lock, fd = cls(path, fd, created), None
+                    lock, to_close = cls(path, fd, created), None
                     return lock
             finally:
-                if fd is not None:
-                    os.close(fd)
+                if to_close is not None:
+                    os.close(to_close)
             cls(path, None, created).release()  # removes the directories this start created, if empty
             raise RunDirError(
                 f"output_dir {run_dir} is in use by another run (process {holder or 'unknown'}, which holds "
@@ -489,14 +492,14 @@ class RunDirLock:
                 break
         self._created = []
 
-    def __enter__(self) -> "RunDirLock":
+    def __enter__(self) -> RunDirLock:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()
 
 
-def _flock(fd: int, path: Path, warn) -> bool:
+def _flock(fd: int, path: Path, warn: Callable[[str], None]) -> bool:
     """Take the exclusive lock on `fd` without waiting: False when another process holds it. Where the
     platform or file system has no locks, warns and proceeds (the lock file still names the run)."""
     try:
@@ -516,8 +519,8 @@ def _flock(fd: int, path: Path, warn) -> bool:
     return True
 
 
-def claim_output_dir(out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
-                     warn=_warn) -> RunDirLock:
+def claim_output_dir(out: str | os.PathLike[str], resume: bool = False, overwrite: bool = False,
+                     warn: Callable[[str], None] = _warn) -> RunDirLock:
     """The lock of `out` for a run that may start there (`check_output_dir`), for the caller to hold
     while the run writes there (`with claim_output_dir(...)` or `.release()`).
 

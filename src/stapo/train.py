@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from transformers import TrainerCallback
 
@@ -70,7 +71,8 @@ def load_rows(source: str, run: RunConfig, limit: int | None = None, **kwargs) -
     )
     skipped = getattr(rows, "skipped", None) or []
     if skipped:
-        _print(f"stapo: skipped {len(skipped)} invalid row(s) of {source} (first: row {skipped[0][0]}: {skipped[0][1]})")
+        _print(f"stapo: skipped {len(skipped)} invalid row(s) of {source} "
+               f"(first: row {skipped[0][0]}: {skipped[0][1]})")
     if not rows:
         raise ConfigError([f"{source} has no usable rows"], "train_data" if source == run.train_data else "eval_data")
     return rows

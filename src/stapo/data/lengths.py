@@ -15,7 +15,8 @@ cheap to load; the weights are not. Policy (docs/data.md): refuse, naming the ro
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, cast
 
 from stapo.data.loaders import DataError, PromptRows
 from stapo.data.prompts import format_prompt
@@ -86,7 +87,7 @@ def long_prompts(
         found.extend((i, where, len(t), True) for (i, where, _), t in zip(batch, ids) if len(t) > limit)
 
     for i, (where, problem) in enumerate(items):
-        text = format_prompt(problem, tokenizer, template, system_prompt)
+        text = cast(str, format_prompt(problem, tokenizer, template, system_prompt))  # a tokenizer: a string
         if len(text) <= limit - 16 and len(text.encode("utf-8")) <= limit - 16:
             continue
         if len(text) > (limit + 1) * longest:
@@ -106,7 +107,10 @@ def _too_long(where: str, tokens: int, limit: int, why: str, exact: bool = True)
     return f"{where}: prompt is {size}, over the limit of {limit:,} ({why})"
 
 
-def _fit(rows: Sequence[dict], name: str, tokenizer, limit: int | None, why: str, run, log: Callable[[str], None]):
+def _fit(rows: list[dict[str, Any]], name: str, tokenizer: Any, limit: int | None, why: str, run: Any,
+         log: Callable[[str], None]) -> list[dict[str, Any]]:
+    if limit is None:  # no context length known: nothing to check (long_prompts finds nothing)
+        return rows
     locate = rows.location if isinstance(rows, PromptRows) else (lambda i: f"{name}: row {i + 1}")
     located = [(locate(i), r["problem"]) for i, r in enumerate(rows)]
     bad = long_prompts(located, tokenizer, limit, run.prompt_template, run.system_prompt)
@@ -126,7 +130,9 @@ def _fit(rows: Sequence[dict], name: str, tokenizer, limit: int | None, why: str
     return out
 
 
-def fit_training_prompts(run, args, model_path: str, tokenizer, train_rows, eval_rows, log: Callable[[str], None] = print):
+def fit_training_prompts(run: Any, args: Any, model_path: str, tokenizer: Any, train_rows: list[dict[str, Any]],
+                         eval_rows: list[dict[str, Any]] | None, log: Callable[[str], None] = print,
+                         ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """`stapo train`: the train (and eval) rows whose prompts fit the model's context with room for
     ``max_completion_length`` (``eval_max_new_tokens`` for eval rows), checked before the weights
     load. A longer prompt is a DataError naming its row, or with ``skip_invalid_rows`` is dropped

@@ -6,7 +6,8 @@ the benchmark files, and the built-in synthetic tasks.
 
 Every row comes back as ``{"id", "problem", "answer", "meta"}`` (strings, ``meta`` a dict of
 the other fields). A row with a missing or empty problem/answer, or one that is a JSON object
-instead of text or a number, is a :class:`DataError` naming the file and row, or, with ``on_invalid="skip"``, is skipped and counted in ``.skipped``.
+instead of text or a number, is a :class:`DataError` naming the file and row, or, with
+``on_invalid="skip"``, is skipped and counted in ``.skipped``.
 A file that is not UTF-8, a line that is not JSON, and a JSON object with a key given twice are
 errors naming the file and the line (or row).
 """
@@ -17,6 +18,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +38,14 @@ class DataError(ValueError):
     """A prompt source that cannot be read: names the file, the row and the field."""
 
 
-class PromptRows(list):
+class PromptRows(list[dict[str, Any]]):
     """A list of prompt rows; ``.skipped`` lists ``(row_number, reason)`` for skipped rows,
     ``.source`` names where the rows came from and ``.locations`` names each kept row's place
     in it (``"data.jsonl: line 7"``), for errors found after loading."""
 
     def __init__(
         self,
-        rows=(),
+        rows: Iterable[dict[str, Any]] = (),
         source: str = "",
         skipped: list[tuple[int, str]] | None = None,
         locations: list[str] | None = None,
@@ -70,9 +72,11 @@ BENCHMARK_HUB_IDS = {
     "aime24": {"source": "HuggingFaceH4/aime_2024", "split": "train", "problem_key": "problem", "answer_key": "answer"},
     "aime25": {"source": "MathArena/aime_2025", "split": "train", "problem_key": "problem", "answer_key": "answer"},
     "amc23": {"source": "math-ai/amc23", "split": "test", "problem_key": "question", "answer_key": "answer"},
-    "math500": {"source": "HuggingFaceH4/MATH-500", "split": "test", "problem_key": "problem", "answer_key": "answer", "id_key": "unique_id"},
+    "math500": {"source": "HuggingFaceH4/MATH-500", "split": "test", "problem_key": "problem", "answer_key": "answer",
+                "id_key": "unique_id"},
     "minerva": {"source": "math-ai/minervamath", "split": "test", "problem_key": "question", "answer_key": "answer"},
-    "olympiadbench": {"source": "math-ai/olympiadbench", "split": "test", "problem_key": "question", "answer_key": "final_answer"},
+    "olympiadbench": {"source": "math-ai/olympiadbench", "split": "test", "problem_key": "question",
+                      "answer_key": "final_answer"},
 }
 
 _ON_INVALID = ("error", "skip")
@@ -114,20 +118,24 @@ def _has_object(value: Any) -> bool:
     return False
 
 
-class _RepeatedKeys(dict):
+class _RepeatedKeys(dict[str, Any]):
     """A JSON object in which some key appeared more than once (``json`` would silently keep the
     last value); ``repeated`` is the first such key."""
 
     repeated: str = ""
 
 
-def _object_pairs(pairs: list[tuple[str, Any]]) -> dict:
+def _object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) == len(pairs):
         return obj
     seen: set[str] = set()
     marked = _RepeatedKeys(obj)
-    marked.repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
+    for k, _ in pairs:  # the first key seen before
+        if k in seen:
+            marked.repeated = k
+            break
+        seen.add(k)
     return marked
 
 
@@ -163,7 +171,7 @@ def _make_row(
     answer_key: str | None,
     id_key: str | None,
     default_id: str,
-) -> dict:
+) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected an object with fields, got {type(raw).__name__}")
     repeated = _repeated_key(raw)
@@ -197,7 +205,14 @@ def _make_row(
     return row
 
 
-def _collect(records, where_fmt, name, keys, on_invalid, limit) -> PromptRows:
+def _collect(
+    records: Iterable[tuple[int, Any]],
+    where_fmt: str,
+    name: str,
+    keys: tuple[str, str | None, str | None],
+    on_invalid: str,
+    limit: int | None,
+) -> PromptRows:
     rows = PromptRows(source=name)
     problem_key, answer_key, id_key = keys
     for number, raw in records:
@@ -214,7 +229,7 @@ def _collect(records, where_fmt, name, keys, on_invalid, limit) -> PromptRows:
     return rows
 
 
-def _jsonl_records(path: Path):
+def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
     # bytes, decoded line by line: a non-UTF-8 byte is reported with its line, not as a traceback
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
@@ -232,7 +247,7 @@ def _jsonl_records(path: Path):
                 raise DataError(f"{path}: line {number}: JSON nested too deeply") from None
 
 
-def _json_records(path: Path):
+def _json_records(path: Path) -> Iterator[tuple[int, Any]]:
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
@@ -258,7 +273,7 @@ def _json_records(path: Path):
     return ((i, r) for i, r in enumerate(data, start=1))
 
 
-def _parquet_records(path: Path):
+def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
     import pyarrow.parquet as pq
 
     try:
@@ -268,11 +283,11 @@ def _parquet_records(path: Path):
     return ((i, r) for i, r in enumerate(table.to_pylist(), start=1))
 
 
-def _dataset_records(ds):
+def _dataset_records(ds: Iterable[Any]) -> Iterator[tuple[int, Any]]:
     return ((i, r) for i, r in enumerate(ds, start=1))
 
 
-def _pick_split(ds, split: str | None, name: str):
+def _pick_split(ds: Any, split: str | None, name: str) -> Any:
     from datasets import DatasetDict
 
     if isinstance(ds, DatasetDict):
@@ -288,14 +303,14 @@ def _pick_split(ds, split: str | None, name: str):
 
 
 def load_prompts(
-    source: str | os.PathLike,
+    source: str | os.PathLike[str],
     problem_key: str = "problem",
     answer_key: str | None = "answer",
     id_key: str | None = "id",
     split: str | None = None,
     on_invalid: str = "error",
     limit: int | None = None,
-    data_dir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
     **hub_kwargs: Any,
 ) -> PromptRows:
     """Prompt rows ``{"id", "problem", "answer", "meta"}`` from ``source``.
@@ -325,10 +340,10 @@ def load_prompts(
         from stapo.data.synthetic import synthetic_from_spec
 
         try:
-            rows = synthetic_from_spec(text)
+            synthetic_rows = synthetic_from_spec(text)
         except ValueError as e:  # unknown task, split or parameter: one line naming what is known
             raise DataError(str(e)) from None
-        return PromptRows(rows[:limit], source=text)
+        return PromptRows(synthetic_rows[:limit], source=text)
     path = Path(text).expanduser()
     if path.is_file():
         suffix = path.suffix.lower()
@@ -371,7 +386,7 @@ def load_prompts(
     return _collect(_dataset_records(ds), f"{text}: row {{n}}", text, keys, on_invalid, limit)
 
 
-def find_benchmark_dir(data_dir: str | os.PathLike | None = None) -> Path:
+def find_benchmark_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     """The benchmark directory: ``data_dir``, else ``$STAPO_DATA_DIR`` (a folder of
     ``<name>.jsonl`` files, or one with a ``benchmarks/`` folder of them). Nothing else is searched:
     the files are not part of the package, and ``--hub`` loads them from the hub instead."""
@@ -391,7 +406,7 @@ def find_benchmark_dir(data_dir: str | os.PathLike | None = None) -> Path:
 _RELAY_MARKERS = ("TNYWR", "T N Y W R", "number you will receive", "the answer to the previous problem")
 
 
-def ungradable_reason(row: dict) -> str | None:
+def ungradable_reason(row: dict[str, Any]) -> str | None:
     """Why a benchmark row cannot be graded fairly from its own text, or None.
 
     OlympiadBench's ARML relay items ("Let $T = TNYWR$", "the number you will receive") depend on
@@ -404,7 +419,7 @@ def ungradable_reason(row: dict) -> str | None:
     return None
 
 
-def load_benchmark(name: str, data_dir: str | os.PathLike | None = None) -> PromptRows:
+def load_benchmark(name: str, data_dir: str | os.PathLike[str] | None = None) -> PromptRows:
     """The rows of one benchmark file ``<data_dir>/<name>.jsonl``.
 
     Each row keeps ``id``, ``problem``, ``answer`` (verbatim), ``source`` and ``meta``, and gets

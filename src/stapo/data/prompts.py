@@ -47,9 +47,9 @@ def render_instruction(problem: str, template: str = "boxed") -> str:
     pieces = [p.replace("{{", "{").replace("}}", "}") for p in text.split("{problem}")]
     return problem.join(pieces)
 
-def build_messages(problem: str, template: str = "boxed", system_prompt: str | None = None) -> list[dict]:
+def build_messages(problem: str, template: str = "boxed", system_prompt: str | None = None) -> list[dict[str, str]]:
     """The conversational prompt TRL expects: a list of ``{"role", "content"}`` messages."""
-    messages: list[dict] = []
+    messages: list[dict[str, str]] = []
     if system_prompt:
         messages.append({"role": "system", "content": system_prompt})
     messages.append({"role": "user", "content": render_instruction(problem, template)})
@@ -61,13 +61,14 @@ def format_prompt(
     tokenizer: Any = None,
     template: str = "boxed",
     system_prompt: str | None = None,
-) -> str | list[dict]:
+) -> str | list[dict[str, str]]:
     """The prompt for ``problem``: messages (no tokenizer), the chat-templated string, or the
     raw string for a tokenizer without a chat template. See the module docstring."""
     messages = build_messages(problem, template, system_prompt)
     if tokenizer is None:
         return messages
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        templated: str = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return templated
     parts = [m["content"] for m in messages]
     return "\n\n".join(parts) + "\n"

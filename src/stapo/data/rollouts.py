@@ -41,13 +41,17 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from stapo.rundir import ROLLOUTS_DIR, atomic_write_bytes, rollout_file, rollout_step
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA_VERSION = 1
 DEFAULT_MAX_SAMPLES = 64
@@ -86,7 +90,7 @@ class RolloutWriteResult:
     bytes_written: int
 
 
-def rollout_path(run_dir_or_path: str | os.PathLike, step: int) -> Path:
+def rollout_path(run_dir_or_path: str | os.PathLike[str], step: int) -> Path:
     """`x.parquet` stays as is; anything else is a run directory: `<dir>/rollouts/step_<step>.parquet`."""
     p = Path(run_dir_or_path)
     if p.suffix == ".parquet":
@@ -94,7 +98,7 @@ def rollout_path(run_dir_or_path: str | os.PathLike, step: int) -> Path:
     return rollout_file(p, step)
 
 
-def _to_numpy(x, name: str, where: str, dtype) -> np.ndarray:
+def _to_numpy(x: Any, name: str, where: str, dtype: Any) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor, without importing torch here
         x = x.detach().cpu()
         if str(x.dtype) == "torch.bfloat16":
@@ -154,10 +158,10 @@ def _normalise(record: Mapping[str, Any], index: int, step: int) -> dict[str, An
     return out
 
 
-def _table(step: int, rows: list[dict[str, Any]], metadata: Mapping[str, Any] | None):
+def _table(step: int, rows: list[dict[str, Any]], metadata: Mapping[str, Any] | None) -> Any:
     import pyarrow as pa
 
-    def lists(name, typ):
+    def lists(name: str, typ: Any) -> Any:
         return pa.array([r[name] for r in rows], type=pa.list_(typ))
 
     columns = {
@@ -192,7 +196,7 @@ def _run_bytes(directory: Path, exclude: Path) -> int:
 
 
 def write_rollouts(
-    run_dir_or_path: str | os.PathLike,
+    run_dir_or_path: str | os.PathLike[str],
     step: int,
     records: Iterable[Mapping[str, Any]],
     *,
@@ -325,7 +329,7 @@ class Rollouts:
     def token_slice(self, i: int) -> slice:
         return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
 
-    def padded(self):
+    def padded(self) -> dict[str, torch.Tensor]:
         """torch tensors [S, T] (right-padded) for the core functions:
         dict with logprobs, entropy, collision, s2t, advantages [S], response_mask, token_ids."""
         import torch
@@ -335,7 +339,7 @@ class Rollouts:
         rows = np.repeat(np.arange(s), lens)
         cols = np.arange(self.num_tokens) - np.repeat(self.offsets[:-1], lens)
 
-        def pad(values, dtype, fill):
+        def pad(values: Any, dtype: torch.dtype, fill: float) -> torch.Tensor:
             out = torch.full((s, t), fill, dtype=dtype)
             out[rows, cols] = torch.as_tensor(values).to(dtype)
             return out
@@ -360,7 +364,7 @@ def rollouts_from_records(
     return _from_table(_table(int(step), rows, None), {int(step): meta}, [])
 
 
-def rollout_files(path_or_dir: str | os.PathLike) -> list[Path]:
+def rollout_files(path_or_dir: str | os.PathLike[str]) -> list[Path]:
     """The capture files under a `.parquet` file, a `rollouts/` directory or a run directory, by step."""
     p = Path(path_or_dir)
     if not p.exists():
@@ -372,7 +376,7 @@ def rollout_files(path_or_dir: str | os.PathLike) -> list[Path]:
     directory = p / ROLLOUTS_DIR if (p / ROLLOUTS_DIR).is_dir() else p
     files = sorted(
         (f for f in directory.iterdir() if f.is_file() and rollout_step(f) is not None),
-        key=rollout_step,
+        key=lambda f: rollout_step(f) or 0,  # every file here has a step
     )
     if not files:
         raise RolloutError(
@@ -382,7 +386,7 @@ def rollout_files(path_or_dir: str | os.PathLike) -> list[Path]:
     return files
 
 
-def read_rollouts(path_or_dir: str | os.PathLike, steps: Sequence[int] | None = None) -> Rollouts:
+def read_rollouts(path_or_dir: str | os.PathLike[str], steps: Sequence[int] | None = None) -> Rollouts:
     """Read one capture file, or every capture of a run (`steps` selects some), into `Rollouts`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -427,13 +431,13 @@ def _file_metadata(path: Path, raw: Mapping[bytes, bytes] | None) -> dict[str, A
     return meta
 
 
-def _flat(table, name: str, dtype) -> np.ndarray:
+def _flat(table: Any, name: str, dtype: Any) -> np.ndarray:
     col = table.column(name).combine_chunks()
     values = col.flatten()
     return np.array(values.to_numpy(zero_copy_only=False), dtype=dtype)  # a writable copy
 
 
-def _from_table(table, metadata, files) -> Rollouts:
+def _from_table(table: Any, metadata: dict[int, dict[str, Any]], files: list[Path]) -> Rollouts:
     import torch
 
     from stapo.core import grad_norm_proxy

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable, Iterator
+from typing import Any
 from urllib.parse import parse_qs
 
 __all__ = ["SPLITS", "SYNTHETIC_TASKS", "synthetic_from_spec", "synthetic_task", "task_for_difficulty"]
@@ -107,7 +108,7 @@ def _split_pool(task: str, split: str) -> list[tuple[str, str]]:
     return _CACHE[key]
 
 
-def synthetic_task(task: str | int, n: int, seed: int = 0, split: str = "train") -> list[dict]:
+def synthetic_task(task: str | int, n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
     """``n`` rows ``{"id", "problem", "answer", "meta"}`` of a synthetic task (a name or a
     difficulty level), deterministic in (task, n, seed, split)."""
     if isinstance(task, int) or (isinstance(task, str) and task.isdigit()):
@@ -140,7 +141,7 @@ def synthetic_task(task: str | int, n: int, seed: int = 0, split: str = "train")
     ]
 
 
-def synthetic_from_spec(spec: str) -> list[dict]:
+def synthetic_from_spec(spec: str) -> list[dict[str, Any]]:
     """Rows for ``"synthetic:<task or level>?n=256&seed=0&split=train"`` (defaults as shown)."""
     body = spec.split(":", 1)[1] if spec.startswith("synthetic:") else spec
     task, _, query = body.partition("?")

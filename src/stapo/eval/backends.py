@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "BACKENDS",
@@ -84,7 +85,7 @@ def vllm_requests(requests: list[SampleRequest], stop_token_ids: list[int] | Non
     _check_requests(requests)
     out = []
     for r in requests:
-        params = {
+        params: dict[str, Any] = {
             "n": 1,
             "temperature": float(r.temperature),
             "top_p": float(r.top_p),
@@ -138,7 +139,8 @@ class VLLMBackend:
             # refused when other processes hold RAM): ask for a fixed KV cache instead. Eager mode with
             # an explicit KV size also skips vLLM's warm-up pass; "uni" runs the model in the engine's
             # process instead of spawning one more worker process.
-            kwargs.update(enforce_eager=True, kv_cache_memory_bytes=CPU_KV_CACHE_BYTES, distributed_executor_backend="uni")
+            kwargs.update(enforce_eager=True, kv_cache_memory_bytes=CPU_KV_CACHE_BYTES,
+                          distributed_executor_backend="uni")
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         kwargs.update(llm_kwargs)

@@ -50,7 +50,8 @@ def _setting_title(name: str, settings: dict | None = None) -> str:
 
 
 def _columns(per_setting: dict) -> list[str]:
-    return [b for b in BENCHMARKS if b in per_setting] + [b for b in per_setting if b not in BENCHMARKS and b != "average"]
+    known = [b for b in BENCHMARKS if b in per_setting]
+    return known + [b for b in per_setting if b not in BENCHMARKS and b != "average"]
 
 
 def run_table(results: dict, with_se: bool = True) -> str:
@@ -70,7 +71,8 @@ def run_table(results: dict, with_se: bool = True) -> str:
         cols = _columns(per)
         ks = [str(per[b]["k"]) for b in cols]
         lines += ["", f"## {_setting_title(setting, results.get('settings'))}", ""]
-        header = ["metric"] + [f"{BENCHMARK_TITLES.get(b, b)} (k={k}, n={per[b]['n_problems']})" for b, k in zip(cols, ks)]
+        header = ["metric"] + [f"{BENCHMARK_TITLES.get(b, b)} (k={k}, n={per[b]['n_problems']})"
+                               for b, k in zip(cols, ks)]
         if "average" in per:
             header.append(f"Average ({len(per['average']['benchmarks'])})")
         lines.append("| " + " | ".join(header) + " |")
@@ -164,6 +166,6 @@ def compare_table(runs: list[tuple[str, dict]], metric: str = "avg@k", with_se: 
             row.append(run.get("extract") or "?")
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
-    modes = sorted({run.get("extract") for _, run in runs if run.get("extract")})
+    modes = sorted({mode for _, run in runs if (mode := run.get("extract"))})
     lines += [f"extraction {extraction_rule(m)}" for m in modes]
     return "\n".join(lines) + ("\n" if modes else "")

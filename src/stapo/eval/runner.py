@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from stapo.eval import metrics
 from stapo.eval.protocol import BENCHMARKS, DEFAULT_SAMPLES, SETTINGS, sample_seed
@@ -87,6 +88,7 @@ def load_problems(config: EvalConfig) -> dict[str, list[Problem]]:
 
     out: dict[str, list[Problem]] = {}
     for name in config.benchmarks:
+        rows: list[dict[str, Any]]
         try:
             if config.hub:
                 spec = dict(BENCHMARK_HUB_IDS[name])
@@ -170,7 +172,7 @@ def plan_line(config: EvalConfig, problems: dict[str, list[Problem]]) -> str:
         benches = ", ".join(f"{b} ({_count(n, 'problem')})" for b, n in sizes.items())
     settings = f"setting{'s' if len(config.settings) > 1 else ''} {', '.join(config.settings)}"
     sampled = [s for s in config.settings if SETTINGS[s].samples is None]
-    fixed = [s for s in config.settings if SETTINGS[s].samples is not None]
+    fixed = {s: k for s in config.settings if (k := SETTINGS[s].samples) is not None}
     by_k: dict[int, list[str]] = {}
     for b in sizes:
         by_k.setdefault(config.k_for(b), []).append(b)
@@ -178,9 +180,9 @@ def plan_line(config: EvalConfig, problems: dict[str, list[Problem]]) -> str:
         samples = _count(next(iter(by_k)), "sample")
     else:
         samples = ", ".join(f"{_count(k, 'sample')} for {'/'.join(bs)}" for k, bs in by_k.items())
-    fixed_text = ", ".join(f"{s}: {SETTINGS[s].samples}" for s in fixed)
+    fixed_text = ", ".join(f"{s}: {k}" for s, k in fixed.items())
     if not sampled:
-        samples = ", ".join(f"{_count(SETTINGS[s].samples, 'sample')} ({s})" for s in fixed)
+        samples = ", ".join(f"{_count(k, 'sample')} ({s})" for s, k in fixed.items())
     elif fixed:
         samples += f" ({fixed_text})"
     total = sum(sizes[b] * config.k_for(b, s) for s in config.settings for b in sizes)
@@ -195,6 +197,7 @@ def _make_backend(config: EvalConfig, backend_name: str):
     from stapo.eval.backends import HFBackend, VLLMBackend
     from stapo.models import ModelLoadError, load_model, load_tokenizer, resolve_model
 
+    backend: VLLMBackend | HFBackend
     try:
         tokenizer = load_tokenizer(config.model)
         if backend_name == "vllm":
@@ -286,8 +289,8 @@ def compute_results(config: EvalConfig, problems: dict[str, list[Problem]], log:
             k = config.k_for(bench, setting)
             graded = []
             for p in rows:
-                recs = [log.get((bench, setting, p.id, i)) for i in range(k)]
-                if any(r is None for r in recs):
+                recs = [r for i in range(k) if (r := log.get((bench, setting, p.id, i))) is not None]
+                if len(recs) < k:  # a sample is missing
                     complete = False
                     continue
                 graded.append(([r["extracted"] for r in recs], [bool(r["correct"]) for r in recs]))

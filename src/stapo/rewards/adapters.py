@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from stapo.rewards.grader import completion_text, grade_batch, grading_stats, math_reward
@@ -15,7 +16,8 @@ from stapo.rewards.sandbox import warmup
 __all__ = ["completion_text", "compute_score", "trl_reward_fn"]
 
 
-def trl_reward_fn(answer_key: str = "answer", timeout: float = 5.0, require_boxed: bool = False, workers: int | None = None):
+def trl_reward_fn(answer_key: str = "answer", timeout: float = 5.0, require_boxed: bool = False,
+                  workers: int | None = None) -> Callable[..., list[float]]:
     """A reward function for TRL's ``GRPOTrainer``: TRL passes the dataset's other columns as
     keyword arguments, so the gold answers arrive as ``kwargs[answer_key]``. When TRL passes
     ``log_metric`` (TRL >= 1.x), the batch's timeout / parse-failure / no-answer / refused
@@ -24,7 +26,7 @@ def trl_reward_fn(answer_key: str = "answer", timeout: float = 5.0, require_boxe
     is due, so every answer is graded within about ``timeout`` (:func:`stapo.rewards.warmup`)."""
     warmup(workers)
 
-    def math_accuracy(prompts=None, completions=None, **kwargs) -> list[float]:
+    def math_accuracy(prompts: Any = None, completions: Sequence[Any] | None = None, **kwargs: Any) -> list[float]:
         if completions is None:
             raise ValueError("math_accuracy: TRL passed no completions")
         if answer_key not in kwargs:
@@ -34,7 +36,8 @@ def trl_reward_fn(answer_key: str = "answer", timeout: float = 5.0, require_boxe
             )
         texts = [completion_text(c, f"completions[{i}]") for i, c in enumerate(completions)]
         before = grading_stats()
-        scores = grade_batch(texts, list(kwargs[answer_key]), timeout=timeout, workers=workers, require_boxed=require_boxed)
+        scores = grade_batch(texts, list(kwargs[answer_key]), timeout=timeout, workers=workers,
+                             require_boxed=require_boxed)
         log_metric = kwargs.get("log_metric")
         if callable(log_metric) and texts:
             # TRL averages these per logging step: the share of this batch that timed out, failed

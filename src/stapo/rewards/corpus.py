@@ -16,7 +16,8 @@ import random
 __all__ = ["GOLDS", "NUMERIC_GOLDS", "SYMBOLIC_GOLDS", "adversarial_corpus", "injection_payloads", "nasty_answers"]
 
 # Golds as in RL math data: mostly numbers (DAPO-Math is all integers), some symbolic.
-NUMERIC_GOLDS = ["1", "025", "-7", "42", "\\frac{1}{2}", "0.5", "4.5e33", "10,\\!080", "\\$18.90", "180^\\circ", "2^{1009}"]
+NUMERIC_GOLDS = ["1", "025", "-7", "42", "\\frac{1}{2}", "0.5", "4.5e33", "10,\\!080", "\\$18.90", "180^\\circ",
+                 "2^{1009}"]
 SYMBOLIC_GOLDS = ["\\sqrt{2}", "x+1", "(2,\\infty)", "$69$,$84$", "\\text{Evelyn}", "\\frac{\\pi}{4}"]
 GOLDS = NUMERIC_GOLDS + SYMBOLIC_GOLDS
 
@@ -55,7 +56,8 @@ def nasty_answers() -> list[str]:
         "99999999!", "10!!!!!!!!!!", "\\binom{10^{9}}{10^{5}}", "\\prod_{n=1}^{10^{12}} n",
         "\\sum_{n=1}^{10^{10}} n^{n}", "\\int_0^{10^{9}} e^{x^{9}} dx", "\\lim_{x\\to 0} x^{x^{x}}",
         "{" * 5000 + "1" + "}" * 5000, "(" * 3000 + "1" + ")" * 3000, "\\frac{" * 500 + "1" + "}{2}" * 500,
-        "\\sqrt{" * 400 + "2" + "}" * 400, "}" * 100 + "{" * 100, "\\frac{1}{", "\\left( 1, 2", "\\begin{pmatrix} 1 & 2",
+        "\\sqrt{" * 400 + "2" + "}" * 400, "}" * 100 + "{" * 100, "\\frac{1}{", "\\left( 1, 2",
+        "\\begin{pmatrix} 1 & 2",
         "\\end{array}", "$$$$$$", "\\\\\\\\\\\\", "^^^^^^^^", "_{_{_{_{_{", "\\boxed{", "\\fbox{\\boxed{",
         "５", "１/２", "𝟓", "Ⅻ", "х+1", "ｘ＋１", "\u200b5\u200b", "5\u202e1", "\ufeff1", "１０,０８０",
         "1\x00", "\x00" * 100, "1\x00\x00\x002", "\x1b[31m1\x1b[0m", "\udcff1", "💯", "∞", "√2", "½",

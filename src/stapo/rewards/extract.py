@@ -17,6 +17,8 @@ embedded 135M model a boxed-only reward gives almost no learning signal.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from typing import Literal
 
 __all__ = ["EXTRACTION_MODES", "all_boxed", "extract_answer", "last_boxed"]
 
@@ -61,7 +63,7 @@ def _braced(text: str, open_at: int, limit: int) -> int:
 _BARE_TOKEN = re.compile(r"[^\s$.,;{}]{1,200}")
 
 
-def _box_at(text: str, cmd_at: int, cmd: str, limit: int) -> tuple[str, int] | None | bool:
+def _box_at(text: str, cmd_at: int, cmd: str, limit: int) -> tuple[str, int] | Literal[False] | None:
     """(content, end) of the box command at ``cmd_at``; None if it is not a box; False if its
     brace group does not close before ``limit`` (truncated)."""
     i = cmd_at + len(cmd)
@@ -82,7 +84,7 @@ def _box_at(text: str, cmd_at: int, cmd: str, limit: int) -> tuple[str, int] | N
     return None
 
 
-def _boxes_backward(text: str):
+def _boxes_backward(text: str) -> Iterator[tuple[int, int, str]]:
     """Yield (start, end, content) of complete boxes from the last to the first, in linear time.
 
     Why linear: if the group opening at j never closes, no group opening before j can close after

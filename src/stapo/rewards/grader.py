@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from stapo.rewards.extract import EXTRACTION_MODES, all_boxed, extract_answer
 from stapo.rewards.normalize import (
@@ -76,9 +77,9 @@ class _Stats:
             self.counts["rejected"] += 1
             self.reasons[reason] = self.reasons.get(reason, 0) + 1
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            out: dict = dict(self.counts)
+            out: dict[str, Any] = dict(self.counts)
             out["max_latency_s"] = self.max_latency_s
             out["rejected_reasons"] = dict(self.reasons)
         out.update(pool_counters())
@@ -88,7 +89,7 @@ class _Stats:
 _STATS = _Stats()
 
 
-def grading_stats() -> dict:
+def grading_stats() -> dict[str, Any]:
     """Counters since the last reset (this process): graded, correct, no_answer, fast_path,
     rejected (+ rejected_reasons), worker_calls, timeouts, busy, parse_failures, gold_parse_failures,
     errors, max_latency_s, workers_started, workers_killed."""
@@ -116,23 +117,24 @@ def _check_mode(mode: str | None, require_boxed: bool) -> str:
     return m
 
 
-def _check_gold(gold, where: str = "gold") -> None:
+def _check_gold(gold: object, where: str = "gold") -> None:
     if isinstance(gold, bool) or not isinstance(gold, (str, int, float)):
         raise ValueError(f"{where} must be a string (or a number), got {type(gold).__name__}: {gold!r}")
 
 
-def _message_text(message: dict, where: str) -> str:
+def _message_text(message: dict[str, Any], where: str) -> str:
     content = message.get("content", "")
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}]
         texts = [part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text"]
-        if all(isinstance(t, str) for t in texts):
-            return "".join(texts)
+        strings = [t for t in texts if isinstance(t, str)]
+        if len(strings) == len(texts):
+            return "".join(strings)
     raise TypeError(f"{where}: message content must be text or a list of text parts, got {type(content).__name__}")
 
 
-def completion_text(completion, where: str = "completion") -> str:
+def completion_text(completion: object, where: str = "completion") -> str:
     """A completion as text: a string as is; a conversational completion (what TRL passes for chat
     prompts, ``[{"role": "assistant", "content": ...}]``, or one such message) as its assistant
     messages' content joined. Anything else is a ``TypeError``: scoring an unreadable completion 0

@@ -99,7 +99,9 @@ def clean_answer(answer: str) -> str:
 
 def split_top_level(s: str, sep: str = ",") -> list[str]:
     """Split on ``sep`` outside (), [], {} (``(1,2),(3,4)`` -> two parts)."""
-    parts, depth, cur = [], 0, []
+    parts: list[str] = []
+    cur: list[str] = []
+    depth = 0
     for c in s:
         if c in "([{":
             depth += 1
@@ -191,10 +193,10 @@ def fast_verdict(pred: str, gold: str) -> float | None:
 
     Certain means: identical after cosmetic normalisation (1.0); two plain numbers (integers,
     decimals, fractions, scientific notation): exactly equal for an integer or fraction gold,
-    within a relative 1e-6 for a decimal or scientific gold (1.0), or not (0.0); an integer gold and an answer without a digit (0.0); a text
-    gold such as ``\\text{Evelyn}`` compared as words (either verdict; sympy would read the word
-    as a product of symbols and accept anagrams); a plain number against a list, an interval or
-    an expression in a free variable (0.0).
+    within a relative 1e-6 for a decimal or scientific gold (1.0), or not (0.0); an integer gold
+    and an answer without a digit (0.0); a text gold such as ``\\text{Evelyn}`` compared as words
+    (either verdict; sympy would read the word as a product of symbols and accept anagrams); a
+    plain number against a list, an interval or an expression in a free variable (0.0).
     """
     if not pred:
         return 0.0

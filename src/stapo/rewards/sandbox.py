@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 __all__ = [
     "WORKER_START_TIMEOUT",
@@ -74,6 +75,7 @@ class _Worker:
             )
 
     def _read_line(self, deadline: float) -> bytes | None:
+        assert self.proc.stdout is not None  # opened with stdout=PIPE
         fd = self.proc.stdout.fileno()
         while b"\n" not in self._buf:
             left = deadline - time.monotonic()
@@ -89,10 +91,11 @@ class _Worker:
         line, _, self._buf = self._buf.partition(b"\n")
         return line
 
-    def request(self, pred: str, gold: str, timeout: float) -> dict | None:
+    def request(self, pred: str, gold: str, timeout: float) -> dict[str, Any] | None:
         """The worker's reply, or None if it did not come within ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         msg = json.dumps({"pred": pred, "gold": gold, "soft_timeout": timeout * _SOFT_FRACTION})
+        assert self.proc.stdin is not None  # opened with stdin=PIPE
         try:
             self.proc.stdin.write(msg.encode() + b"\n")
             self.proc.stdin.flush()
@@ -102,9 +105,10 @@ class _Worker:
         if line is None:
             return None
         try:
-            return json.loads(line)
+            reply: dict[str, Any] = json.loads(line)
         except ValueError:
             return None
+        return reply
 
     def kill(self) -> None:
         try:
@@ -112,6 +116,8 @@ class _Worker:
         except OSError:
             pass
         for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is None:  # never: both are pipes
+                continue
             try:
                 stream.close()
             except OSError:

@@ -29,6 +29,7 @@ import warnings
 
 import verl
 
+from stapo.engines.verl.aggregation import core_loss_kwargs
 from stapo.engines.verl.config import (
     LOSS_MODE_FILTERS,
     LOSS_MODES,
@@ -39,7 +40,6 @@ from stapo.engines.verl.config import (
     loss_mode_filter,
     stapo_settings,
 )
-from stapo.engines.verl.aggregation import core_loss_kwargs
 from stapo.engines.verl.engine_hook import install_engine_hook, mini_batch_s2t
 from stapo.engines.verl.entropy_channel import MiniBatchS2T, entropy_context, with_entropy
 from stapo.engines.verl.losses import compute_policy_loss_high_entropy, compute_policy_loss_stapo

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
 
 from verl.base_config import BaseConfig
 from verl.workers.config import PolicyLossConfig
@@ -54,6 +53,7 @@ _S2T = get_preset("stapo").s2t_settings
 # optimizer step (docs/verl.md); `micro_batch` takes each micro-batch's own quantile instead.
 VERL_TAU_H_SCOPE = _S2T.tau_h_scope
 _HIGH_ENTROPY = get_preset("20-entropy")
+_TOP_ENTROPY_QUANTILE = check_top_entropy_quantile(_HIGH_ENTROPY.top_entropy_quantile)  # 20-Entropy's rho
 
 
 def loss_mode_filter(loss_mode: str) -> TokenFilterSpec | None:
@@ -66,11 +66,12 @@ def loss_mode_filter(loss_mode: str) -> TokenFilterSpec | None:
 class VerlStapoSettings(BaseConfig):
     """The `actor.policy_loss.stapo` block: thresholds of the two token filters.
 
-    tau_p, tau_h, tau_h_quantile, tau_h_population, tau_h_max, tau_h_scope   STAPO's S2T settings (`stapo.core.S2TSettings`);
-                          the quantile is taken over every data-parallel rank, per PPO mini-batch
-                          (`mini_batch`) or per micro-batch (`micro_batch`); decision_policy: the
-                          current policy's p and H (`current`) or the old policy's (`old`: the values
-                          verl's old-log-prob pass computes; no pre-pass).
+    tau_p, tau_h, tau_h_quantile, tau_h_population, tau_h_max, tau_h_scope
+                          STAPO's S2T settings (`stapo.core.S2TSettings`); the quantile is taken
+                          over every data-parallel rank, per PPO mini-batch (`mini_batch`) or per
+                          micro-batch (`micro_batch`); decision_policy: the current policy's p and
+                          H (`current`) or the old policy's (`old`: the values verl's old-log-prob
+                          pass computes; no pre-pass).
     inert_warning_steps   warn (rank 0) when S2T silenced nothing in this many loss calls (micro-batches)
                           in a row; 0: never.
     top_entropy_quantile  20-Entropy: the fraction rho of highest-entropy tokens that keep a
@@ -78,14 +79,14 @@ class VerlStapoSettings(BaseConfig):
     """
 
     tau_p: float = _S2T.tau_p
-    tau_h: Optional[float] = _S2T.tau_h
+    tau_h: float | None = _S2T.tau_h
     tau_h_quantile: float = _S2T.tau_h_quantile
     tau_h_population: str = _S2T.tau_h_population
     tau_h_max: float = _S2T.tau_h_max
     tau_h_scope: str = VERL_TAU_H_SCOPE
     decision_policy: str = _S2T.decision_policy
     inert_warning_steps: int = _S2T.inert_warning_steps
-    top_entropy_quantile: float = _HIGH_ENTROPY.top_entropy_quantile
+    top_entropy_quantile: float = _TOP_ENTROPY_QUANTILE
 
     def __post_init__(self):
         values = {name: getattr(self, name) for name in S2T_KEYS}
@@ -144,7 +145,9 @@ def actor_clip_settings(actor_config) -> dict[str, float]:
     dual = _get(actor_config, "clip_ratio_c", VERL_CLIP_RATIO_C)
     if dual is None:
         raise ValueError(f"actor.clip_ratio_c {loss_setting_error('clip_ratio_c', dual)}, got None")
-    out["clip_ratio_c"] = check_clip_ratio_c(dual, "actor.clip_ratio_c")
+    clip_ratio_c = check_clip_ratio_c(dual, "actor.clip_ratio_c")
+    assert clip_ratio_c is not None  # None was refused above
+    out["clip_ratio_c"] = clip_ratio_c
     return out
 
 

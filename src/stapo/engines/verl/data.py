@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     parser.add_argument("--answer-key", default="answer")
     parser.add_argument("--limit", type=int, default=None, help="keep the first N training rows")
     args = parser.parse_args(argv)
+    names: tuple[str, ...]
     if args.benchmarks == "all":
         names = BENCHMARKS
     elif args.benchmarks == "none":
@@ -94,7 +95,8 @@ def main(argv=None) -> int:
         unknown = [n for n in names if n not in BENCHMARKS]
         if unknown:
             parser.error(f"unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
-    paths = prepare(args.train, args.out, names, args.data_dir, args.template, args.problem_key, args.answer_key, args.limit)
+    paths = prepare(args.train, args.out, names, args.data_dir, args.template, args.problem_key, args.answer_key,
+                    args.limit)
     for name, path in paths.items():
         print(f"{name}: {path} ({pq.ParquetFile(path).metadata.num_rows} rows)")
     return 0

@@ -28,6 +28,8 @@ from __future__ import annotations
 import functools
 import importlib.abc
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -74,7 +76,7 @@ def _micro_batch_count(engine, data) -> int:
     return len(micro_batches)
 
 
-def mini_batch_s2t(engine, data, s2t: S2TSettings) -> tuple[torch.Tensor | None, float]:
+def mini_batch_s2t(engine, data, s2t: S2TSettings) -> tuple[torch.Tensor | None, float | None]:
     """S2T's (tau_h, silenced tokens) over a whole PPO mini-batch, summed over the data-parallel ranks
     (`stapo.core.s2t_over_step`). `decision_policy=current`: a forward-only pass of `engine` over `data`
     (verl's `infer_batch`, the same micro-batches as the training pass) gives the current policy's values;
@@ -120,18 +122,21 @@ def _stapo_settings_for(config) -> tuple[TokenFilterSpec | None, VerlStapoSettin
     return (spec, stapo_settings(config)) if spec is not None else (None, None)
 
 
-_VERL_TRAIN_BATCH = None
+_VERL_TRAIN_BATCH: Callable[..., Any] | None = None  # verl's own, kept by _patch_base_engine
 
 
 def _train_batch(self, data, loss_function):
     """verl's `BaseEngine.train_batch`, with the micro-batches' entropies handed to the stapo losses and,
     for S2T with `tau_h_scope=mini_batch` over several micro-batches, the mini-batch's tau_h taken first."""
+    verl_train_batch = _VERL_TRAIN_BATCH
+    assert verl_train_batch is not None  # the hook is installed only after keeping verl's method
     config = _actor_config(loss_function)
     spec, settings = _stapo_settings_for(config)
     if spec is None and config is not None:  # one of verl's own loss modes: untouched
-        return _VERL_TRAIN_BATCH(self, data, loss_function=loss_function)
+        return verl_train_batch(self, data, loss_function=loss_function)
     mini_batch = MiniBatchS2T()
     if spec is not None:
+        assert settings is not None  # given with the spec
         mini_batch.micro_batches = _micro_batch_count(self, data)
         s2t = settings.s2t
         # pi_old's values are in the batch already: the whole mini-batch's decision costs no forward
@@ -139,7 +144,7 @@ def _train_batch(self, data, loss_function):
         if spec.applies_s2t and s2t.tau_h_scope == "mini_batch" and whole:
             mini_batch.threshold, mini_batch.masked = mini_batch_s2t(self, data, s2t)
             mini_batch.nonfinite = mini_batch.masked is None
-    return _VERL_TRAIN_BATCH(self, data, loss_function=with_entropy(loss_function, mini_batch))
+    return verl_train_batch(self, data, loss_function=with_entropy(loss_function, mini_batch))
 
 
 _ENGINE_BASE = "verl.workers.engine.base"
@@ -167,7 +172,7 @@ def keep_old_entropies(trainer_config, old_log_prob) -> None:
     driver logs and then drops) to `OLD_ENTROPY_KEY`, so they reach the actor update beside `old_log_probs`."""
     actor = trainer_config.actor_rollout_ref.actor
     spec, settings = _stapo_settings_for(actor)
-    if spec is not None and spec.applies_s2t and settings.s2t.decision_policy == "old":
+    if spec is not None and settings is not None and spec.applies_s2t and settings.s2t.decision_policy == "old":
         old_log_prob.batch[OLD_ENTROPY_KEY] = old_log_prob.batch[DRIVER_ENTROPY_KEY].clone()
 
 

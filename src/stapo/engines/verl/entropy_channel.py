@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import contextvars
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -37,9 +38,9 @@ class MiniBatchS2T:
     nonfinite      the pre-pass met non-finite values (no threshold taken)
     """
 
-    micro_batches: Optional[int] = None
-    threshold: Optional[torch.Tensor] = None
-    masked: Optional[float] = None
+    micro_batches: int | None = None
+    threshold: torch.Tensor | None = None
+    masked: float | None = None
     loss_calls: int = 0
     nonfinite: bool = False  # the pre-pass met NaN/inf values: each loss finds its own and the step is skipped
 
@@ -48,11 +49,11 @@ class MiniBatchS2T:
 class _LossInputs:
     entropy: torch.Tensor  # [B, T], aligned with log_prob / response_mask, detached
     dp_group: Any = None
-    mini_batch: Optional[MiniBatchS2T] = None
-    old_entropy: Optional[torch.Tensor] = None  # [B, T] pi_old's (decision_policy=old), else None
+    mini_batch: MiniBatchS2T | None = None
+    old_entropy: torch.Tensor | None = None  # [B, T] pi_old's (decision_policy=old), else None
 
 
-_INPUTS: contextvars.ContextVar[Optional[_LossInputs]] = contextvars.ContextVar("stapo_loss_inputs", default=None)
+_INPUTS: contextvars.ContextVar[_LossInputs | None] = contextvars.ContextVar("stapo_loss_inputs", default=None)
 
 
 class entropy_context:
@@ -63,13 +64,14 @@ class entropy_context:
                  old_entropy: torch.Tensor | None = None):
         self._value = _LossInputs(entropy.detach(), dp_group, mini_batch,
                                   None if old_entropy is None else old_entropy.detach())
-        self._token = None
+        self._token: contextvars.Token[_LossInputs | None] | None = None
 
     def __enter__(self):
         self._token = _INPUTS.set(self._value)
         return self._value
 
     def __exit__(self, *exc):
+        assert self._token is not None  # set by __enter__
         _INPUTS.reset(self._token)
         return False
 

@@ -35,7 +35,8 @@ INTERNALS: tuple[PrivateSymbol, ...] = (
     PrivateSymbol(ENGINE, "get_data_parallel_group", ("self",),
                   use="the data-parallel ranks S2T's mini-batch threshold and silenced count are gathered over"),
     PrivateSymbol(INSTANCE, "ulysses_sequence_parallel_size", type="builtins:int",
-                  use="the FSDP engine's sequence-parallel size, set on the mini-batch before counting its micro-batches"),
+                  use="the FSDP engine's sequence-parallel size, set on the mini-batch before counting its "
+                      "micro-batches"),
     PrivateSymbol("verl.workers.engine.utils", "prepare_micro_batches", ("data", "dp_group", "same_micro_num_in_dp"),
                   keys=("use_dynamic_bsz", "force_group_size", "micro_batch_size_per_gpu"),
                   use="how many micro-batches the engine splits a mini-batch into (the plugin reads the same keys "

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
 from verl.trainer.ppo.core_algos import register_policy_loss
 
 from stapo.core import (
@@ -117,6 +116,7 @@ def _token_filter_loss(loss_mode, old_log_prob, log_prob, advantages, response_m
     _check_no_weights(rollout_is_weights, loss_mode)
     inputs = current_inputs(loss_mode)
     spec = loss_mode_filter(loss_mode)
+    assert spec is not None, loss_mode  # registered for the plugin's loss modes only
     settings = stapo_settings(config)
     s2t = settings.s2t
     valid = response_mask.bool()
@@ -146,9 +146,14 @@ def _token_filter_loss(loss_mode, old_log_prob, log_prob, advantages, response_m
     return out.loss, _verl_metrics(out.metrics, names)
 
 
-def decision_values(log_prob, entropy, decision):
+def decision_values(log_prob: torch.Tensor, entropy: torch.Tensor,
+                    decision: tuple[torch.Tensor | None, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
     """The (log-probs, entropies) S2T decided on: pi_old's where given, else the current ones."""
-    return (log_prob, entropy) if decision[0] is None else decision
+    old_log_prob, old_entropy = decision
+    if old_log_prob is None:
+        return log_prob, entropy
+    assert old_entropy is not None  # pi_old's values come as a pair
+    return old_log_prob, old_entropy
 
 
 def _nonfinite_loss(log_prob: torch.Tensor, positions: int):

@@ -11,6 +11,8 @@ and changes nothing for other loss modes.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -29,7 +31,8 @@ def apply_stapo_defaults(cfg: DictConfig) -> DictConfig:
                 f"it only applies to {', '.join(LOSS_MODES)}"
             )
         return cfg
-    items = {} if block is None else OmegaConf.to_container(block, resolve=True)
+    # a mapping block (the config's own) converts to a dict
+    items: dict[str, Any] = {} if block is None else cast(dict[str, Any], OmegaConf.to_container(block, resolve=True))
     items.pop("_target_", None)
     try:
         settings = VerlStapoSettings(**items)

@@ -177,7 +177,8 @@ def paper_overrides(
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stapo.engines.verl.recipe", description="Print a paper run's verl overrides.")
+    parser = argparse.ArgumentParser(prog="python -m stapo.engines.verl.recipe",
+                                     description="Print a paper run's verl overrides.")
     parser.add_argument("--method", required=True, choices=METHODS)
     parser.add_argument("--model", required=True, choices=sorted(MODELS))
     parser.add_argument("--data-dir", default="data/verl")
