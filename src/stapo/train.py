@@ -392,5 +392,5 @@ def plot_runs(run_dirs: list[Path], out_png: Path) -> Path | None:
 
 
 def plot_run(run_dir: Path) -> list[Path]:
-    png = plot_runs([run_dir], run_dir / rundir.PLOTS_DIR / "curves.png")
+    png = plot_runs([run_dir], run_dir / rundir.PLOTS_DIR / rundir.CURVES_FILE)
     return [png] if png else []
