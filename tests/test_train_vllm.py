@@ -31,6 +31,8 @@ ROLLOUT_GAP_TOL = 1e-3
 needs_vllm_venv = pytest.mark.skipif(
     not VLLM_PYTHON.exists(),
     reason=f"no vLLM venv at {VLLM_PYTHON}: run scripts/setup.sh vllm (setup.sh dev builds it)")
+# the module fixture's subprocess runs under the first test: a minute above its own limit
+pytestmark = pytest.mark.timeout(CHECKS_TIMEOUT_S + 60)
 
 
 def test_use_vllm_without_vllm_is_one_clear_error_before_the_model_loads(tmp_path):

@@ -145,11 +145,11 @@ def sample_batch(model, tokenizer, prompts, golds, group_size, max_new_tokens, t
     attn = torch.cat([pmask, cmask.long()], 1)
     pos = (attn.cumsum(1) - 1).clamp(min=0)
     tc = comp.shape[1]
-    hidden = []
+    chunks = []
     for s in range(0, ids.shape[0], 8):
         h = causal_lm_hidden_states(model, ids[s:s + 8], attention_mask=attn[s:s + 8], position_ids=pos[s:s + 8])
-        hidden.append(h[:, -tc - 1:-1, :].float())
-    hidden = torch.cat(hidden)
+        chunks.append(h[:, -tc - 1:-1, :].float())
+    hidden = torch.cat(chunks)
     texts = [tokenizer.decode(comp[i, : int(lens[i])].tolist(), skip_special_tokens=True) for i in range(comp.shape[0])]
     rewards = torch.tensor(grade(texts, [g for g in golds for _ in range(group_size)]), dtype=torch.float32)
     adv = group_advantages(rewards, group_size) if advantages else torch.zeros_like(rewards)
@@ -204,6 +204,7 @@ def _loss(head, batch: ScoredBatch, idx: torch.Tensor, temperature: float) -> to
 def sgd_step(head: torch.Tensor, batch: ScoredBatch, idx, lr: float, temperature: float) -> torch.Tensor:
     w = head.detach().clone().requires_grad_(True)
     _loss(w, batch, idx, temperature).backward()
+    assert w.grad is not None  # w is a leaf that requires grad
     return (w - lr * w.grad).detach()
 
 

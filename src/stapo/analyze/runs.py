@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -223,12 +224,12 @@ def _complete_heldout(run: Run) -> None:
         run.curves[HELDOUT] = (key, np.array(order, dtype=np.int64), np.array([points[k] for k in order]))
 
 
-def load_runs(run_dirs: list[str | Path]) -> list[Run]:
+def load_runs(run_dirs: Sequence[str | Path]) -> list[Run]:
     """Load several runs for comparison; refuse duplicates and runs that share no curve."""
     if not run_dirs:
         raise RunError("no run directories given")
     resolved = [Path(d).resolve() for d in run_dirs]
-    seen = {}
+    seen: dict[Path, str | Path] = {}
     for d, r in zip(run_dirs, resolved):
         if r in seen:
             raise RunError(f"run directory given twice: {d} (same as {seen[r]})")

@@ -366,7 +366,7 @@ def format_console(s: TokenSummary, sweep: Sweep, populations, truncated: tuple[
         n_cut, limit = truncated
         cut = (f"; {n_cut} of {s.samples} cut at the {limit}-token limit" if n_cut
                else f"; none cut at the {limit}-token limit")
-    population = POPULATION_WORDS.get(s.tau_h_population, s.tau_h_population)
+    population = POPULATION_WORDS.get(s.tau_h_population or "", s.tau_h_population)
     reading = (f"the {s.tau_h_quantile:g} quantile of the entropies of the {population}"
                if s.tau_h_quantile is not None else "absolute")
     lines = [

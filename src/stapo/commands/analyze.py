@@ -210,11 +210,11 @@ def resolve_tokens_defaults(args) -> list[str]:
     from stapo.cli import UserError
 
     run_dir = Path(args.run) if args.run else (_run_base(Path(args.rollouts)) if args.rollouts else None)
-    if args.run and not run_dir.is_dir():
+    if args.run and not Path(args.run).is_dir():
         raise UserError(f"--run {args.run}: not a directory")
     cfg: dict = {}
     cfg_path = run_dir / CONFIG_FILE if run_dir is not None else None
-    if cfg_path is not None and cfg_path.is_file():
+    if run_dir is not None and cfg_path is not None and cfg_path.is_file():
         try:
             cfg = read_run_config(run_dir)
         except RunDirError as err:
@@ -238,12 +238,12 @@ def resolve_tokens_defaults(args) -> list[str]:
             args.tau_h_quantile = float(cfg["tau_h_quantile"])
             from_run.append(f"tau_h_quantile={args.tau_h_quantile:g}")
     if args.run and not args.rollouts and not args.data:
-        if (run_dir / ROLLOUTS_DIR).is_dir():
+        if (Path(args.run) / ROLLOUTS_DIR).is_dir():
             args.rollouts = str(run_dir)
         else:
             raise UserError(f"--run {args.run}: it captured no rollouts; give --data SOURCE to sample new ones")
-    if args.run and args.data and not args.model and (run_dir / FINAL_DIR).is_dir():
-        args.model = str(run_dir / FINAL_DIR)
+    if args.run and args.data and not args.model and (Path(args.run) / FINAL_DIR).is_dir():
+        args.model = str(Path(args.run) / FINAL_DIR)
         from_run.append(f"model={args.model}")
     if not args.rollouts and not args.data:
         raise UserError("give --rollouts RUN_DIR_OR_FILE, --data SOURCE (with --model) or --run RUN_DIR")
@@ -415,7 +415,7 @@ def analyze_tokens(ro, th, captured, out: Path, title: str,
         json.dumps({"summary": summary.as_dict(), "sweep": sweep.as_dict(),
                     "populations": [r.as_dict() for r in populations]}, indent=2, default=float),
     )
-    meta = next(iter(ro.metadata.values()), {}) if not captured else {}
+    meta: dict = next(iter(ro.metadata.values()), {}) if not captured else {}
     truncated = ((int(meta["truncated"]), int(meta["max_new_tokens"]))
                  if isinstance(meta.get("truncated"), int) and isinstance(meta.get("max_new_tokens"), int) else None)
     text = format_console(summary, sweep, populations, truncated)

@@ -155,13 +155,19 @@ class STAPOConfig(GRPOConfig):
     clip_ratio_c: float | None = field(
         default=None, metadata={"help": "Dual-clip bound for A < 0 (> 1; None: the preset's, justrl/stapo 10)."}
     )
-    # TRL options the preset fills (None = the preset's value).
-    loss_type: str | None = field(default=None, metadata={"help": "dapo | bnpo | grpo | dr_grpo (None: preset)."})
-    epsilon: float | None = field(default=None, metadata={"help": "Lower clip epsilon (None: preset)."})
-    epsilon_high: float | None = field(default=None, metadata={"help": "Upper clip epsilon (None: preset)."})
-    scale_rewards: str | None = field(default=None, metadata={"help": "group | batch | none (None: preset)."})
-    beta: float | None = field(default=None, metadata={"help": "KL coefficient; must be 0 (None: 0)."})
-    top_entropy_quantile: float | None = field(
+    # TRL options the preset fills (None = the preset's value, set in __post_init__ before GRPOConfig's own
+    # set-up sees them): wider than GRPOConfig's types on purpose, hence the ignores.
+    loss_type: str | None = field(  # type: ignore[assignment]
+        default=None, metadata={"help": "dapo | bnpo | grpo | dr_grpo (None: preset)."})
+    epsilon: float | None = field(  # type: ignore[assignment]
+        default=None, metadata={"help": "Lower clip epsilon (None: preset)."})
+    epsilon_high: float | None = field(
+        default=None, metadata={"help": "Upper clip epsilon (None: preset)."})
+    scale_rewards: str | None = field(  # type: ignore[assignment]
+        default=None, metadata={"help": "group | batch | none (None: preset)."})
+    beta: float | None = field(  # type: ignore[assignment]
+        default=None, metadata={"help": "KL coefficient; must be 0 (None: 0)."})
+    top_entropy_quantile: float | None = field(  # type: ignore[assignment]
         default=None, metadata={"help": "20-Entropy's rho (20-entropy only; None: the preset's)."}
     )
     metrics_jsonl: bool = field(

@@ -40,7 +40,7 @@ EVAL_SECONDS_KEYS = ("eval_heldout_seconds", "eval_runtime")
 
 def _num(logs: dict, key: str) -> float | None:
     value = logs.get(key)
-    if hasattr(value, "item"):
+    if value is not None and hasattr(value, "item"):
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None

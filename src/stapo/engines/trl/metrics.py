@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from typing import TextIO
 
 import torch
 from transformers import TrainerCallback
@@ -105,7 +106,7 @@ class MetricsJsonlCallback(TrainerCallback):
 
     def __init__(self, filename: str = METRICS_FILE):
         self.filename = filename
-        self._file = None
+        self._file: TextIO | None = None
 
     def _path(self, args) -> str:
         return os.path.join(args.output_dir, self.filename)

@@ -83,6 +83,7 @@ from stapo.core import (
     ALL_RANKS,
     FilteredLoss,
     FilterParams,
+    S2TDecision,
     filtered_policy_loss,
     get_preset,
     nonfinite_positions,
@@ -120,6 +121,8 @@ OLD_ENTROPY_KEY = "old_per_token_entropies"  # pi_old's entropies, beside TRL's 
 class STAPOTrainer(GRPOTrainer):
     """`GRPOTrainer` whose loss is `stapo.core`'s, with the method's token filter (S2T / 20-Entropy)."""
 
+    args: STAPOConfig  # always (checked in __init__): the Trainer's `args`, with STAPOConfig's fields
+
     def __init__(self, model, reward_funcs=None, args: STAPOConfig | None = None, *more, **kwargs):
         if args is None:
             args = STAPOConfig()
@@ -142,7 +145,7 @@ class STAPOTrainer(GRPOTrainer):
         self._old_entropies: list | None = None
         self._inert = InertS2TMonitor(args.s2t_settings)  # warns when S2T silences nothing for K steps
         # the last training micro-batch's (entropies, S2T decision): the inert warning's suggestion
-        self._last_decision = None
+        self._last_decision: tuple[torch.Tensor, S2TDecision] | None = None
         self._staging_run_dir: str | None = None
         self._run_checkpoints: set[int] = set()  # steps this run wrote or resumed from: the only ones rotated
         self.use_stapo_lm_head = self._resolve_fused_lm_head(args.fused_lm_head)
@@ -165,7 +168,7 @@ class STAPOTrainer(GRPOTrainer):
     # ---- the loss step ------------------------------------------------------------------------
 
     def _compute_loss(self, model, inputs):
-        mode = "train" if self.model.training else "eval"
+        mode = "train" if self._training() else "eval"
         valid = _valid_tokens(inputs)
 
         # 1. The current policy's per-token log-probs and entropies (TRL's forward, stapo's head if fused_lm_head).
@@ -216,13 +219,22 @@ class STAPOTrainer(GRPOTrainer):
             **{k: inputs.get(k) for k in PER_TOKEN_LOGPS_MULTIMODAL_INPUTS},
         )
 
+    def _steps_per_generation(self) -> int:
+        """TRL's `steps_per_generation` (GRPOConfig fills a None with gradient_accumulation_steps)."""
+        return int(self.args.steps_per_generation or self.args.gradient_accumulation_steps)
+
+    def _training(self) -> bool:
+        """Whether the model is in training mode (the Trainer's model exists from __init__ on)."""
+        assert self.model is not None
+        return self.model.training
+
     def _decides_on_old_policy(self) -> bool:
         """S2T reads pi_old's p and H (`decision_policy = old`) from the old-log-prob pass TRL runs when a
         generation feeds several optimizer steps (or for vLLM's importance weights). Otherwise every step
         is the first after its generation, pi_old = pi_theta, and the decision is the current one."""
         if not (self.filter_spec.applies_s2t and self.filter_params.s2t.decision_policy == "old"):
             return False
-        generate_every = self.args.steps_per_generation * self.num_iterations
+        generate_every = self._steps_per_generation() * self.num_iterations
         return self.args.gradient_accumulation_steps % generate_every != 0 or (
             self.use_vllm and self.vllm_importance_sampling_correction)
 
@@ -246,7 +258,8 @@ class STAPOTrainer(GRPOTrainer):
         if self._context is not None:
             return self._context
         ga = self.current_gradient_accumulation_steps
-        start = self._step % self.args.steps_per_generation
+        start = self._step % self._steps_per_generation()
+        assert self._buffered_inputs is not None  # TRL buffers the generation batch before any loss
         parts = self._buffered_inputs[start : start + ga]
         valid = sum(_valid_tokens(part).sum().float() for part in parts)
         context = _StepContext(self.accelerator.reduce(valid, reduction="sum") / processes, None, None)
@@ -281,7 +294,7 @@ class STAPOTrainer(GRPOTrainer):
         if self.loss_type == "grpo":
             return {"agg": "seq-mean-token-mean", "num_seqs": float(rows)}, ga
         return {"agg": "seq-mean-token-sum-norm", "num_seqs": float(rows),
-                "horizon": float(self.max_completion_length)}, ga
+                "horizon": float(self.args.max_completion_length or 0)}, ga
 
     def _deferred_denominator(self) -> bool:
         """Whether S2T's silenced tokens of a step can be unknown before its micro-batches' losses (then
@@ -311,7 +324,7 @@ class STAPOTrainer(GRPOTrainer):
         those); True in those cases is an error."""
         model = self.accelerator.unwrap_model(self.model)
         config = getattr(model, "config", None)
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
         blockers = []
         if not trl_has_fused_head_slot():
             blockers.append("this TRL version has no fused-head slot (trl.trainer.utils._ChunkedLogProbFunction)")
@@ -338,6 +351,7 @@ class STAPOTrainer(GRPOTrainer):
             with stapo_lm_head_in_trl():
                 logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
         if capture:
+            assert self._old_entropies is not None
             self._old_entropies.append(entropies)
             return logps, None, aux
         return logps, entropies, aux
@@ -431,7 +445,7 @@ class STAPOTrainer(GRPOTrainer):
         return grad_norm
 
     def log(self, logs, *args, **kwargs):
-        if "loss" in logs and self.model.training:
+        if "loss" in logs and self._training():
             logs = {**logs, "stapo/nonfinite_steps": float(self._nonfinite.total)}
         return super().log(logs, *args, **kwargs)
 
@@ -529,7 +543,7 @@ class STAPOTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        mode = "train" if self.model.training else "eval"
+        mode = "train" if self._training() else "eval"
         group = self.num_generations if mode == "train" else self.num_generations_eval
         weights = self.reward_weights.to(rewards_per_func.device).unsqueeze(0)
         rewards = (rewards_per_func * weights).nansum(dim=1)
@@ -544,16 +558,17 @@ class STAPOTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
-        old_policy = self.model.training and self._decides_on_old_policy()
+        old_policy = self._training() and self._decides_on_old_policy()
         self._old_entropies = [] if old_policy else None
         try:
             out = super()._generate_and_score_completions(inputs)
         finally:
             captured, self._old_entropies = self._old_entropies, None
         if old_policy:  # the first no-grad pass of the policy while generating is TRL's old-log-prob pass
+            assert captured  # TRL's old-log-prob pass ran (_decides_on_old_policy says when it does)
             out[OLD_ENTROPY_KEY] = captured[0]
         if self.use_vllm:
-            record_rollout_gap(self._metrics["train" if self.model.training else "eval"])
+            record_rollout_gap(self._metrics["train" if self._training() else "eval"])
         rows = out["completion_ids"].shape[0]
         start = self.accelerator.process_index * rows
         # The scalar reward of each row travels with the batch (shuffled and split with it) for captures.
