@@ -6,7 +6,7 @@ pre-pass) against verl's own `vanilla` loss (GRPO), on the same engine and batch
 What is timed: `engine.train_batch` (the micro-batches' forward/backward, the pre-pass where there is one,
 the optimizer step) with the loss function verl's engine worker binds. Not timed: verl's old-log-prob
 pass, which computes entropies for every loss mode (the driver logs them), so `old` adds nothing there.
-The engine harness is the one the plugin's tests use (tests/verl/verl_engine.py: verl 0.9.1's FSDP2
+The engine harness is the one the plugin's tests use (tests/helpers/verl_engine.py: verl 0.9.1's FSDP2
 engine, one gloo rank, fp32). Interleaved runs, medians compared.
 
     python benchmarks/bench_verl_step.py [--hidden 64] [--layers 2] [--vocab 4096] [--responses 16]
@@ -46,7 +46,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    sys.path[:0] = [str(TESTS), str(TESTS / "verl")]  # the engine harness the plugin's tests use
+    sys.path[:0] = [str(TESTS / "helpers")]  # the engine harness the plugin's tests use
     from verl.workers.utils.padding import no_padding_2_padding
     from verl_engine import actor_loss, build_engine, make_batch, tiny_qwen3, to_actor_batch, verl_on_cpu
     from verl_fakes import make_actor_config

@@ -6,15 +6,30 @@ the six benchmark files.
                          loadable with `AutoModelForCausalLM/AutoTokenizer.from_pretrained(dir)` (session)
     benchmark_files      the folder of the six benchmark files, or None (session)
     benchmark_dir        that folder, set as STAPO_DATA_DIR for the test (skips without it)
+    tmpfs                `tmpfs("64k")`: a fresh tmpfs of that size, unmounted after the test (needs root;
+                         skips where it cannot be mounted)
+
+The tests mirror the package (tests/core for stapo.core, ..., tests/engines/verl for stapo.engines.verl;
+the package's top-level modules, config, rundir and paper_setup, are tested here at the top), tests/e2e
+holds whole user paths, tests/benchmarks and tests/experiments the repository's scripts. The helper
+modules the tests import by name (`from gloo_ranks import spawn_ranks`) live in tests/helpers, put on
+sys.path here; none is named like an installed package.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+HELPERS = Path(__file__).resolve().parent / "helpers"
+if str(HELPERS) not in sys.path:
+    sys.path.insert(0, str(HELPERS))
 
 TINY_QWEN3_SEED = 0
 # The benchmark files are not part of the repository: the test machines keep them in a `shared`
@@ -74,3 +89,25 @@ def tiny_qwen3_dir(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def tmpfs(tmp_path) -> Iterator[Callable[[str], Path]]:
+    """`tmpfs(size)` mounts a tmpfs of `size` (mount's spelling: "64k", "90m") on a fresh folder and returns
+    it; every one is unmounted after the test. Skips the test where it cannot be mounted (needs root)."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        mnt = tmp_path / f"tmpfs{len(mounted)}"
+        mnt.mkdir()
+        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                                               capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounted.append(mnt)
+        return mnt
+
+    try:
+        yield mount
+    finally:
+        for mnt in reversed(mounted):
+            subprocess.run(["umount", str(mnt)], check=True)

@@ -86,21 +86,8 @@ def test_atomic_write_failure_keeps_the_old_file_and_no_temp_file(tmp_path, monk
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path):
-    """A 64 KiB tmpfs (needs root); skipped where it cannot be mounted."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
-
-
-def test_atomic_write_on_a_full_disk_keeps_the_old_file_and_no_temp_file(tiny_tmpfs):
+def test_atomic_write_on_a_full_disk_keeps_the_old_file_and_no_temp_file(tmpfs):
+    tiny_tmpfs = tmpfs("64k")  # 64 KiB
     path = tiny_tmpfs / "eval.json"
     atomic_write_text(path, "old")
     with pytest.raises(OSError) as info:

@@ -9,8 +9,8 @@ engine does with it; `symbol_problems` checks presence, parameters and type, and
 every problem it finds. Version numbers are never compared: a symbol is what it was or it is not.
 
 An engine warns (`warn_changed`) when it, or the module owning the symbol, is imported: a warning, not
-an error, since a run may not reach the changed symbol. tests/test_engine_internals.py (TRL) and
-tests/verl/test_verl_internals.py check every symbol, the attributes an object has only once it runs
+an error, since a run may not reach the changed symbol. tests/engines/trl/test_engine_internals.py (TRL) and
+tests/engines/verl/test_verl_internals.py check every symbol, the attributes an object has only once it runs
 included.
 """
 

@@ -11,8 +11,8 @@ the attribute only with `use_vllm`), "vllm cpu" for what stapo uses only with vL
 colocate mode (the weight sync, `vllm.py`).
 
 Checked when stapo.engines.trl is imported (`warn_on_changed_internals`: the classes and module slots,
-a warning per problem) and in tests/test_engine_internals.py (everything, the attributes of a trainer
-after one optimizer step included; the vLLM ones in the vLLM venv through tests/vllm_train_checks.py).
+a warning per problem) and in tests/engines/trl/test_engine_internals.py (everything, the attributes of a trainer
+after one optimizer step included; the vLLM ones in the vLLM venv through tests/engines/trl/vllm_train_checks.py).
 """
 
 from __future__ import annotations

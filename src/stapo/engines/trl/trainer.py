@@ -18,7 +18,7 @@ and why (TRL / Trainer private methods in parentheses):
 
 Every private symbol of TRL, transformers and vLLM this relies on (these methods, the private attributes
 read, the slots `lm_head.py` and `vllm.py` replace) is listed in `internals.py`, checked at import (a
-warning naming the symbol) and by tests/test_engine_internals.py.
+warning naming the symbol) and by tests/engines/trl/test_engine_internals.py.
 
 Optimizer steps with a non-finite forward (log-probs or entropies NaN/inf at a valid position), loss or
 gradient norm are skipped, counted and, after `max_nonfinite_steps` in a row, stop the run

@@ -10,8 +10,8 @@ relies on, what it does with them).
 
 Checked when each owning verl module is first imported (`engine_hook.py` watches them; a module already
 imported is checked when the plugin is), a warning naming each missing or changed symbol; and in
-tests/verl/test_verl_internals.py (the engine's attributes on verl's real FSDP engine in
-tests/verl/test_verl_engine.py).
+tests/engines/verl/test_verl_internals.py (the engine's attributes on verl's real FSDP engine in
+tests/engines/verl/test_verl_engine.py).
 """
 
 from __future__ import annotations
