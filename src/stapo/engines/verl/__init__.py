@@ -37,6 +37,7 @@ from stapo.engines.verl.config import (
     StapoPolicyLossConfig,
     VerlStapoSettings,
     actor_clip_settings,
+    deprecated_alias,
     loss_mode_filter,
     stapo_settings,
 )
@@ -78,11 +79,4 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name == "StapoConfig":  # the former name, which differed from TRL's STAPOConfig only in case
-        warnings.warn(
-            "stapo.engines.verl.StapoConfig is deprecated; use VerlStapoSettings (the same class)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return VerlStapoSettings
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return deprecated_alias(__name__, name)

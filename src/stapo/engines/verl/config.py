@@ -174,12 +174,18 @@ def _get(obj, key: str, default=None):
     return getattr(obj, key, default)
 
 
+DEPRECATED_NAMES = {"StapoConfig": "VerlStapoSettings"}  # former name -> current (removed after one release)
+
+
+def deprecated_alias(module: str, name: str):
+    """The object a deprecated name of `module` stands for, with a DeprecationWarning; AttributeError otherwise.
+    `StapoConfig` differed from TRL's `STAPOConfig` only in case."""
+    if name not in DEPRECATED_NAMES:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    current = DEPRECATED_NAMES[name]
+    warnings.warn(f"{module}.{name} is deprecated; use {current} (the same class)", DeprecationWarning, stacklevel=3)
+    return globals()[current]
+
+
 def __getattr__(name: str):
-    if name == "StapoConfig":  # the former name, which differed from TRL's STAPOConfig only in case
-        warnings.warn(
-            "stapo.engines.verl.config.StapoConfig is deprecated; use VerlStapoSettings (the same class)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return VerlStapoSettings
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return deprecated_alias(__name__, name)
