@@ -485,17 +485,6 @@ class STAPOTrainer(GRPOTrainer):
             self._nonfinite.consecutive, self._nonfinite.limit,
         )
 
-    def train(self, *args, **kwargs):
-        try:
-            return super().train(*args, **kwargs)
-        except NonFiniteTrainingError:
-            for callback in self.callback_handler.callbacks:  # end the progress bar before the message
-                bar = getattr(callback, "training_bar", None)
-                if bar is not None:
-                    bar.close()
-                    callback.training_bar = None
-            raise
-
     def _get_output_dir(self, trial):
         if self._staging_run_dir is not None:  # inside _save_checkpoint: the Trainer writes into staging
             return self._staging_run_dir
